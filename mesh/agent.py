@@ -1,0 +1,139 @@
+"""The Agent behaviour: the contract between an agent kind and the node that hosts it.
+
+An agent is a GenServer: a name, a state, and one message handled at a time. Write a
+kind by subclassing `Agent` and overriding the callbacks you need; do not override
+`__init__` (the node builds the object, then calls `init`).
+
+`self.state` is the agent's durable state: anything msgpack can carry (dicts, lists,
+strings, numbers, bytes, booleans, None). After each message the node packs it; if it
+changed, the new state is committed to LMDB before any reply that depended on it leaves
+(G1). Mutate it in place or assign a new value, both work.
+
+Handlers may be plain functions or `async def` (to await language models or other
+agents). While one message is being handled, later ones wait in the mailbox.
+
+Raising from a handler:
+  - a `CallError` (e.g. `BadRequest("no such op")`) answers the caller with that error;
+    it is not a crash, and the state the handler left is kept.
+  - anything else is a crash: the caller gets `AgentCrashed` naming the exception, the
+    state is rolled back to the last good one, and the agent's supervisor restarts it
+    (or not) per its restart type and strategy.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from .errors import BadRequest
+
+if TYPE_CHECKING:  # the node implements the services; the behaviour does not import it
+    from .runner import Runner
+
+
+class CallContext:
+    """What a handle_call knows about the call it is answering."""
+
+    __slots__ = ("request_id", "sender", "deadline", "_runner", "_stream_to")
+
+    def __init__(self, request_id: str | None, sender: str | None, deadline: float, runner: "Runner", stream_to=None):
+        self.request_id, self.sender, self.deadline = request_id, sender, deadline
+        self._runner, self._stream_to = runner, stream_to
+
+    def remaining(self) -> float:
+        """Seconds left before the caller gives up."""
+        return max(0.0, self.deadline - self._runner.clock.now())
+
+    @property
+    def streaming(self) -> bool:
+        """True when the caller asked for a streamed reply."""
+        return self._stream_to is not None
+
+    def stream(self, part: Any) -> None:
+        """Send one piece of the reply ahead of the final one (if the caller asked to stream).
+
+        Pieces are previews: they leave at once, before any commit, and are not durable.
+        The final return value is the reply, recorded and committed as usual."""
+        if self._stream_to is not None:
+            self._stream_to(part)
+
+
+class TimerRef:
+    __slots__ = ("_timer", "cancelled")
+
+    def __init__(self):
+        self._timer = None
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+class Agent:
+    """Subclass this. Every callback is optional except handle_call for agents that are called."""
+
+    name: str
+    state: Any = None
+    _runner: "Runner"
+
+    # --- callbacks ------------------------------------------------------------------------
+
+    def init(self, args: dict, state: Any) -> Any:
+        """Runs when an incarnation starts, before any message. Returns the state to run with.
+
+        `args` come from the spawn or the config; `state` is the last committed state, or
+        None on the very first start. Raising fails the start (counted as a crash).
+        The default resumes the stored state, or starts from `args.get("state")`."""
+        return state if state is not None else args.get("state")
+
+    def handle_call(self, msg: Any, ctx: CallContext) -> Any:
+        """Handles a call; the return value is the reply. May be async."""
+        raise BadRequest(f"{type(self).__name__} does not take calls")
+
+    def handle_cast(self, msg: Any) -> None:
+        """Handles a cast (no reply). May be async. The default ignores it."""
+
+    def handle_info(self, msg: Any) -> None:
+        """Handles anything else: timers from send_after, and INFO messages. May be async."""
+
+    def terminate(self, reason: str) -> None:
+        """Runs when the incarnation ends in order (stop, node shutdown, supervisor
+        restart of a sibling), not after a crash. State it changes is committed."""
+
+    # --- services, from inside a handler ----------------------------------------------------
+
+    @property
+    def incarnation(self) -> int:
+        return self._runner.incarnation
+
+    @property
+    def log(self) -> logging.Logger:
+        return logging.getLogger(f"mesh.agent.{self.name}")
+
+    async def call(self, name: str, msg: Any, timeout: float | None = None) -> Any:
+        """Call another agent by name and await its reply.
+
+        Inside a call handler, the request id is derived from the caller's, so a handler
+        that runs again after a crash does not repeat the effect on `name` (G2)."""
+        return await self._runner.call_out(name, msg, timeout)
+
+    def cast(self, name: str, msg: Any) -> None:
+        """Send a message to another agent. It leaves after this handler's state is committed."""
+        self._runner.cast_out(name, msg)
+
+    def send_after(self, delay_s: float, msg: Any) -> TimerRef:
+        """Deliver `msg` to this agent's handle_info after `delay_s` seconds.
+
+        Timers live in memory like OTP's: they do not survive a restart (re-arm them in init)."""
+        return self._runner.send_after(delay_s, msg)
+
+    def stop(self, reason: str = "normal") -> None:
+        """End this incarnation after the current message. Whether it is restarted
+        depends on its restart type: 'normal' is a normal exit, anything else abnormal."""
+        self._runner.request_stop(reason)
+
+    async def spawn(self, name: str, kind: str, args: dict | None = None, restart: str = "permanent") -> dict:
+        """Start another agent under the dynamic supervisor; returns {name, node, incarnation}."""
+        return await self._runner.spawn_out(name, kind, args or {}, restart)

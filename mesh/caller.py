@@ -1,0 +1,238 @@
+"""Calling agents by name: deadlines, redirects, and failover, for clients and nodes alike.
+
+A call has one request id for its whole life. It goes to the node the caller believes
+hosts the name; then, until its deadline:
+
+    reply                        -> done
+    error Moved(node)            -> learn the new place, send there at once
+    error AgentDown/Unavailable  -> wait until the name is placed again, send there
+    the node's link went down    -> same (a killed node is seen at once, see transport)
+    no answer for `recheck_s`    -> ask where the name is now; if it moved, send there,
+                                    else keep waiting (the agent may simply be slow)
+    deadline                     -> CallTimeout
+    any other error              -> raised as is (NoSuchAgent, AgentCrashed, Busy, ...)
+
+Sending the same request id again is always safe: the agent records the replies of calls
+that changed anything and answers a repeat from that record (G2), and a repeat that
+arrives while the first is still running joins it.
+
+Where names live is asked of a `Resolver`: a client caches what nodes tell it, a node
+reads its registry replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import os
+from typing import Any, Callable, Protocol
+
+from . import wire
+from .clock import Clock
+from .errors import (AgentDown, BadRequest, CallError, CallTimeout, Moved, NoSuchAgent,
+                     ProtocolError, Unavailable, error_from_wire)
+from .wire import Kind
+
+RECHECK_S = 0.5
+
+
+class LinkDown(AgentDown):
+    """The connection to the node that had the request went down."""
+
+
+class _Recheck(Exception):
+    """No answer yet within one attempt window."""
+
+
+class Resolver(Protocol):
+    def where(self, name: str) -> tuple[str | None, int] | None: ...
+
+    def learn(self, name: str, node: str, incarnation: int) -> None: ...
+
+    async def locate(self, caller: "Caller", name: str, after: int, deadline: float, avoid: str | None) -> tuple[str, int]: ...
+
+    def any_node(self, avoid: str | None = None) -> str: ...
+
+
+def new_id_source() -> Callable[[], str]:
+    prefix = os.urandom(6).hex()
+    counter = itertools.count(1)
+    return lambda: f"{prefix}-{next(counter)}"
+
+
+def derived_id(parent: str, n: int) -> str:
+    """The id of the n-th call made while handling request `parent` (stable across reruns)."""
+    rid = f"{parent}>{n}"
+    if len(rid) > wire.MAX_ID_CHARS:
+        rid = hashlib.blake2b(parent.encode(), digest_size=16).hexdigest() + f">{n}"
+    return rid
+
+
+class _Pending:
+    __slots__ = ("future", "node", "stream")
+
+    def __init__(self, future: asyncio.Future, node: str, stream):
+        self.future, self.node, self.stream = future, node, stream
+
+
+class Caller:
+    """Outstanding requests of one process, and the logic that sees each one through."""
+
+    def __init__(self, clock: Clock, sender: str, send: Callable[[str, bytes], None],
+                 resolver: Resolver, max_bytes: int = wire.DEFAULT_MAX_BYTES, recheck_s: float = RECHECK_S):
+        self.clock, self.sender, self._send = clock, sender, send
+        self.resolver, self.max_bytes, self.recheck_s = resolver, max_bytes, recheck_s
+        self.new_id = new_id_source()
+        self._pending: dict[str, _Pending] = {}
+        self.bad_responses = 0
+
+    # --- incoming ---------------------------------------------------------------------------
+
+    def on_response(self, frame: bytes) -> None:
+        try:
+            msg = wire.decode(frame, self.max_bytes)
+        except ProtocolError:
+            self.bad_responses += 1
+            return
+        if msg.kind not in wire.RESPONSES or msg.id is None:
+            self.bad_responses += 1
+            return
+        p = self._pending.get(msg.id)
+        if p is None or p.future.done():
+            return  # late answer to something already settled
+        if msg.kind == Kind.CHUNK:
+            if p.stream is not None:
+                p.stream(msg.body)
+        elif msg.kind == Kind.REPLY:
+            p.future.set_result(msg.body)
+        else:
+            p.future.set_exception(error_from_wire(msg.body))
+
+    def on_link_state(self, node: str, up: bool | None) -> None:
+        if up:
+            return
+        for rid, p in list(self._pending.items()):
+            if p.node == node and not p.future.done():
+                p.future.set_exception(LinkDown(f"lost the connection to node {node}"))
+
+    # --- one request to one node -----------------------------------------------------------
+
+    async def request(self, node: str, kind: Kind, target: str | None, body: Any, timeout: float,
+                      rid: str | None = None, stream=None, meta: dict | None = None) -> Any:
+        """Send one request to one node and await its answer; no failover."""
+        rid = rid or self.new_id()
+        try:
+            return await self._attempt(node, kind, rid, target, body, timeout, timeout, stream, meta)
+        except _Recheck:
+            raise CallTimeout(f"no answer from node {node} within {timeout:.3g}s") from None
+
+    async def _attempt(self, node: str, kind: Kind, rid: str, target, body, ttl: float, wait: float, stream, meta) -> Any:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending[rid] = _Pending(future, node, stream)
+        timer = self.clock.call_after(wait, lambda: future.done() or future.set_exception(_Recheck()))
+        try:
+            try:
+                frame = wire.encode(kind, rid, target, self.sender, int(ttl * 1000), body, meta)
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise BadRequest(f"message cannot be sent: {exc}") from None
+            self._send(node, frame)
+            return await future
+        finally:
+            timer.cancel()
+            if self._pending.get(rid) is not None and self._pending[rid].future is future:
+                del self._pending[rid]
+
+    # --- calls by name, with failover ------------------------------------------------------
+
+    async def call(self, name: str, body: Any, timeout: float, rid: str | None = None, stream=None) -> Any:
+        rid = rid or self.new_id()
+        deadline = self.clock.now() + timeout
+        known = self.resolver.where(name)
+        node, inc = (known if known and known[0] else (self.resolver.any_node(), -1))
+        meta = {"stream": True} if stream is not None else None
+        while True:
+            remaining = deadline - self.clock.now()
+            if remaining <= 0:
+                raise CallTimeout(f"call to {name!r} got no reply within {timeout:.3g}s")
+            try:
+                return await self._attempt(node, Kind.CALL, rid, name, body, remaining,
+                                           min(remaining, self.recheck_s), stream, meta)
+            except Moved as moved:
+                node, inc = self._follow(name, moved)
+            except (AgentDown, Unavailable) as down:
+                avoid = node if isinstance(down, LinkDown) else None
+                node, inc = await self._relocate(name, inc, deadline, avoid, down)
+            except _Recheck:
+                if self.clock.now() >= deadline:
+                    continue
+                try:
+                    node, inc = await self.resolver.locate(self, name, -1, min(deadline, self.clock.now() + self.recheck_s), node)
+                except (CallTimeout, AgentDown, Unavailable):
+                    pass  # nobody knows better yet: keep the same place and wait on
+
+    def cast(self, name: str, body: Any, kind: Kind = Kind.CAST) -> None:
+        """Fire and forget to wherever the name is believed to live (no failover)."""
+        known = self.resolver.where(name)
+        node = known[0] if known and known[0] else self.resolver.any_node()
+        try:
+            frame = wire.encode(kind, None, name, self.sender, None, body)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise BadRequest(f"message cannot be sent: {exc}") from None
+        self._send(node, frame)
+
+    def _follow(self, name: str, moved: Moved) -> tuple[str, int]:
+        node, inc = moved.data.get("node"), moved.data.get("incarnation", -1)
+        if not isinstance(node, str):
+            raise Unavailable(f"bad redirect for {name!r}: {moved.data!r:.100}")
+        self.resolver.learn(name, node, inc)
+        return node, inc
+
+    async def _relocate(self, name: str, inc: int, deadline: float, avoid: str | None, cause: CallError) -> tuple[str, int]:
+        try:
+            return await self.resolver.locate(self, name, inc, deadline, avoid)
+        except CallTimeout:
+            raise CallTimeout(f"call to {name!r}: {cause} and it did not come back in time") from None
+
+
+class ClientResolver:
+    """A client's view of where names live: a cache filled by redirects and WHEREIS."""
+
+    def __init__(self, nodes: list[str], is_up: Callable[[str], bool], clock: Clock):
+        self.nodes, self.is_up, self.clock = nodes, is_up, clock
+        self.cache: dict[str, tuple[str, int]] = {}
+        self._rr = itertools.count(int.from_bytes(os.urandom(2), "big"))
+
+    def where(self, name: str):
+        return self.cache.get(name)
+
+    def learn(self, name: str, node: str, incarnation: int) -> None:
+        self.cache[name] = (node, incarnation)
+
+    def any_node(self, avoid: str | None = None) -> str:
+        candidates = [n for n in self.nodes if n != avoid] or list(self.nodes)
+        live = [n for n in candidates if self.is_up(n)] or candidates
+        return live[next(self._rr) % len(live)]
+
+    async def locate(self, caller: Caller, name: str, after: int, deadline: float, avoid: str | None) -> tuple[str, int]:
+        """Ask live nodes where `name` runs with an incarnation newer than `after`."""
+        self.cache.pop(name, None)
+        while True:
+            remaining = deadline - self.clock.now()
+            if remaining <= 0:
+                raise CallTimeout(f"{name!r} was not placed again in time")
+            node = self.any_node(avoid)
+            wait = min(remaining, 2.0)
+            try:
+                body = await caller.request(node, Kind.WHEREIS, name, {"after": after, "wait_ms": int(wait * 1000)},
+                                            wait + 0.5 if remaining > wait + 0.5 else remaining)
+            except NoSuchAgent:
+                raise
+            except (AgentDown, Unavailable, CallTimeout):
+                avoid = node
+                continue
+            if not isinstance(body, dict) or not isinstance(body.get("node"), str):
+                continue  # not placed yet; ask again
+            self.learn(name, body["node"], body.get("incarnation", -1))
+            return body["node"], body.get("incarnation", -1)

@@ -1,0 +1,186 @@
+"""The `mesh` command. Each verb builds one request, sends it, prints the answer.
+
+Exit codes: 0 success; 1 the mesh answered with an error (stderr names it); 2 bad usage
+(including a config file that does not load).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import sys
+from typing import Any
+
+import click
+
+from . import config as config_mod
+from .errors import CallError, ConfigError
+
+CONFIG_HELP = "cluster config file (default: $MESH_CONFIG, then configs/local.toml)"
+
+
+def _load(path: str | None) -> config_mod.Config:
+    try:
+        return config_mod.load(path)
+    except ConfigError as exc:
+        raise click.UsageError(f"config error: {exc}") from None
+
+
+def _json_arg(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"{what} is not valid JSON: {exc.msg} at position {exc.pos}") from None
+
+
+def _to_json(value: Any) -> str:
+    def default(obj):
+        if isinstance(obj, (bytes, bytearray)):
+            return {"$bytes": base64.b64encode(obj).decode()}
+        return repr(obj)
+    return json.dumps(value, default=default, ensure_ascii=False)
+
+
+def _run(coro_fn, cfg: config_mod.Config):
+    """Run one client request; a mesh error exits 1 with its name on stderr."""
+    from .client import Client
+
+    async def go():
+        async with Client(cfg) as client:
+            return await coro_fn(client)
+    try:
+        return asyncio.run(go())
+    except CallError as err:
+        click.echo(f"mesh: {type(err).__name__}: {err}", err=True)
+        sys.exit(1)
+
+
+config_option = click.option("-c", "--config", "config_path", default=None, help=CONFIG_HELP)
+
+
+@click.group()
+@click.version_option(package_name="mesh")
+def main() -> None:
+    """Long-lived, stateful agents on ZeroMQ, supervised the OTP way."""
+
+
+@main.command()
+@config_option
+@click.option("--host", default=None, help="the host of a multi-host config whose nodes to start")
+def up(config_path, host):
+    """Start every node of CONFIG on this host; foreground; Ctrl-C or SIGTERM stops all."""
+    from .launcher import Launcher, host_nodes
+    from .serve import configure_logging
+    cfg = _load(config_path)
+    try:
+        nodes = host_nodes(cfg, host)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    configure_logging()
+    click.echo(f"starting {', '.join(nodes)} from {cfg.path}")
+    sys.exit(Launcher(cfg, nodes, say=lambda line: click.echo(line)).run())
+
+
+@main.command()
+@config_option
+@click.argument("node")
+def node(config_path, node):
+    """Start one node under its launcher (restarted at once if it dies)."""
+    from .launcher import Launcher
+    from .serve import configure_logging
+    cfg = _load(config_path)
+    if node not in cfg.nodes:
+        raise click.UsageError(f"no node named {node!r} in {cfg.path} (nodes: {', '.join(cfg.nodes)})")
+    configure_logging()
+    sys.exit(Launcher(cfg, [node], say=lambda line: click.echo(line)).run())
+
+
+@main.command()
+@config_option
+@click.argument("name")
+@click.argument("kind")
+@click.option("--args", "args_json", default="{}", help="JSON object passed to the agent's init")
+@click.option("--restart", type=click.Choice(["permanent", "transient", "temporary"]), default="permanent")
+def spawn(config_path, name, kind, args_json, restart):
+    """Start agent NAME of KIND under the dynamic supervisor."""
+    args = _json_arg(args_json, "--args")
+    if not isinstance(args, dict):
+        raise click.BadParameter("--args must be a JSON object")
+    cfg = _load(config_path)
+    if cfg.resolve_kind(kind) is None:
+        allowed = ", ".join(sorted(cfg.kinds)) or "none"
+        click.echo(f"mesh: NotAllowed: kind {kind!r} is not in the config's allow-list ({allowed})", err=True)
+        sys.exit(1)
+    result = _run(lambda c: c.spawn(name, kind, args, restart), cfg)
+    click.echo(_to_json(result))
+
+
+@main.command()
+@config_option
+@click.argument("name")
+@click.argument("message")
+@click.option("--timeout", type=float, default=None, help="seconds to wait for the reply")
+@click.option("--request-id", default=None, help="make the call idempotent: a repeat returns the recorded reply")
+def call(config_path, name, message, timeout, request_id):
+    """Call agent NAME with the JSON MESSAGE; prints the reply as JSON."""
+    msg = _json_arg(message, "MESSAGE")
+    if request_id is not None and not (0 < len(request_id) <= 128):
+        raise click.BadParameter("--request-id must be 1..128 characters")
+    cfg = _load(config_path)
+    click.echo(_to_json(_run(lambda c: c.call(name, msg, timeout, request_id), cfg)))
+
+
+@main.command()
+@config_option
+@click.argument("name")
+@click.argument("message")
+def cast(config_path, name, message):
+    """Send the JSON MESSAGE to agent NAME without waiting for an answer."""
+    msg = _json_arg(message, "MESSAGE")
+    cfg = _load(config_path)
+
+    async def do(c):
+        await c.whereis(name)  # fails fast with NoSuchAgent for an unknown name
+        await c.cast(name, msg)
+    _run(do, cfg)
+
+
+@main.command()
+@config_option
+@click.argument("name")
+def stop(config_path, name):
+    """Stop agent NAME and forget its state."""
+    cfg = _load(config_path)
+    click.echo(_to_json(_run(lambda c: c.stop(name), cfg)))
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of tables")
+def status(config_path, as_json):
+    """Nodes (name, address, alive, agents) and agents (name, kind, node, incarnation, restarts, mailbox)."""
+    cfg = _load(config_path)
+    st = _run(lambda c: c.status(), cfg)
+    if as_json:
+        click.echo(_to_json(st))
+        return
+    click.echo(_table(["NODE", "ADDRESS", "ALIVE", "PID", "AGENTS", ""],
+                      [[n["name"], n["address"], "yes" if n["alive"] else "no", n["pid"] or "-",
+                        n["agents"], "supervisor" if n["supervisor"] else ""] for n in st["nodes"]]))
+    click.echo()
+    click.echo(_table(["AGENT", "KIND", "NODE", "INCARNATION", "RESTARTS", "MAILBOX", "STATUS"],
+                      [[a["name"], a["kind"], a["node"] or "-", a["incarnation"], a["restarts"],
+                        a["mailbox"], a["status"]] for a in st["agents"]]))
+    if st.get("failed"):
+        click.echo("\nthe root supervisor gave up: no agent is restarted until the supervisor restarts")
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    cells = [header] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""connect(): call, cast, spawn, stop and status from outside the mesh.
+
+    async with mesh.connect("configs/local.toml") as m:
+        await m.spawn("c1", "counter")
+        await m.call("c1", {"op": "add", "n": 2})
+
+    with mesh.connect_sync() as m:          # for scripts: the same calls, blocking
+        m.call("c1", {"op": "get"})
+
+A client keeps one DEALER per node it talks to, learns where names live from the nodes'
+answers, and follows agents when they move (see mesh.caller). spawn, stop and status
+go to the supervisor's node; any node passes them on if that one cannot be reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+from typing import Any, Callable
+
+from .caller import Caller, ClientResolver
+from .clock import Clock
+from .config import Config, load
+from .errors import AgentDown, CallError, CallTimeout, Unavailable
+from .network import ZmqNetwork
+from .wire import Kind
+
+
+class Client:
+    def __init__(self, config: Config, network=None, clock: Clock | None = None, name: str | None = None):
+        self.config = config
+        self.clock = clock or Clock()
+        self._network = network
+        self._own_network = network is None
+        self.links: dict[str, Any] = {}
+        self.up: dict[str, bool] = {}
+        sender = name or f"client:{socket.gethostname()}:{os.getpid()}"
+        self.resolver = ClientResolver(list(config.nodes), lambda n: self.up.get(n, False), self.clock)
+        self.caller = Caller(self.clock, sender, self._send, self.resolver, config.limits.max_message_bytes)
+        self.timeout = config.timing.call_timeout_s
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    def _send(self, node: str, frame: bytes) -> None:
+        link = self.links.get(node)
+        if link is None:
+            if self._network is None:
+                self._network = ZmqNetwork(self.config.limits.max_message_bytes, self.config.limits.batch)
+            spec = self.config.nodes.get(node)
+            if spec is None:
+                raise Unavailable(f"no node named {node!r}")
+            link = self._network.link(spec.endpoint, self.caller.on_response,
+                                      lambda up, n=node: self._on_state(n, up))
+            self.links[node] = link
+        link.send(frame)
+
+    def _on_state(self, node: str, up: bool | None) -> None:
+        self.up[node] = bool(up)
+        self.caller.on_link_state(node, up)
+
+    async def close(self) -> None:
+        for link in self.links.values():
+            link.close()
+        self.links.clear()
+        if self._own_network and self._network is not None:
+            self._network.close()
+            self._network = None
+
+    # --- agents --------------------------------------------------------------------------------
+
+    async def call(self, name: str, msg: Any, timeout: float | None = None, request_id: str | None = None,
+                   stream: Callable[[Any], None] | None = None) -> Any:
+        """Call agent `name`; returns its reply or raises a CallError.
+
+        `request_id` makes retries safe: the same id is answered from the agent's record.
+        `stream(part)` receives streamed pieces of the reply, if the agent sends any."""
+        return await self.caller.call(name, msg, timeout or self.timeout, request_id, stream)
+
+    async def cast(self, name: str, msg: Any) -> None:
+        """Send without waiting for an answer (delivered at most once)."""
+        if self.resolver.where(name) is None:
+            try:
+                await self.whereis(name)
+            except CallError:
+                pass  # the node it lands on passes it on, or counts it as undeliverable
+        self.caller.cast(name, msg)
+
+    async def whereis(self, name: str, timeout: float | None = None) -> dict:
+        node = self.resolver.any_node()
+        body = await self.caller.request(node, Kind.WHEREIS, name, {}, timeout or self.timeout)
+        if body.get("node"):
+            self.resolver.learn(name, body["node"], body.get("incarnation", -1))
+        return body
+
+    # --- the supervisor's business -------------------------------------------------------------
+
+    async def _control(self, kind: Kind, target: str | None, body: Any, timeout: float | None) -> Any:
+        timeout = timeout or self.timeout
+        deadline = self.clock.now() + timeout
+        rid = self.caller.new_id()
+        node = self.config.supervisor_node
+        while True:
+            remaining = deadline - self.clock.now()
+            if remaining <= 0:
+                raise CallTimeout(f"{kind.name.lower()} got no answer within {timeout:g}s")
+            try:
+                return await self.caller.request(node, kind, target, body, remaining, rid=rid)
+            except (AgentDown, Unavailable) as err:
+                if remaining < 0.2:
+                    raise err
+                node = self.resolver.any_node(avoid=node)
+                await asyncio.sleep(0.05)  # the supervisor is (re)starting: a short pause, then again
+
+    async def spawn(self, name: str, kind: str, args: dict | None = None, restart: str = "permanent",
+                    supervisor: str | None = None, timeout: float | None = None) -> dict:
+        body = {"name": name, "kind": kind, "args": args or {}, "restart": restart}
+        if supervisor:
+            body["supervisor"] = supervisor
+        result = await self._control(Kind.SPAWN, None, body, timeout)
+        self.resolver.learn(name, result["node"], result["incarnation"])
+        return result
+
+    async def stop(self, name: str, timeout: float | None = None) -> dict:
+        return await self._control(Kind.STOP, name, None, timeout)
+
+    async def status(self, timeout: float | None = None) -> dict:
+        return await self._control(Kind.STATUS, None, None, timeout)
+
+
+def connect(config: Config | str | os.PathLike | None = None, **kw) -> Client:
+    """An async client for the mesh described by `config` (a Config or a path)."""
+    return Client(config if isinstance(config, Config) else load(config), **kw)
+
+
+class SyncClient:
+    """The same calls as Client, blocking; runs its own loop in a background thread."""
+
+    def __init__(self, config: Config):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="mesh-client", daemon=True)
+        self._thread.start()
+        self._client = self._run(self._make(config))
+
+    async def _make(self, config: Config) -> Client:
+        return Client(config)
+
+    def _run(self, coro, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def __enter__(self) -> "SyncClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def call(self, name: str, msg: Any, timeout: float | None = None, request_id: str | None = None) -> Any:
+        return self._run(self._client.call(name, msg, timeout, request_id))
+
+    def cast(self, name: str, msg: Any) -> None:
+        self._run(self._client.cast(name, msg))
+
+    def spawn(self, name: str, kind: str, args: dict | None = None, restart: str = "permanent") -> dict:
+        return self._run(self._client.spawn(name, kind, args, restart))
+
+    def stop(self, name: str) -> dict:
+        return self._run(self._client.stop(name))
+
+    def status(self) -> dict:
+        return self._run(self._client.status())
+
+    def close(self) -> None:
+        if self._loop.is_running():
+            self._run(self._client.close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+        self._loop.close()
+
+
+def connect_sync(config: Config | str | os.PathLike | None = None) -> SyncClient:
+    return SyncClient(config if isinstance(config, Config) else load(config))

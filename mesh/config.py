@@ -1,0 +1,383 @@
+"""TOML cluster files -> frozen, validated objects.
+
+One file describes a whole cluster: its hosts, the nodes on each host, the supervisor,
+the supervision tree with its static agents, the kinds that may ever be started, and
+the settings of time, limits and storage. Every key is checked at load: an unknown key,
+a wrong type, a clash of ports or names fails with the file, the key and the reason.
+Relative paths are resolved against the config file's folder. See docs/config.md.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ConfigError
+from .supervision import RESTARTS, STRATEGIES, ChildSpec, Placement, SupervisorSpec
+from .wire import valid_name
+
+ENV_CONFIG = "MESH_CONFIG"
+DEFAULT_CONFIG = "configs/local.toml"
+
+
+@dataclass(frozen=True)
+class Timing:
+    heartbeat_s: float = 0.25
+    liveness: int = 4
+    lease_s: float = 0.75
+    call_timeout_s: float = 5.0
+    handler_timeout_s: float = 60.0
+
+    @property
+    def dead_after_s(self) -> float:
+        return self.heartbeat_s * self.liveness
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_message_bytes: int = 8 * 1024 * 1024
+    mailbox: int = 10_000
+    dedup_window: int = 32
+    batch: int = 512
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    sync: bool = True
+    map_size_mb: int = 1024
+    replicas: int = 0
+
+
+@dataclass(frozen=True)
+class LauncherSettings:
+    max_restarts: int = 5
+    period_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    address: str
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    name: str
+    host: str
+    address: str  # ip of the host
+    port: int
+    tags: tuple[str, ...] = ()
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp://{self.address}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    name: str
+    data_dir: str
+    timing: Timing
+    limits: Limits
+    store: StoreSettings
+    launcher: LauncherSettings
+    kinds: dict[str, str]
+    hosts: dict[str, Host]
+    nodes: dict[str, NodeSpec]
+    supervisor_node: str
+    dynamic_supervisor: str
+    tree: dict[str, SupervisorSpec]
+    agents: dict[str, ChildSpec]
+    secure: bool = False
+    extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    def host_dir(self, host: str) -> str:
+        return os.path.join(self.data_dir, host)
+
+    def resolve_kind(self, kind: str) -> str:
+        """Short name or allowed import path -> import path; NotAllowed-worthy -> None."""
+        if kind in self.kinds:
+            return self.kinds[kind]
+        if kind in self.kinds.values():
+            return kind
+        return None  # type: ignore[return-value]
+
+    def nodes_on(self, host: str) -> list[NodeSpec]:
+        return [n for n in self.nodes.values() if n.host == host]
+
+    def parent_of(self) -> dict[str, str]:
+        """child name -> the supervisor that lists it."""
+        return {c: s.name for s in self.tree.values() for c in s.children}
+
+
+# --- schema ----------------------------------------------------------------------------
+
+class _Reader:
+    """Reads keys out of one TOML table, remembering which were used."""
+
+    def __init__(self, path: str, where: str, table: Any):
+        self.path, self.where = path, where
+        if not isinstance(table, dict):
+            raise ConfigError(path, where, "must be a table")
+        self.table, self.used = table, set()
+
+    def key(self, k: str) -> str:
+        return f"{self.where}.{k}" if self.where else k
+
+    def get(self, k: str, typ: type | tuple, default: Any = ..., check: Callable[[Any], str | None] | None = None) -> Any:
+        self.used.add(k)
+        if k not in self.table:
+            if default is ...:
+                raise ConfigError(self.path, self.key(k), "is required")
+            return default
+        value = self.table[k]
+        if typ is float and type(value) is int:
+            value = float(value)
+        ok = type(value) is int if typ is int else isinstance(value, typ)
+        if not ok or (typ is not bool and type(value) is bool):
+            want = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
+            raise ConfigError(self.path, self.key(k), f"must be {want}, got {type(value).__name__} {value!r:.60}")
+        if check:
+            problem = check(value)
+            if problem:
+                raise ConfigError(self.path, self.key(k), problem)
+        return value
+
+    def strings(self, k: str, default: tuple = ()) -> tuple[str, ...]:
+        values = self.get(k, list, list(default))
+        for v in values:
+            if not isinstance(v, str):
+                raise ConfigError(self.path, self.key(k), f"must be a list of strings, has {v!r:.40}")
+        return tuple(values)
+
+    def done(self) -> None:
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            raise ConfigError(self.path, self.key(unknown[0]), "unknown key")
+
+
+def _positive(v: Any) -> str | None:
+    return None if v > 0 else "must be positive"
+
+
+def _non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "must not be negative"
+
+
+def _name(v: Any) -> str | None:
+    return None if valid_name(v) else "is not a valid name (letters, digits and _.:@/+=- only)"
+
+
+def _tables(path: str, root: dict, section: str) -> dict[str, dict]:
+    value = root.get(section, {})
+    if not isinstance(value, dict):
+        raise ConfigError(path, section, "must be a table of tables")
+    for name, table in value.items():
+        if not isinstance(table, dict):
+            raise ConfigError(path, f"{section}.{name}", "must be a table")
+        if not valid_name(name):
+            raise ConfigError(path, f"{section}.{name}", "is not a valid name")
+    return value
+
+
+def load(path: str | os.PathLike | None = None) -> Config:
+    """Load and validate a config file; `None` means $MESH_CONFIG, then configs/local.toml."""
+    path = os.fspath(path or os.environ.get(ENV_CONFIG) or DEFAULT_CONFIG)
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(path, "", "no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "", f"not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(path, "", f"cannot be read: {exc.strerror}") from None
+    return parse(raw, path)
+
+
+def parse(raw: dict, path: str = "<config>") -> Config:
+    top = _Reader(path, "", raw)
+    base = Path(path).resolve().parent
+
+    cluster = _Reader(path, "cluster", top.get("cluster", dict, {}))
+    name = cluster.get("name", str, Path(path).stem, _name)
+    data_dir = cluster.get("data_dir", str, "../var/" + name)
+    data_dir = str((base / data_dir).resolve()) if not os.path.isabs(data_dir) else data_dir
+    secure = cluster.get("secure", bool, False)
+    timing = Timing(
+        heartbeat_s=cluster.get("heartbeat_ms", int, 250, _positive) / 1000,
+        liveness=cluster.get("liveness", int, 4, _positive),
+        lease_s=cluster.get("lease_ms", int, 750, _positive) / 1000,
+        call_timeout_s=cluster.get("call_timeout_s", float, 5.0, _positive),
+        handler_timeout_s=cluster.get("handler_timeout_s", float, 60.0, _positive),
+    )
+    cluster.done()
+    if timing.lease_s >= timing.dead_after_s:
+        raise ConfigError(path, "cluster.lease_ms", f"must be shorter than heartbeat_ms x liveness ({timing.dead_after_s * 1000:.0f} ms), so a silent node's lease has run out before it is declared dead")
+
+    lim = _Reader(path, "limits", top.get("limits", dict, {}))
+    limits = Limits(
+        max_message_bytes=lim.get("max_message_bytes", int, Limits.max_message_bytes, _positive),
+        mailbox=lim.get("mailbox", int, Limits.mailbox, _positive),
+        dedup_window=lim.get("dedup_window", int, Limits.dedup_window, _non_negative),
+        batch=lim.get("batch", int, Limits.batch, _positive),
+    )
+    lim.done()
+
+    st = _Reader(path, "store", top.get("store", dict, {}))
+    store = StoreSettings(
+        sync=st.get("sync", bool, True),
+        map_size_mb=st.get("map_size_mb", int, 1024, _positive),
+        replicas=st.get("replicas", int, 0, _non_negative),
+    )
+    st.done()
+
+    la = _Reader(path, "launcher", top.get("launcher", dict, {}))
+    launcher = LauncherSettings(
+        max_restarts=la.get("max_restarts", int, 5, _non_negative),
+        period_s=la.get("period_s", float, 30.0, _positive),
+    )
+    la.done()
+
+    kinds_table = top.get("kinds", dict, {})
+    kinds: dict[str, str] = {}
+    for short, target in kinds_table.items():
+        if not isinstance(target, str) or target.count(":") != 1 or not all(target.split(":")):
+            raise ConfigError(path, f"kinds.{short}", "must be an import path 'module:Class'")
+        kinds[short] = target
+
+    hosts: dict[str, Host] = {}
+    for hname, table in _tables(path, top.table, "hosts").items():
+        r = _Reader(path, f"hosts.{hname}", table)
+        hosts[hname] = Host(hname, r.get("address", str), r.strings("tags"))
+        r.done()
+    top.used.add("hosts")
+    if not hosts:
+        raise ConfigError(path, "hosts", "at least one host is required")
+
+    nodes: dict[str, NodeSpec] = {}
+    seen_ports: dict[tuple[str, int], str] = {}
+    for nname, table in _tables(path, top.table, "nodes").items():
+        r = _Reader(path, f"nodes.{nname}", table)
+        host = r.get("host", str)
+        if host not in hosts:
+            raise ConfigError(path, f"nodes.{nname}.host", f"no host named {host!r}")
+        port = r.get("port", int, check=lambda p: None if 0 < p < 65536 else "must be a TCP port 1..65535")
+        key = (hosts[host].address, port)
+        if key in seen_ports:
+            raise ConfigError(path, f"nodes.{nname}.port", f"port {port} on {key[0]} is also used by node {seen_ports[key]!r}")
+        seen_ports[key] = nname
+        nodes[nname] = NodeSpec(nname, host, hosts[host].address, port, r.strings("tags"))
+        r.done()
+    top.used.add("nodes")
+    if not nodes:
+        raise ConfigError(path, "nodes", "at least one node is required")
+
+    sup = _Reader(path, "supervisor", top.get("supervisor", dict, {}))
+    supervisor_node = sup.get("node", str, next(iter(nodes)))
+    if supervisor_node not in nodes:
+        raise ConfigError(path, "supervisor.node", f"no node named {supervisor_node!r}")
+    dynamic_name = sup.get("dynamic", str, "dynamic", _name)
+    sup.done()
+
+    tree: dict[str, SupervisorSpec] = {}
+    for sname, table in _tables(path, top.table, "tree").items():
+        r = _Reader(path, f"tree.{sname}", table)
+        strategy = r.get("strategy", str, "one_for_one", lambda s: None if s in STRATEGIES else f"must be one of {', '.join(STRATEGIES)}")
+        dynamic = r.get("dynamic", bool, False)
+        children = r.strings("children")
+        if dynamic and (children or strategy != "one_for_one"):
+            raise ConfigError(path, f"tree.{sname}", "a dynamic supervisor is one_for_one and lists no children")
+        tree[sname] = SupervisorSpec(
+            name=sname,
+            strategy=strategy,
+            intensity=r.get("intensity", int, 3, _non_negative),
+            period_s=r.get("period_s", float, 5.0, _positive),
+            children=children,
+            dynamic=dynamic,
+        )
+        r.done()
+    top.used.add("tree")
+
+    agents: dict[str, ChildSpec] = {}
+    for aname, table in _tables(path, top.table, "agents").items():
+        r = _Reader(path, f"agents.{aname}", table)
+        kind = r.get("kind", str)
+        if kind not in kinds and kind not in kinds.values():
+            raise ConfigError(path, f"agents.{aname}.kind", f"kind {kind!r} is not in [kinds]")
+        placement_table = r.get("placement", dict, {})
+        pr = _Reader(path, f"agents.{aname}.placement", placement_table)
+        placement = Placement(pr.strings("hosts"), pr.strings("tags"))
+        pr.done()
+        for h in placement.hosts:
+            if h not in hosts:
+                raise ConfigError(path, f"agents.{aname}.placement.hosts", f"no host named {h!r}")
+        agents[aname] = ChildSpec(
+            name=aname,
+            kind=kind,
+            args=r.get("args", dict, {}),
+            restart=r.get("restart", str, "permanent", lambda s: None if s in RESTARTS else f"must be one of {', '.join(RESTARTS)}"),
+            placement=placement,
+        )
+        r.done()
+    top.used.add("agents")
+
+    tree = _complete_tree(path, tree, agents, dynamic_name)
+    extra = {k: top.table[k] for k in ("llm", "security") if k in top.table}
+    top.used.update(extra)
+    top.done()
+    return Config(
+        path=str(Path(path).resolve()), name=name, data_dir=data_dir, timing=timing, limits=limits,
+        store=store, launcher=launcher, kinds=kinds, hosts=hosts, nodes=nodes,
+        supervisor_node=supervisor_node, dynamic_supervisor=dynamic_name, tree=tree,
+        agents=agents, secure=secure, extra=extra,
+    )
+
+
+def _complete_tree(path: str, tree: dict[str, SupervisorSpec], agents: dict[str, ChildSpec], dynamic_name: str) -> dict[str, SupervisorSpec]:
+    """Check the tree is one tree rooted at 'root'; add the root and the dynamic supervisor if absent."""
+    tree = dict(tree)
+    if dynamic_name not in tree:
+        if dynamic_name in agents:
+            raise ConfigError(path, "supervisor.dynamic", f"{dynamic_name!r} names an agent, not a supervisor")
+        tree[dynamic_name] = SupervisorSpec(dynamic_name, intensity=100, period_s=10.0, dynamic=True)
+    elif not tree[dynamic_name].dynamic:
+        raise ConfigError(path, f"tree.{dynamic_name}", "is the dynamic supervisor, so it needs dynamic = true")
+    listed: dict[str, str] = {}
+    for s in tree.values():
+        for child in s.children:
+            if child in listed:
+                raise ConfigError(path, f"tree.{s.name}.children", f"{child!r} is also a child of {listed[child]!r}")
+            if child not in tree and child not in agents:
+                raise ConfigError(path, f"tree.{s.name}.children", f"{child!r} is neither a supervisor nor an agent")
+            if child == "root":
+                raise ConfigError(path, f"tree.{s.name}.children", "the root supervisor cannot be a child")
+            listed[child] = s.name
+    clash = set(tree) & set(agents)
+    if clash:
+        raise ConfigError(path, f"agents.{sorted(clash)[0]}", "a supervisor has the same name")
+    if "root" not in tree:
+        orphans = tuple(n for n in list(tree) + list(agents) if n not in listed)
+        tree["root"] = SupervisorSpec("root", intensity=10, period_s=60.0, children=orphans)
+    else:
+        orphans = [n for n in list(tree) + list(agents) if n not in listed and n != "root"]
+        if orphans:
+            raise ConfigError(path, f"tree.root.children", f"{orphans[0]!r} is under no supervisor")
+    # a cycle would leave some node unreachable from root
+    seen, todo = set(), ["root"]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            raise ConfigError(path, f"tree.{n}", "is reached twice: the tree has a cycle")
+        seen.add(n)
+        if n in tree:
+            todo.extend(tree[n].children)
+    unreachable = (set(tree) | set(agents)) - seen
+    if unreachable:
+        raise ConfigError(path, f"tree.{sorted(unreachable)[0]}", "is not reachable from root (cycle)")
+    return tree

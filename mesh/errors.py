@@ -1,0 +1,154 @@
+"""One exception tree for the whole mesh.
+
+    MeshError
+    ├── ConfigError          a config file is wrong: names the file, the key and the reason
+    ├── ProtocolError        bytes off a socket are not a valid message (never reaches an agent)
+    ├── StoreError           LMDB failed or holds something unreadable
+    │   ├── SnapshotCorrupt  one agent's snapshot cannot be decoded (names the agent)
+    │   └── Fenced           a write from an incarnation older than the stored one
+    ├── LLMError             a language-model API failed (status and short reason)
+    └── CallError            what a caller gets back instead of a reply
+        ├── NoSuchAgent      no agent has that name
+        ├── AlreadyExists    spawn of a name that is already taken
+        ├── AgentDown        the agent is not running now (restarting or moving); retryable
+        ├── AgentCrashed     the handler raised; names the exception
+        ├── CallTimeout      no reply before the deadline
+        ├── Busy             a mailbox or a per-peer limit is full
+        ├── NotAllowed       a kind or an operation that the config does not allow
+        ├── BadRequest       the request itself is malformed
+        ├── Unavailable      the mesh cannot serve it now (store or supervisor down); retryable
+        └── Moved            the agent lives on another node (used inside the caller, carries where)
+
+Errors cross the wire as ``[type, message, data]``; ``error_from_wire`` rebuilds the
+same class on the caller's side, so ``except NoSuchAgent`` works across processes.
+Foreign exceptions (zmq, lmdb, httpx) are translated where those libraries are used.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class MeshError(Exception):
+    """Base of every error the mesh raises on purpose."""
+
+
+class ConfigError(MeshError):
+    def __init__(self, path: str, key: str, reason: str):
+        self.path, self.key, self.reason = path, key, reason
+        where = f"{path}: {key}" if key else path
+        super().__init__(f"{where}: {reason}")
+
+
+class ProtocolError(MeshError):
+    """Undecodable or invalid message. `request_id` is set when it could be read."""
+
+    def __init__(self, reason: str, request_id: str | None = None):
+        self.request_id = request_id
+        super().__init__(reason)
+
+
+class StoreError(MeshError):
+    pass
+
+
+class SnapshotCorrupt(StoreError):
+    def __init__(self, name: str, reason: str):
+        self.name = name
+        super().__init__(f"snapshot of agent {name!r} is unreadable: {reason}")
+
+
+class Fenced(StoreError):
+    def __init__(self, name: str, incarnation: int, stored: int):
+        self.name, self.incarnation, self.stored = name, incarnation, stored
+        super().__init__(
+            f"agent {name!r}: incarnation {incarnation} is fenced by incarnation {stored}"
+        )
+
+
+class LLMError(MeshError):
+    def __init__(self, reason: str, status: int | None = None):
+        self.status = status
+        super().__init__(f"{reason} (status {status})" if status else reason)
+
+
+class CallError(MeshError):
+    """Raised to a caller. `data` carries machine-readable details across the wire."""
+
+    retryable = False
+
+    def __init__(self, message: str = "", data: dict | None = None):
+        self.data = data or {}
+        super().__init__(message or type(self).__name__)
+
+
+class NoSuchAgent(CallError):
+    pass
+
+
+class AlreadyExists(CallError):
+    pass
+
+
+class AgentDown(CallError):
+    retryable = True
+
+
+class AgentCrashed(CallError):
+    pass
+
+
+class CallTimeout(CallError):
+    pass
+
+
+class Busy(CallError):
+    pass
+
+
+class NotAllowed(CallError):
+    pass
+
+
+class BadRequest(CallError):
+    pass
+
+
+class Unavailable(CallError):
+    retryable = True
+
+
+class Moved(CallError):
+    retryable = True
+
+
+_CALL_ERRORS = {
+    cls.__name__: cls
+    for cls in (
+        NoSuchAgent,
+        AlreadyExists,
+        AgentDown,
+        AgentCrashed,
+        CallTimeout,
+        Busy,
+        NotAllowed,
+        BadRequest,
+        Unavailable,
+        Moved,
+    )
+}
+
+
+def error_to_wire(exc: CallError) -> list[Any]:
+    return [type(exc).__name__, str(exc), exc.data or None]
+
+
+def error_from_wire(body: Any) -> CallError:
+    """Rebuild a CallError from its wire form; anything unexpected becomes BadRequest."""
+    if not (isinstance(body, list) and len(body) == 3):
+        return BadRequest(f"malformed error reply: {body!r:.200}")
+    name, message, data = body
+    cls = _CALL_ERRORS.get(name) if isinstance(name, str) else None
+    if cls is None:
+        return CallError(f"{name}: {message}")
+    return cls(message if isinstance(message, str) else repr(message), data if isinstance(data, dict) else None)

@@ -1,0 +1,144 @@
+"""How a node reaches the others: a real ZeroMQ network, or an in-memory one for tests.
+
+Both give the same two calls, `listen` and `link`, returning objects with the shape of
+`transport.Listener` and `transport.Link`. The in-memory network delivers every frame
+through the loop (never inline, as a socket would not), and tracks frames in flight so a test can wait until all are delivered:
+node logic is then tested deterministically, with a fake clock, and without sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Callable
+
+from . import transport
+
+
+class ZmqNetwork:
+    def __init__(self, max_bytes: int, batch: int = 512, security=None):
+        self.ctx = transport.new_context()
+        self.max_bytes, self.batch, self.security = max_bytes, batch, security
+
+    def listen(self, endpoint: str, on_request: Callable[[bytes, bytes | None], None]) -> transport.Listener:
+        return transport.Listener(self.ctx, endpoint, on_request, self.max_bytes, self.batch, self.security)
+
+    def link(self, endpoint: str, on_response: Callable[[bytes], None],
+             on_state: Callable[[bool | None], None] | None = None) -> transport.Link:
+        return transport.Link(self.ctx, endpoint, on_response, on_state, self.max_bytes, self.batch, self.security)
+
+    def close(self) -> None:
+        self.ctx.destroy(linger=0)
+
+
+class _MemListener:
+    def __init__(self, net: "MemoryNetwork", endpoint: str, on_request):
+        self.net, self.endpoint, self.on_request = net, endpoint, on_request
+        self.sent = self.dropped = 0
+        self.closed = False
+
+    def send(self, route: bytes, frame: bytes) -> bool:
+        link = self.net._routes.get(route)
+        if self.closed or link is None or link.closed:
+            self.dropped += 1
+            return False
+        self.sent += 1
+        self.net._deliver(self.endpoint, link.endpoint, link._receive, frame)
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+        if self.net._listeners.get(self.endpoint) is self:
+            del self.net._listeners[self.endpoint]
+            for link in list(self.net._routes.values()):
+                if link.endpoint == self.endpoint:
+                    link._set_up(False)
+
+
+class _MemLink:
+    def __init__(self, net: "MemoryNetwork", endpoint: str, on_response, on_state):
+        self.net, self.endpoint = net, endpoint
+        self.on_response, self.on_state = on_response, on_state
+        self.route = b"mem-%d" % next(net._ids)
+        self.up = False
+        self.refused = False
+        self.closed = False
+        self.pending: list[bytes] = []
+        net._routes[self.route] = self
+        if endpoint in net._listeners:
+            net.loop.call_soon(self._set_up, True)
+
+    def _set_up(self, up: bool) -> None:
+        if self.closed or up == self.up:
+            return
+        self.up = up
+        if up:
+            pending, self.pending = self.pending, []
+            for frame in pending:
+                self.send(frame)
+        if self.on_state:
+            self.on_state(up)
+
+    def send(self, frame: bytes) -> None:
+        listener = self.net._listeners.get(self.endpoint)
+        if not self.up or listener is None:
+            self.pending.append(frame)
+            return
+        self.net._deliver(self.route, self.endpoint, lambda f: listener.on_request(self.route, f), frame)
+
+    def _receive(self, frame: bytes) -> None:
+        if not self.closed:
+            self.on_response(frame)
+
+    def close(self) -> None:
+        self.closed = True
+        self.net._routes.pop(self.route, None)
+
+
+class MemoryNetwork:
+    """Listeners and links in one process and one loop."""
+
+    def __init__(self):
+        self.loop = asyncio.get_running_loop()
+        self._listeners: dict[str, _MemListener] = {}
+        self._routes: dict[bytes, _MemLink] = {}
+        self._ids = itertools.count(1)
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.max_bytes = 1 << 30
+
+    def listen(self, endpoint: str, on_request) -> _MemListener:
+        listener = _MemListener(self, endpoint, on_request)
+        self._listeners[endpoint] = listener
+        for link in self._routes.values():
+            if link.endpoint == endpoint:
+                self.loop.call_soon(link._set_up, True)
+        return listener
+
+    def link(self, endpoint: str, on_response, on_state=None) -> _MemLink:
+        return _MemLink(self, endpoint, on_response, on_state)
+
+    def _deliver(self, src, dst: str, receive: Callable[[bytes], None], frame: bytes) -> None:
+        self._in_flight += 1
+        self._idle.clear()
+        self.loop.call_soon(self._arrive, receive, frame)
+
+    def _arrive(self, receive, frame) -> None:
+        try:
+            receive(frame)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def settled(self) -> None:
+        """Wait until no frame is in flight (and nothing new was sent by those delivered)."""
+        while True:
+            await self._idle.wait()
+            await asyncio.sleep(0)  # let callbacks queued by the last delivery run
+            if self._in_flight == 0:
+                return
+
+    def close(self) -> None:
+        pass

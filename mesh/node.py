@@ -1,0 +1,797 @@
+"""A node: one OS process, one asyncio loop, one bound ROUTER, many agents.
+
+Inbound messages arrive in batches from the listener (see transport); each is decoded
+and validated (wire), then handed to its agent's Runner, or to the control handler of
+its kind. Everything the runners change in one loop turn goes into one commit group;
+the group is committed in one LMDB transaction on the store's thread while the next
+group fills, and only then do its replies and outbound casts leave (G1). One group is in
+flight at a time, so commits stay in order and grow with the load (group commit).
+
+The node also keeps a replica of the registry, answers WHEREIS (waiting until a name is
+placed, if asked), starts and terminates agents on the supervisor's word, reports exits,
+answers heartbeats, and cancels handlers that run past their deadline. Bad input is
+answered with an error and counted; it never reaches an agent or stops the node (G5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections import Counter, OrderedDict
+from typing import Any, Callable
+
+import msgpack
+
+from . import supervision, wire
+from .agent import Agent, TimerRef
+from .caller import Caller
+from .clock import Clock
+from .config import Config, NodeSpec
+from .errors import (AgentCrashed, AgentDown, AlreadyExists, BadRequest, CallError, CallTimeout,
+                     Moved, NoSuchAgent, NotAllowed, ProtocolError, SnapshotCorrupt, StoreError,
+                     Unavailable, error_to_wire)
+from .registry import Replica
+from .runner import CRASHED, RUNNING, STARTING, STOPPED, Envelope, Runner, error_response
+from .store import Batch, Committer, Outcome, Record, Store
+from .wire import Kind
+
+log = logging.getLogger("mesh.node")
+
+Origin = bytes | None  # a ROUTER routing id, or None for a request from this very node
+
+
+class Group:
+    """Everything that becomes durable in one transaction, and what waits for it."""
+
+    __slots__ = ("batch", "dirty", "replies", "effects", "callbacks")
+
+    def __init__(self):
+        self.batch = Batch()
+        self.dirty: set[Runner] = set()
+        self.replies: list[tuple[Runner, list, bytes]] = []
+        self.effects: list[tuple[Runner, list]] = []
+        self.callbacks: list[Callable[[Outcome], None]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.batch or self.dirty or self.replies or self.effects or self.callbacks)
+
+
+class Node:
+    def __init__(self, config: Config, name: str, network, clock: Clock | None = None,
+                 store: Store | None = None, inline_commit: bool = False, boot: str | None = None,
+                 previous: dict | None = None, notify: Callable[[str], None] | None = None):
+        self.config, self.name = config, name
+        self.spec: NodeSpec = config.nodes[name]
+        self.timing, self.limits = config.timing, config.limits
+        self.network = network
+        self.clock = clock or Clock()
+        self.boot = boot or os.urandom(6).hex()
+        self.previous = previous
+        self.notify = notify or (lambda line: None)
+        self.store = store or Store(os.path.join(config.host_dir(self.spec.host), "store"),
+                                    config.store.map_size_mb, config.store.sync)
+        self.committer = Committer(self.store, inline=inline_commit)
+        self.runners: dict[str, Runner] = {}
+        self.busy_runners: set[Runner] = set()
+        self.replica = Replica()
+        self.stats: Counter = Counter()
+        self.links: dict[str, Any] = {}
+        self.link_up: dict[str, bool] = {}
+        self.caller = Caller(self.clock, f"node:{name}", self.send, _NodeResolver(self), config.limits.max_message_bytes)
+        self.handlers: dict[Kind, Callable[[wire.Msg, Origin], None]] = {
+            Kind.CALL: self._to_agent, Kind.CAST: self._to_agent, Kind.INFO: self._to_agent,
+            Kind.START: self._on_start, Kind.TERMINATE: self._on_terminate,
+            Kind.WHEREIS: self._on_whereis, Kind.REGISTRY: self._on_registry,
+            Kind.HEARTBEAT: self._on_heartbeat, Kind.INVENTORY: self._on_inventory,
+            Kind.SPAWN: self._forward_to_supervisor, Kind.STOP: self._forward_to_supervisor,
+            Kind.STATUS: self._forward_to_supervisor,
+        }
+        self._kinds: dict[str, type[Agent]] = {}
+        self._open = Group()
+        self._in_flight: Group | None = None
+        self._flush_scheduled = False
+        self._whereis_waiters: dict[str, list] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._timers: list = []
+        self._hello_acked = False
+        self._last_hello = -1e9
+        self.stopping = False
+        self.stopped = asyncio.Event()
+        self.listener = None
+        self.supervisor = None  # set by mesh.supervisor when this node hosts the role
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        bind = f"tcp://{self.spec.address}:{self.spec.port}"
+        self.listener = self.network.listen(bind, self._on_request)
+        self._every(self.timing.heartbeat_s, self._tick)
+        self._say_hello()
+        self.notify(f"ready {self.name} {os.getpid()} {self.boot}")
+        log.info("node %s listening on %s (boot %s)", self.name, bind, self.boot)
+
+    def _every(self, interval: float, fn: Callable[[], None]) -> None:
+        def fire():
+            if self.stopping:
+                return
+            try:
+                fn()
+            finally:
+                self._timers.append(self.clock.call_after(interval, fire))
+        self._timers.append(self.clock.call_after(interval, fire))
+
+    def _tick(self) -> None:
+        now = self.clock.now()
+        for runner in list(self.busy_runners):
+            runner.check_deadline(now)
+        if not self._hello_acked or not self.replica.synced:
+            self._say_hello()
+        del self._timers[:-4]
+
+    async def shutdown(self, reason: str = "shutdown") -> None:
+        """Stop in order: finish or cancel handlers, terminate agents, commit, say goodbye."""
+        if self.stopping:
+            return
+        self.stopping = True
+        for t in self._timers:
+            t.cancel()
+        for runner in list(self.runners.values()):
+            if runner.task is not None:
+                runner.task.cancel()
+        await asyncio.sleep(0)
+        for runner in list(self.runners.values()):
+            if runner.status == RUNNING and runner.agent is not None:
+                await self._terminate_agent(runner, reason)
+                self.mark_dirty(runner)
+            runner.status = STOPPED
+            runner.fail_queued(lambda: AgentDown("its node is shutting down"))
+        await self.drain_commits()
+        if self.name != self.config.supervisor_node:
+            try:
+                await self.caller.request(self.config.supervisor_node, Kind.GOODBYE, None,
+                                          {"node": self.name, "boot": self.boot}, 1.0)
+            except CallError:
+                pass
+        for task in list(self._tasks):
+            task.cancel()
+        self.committer.close()
+        if self.listener is not None:
+            self.listener.close()
+        for link in self.links.values():
+            link.close()
+        self.store.close()
+        self.stopped.set()
+
+    async def drain_commits(self, timeout: float = 10.0) -> None:
+        """Wait until everything handed to the store so far is committed."""
+        done = asyncio.Event()
+        self._open.callbacks.append(lambda outcome: done.set())
+        self._schedule_flush()
+        try:
+            await asyncio.wait_for(done.wait(), timeout)
+        except asyncio.TimeoutError:
+            log.error("node %s: commits did not finish within %ss", self.name, timeout)
+
+    # --- the wire ----------------------------------------------------------------------------
+
+    def send(self, node: str, frame: bytes) -> None:
+        """Send a request to a node (this one included) over its link."""
+        if node == self.name:
+            asyncio.get_running_loop().call_soon(self._on_local, frame)
+            return
+        link = self.links.get(node)
+        if link is None:
+            spec = self.config.nodes.get(node)
+            if spec is None:
+                raise Unavailable(f"no node named {node!r}")
+            link = self.network.link(spec.endpoint, self.caller.on_response,
+                                     lambda up, n=node: self._on_link_state(n, up))
+            self.links[node] = link
+        link.send(frame)
+
+    def _on_link_state(self, node: str, up: bool | None) -> None:
+        self.link_up[node] = bool(up)
+        self.caller.on_link_state(node, up)
+        if self.supervisor is not None:
+            self.supervisor.on_link_state(node, up)
+
+    def _on_local(self, frame: bytes) -> None:
+        self._on_request(None, frame)
+
+    def _respond(self, origin: Origin, frame: bytes) -> None:
+        if origin is None:
+            asyncio.get_running_loop().call_soon(self.caller.on_response, frame)
+        elif not self.listener.send(origin, frame):
+            self.stats["replies_dropped"] += 1
+
+    def respond(self, origin: Origin, rid: str, body: Any) -> None:
+        self._respond(origin, wire.reply(rid, body))
+
+    def respond_error(self, origin: Origin, rid: str | None, err: CallError) -> None:
+        self._respond(origin, wire.error(rid, error_to_wire(err)))
+
+    def _on_request(self, origin: Origin, frame: bytes | None) -> None:
+        self.stats["in"] += 1
+        if frame is None:
+            self._bad(origin, ProtocolError("a request must be exactly one frame"))
+            return
+        try:
+            msg = wire.decode(frame, self.limits.max_message_bytes)
+        except ProtocolError as exc:
+            self._bad(origin, exc)
+            return
+        handler = self.handlers.get(msg.kind)
+        if handler is None:
+            self._bad(origin, ProtocolError(f"{msg.kind.name} is not a request", msg.id))
+            return
+        try:
+            handler(msg, origin)
+        except CallError as err:
+            if msg.id is not None:
+                self.respond_error(origin, msg.id, err)
+        self._schedule_flush()
+
+    def _bad(self, origin: Origin, exc: ProtocolError) -> None:
+        self.stats["bad_messages"] += 1
+        if self.stats["bad_messages"] <= 10 or self.stats["bad_messages"] % 1000 == 0:
+            log.warning("node %s: bad message (%d so far): %s", self.name, self.stats["bad_messages"], exc)
+        if exc.request_id is not None:
+            self.respond_error(origin, exc.request_id, BadRequest(str(exc)))
+
+    # --- messages to agents -----------------------------------------------------------------
+
+    def _deadline(self, msg: wire.Msg) -> float:
+        ttl = msg.ttl_ms / 1000 if msg.ttl_ms is not None else self.timing.call_timeout_s
+        return self.clock.now() + ttl
+
+    def _to_agent(self, msg: wire.Msg, origin: Origin) -> None:
+        runner = self.runners.get(msg.target)
+        if runner is not None:
+            runner.deliver(Envelope(msg, origin, self._deadline(msg)))
+            return
+        err = self._where_else(msg.target)
+        if msg.kind == Kind.CALL:
+            raise err
+        if isinstance(err, Moved):
+            self.forward(Envelope(msg, origin, 0.0))
+        else:
+            self.stats["casts_dropped"] += 1
+
+    def _where_else(self, name: str) -> CallError:
+        """The error for a message to `name`, which has no runner here."""
+        entry = self.replica.lookup(name)
+        if entry is None:
+            if self.replica.synced:
+                return NoSuchAgent(f"no agent named {name!r}")
+            return Unavailable(f"node {self.name} has not synced its registry yet")
+        if entry.node is not None and entry.node != self.name:
+            return Moved(f"{name!r} lives on node {entry.node}", {"node": entry.node, "incarnation": entry.incarnation})
+        return AgentDown(f"{name!r} is not running right now")
+
+    def forward(self, env: Envelope) -> None:
+        """Pass a cast or info on to the node that now hosts its target, if known."""
+        entry = self.replica.lookup(env.msg.target)
+        if entry is None or entry.node is None or entry.node == self.name:
+            self.stats["casts_dropped"] += 1
+            return
+        try:
+            self.send(entry.node, wire.encode_msg(env.msg))
+            self.stats["forwarded"] += 1
+        except CallError:
+            self.stats["casts_dropped"] += 1
+
+    def streamer(self, env: Envelope) -> Callable[[Any], None]:
+        rid, origin = env.msg.id, env.origin
+
+        def send_chunk(part: Any) -> None:
+            self._respond(origin, wire.encode(Kind.CHUNK, rid, None, None, None, part))
+        return send_chunk
+
+    # --- replies, effects and commit groups ---------------------------------------------------
+
+    def send_response(self, runner: Runner, origins: list, rid: str, response: bytes) -> None:
+        """Answer with a tagged response, once the runner's pending changes are committed."""
+        group = runner.pending_group
+        if group is not None:
+            group.replies.append((runner, origins, rid, response))
+            return
+        frame = wire.response_frame(rid, response)
+        for origin in origins:
+            self._respond(origin, frame)
+
+    async def commit_meta(self, puts: dict[str, bytes], deletes=()) -> Outcome:
+        """Make supervisor records durable in the next group; returns the commit's outcome."""
+        batch = self._open.batch
+        for key, value in puts.items():
+            batch.meta_deletes.discard(key)
+            batch.meta_puts[key] = value
+        for key in deletes:
+            batch.meta_puts.pop(key, None)
+            batch.meta_deletes.add(key)
+        future = asyncio.get_running_loop().create_future()
+        self._open.callbacks.append(lambda outcome: future.done() or future.set_result(outcome))
+        self._schedule_flush()
+        return await future
+
+    def mark_dirty(self, runner: Runner) -> None:
+        group = self._open
+        group.dirty.add(runner)
+        runner.pending_group = group
+        self._schedule_flush()
+
+    def queue_effects(self, runner: Runner, effects: list) -> None:
+        group = runner.pending_group or self._open
+        group.effects.append((runner, effects))
+        runner.pending_group = group
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._in_flight is not None or not self._open:
+            return
+        group, self._open = self._open, Group()
+        batch = group.batch
+        for runner in group.dirty:
+            if self.runners.get(runner.name) is not runner or runner.name in batch.deletes:
+                continue
+            record = Record(runner.incarnation, runner.seq, runner.last_state, [[k, v] for k, v in runner.window.items()])
+            batch.add_put(runner.name, record)
+        self._in_flight = group
+        self.stats["commits"] += 1
+        self.committer.submit(batch, lambda outcome: self._committed(group, outcome))
+
+    def _committed(self, group: Group, outcome: Outcome) -> None:
+        self._in_flight = None
+        failed = outcome.error
+        if failed is not None:
+            self.stats["commit_errors"] += 1
+        fenced = outcome.fenced
+        for runner in group.dirty:
+            if runner.pending_group is group:
+                runner.pending_group = None
+        for runner, effects in group.effects:
+            if runner.pending_group is group:
+                runner.pending_group = None
+        for runner, origins, rid, response in group.replies:
+            if runner.pending_group is group:
+                runner.pending_group = None
+            if failed is not None:
+                response = error_response(Unavailable(f"the store could not commit: {failed}"))
+            elif runner.name in fenced and fenced[runner.name] > runner.incarnation:
+                response = error_response(AgentDown(f"{runner.name!r} was restarted elsewhere"))
+            frame = wire.response_frame(rid, response)
+            for origin in origins:
+                self._respond(origin, frame)
+        if failed is None:
+            for runner, effects in group.effects:
+                if runner.name not in fenced:
+                    self._release(runner, effects)
+        for callback in group.callbacks:
+            callback(outcome)
+        for name, stored in fenced.items():
+            runner = self.runners.get(name)
+            if runner is not None and runner.incarnation < stored and runner.status != STARTING:
+                self.stats["fenced"] += 1
+                log.warning("agent %s incarnation %d is fenced by %d: dropped here", name, runner.incarnation, stored)
+                self._drop(runner, lambda: AgentDown(f"{name!r} was restarted elsewhere"))
+        if failed is not None:
+            for runner in group.dirty:
+                if self.runners.get(runner.name) is runner and runner.status == RUNNING:
+                    runner.last_state = None  # not durable: a restart reads the store
+                    runner.crash(failed)
+        if self._open:
+            self._flush()
+
+    def _release(self, runner: Runner, effects: list) -> None:
+        for effect in effects:
+            if effect[0] == "cast":
+                try:
+                    self.caller.cast(effect[1], effect[2])
+                except CallError as err:
+                    log.warning("agent %s: cast to %s failed: %s", runner.name, effect[1], err)
+            elif effect[0] == "timer":
+                _, delay, msg, ref = effect
+                self.arm_timer(runner, delay, msg, ref)
+
+    def arm_timer(self, runner: Runner, delay: float, msg: Any, ref: TimerRef) -> None:
+        if ref.cancelled:
+            return
+        name, inc = runner.name, runner.incarnation
+
+        def fire():
+            r = self.runners.get(name)
+            if ref.cancelled or r is None or r.incarnation != inc:
+                return
+            r.deliver(Envelope(wire.Msg(Kind.INFO, None, name, f"agent:{name}", None, msg), None, self.clock.now()))
+            self._schedule_flush()
+        ref._timer = self.clock.call_after(delay, fire)
+
+    # --- agent lifecycle ----------------------------------------------------------------------
+
+    def kind_class(self, kind: str) -> type[Agent]:
+        cls = self._kinds.get(kind)
+        if cls is not None:
+            return cls
+        path = self.config.resolve_kind(kind)
+        if path is None:
+            raise NotAllowed(f"kind {kind!r} is not in the config's allow-list")
+        module_name, _, class_name = path.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except Exception as exc:
+            raise BadRequest(f"kind {kind!r} ({path}) cannot be loaded: {type(exc).__name__}: {exc}") from None
+        if not (isinstance(cls, type) and issubclass(cls, Agent)):
+            raise NotAllowed(f"{path} is not an Agent")
+        self._kinds[kind] = cls
+        return cls
+
+    def _on_start(self, msg: wire.Msg, origin: Origin) -> None:
+        name, body = msg.target, msg.body
+        inc = body["incarnation"]
+        if self.stopping:
+            raise Unavailable(f"node {self.name} is shutting down")
+        old = self.runners.get(name)
+        if old is not None and old.incarnation >= inc:
+            raise AlreadyExists(f"{name!r} already runs incarnation {old.incarnation} here",
+                                {"incarnation": old.incarnation})
+        cls = self.kind_class(body["kind"])
+        if old is not None and old.status in (RUNNING, STARTING):
+            self._stop_quietly(old)
+        if old is not None and old.last_state is not None:
+            seq, state, window, mailbox, inflight = old.seq, old.last_state, old.window, old.mailbox, old.inflight
+            restarts = old.restarts + 1
+        else:
+            try:
+                record = self.store.get(name)
+            except (SnapshotCorrupt, StoreError) as exc:
+                raise AgentCrashed(str(exc), {"exception": type(exc).__name__}) from None
+            if record is not None and record.incarnation >= inc:
+                raise AlreadyExists(f"{name!r}: the store holds incarnation {record.incarnation}",
+                                    {"incarnation": record.incarnation})
+            seq, state = (record.seq, record.state) if record else (0, msgpack.packb(None))
+            window = _window_from(record.window) if record else None
+            mailbox, inflight = (old.mailbox, old.inflight) if old is not None else (None, {})
+            restarts = old.restarts + 1 if old is not None else 0
+        runner = Runner(self, name, body["kind"], body.get("args") or {}, inc)
+        runner.seq, runner.mailbox, runner.inflight, runner.restarts = seq, mailbox, inflight, restarts
+        runner.supervisor = body.get("supervisor")
+        if window is not None:
+            runner.window = window
+        agent = cls()
+        agent.name, agent._runner = name, runner
+        try:
+            restored = msgpack.unpackb(state, raw=False) if state else None
+        except Exception as exc:
+            raise AgentCrashed(str(SnapshotCorrupt(name, str(exc)))) from None
+        try:
+            agent.state = agent.init(runner.args, restored)
+            if asyncio.iscoroutine(agent.state):
+                agent.state.close()
+                raise TypeError("init must not be async")
+            packed = msgpack.packb(agent.state)
+        except Exception as exc:
+            self.stats["init_failures"] += 1
+            raise AgentCrashed(f"{name}: init failed: {type(exc).__name__}: {exc}"[:500],
+                               {"exception": type(exc).__name__}) from None
+        runner.agent, runner.last_state, runner.status = agent, packed, STARTING
+        self.runners[name] = runner
+        group = self._open
+        group.batch.add_claim(name, Record(inc, seq, packed, [[k, v] for k, v in runner.window.items()]))
+        runner.pending_group = group
+        group.callbacks.append(lambda outcome: self._started(runner, origin, msg.id, outcome))
+
+    def _started(self, runner: Runner, origin: Origin, rid: str, outcome: Outcome) -> None:
+        if runner.pending_group is not None and runner.pending_group is not self._open:
+            runner.pending_group = None
+        name = runner.name
+        if outcome.error is not None or name in outcome.fenced:
+            err = (Unavailable(str(outcome.error)) if outcome.error is not None else
+                   AlreadyExists(f"{name!r}: the store holds incarnation {outcome.fenced[name]}",
+                                 {"incarnation": outcome.fenced[name]}))
+            if self.runners.get(name) is runner:
+                del self.runners[name]
+            runner.fail_queued(lambda: AgentDown(f"{name!r} failed to start"))
+            self.respond_error(origin, rid, err)
+            return
+        if self.runners.get(name) is not runner:
+            self.respond_error(origin, rid, AgentDown(f"{name!r} was stopped while starting"))
+            return
+        runner.status = RUNNING
+        self.respond(origin, rid, {"node": self.name, "incarnation": runner.incarnation})
+        runner.run_mailbox()
+        self._schedule_flush()
+
+    def _stop_quietly(self, runner: Runner) -> None:
+        """End an incarnation without its terminate callback (it is being replaced)."""
+        if runner.task is not None:
+            runner.task.cancel()
+        runner.status = STOPPED
+        runner.agent = None
+
+    def _on_terminate(self, msg: wire.Msg, origin: Origin) -> None:
+        name, body = msg.target, msg.body
+        runner = self.runners.get(name)
+        forget = bool(body.get("forget"))
+        if runner is None or runner.incarnation > body["incarnation"]:
+            if forget:
+                self._open.batch.deletes[name] = body["incarnation"]
+                self._open.callbacks.append(lambda outcome: self.respond(origin, msg.id, {"stopped": False}))
+            else:
+                self.respond(origin, msg.id, {"stopped": False})
+            return
+        self._spawn(self._terminate(runner, body.get("reason") or "shutdown", forget, origin, msg.id))
+
+    async def _terminate(self, runner: Runner, reason: str, forget: bool, origin: Origin, rid: str) -> None:
+        if runner.task is not None:
+            runner.task.cancel()
+            await asyncio.sleep(0)
+        if runner.status == RUNNING and runner.agent is not None:
+            await self._terminate_agent(runner, reason)
+            self.mark_dirty(runner)
+        runner.status = STOPPED
+        runner.agent = None
+        if forget:
+            self._drop(runner, lambda: NoSuchAgent(f"{runner.name!r} was stopped"))
+            self._open.batch.deletes[runner.name] = runner.incarnation
+        done = asyncio.get_running_loop().create_future()
+        self._open.callbacks.append(lambda outcome: done.done() or done.set_result(outcome))
+        self._schedule_flush()
+        outcome = await done
+        if outcome.error is not None:
+            self.respond_error(origin, rid, Unavailable(str(outcome.error)))
+        else:
+            self.respond(origin, rid, {"stopped": True})
+
+    async def _terminate_agent(self, runner: Runner, reason: str) -> None:
+        agent = runner.agent
+        try:
+            result = agent.terminate(reason)
+            if asyncio.iscoroutine(result):
+                await asyncio.wait_for(result, 5.0)
+            packed = msgpack.packb(agent.state)
+        except Exception as exc:
+            log.warning("agent %s: terminate raised %s: %s", runner.name, type(exc).__name__, exc)
+            return
+        if packed != runner.last_state:
+            runner.seq += 1
+            runner.last_state = packed
+
+    def stop_runner(self, runner: Runner, reason: str, how: str) -> None:
+        """The agent asked to stop: terminate it in order, then tell the supervisor."""
+        async def stop():
+            if runner.agent is not None:
+                await self._terminate_agent(runner, reason)
+                self.mark_dirty(runner)
+            runner.status = STOPPED
+            runner.agent = None
+            self.report_exit(runner, how, reason)
+        runner.status = STOPPED  # nothing more is handled meanwhile
+        self._spawn(stop())
+
+    def _drop(self, runner: Runner, make_error: Callable[[], CallError]) -> None:
+        if self.runners.get(runner.name) is runner:
+            del self.runners[runner.name]
+        if runner.task is not None:
+            runner.task.cancel()
+        runner.status = STOPPED
+        runner.fail_queued(make_error)
+        self.busy_runners.discard(runner)
+
+    def report_exit(self, runner: Runner, how: str, reason: str) -> None:
+        body = {"name": runner.name, "incarnation": runner.incarnation, "how": how,
+                "reason": reason, "node": self.name}
+        try:
+            self.send(self.config.supervisor_node, wire.encode(Kind.EXIT, None, None, f"node:{self.name}", None, body))
+        except CallError as err:
+            log.warning("could not report the exit of %s: %s", runner.name, err)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("node %s: internal task failed", self.name, exc_info=task.exception())
+
+    # --- registry -------------------------------------------------------------------------------
+
+    def _on_registry(self, msg: wire.Msg, origin: Origin) -> None:
+        try:
+            ok = self.replica.apply(msg.body)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise BadRequest(f"bad registry message: {exc}") from None
+        if not ok:
+            self._say_hello()
+            return
+        names = [u[0] for u in msg.body.get("updates") or ()] if "updates" in msg.body else None
+        self._registry_changed(names)
+
+    def _registry_changed(self, names: list[str] | None) -> None:
+        """Wake WHEREIS waiters and let go of stopped runners whose name moved on."""
+        check = names if names is not None else list(self._whereis_waiters) + [
+            n for n, r in self.runners.items() if r.status in (STOPPED, CRASHED)]
+        for name in check:
+            entry = self.replica.lookup(name)
+            runner = self.runners.get(name)
+            if runner is not None and runner.status in (STOPPED, CRASHED) and self.replica.synced:
+                if entry is None:
+                    self._drop(runner, lambda: NoSuchAgent(f"no agent named {name!r}"))
+                elif entry.node is not None and entry.node != self.name:
+                    self._drop(runner, lambda e=entry: Moved(f"{name!r} lives on node {e.node}",
+                                                             {"node": e.node, "incarnation": e.incarnation}))
+            waiters = self._whereis_waiters.get(name)
+            if waiters:
+                self._wake_waiters(name)
+
+    def _say_hello(self) -> None:
+        now = self.clock.now()
+        if now - self._last_hello < self.timing.heartbeat_s:
+            return
+        self._last_hello = now
+        agents = [[r.name, r.incarnation, r.status] for r in self.runners.values()]
+        body = {"node": self.name, "boot": self.boot, "pid": os.getpid(), "agents": agents}
+        if self.previous:
+            body["previous"] = self.previous
+        self._spawn(self._hello(body))
+
+    async def _hello(self, body: dict) -> None:
+        try:
+            await self.caller.request(self.config.supervisor_node, Kind.HELLO, None, body, self.timing.dead_after_s)
+            self._hello_acked = True
+            self.previous = None
+        except CallError as err:
+            log.debug("hello to the supervisor: %s", err)
+
+    def _on_whereis(self, msg: wire.Msg, origin: Origin) -> None:
+        body = msg.body or {}
+        wait = min(body.get("wait_ms", 0) / 1000, self.timing.call_timeout_s)
+
+        def answer(placed, err):
+            if err is not None:
+                self.respond_error(origin, msg.id, err)
+            else:
+                node, inc = placed if placed is not None else (None, -1)
+                self.respond(origin, msg.id, {"node": node, "incarnation": inc})
+        self.wait_placed(msg.target, body.get("after", -1), wait, answer)
+
+    def wait_placed(self, name: str, after: int, wait: float, answer: Callable) -> None:
+        """Call answer((node, incarnation), None) once `name` runs with an incarnation newer
+        than `after`; answer(None, NoSuchAgent) if it does not exist; after `wait` seconds,
+        answer(whatever is known, None)."""
+        waiter = _Waiter(after, answer)
+        if waiter.check(self, name):
+            return
+        waiter.timer = self.clock.call_after(wait, lambda: self._waiter_timeout(name, waiter))
+        self._whereis_waiters.setdefault(name, []).append(waiter)
+
+    def _placed(self, name: str) -> tuple[str | None, int] | None:
+        runner = self.runners.get(name)
+        if runner is not None and runner.status == RUNNING:
+            return self.name, runner.incarnation
+        entry = self.replica.lookup(name)
+        return None if entry is None else (entry.node, entry.incarnation)
+
+    def _wake_waiters(self, name: str) -> None:
+        waiters = self._whereis_waiters.pop(name, [])
+        keep = [w for w in waiters if not w.check(self, name)]
+        if keep:
+            self._whereis_waiters[name] = keep
+
+    def _waiter_timeout(self, name: str, waiter: "_Waiter") -> None:
+        waiters = self._whereis_waiters.get(name)
+        if waiters and waiter in waiters:
+            waiters.remove(waiter)
+            if not waiters:
+                del self._whereis_waiters[name]
+            waiter.answer(self._placed(name), None)
+
+    # --- supervisor's questions -------------------------------------------------------------
+
+    def _on_heartbeat(self, msg: wire.Msg, origin: Origin) -> None:
+        now = self.clock.now()
+        slow = sorted(((now - r.started_at, r.name) for r in self.busy_runners), reverse=True)[:10]
+        self.respond(origin, msg.id, {
+            "node": self.name, "boot": self.boot, "seq": msg.body["seq"], "agents": len(self.runners),
+            "mailbox": max((r.depth() for r in self.runners.values() if r.mailbox), default=0),
+            "slow": [[name, round(t, 3)] for t, name in slow],
+            "registry": self.replica.seq, "synced": self.replica.synced,
+        })
+
+    def _on_inventory(self, msg: wire.Msg, origin: Origin) -> None:
+        self.respond(origin, msg.id, {
+            "node": self.name, "boot": self.boot, "pid": os.getpid(),
+            "agents": [[r.name, r.kind, r.incarnation, r.status, r.depth(), r.handled]
+                       for r in self.runners.values()],
+            "stats": dict(self.stats),
+        })
+
+    def _forward_to_supervisor(self, msg: wire.Msg, origin: Origin) -> None:
+        async def forward():
+            ttl = msg.ttl_ms / 1000 if msg.ttl_ms else self.timing.call_timeout_s
+            try:
+                result = await self.caller.request(self.config.supervisor_node, msg.kind, msg.target, msg.body, ttl)
+            except CallError as err:
+                self.respond_error(origin, msg.id, err)
+            else:
+                self.respond(origin, msg.id, result)
+        self._spawn(forward())
+
+    async def spawn_via_supervisor(self, name: str, kind: str, args: dict, restart: str, rid: str | None) -> dict:
+        body = {"name": name, "kind": kind, "args": args, "restart": restart}
+        return await self.caller.request(self.config.supervisor_node, Kind.SPAWN, None, body,
+                                         self.timing.call_timeout_s, rid=rid)
+
+
+class _Waiter:
+    """Someone waiting for a name to be placed (a WHEREIS, or a call of this node's)."""
+
+    __slots__ = ("after", "answer", "timer")
+
+    def __init__(self, after: int, answer: Callable):
+        self.after, self.answer, self.timer = after, answer, None
+
+    def check(self, node: Node, name: str) -> bool:
+        """Answer if the registry now says enough; True when answered."""
+        placed = node._placed(name)
+        if placed is None and node.replica.synced:
+            err: CallError | None = NoSuchAgent(f"no agent named {name!r}")
+        elif placed is not None and placed[0] is not None and placed[1] > self.after:
+            err = None
+        else:
+            return False
+        if self.timer is not None:
+            self.timer.cancel()
+        self.answer(placed, err)
+        return True
+
+
+class _NodeResolver:
+    """Where names live, as this node's registry replica says."""
+
+    def __init__(self, node: Node):
+        self.node = node
+
+    def where(self, name: str):
+        return self.node._placed(name)
+
+    def learn(self, name: str, node: str, incarnation: int) -> None:
+        pass  # the replica is written by the supervisor only
+
+    def any_node(self, avoid: str | None = None) -> str:
+        return self.node.name
+
+    async def locate(self, caller, name: str, after: int, deadline: float, avoid: str | None):
+        node = self.node
+        remaining = deadline - node.clock.now()
+        if remaining <= 0:
+            raise CallTimeout(f"{name!r} was not placed again in time")
+        future = asyncio.get_running_loop().create_future()
+
+        def answer(placed, err):
+            if not future.done():
+                future.set_exception(err) if err is not None else future.set_result(placed)
+        node.wait_placed(name, after, remaining, answer)
+        placed = await future
+        if placed is None or placed[0] is None:
+            raise CallTimeout(f"{name!r} was not placed again in time")
+        return placed
+
+
+def _window_from(items: list) -> OrderedDict:
+    window: OrderedDict[str, bytes] = OrderedDict()
+    for item in items:
+        if isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], bytes):
+            window[item[0]] = item[1]
+    return window

@@ -1,0 +1,115 @@
+"""The name table: name -> (node, incarnation), replicated to every node.
+
+The supervisor owns the table (`Table`) and is its only writer. Every change gets the
+next sequence number of the supervisor's epoch (its boot id) and is pushed to every node
+in one REGISTRY message per loop turn. Each node keeps a `Replica` and resolves names
+locally. A replica that sees a gap in the sequence, or a new epoch, stops trusting
+itself and asks for a snapshot (the zguide's Clone pattern): the snapshot comes in
+chunks stamped with the sequence it reflects, and updates after it apply on top.
+
+An entry whose node is None is a name that exists but is not running right now
+(restarting, or waiting for a node that its placement allows).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, NamedTuple
+
+SNAPSHOT_CHUNK = 5000
+
+
+class Entry(NamedTuple):
+    node: str | None
+    incarnation: int
+
+
+class Replica:
+    def __init__(self):
+        self.entries: dict[str, Entry] = {}
+        self.epoch: str | None = None
+        self.seq = -1
+        self.synced = False
+        self._loading: dict[str, Entry] | None = None
+        self._loading_seq = -1
+
+    def lookup(self, name: str) -> Entry | None:
+        return self.entries.get(name)
+
+    def apply(self, body: dict) -> bool:
+        """Apply one REGISTRY message. Returns False when a snapshot is needed."""
+        epoch, seq = body.get("epoch"), body["seq"]
+        if "snapshot" in body:
+            if self._loading is None or seq != self._loading_seq or epoch != self.epoch:
+                self._loading, self._loading_seq, self.epoch = {}, seq, epoch
+            for item in body["snapshot"]:
+                name, node, inc = _entry(item)
+                self._loading[name] = Entry(node, inc)
+            if body.get("last"):
+                self.entries, self.seq, self.synced = self._loading, seq, True
+                self._loading = None
+            return True
+        if epoch != self.epoch or not self.synced:
+            self.synced = False
+            return False
+        if seq <= self.seq:
+            return True  # already applied
+        if seq != self.seq + 1:
+            self.synced = False
+            return False
+        for item in body.get("updates") or ():
+            name, node, inc = _entry(item)
+            if inc < 0:
+                self.entries.pop(name, None)
+            else:
+                self.entries[name] = Entry(node, inc)
+        self.seq = seq
+        return True
+
+
+def _entry(item) -> tuple[str, str | None, int]:
+    name, node, inc = item
+    if not isinstance(name, str) or not (node is None or isinstance(node, str)) or type(inc) is not int:
+        raise ValueError(f"bad registry entry {item!r:.80}")
+    return name, node, inc
+
+
+class Table:
+    """The supervisor's authoritative table; collects changes until `take_updates`."""
+
+    def __init__(self, epoch: str):
+        self.epoch = epoch
+        self.entries: dict[str, Entry] = {}
+        self.seq = 0
+        self._changes: dict[str, tuple] = {}
+
+    def set(self, name: str, node: str | None, incarnation: int) -> None:
+        entry = Entry(node, incarnation)
+        if self.entries.get(name) != entry:
+            self.entries[name] = entry
+            self._changes[name] = (name, node, incarnation)
+
+    def remove(self, name: str) -> None:
+        if self.entries.pop(name, None) is not None:
+            self._changes[name] = (name, None, -1)
+
+    def lookup(self, name: str) -> Entry | None:
+        return self.entries.get(name)
+
+    def take_updates(self) -> dict | None:
+        """The REGISTRY body for the changes since last time, or None if nothing changed."""
+        if not self._changes:
+            return None
+        self.seq += 1
+        body = {"epoch": self.epoch, "seq": self.seq, "updates": list(self._changes.values())}
+        self._changes = {}
+        return body
+
+    def snapshot(self) -> Iterable[dict]:
+        """REGISTRY bodies carrying the whole table as of the current sequence."""
+        items = [(n, e.node, e.incarnation) for n, e in self.entries.items()]
+        if not items:
+            yield {"epoch": self.epoch, "seq": self.seq, "snapshot": [], "last": True}
+            return
+        for i in range(0, len(items), SNAPSHOT_CHUNK):
+            chunk = items[i:i + SNAPSHOT_CHUNK]
+            yield {"epoch": self.epoch, "seq": self.seq, "snapshot": chunk, "last": i + SNAPSHOT_CHUNK >= len(items)}

@@ -1,0 +1,117 @@
+"""The body of a node process: build the node (and the supervisor role if it is its
+node), serve until told to stop, then stop in order.
+
+A node stops in order on SIGTERM or SIGINT, and when its launcher goes away (the
+control socket it got from the launcher reads EOF), so no node outlives its launcher.
+A watchdog thread kills the process if its loop stops turning for `WATCHDOG_S`
+(a handler that never returns): the launcher then restarts it and the supervisor
+puts its agents back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+from .config import Config
+from .network import ZmqNetwork
+from .node import Node
+from .supervisor import SupervisorRole
+
+log = logging.getLogger("mesh.serve")
+
+WATCHDOG_S = 30.0
+
+
+def configure_logging(level: str | None = None) -> None:
+    level = level or os.environ.get("MESH_LOG", "WARNING")
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.WARNING),
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run_node(config: Config, name: str, boot: str, previous: dict | None, control: socket.socket | None) -> int:
+    """Run one node until it stops; returns the process exit code."""
+    try:
+        asyncio.run(_serve(config, name, boot, previous, control))
+    except Exception:
+        log.exception("node %s failed", name)
+        return 70
+    return 0
+
+
+async def _serve(config: Config, name: str, boot: str, previous: dict | None, control: socket.socket | None) -> None:
+    loop = asyncio.get_running_loop()
+    network = ZmqNetwork(config.limits.max_message_bytes, config.limits.batch)
+
+    def notify(line: str) -> None:
+        if control is not None:
+            try:
+                control.sendall(line.encode() + b"\n")
+            except OSError:
+                pass
+
+    node = Node(config, name, network, boot=boot, previous=previous, notify=notify)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if control is not None:
+        control.setblocking(False)
+
+        def on_control() -> None:
+            try:
+                data = control.recv(4096)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:  # the launcher is gone
+                loop.remove_reader(control.fileno())
+                stop.set()
+        loop.add_reader(control.fileno(), on_control)
+    watchdog = _Watchdog(loop, WATCHDOG_S, name)
+    try:
+        await node.start()
+        if name == config.supervisor_node:
+            role = SupervisorRole(node)
+            node._spawn(role.start())
+        await stop.wait()
+    finally:
+        watchdog.stop()
+        await node.shutdown()
+        network.close()
+
+
+class _Watchdog:
+    """Kills this process if the loop has not turned for `limit` seconds."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, limit: float, name: str):
+        self.loop, self.limit, self.name = loop, limit, name
+        self.beat = time.monotonic()
+        self._stop = threading.Event()
+        self._tick()
+        threading.Thread(target=self._watch, name="mesh-watchdog", daemon=True).start()
+
+    def _tick(self) -> None:
+        self.beat = time.monotonic()
+        if not self._stop.is_set():
+            self.loop.call_later(self.limit / 10, self._tick)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.limit / 10):
+            stuck = time.monotonic() - self.beat
+            if stuck > self.limit:
+                log.critical("node %s: event loop stuck for %.1fs (a handler that never returns?): killing it",
+                             self.name, stuck)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    def stop(self) -> None:
+        self._stop.set()

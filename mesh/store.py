@@ -1,0 +1,263 @@
+"""LMDB snapshots: one environment per host directory, group commit, fencing.
+
+Every agent has one record, name -> [format, incarnation, seq, state, window]:
+
+    incarnation  the incarnation that wrote it; a write from an older one is refused
+    seq          grows with every change the agent commits
+    state        the agent's state, msgpack-packed once by the node
+    window       recent [request id, packed reply] pairs, newest last (exactly-once calls)
+
+A node hands the store a `Batch` per loop turn; one thread per process commits batches
+one after another, each in one write transaction (fsync on by default), and reports
+back to the loop. The loop never holds a write transaction, and is free while the disk
+syncs. Several node processes of one host share the environment; LMDB lets one writer
+in at a time. The map grows by itself when full. lmdb's exceptions end here: they
+become StoreError, SnapshotCorrupt or Fenced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import lmdb
+import msgpack
+
+from .errors import SnapshotCorrupt, StoreError
+
+log = logging.getLogger("mesh.store")
+
+FORMAT = 1
+_AGENTS = b"agents"
+_META = b"meta"
+
+
+@dataclass
+class Record:
+    incarnation: int
+    seq: int
+    state: bytes
+    window: list = field(default_factory=list)
+
+    def encode(self) -> bytes:
+        return msgpack.packb([FORMAT, self.incarnation, self.seq, self.state, self.window])
+
+
+def decode_record(name: str, raw: bytes) -> Record:
+    try:
+        value = msgpack.unpackb(raw, raw=False)
+        fmt, inc, seq, state, window = value
+    except Exception as exc:  # any decoding failure means the same: unreadable
+        raise SnapshotCorrupt(name, f"{type(exc).__name__}: {exc}"[:200]) from None
+    if fmt != FORMAT or type(inc) is not int or type(seq) is not int or type(state) is not bytes or type(window) is not list:
+        raise SnapshotCorrupt(name, f"unknown record layout (format {fmt!r})")
+    return Record(inc, seq, state, window)
+
+
+@dataclass
+class Batch:
+    """What one loop turn asks the store to make durable, in one transaction."""
+
+    puts: dict[str, Record] = field(default_factory=dict)   # fenced by incarnation
+    claims: dict[str, Record] = field(default_factory=dict)  # a new incarnation's first record
+    deletes: dict[str, int] = field(default_factory=dict)   # name -> incarnation deleting
+    meta_puts: dict[str, bytes] = field(default_factory=dict)
+    meta_deletes: set[str] = field(default_factory=set)
+
+    def __bool__(self) -> bool:
+        return bool(self.puts or self.claims or self.deletes or self.meta_puts or self.meta_deletes)
+
+    def add_claim(self, name: str, record: Record) -> None:
+        """A new incarnation's first record; it must be newer than the stored one."""
+        self.puts.pop(name, None)
+        self.deletes.pop(name, None)
+        self.claims[name] = record
+
+    def add_put(self, name: str, record: Record) -> None:
+        """A newer record of a running incarnation (merged into its claim if in this batch)."""
+        claim = self.claims.get(name)
+        if claim is not None and claim.incarnation == record.incarnation:
+            self.claims[name] = record
+        else:
+            self.puts[name] = record
+
+
+@dataclass
+class Outcome:
+    fenced: dict[str, int] = field(default_factory=dict)   # name -> the stored incarnation
+    error: StoreError | None = None
+
+
+class Store:
+    """One LMDB environment. Open it only in the process that uses it (never before a fork)."""
+
+    def __init__(self, path: str, map_size_mb: int = 1024, sync: bool = True):
+        os.makedirs(path, exist_ok=True)
+        self.path = path
+        self._pid = os.getpid()
+        self._resize_lock = threading.Lock()
+        try:
+            self.env = lmdb.open(
+                path, map_size=map_size_mb << 20, max_dbs=4, sync=sync, metasync=sync,
+                max_readers=512, lock=True, subdir=True,
+            )
+            self.env.reader_check()  # slots of readers that were killed with -9
+            self.agents = self.env.open_db(_AGENTS)
+            self.meta = self.env.open_db(_META)
+        except lmdb.Error as exc:
+            raise StoreError(f"cannot open the store at {path}: {exc}") from None
+
+    def _check_pid(self) -> None:
+        if os.getpid() != self._pid:
+            raise StoreError("an LMDB environment must not be used across a fork")
+
+    # --- reads (any thread) ---------------------------------------------------------------
+
+    def _read(self, fn: Callable[[lmdb.Transaction], Any]) -> Any:
+        self._check_pid()
+        with self._resize_lock:
+            for _ in range(2):
+                try:
+                    with self.env.begin() as txn:
+                        return fn(txn)
+                except lmdb.MapResizedError:
+                    self.env.set_mapsize(0)  # another process grew the map: adopt its size
+                except lmdb.Error as exc:
+                    raise StoreError(f"read failed: {exc}") from None
+        raise StoreError("read failed: the map kept being resized")
+
+    def get(self, name: str) -> Record | None:
+        raw = self._read(lambda txn: txn.get(name.encode(), db=self.agents))
+        return None if raw is None else decode_record(name, raw)
+
+    def get_meta(self, key: str) -> bytes | None:
+        return self._read(lambda txn: txn.get(key.encode(), db=self.meta))
+
+    def meta_items(self, prefix: str) -> list[tuple[str, bytes]]:
+        p = prefix.encode()
+
+        def scan(txn):
+            out, cur = [], txn.cursor(db=self.meta)
+            if cur.set_range(p):
+                for k, v in cur:
+                    if not k.startswith(p):
+                        break
+                    out.append((k.decode(), bytes(v)))
+            return out
+
+        return self._read(scan)
+
+    def names(self) -> list[str]:
+        return self._read(lambda txn: [k.decode() for k in txn.cursor(db=self.agents).iternext(values=False)])
+
+    # --- writes (the committer thread) ----------------------------------------------------
+
+    def write(self, batch: Batch) -> Outcome:
+        """Apply a batch in one transaction; never raises, reports what happened."""
+        self._check_pid()
+        for _ in range(8):
+            try:
+                return self._write_once(batch)
+            except lmdb.MapFullError:
+                self._grow()
+            except lmdb.MapResizedError:
+                with self._resize_lock:
+                    self.env.set_mapsize(0)
+            except lmdb.Error as exc:
+                log.error("commit failed: %s", exc)
+                return Outcome(error=StoreError(f"commit failed: {exc}"))
+        return Outcome(error=StoreError("commit failed: the map could not be grown enough"))
+
+    def _write_once(self, batch: Batch) -> Outcome:
+        out = Outcome()
+        with self.env.begin(write=True) as txn:
+            for name, rec in batch.claims.items():
+                key = name.encode()
+                stored = _stored_incarnation(txn.get(key, db=self.agents))
+                if stored >= rec.incarnation:
+                    out.fenced[name] = stored
+                    continue
+                txn.put(key, rec.encode(), db=self.agents)
+            for name, rec in batch.puts.items():
+                key = name.encode()
+                stored = _stored_incarnation(txn.get(key, db=self.agents))
+                if stored > rec.incarnation:
+                    out.fenced[name] = stored
+                    continue
+                txn.put(key, rec.encode(), db=self.agents)
+            for name, inc in batch.deletes.items():
+                key = name.encode()
+                stored = _stored_incarnation(txn.get(key, db=self.agents))
+                if stored > inc:
+                    out.fenced[name] = stored
+                    continue
+                txn.delete(key, db=self.agents)
+            for key, value in batch.meta_puts.items():
+                txn.put(key.encode(), value, db=self.meta)
+            for key in batch.meta_deletes:
+                txn.delete(key.encode(), db=self.meta)
+        return out
+
+    def _grow(self) -> None:
+        with self._resize_lock:
+            size = self.env.info()["map_size"]
+            self.env.set_mapsize(size * 2)
+            log.info("store map grown to %d MiB", size * 2 >> 20)
+
+    def close(self) -> None:
+        if os.getpid() == self._pid:
+            self.env.close()
+
+
+def _stored_incarnation(raw: bytes | None) -> int:
+    if raw is None:
+        return -1
+    try:
+        return msgpack.unpackb(raw)[1]
+    except Exception:
+        return -1  # unreadable: the node refused to start from it before it came to this
+
+
+class Committer:
+    """Commits batches on one thread, in order; results come back on the loop.
+
+    `inline=True` commits in the loop's own thread (deterministic tests)."""
+
+    def __init__(self, store: Store, inline: bool = False):
+        self.store = store
+        self.loop = asyncio.get_running_loop()
+        self.inline = inline
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        if not inline:
+            self._thread = threading.Thread(target=self._run, name="mesh-committer", daemon=True)
+            self._thread.start()
+
+    def submit(self, batch: Batch, done: Callable[[Outcome], None]) -> None:
+        if self.inline:
+            outcome = self.store.write(batch)
+            self.loop.call_soon(done, outcome)
+        else:
+            self._queue.put((batch, done))
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch, done = item
+            outcome = self.store.write(batch)
+            try:
+                self.loop.call_soon_threadsafe(done, outcome)
+            except RuntimeError:  # the loop closed during shutdown
+                return
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=10)

@@ -1,0 +1,108 @@
+"""Supervision as data plus pure functions, with OTP's semantics.
+
+A supervision tree is frozen data: `SupervisorSpec`s whose children are names of other
+supervisors or of agents (`ChildSpec`). What to do when a child exits is decided here,
+by pure functions of the spec, the exit and monotonic time, so it is tested without
+sockets; `mesh.supervisor` carries the decisions out across nodes.
+
+Strategies (when one child exits and is to be restarted):
+    one_for_one    restart that child
+    one_for_all    terminate the others, restart all in order
+    rest_for_one   terminate the children after it, restart it and them in order
+A dynamic supervisor (OTP's DynamicSupervisor) is one_for_one over children added and
+removed at run time.
+
+Restart types (whether an exit is restarted):
+    permanent  always
+    transient  only after an abnormal exit (a crash, not a normal stop)
+    temporary  never
+
+Restart intensity: more than `intensity` restarts within `period_s` seconds makes the
+supervisor give up: it terminates its children and exits itself, and its parent
+decides (escalation). Losing a node is not a restart of its agents: they are moved,
+with their state, and count against nobody's intensity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+STRATEGIES = ("one_for_one", "one_for_all", "rest_for_one")
+RESTARTS = ("permanent", "transient", "temporary")
+
+# how an agent's incarnation ended
+NORMAL = "normal"        # it stopped itself, or was stopped
+CRASH = "crash"          # a handler or init raised, or its state could not be saved
+TIMEOUT = "timeout"      # one message ran past the handler deadline (a silent agent)
+SHUTDOWN = "shutdown"    # its node shut down in order
+LOST = "lost"            # its node died or was cut off
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an agent may run: hosts by name and/or node tags. Empty means anywhere."""
+
+    hosts: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    """One agent under a supervisor."""
+
+    name: str
+    kind: str
+    args: dict = field(default_factory=dict, hash=False, compare=False)
+    restart: str = "permanent"
+    placement: Placement = Placement()
+
+
+@dataclass(frozen=True)
+class SupervisorSpec:
+    """One supervisor: its strategy, its intensity and its ordered children's names."""
+
+    name: str
+    strategy: str = "one_for_one"
+    intensity: int = 3
+    period_s: float = 5.0
+    children: tuple[str, ...] = ()
+    dynamic: bool = False
+
+
+def should_restart(restart: str, how: str) -> bool:
+    """Whether a child that ended `how` is restarted under restart type `restart`."""
+    if how == LOST:
+        return True
+    if restart == "permanent":
+        return how != SHUTDOWN
+    if restart == "transient":
+        return how in (CRASH, TIMEOUT)
+    return False
+
+
+def to_restart(strategy: str, children: list[str], exited: str) -> list[str]:
+    """The children, in order, that a strategy restarts when `exited` exits."""
+    if strategy == "one_for_one" or exited not in children:
+        return [exited]
+    if strategy == "one_for_all":
+        return list(children)
+    if strategy == "rest_for_one":
+        return children[children.index(exited):]
+    raise ValueError(f"unknown strategy {strategy!r}")
+
+
+def allow_restart(history: Iterable[float], now: float, intensity: int, period_s: float) -> tuple[bool, tuple[float, ...]]:
+    """OTP's restart intensity as a pure function of monotonic time.
+
+    `history` holds the times of earlier restarts. Returns whether one more restart at
+    `now` is allowed, and the history to keep (this restart included, old ones dropped).
+    Like OTP, `intensity` restarts within `period_s` are fine; one more is too many.
+    """
+    recent = tuple(t for t in history if now - t < period_s) + (now,)
+    return len(recent) <= intensity, recent
+
+
+def liveness_expired(last_heard: float, now: float, heartbeat_s: float, liveness: int) -> bool:
+    """A peer silent for `liveness` heartbeat intervals is declared dead."""
+    return now - last_heard >= heartbeat_s * liveness

@@ -1,0 +1,640 @@
+"""The supervisor role: owns the tree, places agents on nodes, restarts what fails.
+
+It runs inside one node (the config's `supervisor.node`) and talks to every node with
+the same messages a client would use: START and TERMINATE agents, HEARTBEAT nodes, ask
+their INVENTORY, and push REGISTRY updates. The decisions themselves (restart or not,
+which siblings, too many restarts?) are the pure functions of `mesh.supervision`.
+
+  * A child that exits (EXIT from its node) is restarted per its restart type, its
+    supervisor's strategy and restart intensity; too many restarts fail the supervisor,
+    whose parent then decides (escalation, up to the root).
+  * A node that dies (its launcher restarts it and it says HELLO with a new boot, or it
+    stays silent for heartbeat x liveness) loses its agents: they are moved, with their
+    state, to live nodes; that counts against nobody's intensity.
+  * On its own start it first learns what runs where (every node's INVENTORY, or its
+    silence) and moves nothing before it has that view; then it adopts what runs,
+    starts what is missing and stops what it does not know.
+
+Incarnations are `epoch * 10**9 + n`: the epoch grows by one each time a supervisor
+starts (kept in the store), so a restarted supervisor never reuses a number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from . import supervision as sv
+from . import wire
+from .errors import (AgentCrashed, AlreadyExists, BadRequest, CallError, CallTimeout, NoSuchAgent,
+                     NotAllowed, Unavailable)
+from .node import Node, Origin
+from .registry import Table
+from .supervision import ChildSpec, SupervisorSpec
+from .wire import Kind
+
+log = logging.getLogger("mesh.supervisor")
+
+INC_SPAN = 10**9
+START_CONCURRENCY = 512
+_DYNAMIC_PREFIX = "sup/child/"
+_EPOCH_KEY = "sup/epoch"
+
+# child status
+PENDING, STARTING, RUNNING, STOPPING, STOPPED, FAILED = (
+    "pending", "starting", "running", "stopping", "stopped", "failed")
+
+
+@dataclass
+class Child:
+    spec: ChildSpec
+    parent: str
+    dynamic: bool = False
+    status: str = PENDING
+    node: str | None = None
+    incarnation: int = -1
+    restarts: int = 0
+    busy: bool = False  # a start or terminate is under way
+    last_exit: str = ""
+
+
+@dataclass
+class Sup:
+    spec: SupervisorSpec
+    parent: str | None
+    children: list[str] = field(default_factory=list)
+    history: tuple[float, ...] = ()
+    failed: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass
+class NodeView:
+    name: str
+    boot: str | None = None
+    pid: int | None = None
+    alive: bool = False
+    last_heard: float = 0.0
+    heartbeat_out: bool = False
+
+
+class SupervisorRole:
+    def __init__(self, node: Node):
+        self.node, self.config, self.clock = node, node.config, node.clock
+        node.supervisor = self
+        for kind, handler in ((Kind.SPAWN, self._on_spawn), (Kind.STOP, self._on_stop),
+                              (Kind.STATUS, self._on_status), (Kind.HELLO, self._on_hello),
+                              (Kind.EXIT, self._on_exit), (Kind.GOODBYE, self._on_goodbye)):
+            node.handlers[kind] = handler
+        self.epoch = 0
+        self._next = 0
+        self.table = Table(node.boot)
+        self.nodes = {n: NodeView(n) for n in self.config.nodes}
+        me = self.nodes[node.name]
+        me.boot, me.pid, me.alive = node.boot, os.getpid(), True
+        self.children: dict[str, Child] = {}
+        self.sups: dict[str, Sup] = {}
+        self.ready = False
+        self._early_exits: list[wire.Msg] = []
+        self._start_slots = asyncio.Semaphore(START_CONCURRENCY)
+        self._registry_scheduled = False
+        self.started_at = self.clock.now()
+        self.tree_failed = False
+
+    # --- boot ------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        store = self.node.store
+        raw = store.get_meta(_EPOCH_KEY)
+        self.epoch = (msgpack.unpackb(raw) if raw else 0) + 1
+        await self.node.commit_meta({_EPOCH_KEY: msgpack.packb(self.epoch)})
+        self._build_tree()
+        for key, raw in store.meta_items(_DYNAMIC_PREFIX):
+            try:
+                d = msgpack.unpackb(raw, raw=False)
+                spec = ChildSpec(d["name"], d["kind"], d.get("args") or {}, d.get("restart", "permanent"))
+                parent = d.get("parent", self.config.dynamic_supervisor)
+            except Exception as exc:
+                log.error("supervisor: skipping unreadable dynamic child %s: %s", key, exc)
+                continue
+            if parent not in self.sups or spec.name in self.children:
+                log.error("supervisor: dynamic child %s names unknown supervisor %s", spec.name, parent)
+                continue
+            self.children[spec.name] = Child(spec, parent, dynamic=True)
+            self.sups[parent].children.append(spec.name)
+        log.info("supervisor on %s: epoch %d, %d agents in the tree", self.node.name, self.epoch, len(self.children))
+        await self._learn_view()
+        self.node._every(self.config.timing.heartbeat_s, self._heartbeat)
+
+    def _build_tree(self) -> None:
+        tree, agents = self.config.tree, self.config.agents
+
+        def add(name: str, parent: str | None) -> None:
+            spec = tree[name]
+            self.sups[name] = Sup(spec, parent, list(spec.children))
+            for child in spec.children:
+                if child in tree:
+                    add(child, name)
+                else:
+                    self.children[child] = Child(agents[child], name)
+        add("root", None)
+
+    async def _learn_view(self) -> None:
+        """Ask every node what runs on it; give up on those silent past the liveness window."""
+        deadline = self.started_at + self.config.timing.dead_after_s
+        inventories: dict[str, list] = {}
+
+        async def ask(name: str) -> None:
+            while self.clock.now() < deadline:
+                try:
+                    body = await self.node.caller.request(name, Kind.INVENTORY, None, None,
+                                                          max(0.05, min(self.config.timing.heartbeat_s, deadline - self.clock.now())))
+                except CallError:
+                    continue
+                view = self.nodes[name]
+                view.boot, view.pid, view.alive, view.last_heard = body["boot"], body["pid"], True, self.clock.now()
+                inventories[name] = body["agents"]
+                return
+        await asyncio.gather(*(ask(n) for n in self.config.nodes))
+        self._reconcile(inventories)
+        self.ready = True
+        self.node.notify("supervisor-ready")
+        for view in self.nodes.values():
+            if view.alive:
+                self._send_snapshot(view.name)
+        early, self._early_exits = self._early_exits, []
+        for msg in early:
+            self._on_exit(msg, None)
+        self._place_pending()
+
+    def _reconcile(self, inventories: dict[str, list]) -> None:
+        seen: dict[str, list[tuple[int, str, str]]] = {}
+        for node, agents in inventories.items():
+            for item in agents:
+                name, _kind, inc, status = item[0], item[1], item[2], item[3]
+                seen.setdefault(name, []).append((inc, node, status))
+        for name, instances in seen.items():
+            instances.sort(reverse=True)
+            child = self.children.get(name)
+            for inc, node, status in instances[1:] if child else instances:
+                self._spawn(self._terminate_instance(node, name, inc, "unknown to the supervisor"))
+            if child is None:
+                continue
+            inc, node, status = instances[0]
+            child.node, child.incarnation = node, inc
+            if status in ("running", "starting"):
+                child.status = RUNNING
+                self.table.set(name, node, inc)
+            else:  # it exited while no supervisor listened: decide now
+                child.status = RUNNING
+                how = sv.CRASH if status == "crashed" else sv.NORMAL
+                self._early_exits.append(wire.Msg(Kind.EXIT, None, None, None, None, {
+                    "name": name, "incarnation": inc, "how": how, "reason": "exited while the supervisor was down", "node": node}))
+        for name, child in self.children.items():
+            if name not in seen:
+                child.status = PENDING
+                self.table.set(name, None, max(child.incarnation, 0))
+        self._schedule_registry()
+
+    # --- incarnations and placement ---------------------------------------------------------
+
+    def _new_incarnation(self, at_least: int = 0) -> int:
+        self._next += 1
+        inc = self.epoch * INC_SPAN + self._next
+        if inc <= at_least:
+            self._next = at_least - self.epoch * INC_SPAN + 1
+            inc = self.epoch * INC_SPAN + self._next
+        return inc
+
+    def _candidates(self, spec: ChildSpec) -> list[str]:
+        out = []
+        for name, view in self.nodes.items():
+            if not view.alive:
+                continue
+            nspec = self.config.nodes[name]
+            if spec.placement.hosts and nspec.host not in spec.placement.hosts:
+                continue
+            tags = set(nspec.tags) | set(self.config.hosts[nspec.host].tags)
+            if spec.placement.tags and not set(spec.placement.tags) <= tags:
+                continue
+            out.append(name)
+        return out
+
+    def _choose_node(self, child: Child, prefer: str | None = None, avoid: str | None = None) -> str | None:
+        candidates = [n for n in self._candidates(child.spec) if n != avoid] or \
+                     [n for n in self._candidates(child.spec)]
+        if not candidates:
+            return None
+        if prefer in candidates:
+            return prefer
+        load = {n: 0 for n in candidates}
+        for c in self.children.values():
+            if c.node in load and c.status in (RUNNING, STARTING):
+                load[c.node] += 1
+        return min(candidates, key=lambda n: (load[n], n))
+
+    def _place_pending(self) -> None:
+        """Start every child that should run and is not (after boot, or when a node returns)."""
+        if not self.ready or self.tree_failed:
+            return
+        for child in list(self.children.values()):
+            if child.status == PENDING and not child.busy and not self.sups[child.parent].failed:
+                self._spawn(self._start_or_crash(child))
+
+    async def _start_or_crash(self, child: Child, prefer: str | None = None, avoid: str | None = None) -> None:
+        """Start a child outside any strategy; a failed init counts as a crash."""
+        err = await self._start_child(child, prefer, avoid)
+        if err is not None:
+            log.warning("supervisor: starting %s failed: %s", child.spec.name, err)
+            await self._child_exited(child, sv.CRASH, child.incarnation)
+
+    async def _start_child(self, child: Child, prefer: str | None = None, avoid: str | None = None) -> CallError | None:
+        """Start one incarnation of `child`; returns the error if it could not be started."""
+        if child.busy:
+            return None
+        child.busy = True
+        try:
+            async with self._start_slots:
+                return await self._start_once(child, prefer, avoid)
+        finally:
+            child.busy = False
+
+    async def _start_once(self, child: Child, prefer: str | None, avoid: str | None) -> CallError | None:
+        name = child.spec.name
+        at_least = child.incarnation
+        for _attempt in range(5):
+            node = self._choose_node(child, prefer, avoid)
+            if node is None:
+                child.status, child.node = PENDING, None
+                self.table.set(name, None, max(child.incarnation, 0))
+                self._schedule_registry()
+                log.warning("supervisor: no live node may run %s; it waits for one", name)
+                return None
+            inc = self._new_incarnation(at_least)
+            child.status, child.node, child.incarnation = STARTING, node, inc
+            self.table.set(name, None, inc)
+            body = {"kind": child.spec.kind, "args": child.spec.args, "incarnation": inc, "supervisor": child.parent}
+            try:
+                await self.node.caller.request(node, Kind.START, name, body, self.config.timing.call_timeout_s)
+            except AlreadyExists as err:
+                at_least = int(err.data.get("incarnation", at_least))
+                continue
+            except (Unavailable, CallTimeout) as err:
+                log.warning("supervisor: starting %s on %s: %s", name, node, err)
+                avoid, prefer = node, None
+                continue
+            except CallError as err:  # init failed, kind missing, snapshot unreadable
+                child.status, child.node = PENDING, None
+                child.last_exit = str(err)
+                self.table.set(name, None, inc)
+                self._schedule_registry()
+                return err
+            if child.incarnation != inc or child.status != STARTING:
+                return None  # superseded meanwhile (stopped, or moved again)
+            child.status = RUNNING
+            self.table.set(name, node, inc)
+            self._schedule_registry()
+            return None
+        child.status = PENDING
+        return Unavailable(f"could not start {name!r} after several attempts")
+
+    async def _terminate_instance(self, node: str, name: str, inc: int, reason: str, forget: bool = False) -> None:
+        try:
+            await self.node.caller.request(node, Kind.TERMINATE, name,
+                                           {"incarnation": inc, "reason": reason, "forget": forget},
+                                           self.config.timing.call_timeout_s)
+        except CallError as err:
+            log.warning("supervisor: terminating %s on %s: %s", name, node, err)
+
+    # --- exits and strategies -----------------------------------------------------------------
+
+    def _on_exit(self, msg: wire.Msg, origin: Origin) -> None:
+        if not self.ready:
+            self._early_exits.append(msg)
+            return
+        body = msg.body
+        child = self.children.get(body["name"])
+        if child is None or child.incarnation != body["incarnation"] or child.status not in (RUNNING, STARTING):
+            return  # an exit of an incarnation that is no longer the current one
+        how, reason = body["how"], body.get("reason", "")
+        child.last_exit = f"{how}: {reason}"
+        log.info("supervisor: %s exited (%s: %s)", child.spec.name, how, reason)
+        self._spawn(self._child_exited(child, how, child.incarnation))
+
+    async def _child_exited(self, child: Child, how: str, incarnation: int) -> None:
+        """Apply restart type, intensity and strategy to the exit of one incarnation."""
+        sup = self.sups[child.parent]
+        name = child.spec.name
+        if not sv.should_restart(child.spec.restart, how):
+            child.status = STOPPED
+            if child.dynamic:
+                self._forget_dynamic(child)
+            self.table.remove(name)
+            self._schedule_registry()
+            return
+        async with sup.lock:
+            if sup.failed or child.incarnation != incarnation or child.status in (STOPPED, STOPPING, FAILED):
+                return  # handled already (a sibling's restart, a stop, or a failed supervisor)
+            allowed, sup.history = sv.allow_restart(sup.history, self.clock.now(), sup.spec.intensity, sup.spec.period_s)
+            if not allowed:
+                log.error("supervisor: %s restarted more than %d times in %gs: it gives up",
+                          sup.spec.name, sup.spec.intensity, sup.spec.period_s)
+                await self._fail(sup)
+            else:
+                await self._restart(sup, sv.to_restart(sup.spec.strategy, sup.children, name), exited=name)
+        if sup.failed:
+            await self._escalate(sup)
+
+    async def _restart(self, sup: Sup, names: list[str], exited: str) -> None:
+        """Terminate `names` (but the exited one) in reverse order, then start them in order."""
+        for name in reversed(names):
+            if name != exited:
+                await self._stop_member(name, "restart of a sibling")
+        for name in names:
+            child = self.children.get(name)
+            if child is not None:
+                child.restarts += 1
+                child.status = PENDING
+                err = await self._start_child(child, prefer=child.node)
+                if err is not None:  # its init failed: that is one more crash
+                    log.warning("supervisor: restart of %s failed: %s", name, err)
+                    self._spawn(self._child_exited(child, sv.CRASH, child.incarnation))
+            elif name in self.sups:
+                await self._start_sup(self.sups[name])
+
+    async def _stop_member(self, name: str, reason: str) -> None:
+        """Terminate a child, or a whole sub-tree, without forgetting state."""
+        child = self.children.get(name)
+        if child is not None:
+            if child.status in (RUNNING, STARTING) and child.node is not None:
+                child.status = STOPPING
+                self.table.set(name, None, child.incarnation)
+                self._schedule_registry()
+                await self._terminate_instance(child.node, name, child.incarnation, reason)
+            child.status = STOPPED
+            return
+        sup = self.sups[name]
+        for member in reversed(sup.children):
+            await self._stop_member(member, reason)
+
+    async def _start_sup(self, sup: Sup) -> None:
+        sup.failed, sup.history = False, ()
+        for name in sup.children:
+            if name in self.sups:
+                await self._start_sup(self.sups[name])
+            else:
+                child = self.children[name]
+                child.restarts += 1
+                child.status = PENDING
+                await self._start_child(child, prefer=child.node)
+
+    async def _fail(self, sup: Sup) -> None:
+        sup.failed = True
+        for name in reversed(sup.children):
+            await self._stop_member(name, f"supervisor {sup.spec.name} gave up")
+
+    async def _escalate(self, sup: Sup) -> None:
+        if sup.parent is None:
+            self.tree_failed = True
+            log.critical("supervisor: the root supervisor gave up; no agent is restarted any more "
+                         "until the supervisor is restarted")
+            for child in self.children.values():
+                if child.status != STOPPED:
+                    child.status = FAILED
+            return
+        parent = self.sups[sup.parent]
+        async with parent.lock:
+            allowed, parent.history = sv.allow_restart(parent.history, self.clock.now(), parent.spec.intensity, parent.spec.period_s)
+            if not allowed:
+                await self._fail(parent)
+            else:
+                await self._restart(parent, sv.to_restart(parent.spec.strategy, parent.children, sup.spec.name),
+                                    exited=sup.spec.name)
+        if parent.failed:
+            await self._escalate(parent)
+
+    # --- nodes --------------------------------------------------------------------------------------
+
+    def _on_hello(self, msg: wire.Msg, origin: Origin) -> None:
+        body = msg.body
+        name = body["node"]
+        view = self.nodes.get(name)
+        if view is None:
+            raise BadRequest(f"no node named {name!r} in the config")
+        restarted = view.boot is not None and view.boot != body["boot"]
+        view.boot, view.pid, view.last_heard = body["boot"], body["pid"], self.clock.now()
+        was_alive, view.alive = view.alive, True
+        self.node.respond(origin, msg.id, {"epoch": self.table.epoch})
+        if not self.ready:
+            return
+        if restarted:
+            log.warning("supervisor: node %s restarted (%s)", name, body.get("previous") or "new boot")
+            self._node_lost(name, prefer=name)
+        running_here = {item[0] for item in body["agents"]}
+        for child in self.children.values():
+            if child.node == name and child.status == RUNNING and child.spec.name not in running_here and not restarted:
+                self._spawn(self._move(child, prefer=name))
+        self._send_snapshot(name)
+        if not was_alive or restarted:
+            self._place_pending()
+
+    def _on_goodbye(self, msg: wire.Msg, origin: Origin) -> None:
+        name = msg.body["node"]
+        view = self.nodes.get(name)
+        self.node.respond(origin, msg.id, {"ok": True})
+        if view is not None and view.boot == msg.body["boot"] and view.alive:
+            log.info("supervisor: node %s left", name)
+            view.alive = False
+            self._node_lost(name)
+
+    def _heartbeat(self) -> None:
+        now = self.clock.now()
+        timing = self.config.timing
+        for view in self.nodes.values():
+            if view.name == self.node.name:
+                view.last_heard = now
+                continue
+            if view.alive and sv.liveness_expired(view.last_heard, now, timing.heartbeat_s, timing.liveness):
+                log.warning("supervisor: node %s silent for %.2fs: declared dead", view.name, now - view.last_heard)
+                view.alive = False
+                self._node_lost(view.name)
+            if not view.heartbeat_out:
+                self._spawn(self._ping(view))
+
+    async def _ping(self, view: NodeView) -> None:
+        view.heartbeat_out = True
+        try:
+            body = await self.node.caller.request(view.name, Kind.HEARTBEAT, None, {"seq": 0},
+                                                  self.config.timing.dead_after_s)
+        except CallError:
+            return
+        finally:
+            view.heartbeat_out = False
+        if body.get("boot") == view.boot:
+            view.last_heard = self.clock.now()
+            if not view.alive:
+                # back from a pause or a partition with the same boot: its agents were
+                # moved meanwhile; it drops them as the registry says so
+                view.alive = True
+                self._send_snapshot(view.name)
+                self._place_pending()
+
+    def on_link_state(self, node: str, up: bool | None) -> None:
+        pass  # liveness comes from heartbeats and hellos, not from TCP
+
+    def _node_lost(self, name: str, prefer: str | None = None) -> None:
+        for child in self.children.values():
+            if child.node == name and child.status in (RUNNING, STARTING):
+                self._spawn(self._move(child, prefer=prefer, avoid=None if prefer else name))
+
+    async def _move(self, child: Child, prefer: str | None = None, avoid: str | None = None) -> None:
+        child.status = PENDING
+        child.restarts += 1
+        self.table.set(child.spec.name, None, child.incarnation)
+        self._schedule_registry()
+        if not self.sups[child.parent].failed and not self.tree_failed:
+            await self._start_or_crash(child, prefer=prefer, avoid=avoid)
+
+    # --- registry ---------------------------------------------------------------------------------
+
+    def _schedule_registry(self) -> None:
+        if not self._registry_scheduled:
+            self._registry_scheduled = True
+            asyncio.get_running_loop().call_soon(self._push_registry)
+
+    def _push_registry(self) -> None:
+        self._registry_scheduled = False
+        if not self.ready:
+            return
+        body = self.table.take_updates()
+        if body is None:
+            return
+        frame = wire.encode(Kind.REGISTRY, None, None, "supervisor", None, body)
+        for view in self.nodes.values():
+            if view.alive:
+                self._send(view.name, frame)
+
+    def _send_snapshot(self, node: str) -> None:
+        self._push_registry()
+        for body in self.table.snapshot():
+            self._send(node, wire.encode(Kind.REGISTRY, None, None, "supervisor", None, body))
+
+    def _send(self, node: str, frame: bytes) -> None:
+        try:
+            self.node.send(node, frame)
+        except CallError as err:
+            log.warning("supervisor: cannot reach %s: %s", node, err)
+
+    # --- requests from clients ---------------------------------------------------------------------
+
+    def _on_spawn(self, msg: wire.Msg, origin: Origin) -> None:
+        body = msg.body
+        name, kind = body["name"], body["kind"]
+        parent = body.get("supervisor") or self.config.dynamic_supervisor
+        if not self.ready:
+            raise Unavailable("the supervisor is still learning what runs where")
+        if name in self.children or name in self.sups:
+            existing = self.children.get(name)
+            raise AlreadyExists(f"an agent named {name!r} exists already" +
+                                (f" (on node {existing.node})" if existing and existing.node else ""))
+        if self.config.resolve_kind(kind) is None:
+            raise NotAllowed(f"kind {kind!r} is not in the config's allow-list")
+        sup = self.sups.get(parent)
+        if sup is None or not sup.spec.dynamic:
+            raise BadRequest(f"{parent!r} is not a dynamic supervisor")
+        spec = ChildSpec(name, kind, body.get("args") or {}, body.get("restart") or "permanent")
+        child = Child(spec, parent, dynamic=True)
+        self.children[name] = child
+        sup.children.append(name)
+        self._spawn(self._spawn_child(child, origin, msg.id))
+
+    async def _spawn_child(self, child: Child, origin: Origin, rid: str) -> None:
+        spec = child.spec
+        key = _DYNAMIC_PREFIX + spec.name
+        record = {"name": spec.name, "kind": spec.kind, "args": spec.args, "restart": spec.restart, "parent": child.parent}
+        outcome = await self.node.commit_meta({key: msgpack.packb(record)})
+        err: CallError | None = Unavailable(str(outcome.error)) if outcome.error else None
+        if err is None:
+            err = await self._start_child(child)
+        if err is None and child.status != RUNNING:
+            err = Unavailable(f"no live node may run {spec.name!r} now")
+        if err is not None:
+            self._forget_dynamic(child)
+            self.table.remove(spec.name)
+            self._schedule_registry()
+            self.node.respond_error(origin, rid, err)
+            return
+        self.node.respond(origin, rid, {"name": spec.name, "node": child.node, "incarnation": child.incarnation})
+
+    def _forget_dynamic(self, child: Child) -> None:
+        if self.children.get(child.spec.name) is child:
+            del self.children[child.spec.name]
+            sup = self.sups[child.parent]
+            if child.spec.name in sup.children:
+                sup.children.remove(child.spec.name)
+        self._spawn(self.node.commit_meta({}, [_DYNAMIC_PREFIX + child.spec.name]))
+
+    def _on_stop(self, msg: wire.Msg, origin: Origin) -> None:
+        name = msg.target
+        child = self.children.get(name)
+        if child is None:
+            raise NoSuchAgent(f"no agent named {name!r}")
+        if not child.dynamic:
+            raise NotAllowed(f"{name!r} is a static agent of the config's tree; remove it from the config instead")
+        self._forget_dynamic(child)
+        self.table.remove(name)
+        self._schedule_registry()
+        child.status = STOPPED
+        self._spawn(self._stop_child(child, origin, msg.id))
+
+    async def _stop_child(self, child: Child, origin: Origin, rid: str) -> None:
+        node = child.node if child.node and self.nodes[child.node].alive else self._any_node_on_host(child.node)
+        await self._terminate_instance(node, child.spec.name, child.incarnation, "stopped", forget=True)
+        self.node.respond(origin, rid, {"name": child.spec.name, "stopped": True})
+
+    def _any_node_on_host(self, node: str | None) -> str:
+        host = self.config.nodes[node].host if node else self.config.nodes[self.node.name].host
+        for view in self.nodes.values():
+            if view.alive and self.config.nodes[view.name].host == host:
+                return view.name
+        return self.node.name
+
+    def _on_status(self, msg: wire.Msg, origin: Origin) -> None:
+        self._spawn(self._status(origin, msg.id))
+
+    async def _status(self, origin: Origin, rid: str) -> None:
+        async def inventory(name: str):
+            try:
+                return await self.node.caller.request(name, Kind.INVENTORY, None, None, self.config.timing.dead_after_s)
+            except CallError:
+                return None
+        live = [v.name for v in self.nodes.values() if v.alive]
+        answers = dict(zip(live, await asyncio.gather(*(inventory(n) for n in live))))
+        mailbox: dict[str, int] = {}
+        nodes = []
+        for name, view in self.nodes.items():
+            inv = answers.get(name)
+            spec = self.config.nodes[name]
+            for item in (inv or {}).get("agents", ()):
+                mailbox[item[0]] = item[4]
+            nodes.append({"name": name, "host": spec.host, "address": f"{spec.address}:{spec.port}",
+                          "alive": view.alive and inv is not None, "pid": view.pid,
+                          "agents": len(inv["agents"]) if inv else 0,
+                          "supervisor": name == self.node.name})
+        agents = [{"name": n, "kind": c.spec.kind, "node": c.node if c.status == RUNNING else None,
+                   "status": c.status, "incarnation": c.incarnation, "restarts": c.restarts,
+                   "mailbox": mailbox.get(n, 0), "supervisor": c.parent}
+                  for n, c in sorted(self.children.items())]
+        self.node.respond(origin, rid, {"nodes": nodes, "agents": agents, "ready": self.ready,
+                                        "failed": self.tree_failed, "epoch": self.epoch})
+
+    # --- plumbing ---------------------------------------------------------------------------------
+
+    def _spawn(self, coro) -> None:
+        self.node._spawn(coro)
+

@@ -1,0 +1,30 @@
+"""ledger: an append-only list of values.
+
+    call {"op": "append", "value": V}   -> the index V was stored at
+    call {"op": "read"}                 -> every value, in order
+    call {"op": "len"}                  -> how many values
+
+Each append is committed before its index is returned, so an acknowledged append is
+never lost; a repeated request id returns the same index without appending twice.
+"""
+
+from mesh import Agent, BadRequest
+
+
+class Ledger(Agent):
+    def init(self, args, state):
+        return state if state is not None else {"values": []}
+
+    def handle_call(self, msg, ctx):
+        op = msg.get("op") if isinstance(msg, dict) else None
+        values = self.state["values"]
+        if op == "append":
+            if "value" not in msg:
+                raise BadRequest("ledger: append needs a value")
+            values.append(msg["value"])
+            return len(values) - 1
+        if op == "read":
+            return values
+        if op == "len":
+            return len(values)
+        raise BadRequest(f"ledger: unknown op {op!r} (append, read, len)")
