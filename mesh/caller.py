@@ -95,6 +95,16 @@ class Caller:
         except ProtocolError:
             self.bad_responses += 1
             return
+        if msg.kind == Kind.BATCH:
+            for item in msg.body:
+                if type(item) is ProtocolError:
+                    self.bad_responses += 1
+                else:
+                    self._settle(item)
+        else:
+            self._settle(msg)
+
+    def _settle(self, msg: wire.Msg) -> None:
         if msg.kind not in wire.RESPONSES or msg.id is None:
             self.bad_responses += 1
             return

@@ -37,14 +37,13 @@ class _MemListener:
         self.sent = self.dropped = 0
         self.closed = False
 
-    def send(self, route: bytes, frame: bytes) -> bool:
+    def send(self, route: bytes, frame: bytes) -> None:
         link = self.net._routes.get(route)
         if self.closed or link is None or link.closed:
             self.dropped += 1
-            return False
+            return
         self.sent += 1
         self.net._deliver(self.endpoint, link.endpoint, link._receive, frame)
-        return True
 
     def close(self) -> None:
         self.closed = True

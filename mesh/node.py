@@ -206,8 +206,8 @@ class Node:
     def _respond(self, origin: Origin, frame: bytes) -> None:
         if origin is None:
             asyncio.get_running_loop().call_soon(self.caller.on_response, frame)
-        elif not self.listener.send(origin, frame):
-            self.stats["replies_dropped"] += 1
+        else:
+            self.listener.send(origin, frame)
 
     def respond(self, origin: Origin, rid: str, body: Any) -> None:
         self._respond(origin, wire.reply(rid, body))
@@ -216,14 +216,27 @@ class Node:
         self._respond(origin, wire.error(rid, error_to_wire(err)))
 
     def _on_request(self, origin: Origin, frame: bytes | None) -> None:
-        self.stats["in"] += 1
         if frame is None:
+            self.stats["in"] += 1
             self._bad(origin, ProtocolError("a request must be exactly one frame"))
             return
         try:
             msg = wire.decode(frame, self.limits.max_message_bytes)
         except ProtocolError as exc:
+            self.stats["in"] += 1
             self._bad(origin, exc)
+            return
+        if msg.kind == Kind.BATCH:
+            for item in msg.body:
+                self._dispatch(item, origin)
+        else:
+            self._dispatch(msg, origin)
+        self._schedule_flush()
+
+    def _dispatch(self, msg: "wire.Msg | ProtocolError", origin: Origin) -> None:
+        self.stats["in"] += 1
+        if type(msg) is ProtocolError:
+            self._bad(origin, msg)
             return
         handler = self.handlers.get(msg.kind)
         if handler is None:
@@ -234,7 +247,6 @@ class Node:
         except CallError as err:
             if msg.id is not None:
                 self.respond_error(origin, msg.id, err)
-        self._schedule_flush()
 
     def _bad(self, origin: Origin, exc: ProtocolError) -> None:
         self.stats["bad_messages"] += 1
@@ -246,6 +258,8 @@ class Node:
     # --- messages to agents -----------------------------------------------------------------
 
     def _deadline(self, msg: wire.Msg) -> float:
+        if msg.kind != Kind.CALL:
+            return 0.0  # only calls have a caller waiting
         ttl = msg.ttl_ms / 1000 if msg.ttl_ms is not None else self.timing.call_timeout_s
         return self.clock.now() + ttl
 

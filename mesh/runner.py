@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict, deque
+from types import CoroutineType
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -150,7 +151,7 @@ class Runner:
         except Exception as exc:
             self._crash(env, exc, supervision.CRASH)
             return
-        if asyncio.iscoroutine(result):
+        if type(result) is CoroutineType:
             self.started_at = self.clock.now()
             self.task = asyncio.ensure_future(self._run_async(env, result))
             self.node.busy_runners.add(self)

@@ -28,6 +28,7 @@ from typing import Callable
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from . import wire
 from .errors import Busy
 
 log = logging.getLogger("mesh.transport")
@@ -48,11 +49,21 @@ _MONITOR_EVENTS = (
 )
 
 
-class _Drain:
-    """Calls `on_parts(parts)` for every message of a socket, in batches, from the loop."""
+BATCH_FRAMES = 256          # a loop turn's frames to one peer go out as one BATCH ...
+BATCH_BYTES = 256 * 1024    # ... of at most this many frames and bytes
 
-    def __init__(self, sock: zmq.Socket, on_parts: Callable[[list], None], batch: int):
-        self.sock, self.on_parts, self.batch = sock, on_parts, batch
+_NOBLOCK = int(zmq.NOBLOCK)  # plain ints: pyzmq's enum flags cost a conversion per call
+_SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
+
+
+class _Drain:
+    """Calls `read(sock)` for every message of a socket, in batches, from the loop.
+
+    `read` receives exactly one message and hands it on; it raises zmq.Again when the
+    socket is empty."""
+
+    def __init__(self, sock: zmq.Socket, read: Callable[[zmq.Socket], None], batch: int):
+        self.sock, self.read, self.batch = sock, read, batch
         self.loop = asyncio.get_running_loop()
         self.fd = sock.getsockopt(zmq.FD)
         self._scheduled = False
@@ -70,18 +81,17 @@ class _Drain:
         self.run()
 
     def run(self) -> None:
-        sock, on_parts = self.sock, self.on_parts
+        sock, read = self.sock, self.read
         if sock.closed:
             return
-        for _ in range(self.batch):
-            try:
-                parts = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except zmq.ZMQError as exc:  # socket closed under us during shutdown
-                log.debug("recv failed: %s", exc)
-                return
-            on_parts(parts)
+        try:
+            for _ in range(self.batch):
+                read(sock)
+        except zmq.Again:
+            return
+        except zmq.ZMQError as exc:  # socket closed under us during shutdown
+            log.debug("recv failed: %s", exc)
+            return
         self.poke()  # more may be waiting: come back after others had their turn
 
     def close(self) -> None:
@@ -89,6 +99,38 @@ class _Drain:
             self.loop.remove_reader(self.fd)
         except (ValueError, OSError):
             pass
+
+
+class _Outbox:
+    """Frames to one peer within one loop turn, sent as one frame (a BATCH if several)."""
+
+    __slots__ = ("frames", "size")
+
+    def __init__(self):
+        self.frames: list[bytes] = []
+        self.size = 0
+
+    def add(self, frame: bytes) -> bool:
+        """Queue a frame; True when the outbox is full and must be sent now."""
+        self.frames.append(frame)
+        self.size += len(frame)
+        return len(self.frames) >= BATCH_FRAMES or self.size >= BATCH_BYTES
+
+    def take(self) -> bytes | None:
+        frames = self.frames
+        if not frames:
+            return None
+        self.frames, self.size = [], 0
+        return frames[0] if len(frames) == 1 else wire.batch_frame(frames)
+
+
+def _rest_of(sock: zmq.Socket, frame: zmq.Frame) -> int:
+    """Discard the remaining frames of a message; returns how many there were."""
+    n = 0
+    while frame.more:
+        frame = sock.recv(_NOBLOCK, copy=False)
+        n += 1
+    return n
 
 
 class Listener:
@@ -110,28 +152,54 @@ class Listener:
         self.endpoint = endpoint
         self.sent = self.dropped = 0
         self._on_request = on_request
-        self._drain = _Drain(s, self._parts, batch)
+        self._drain = _Drain(s, self._read, batch)
+        self._outboxes: dict[bytes, _Outbox] = {}
+        self._flush_scheduled = False
 
-    def _parts(self, parts: list) -> None:
-        if len(parts) == 2:
-            self._on_request(parts[0], parts[1])
+    def _read(self, sock: zmq.Socket) -> None:
+        # A ROUTER message is [routing id, payload]; reading the payload as a Frame tells
+        # cheaply whether more frames follow (a malformed message), where
+        # recv_multipart pays a getsockopt per message.
+        route = sock.recv(_NOBLOCK)
+        payload = sock.recv(_NOBLOCK, copy=False)
+        if payload.more:
+            _rest_of(sock, payload)
+            self._on_request(route, None)
         else:
-            self._on_request(parts[0], None)
+            self._on_request(route, payload.bytes)
 
-    def send(self, route: bytes, frame: bytes) -> bool:
-        """Send to one peer. False (and counted) when the peer is gone or its queue is full."""
+    def send(self, route: bytes, frame: bytes) -> None:
+        """Queue a frame for one peer; this loop turn's frames to it leave together."""
+        box = self._outboxes.get(route)
+        if box is None:
+            box = self._outboxes[route] = _Outbox()
+        if box.add(frame):
+            self._send_now(route, box.take())
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._drain.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        boxes, self._outboxes = self._outboxes, {}
+        for route, box in boxes.items():
+            frame = box.take()
+            if frame is not None:
+                self._send_now(route, frame)
+        self._drain.poke()
+
+    def _send_now(self, route: bytes, frame: bytes) -> None:
         try:
-            self.sock.send_multipart((route, frame), zmq.DONTWAIT)
+            self.sock.send(route, _SNDMORE_NOBLOCK)
+            self.sock.send(frame, _NOBLOCK)
+            self.sent += 1
         except zmq.ZMQError as exc:  # EHOSTUNREACH: peer gone; EAGAIN: its queue is full
             self.dropped += 1
             log.debug("reply to a peer dropped: %s", exc.strerror)
-            return False
-        finally:
-            self._drain.poke()
-        self.sent += 1
-        return True
 
     def close(self) -> None:
+        if not self.sock.closed:
+            self.flush()
         self._drain.close()
         self.sock.close(0)
 
@@ -163,16 +231,26 @@ class Link:
         self.up = False
         self.refused = False
         self.pending: deque[bytes] = deque()
+        self._outbox = _Outbox()
+        self._flush_scheduled = False
         self._on_response = on_response
         self._on_state = on_state
         self._monitor = s.get_monitor_socket(_MONITOR_EVENTS)
         s.connect(endpoint)
-        self._drain = _Drain(s, self._parts, batch)
-        self._monitor_drain = _Drain(self._monitor, self._event, 64)
+        self._drain = _Drain(s, self._read, batch)
+        self._monitor_drain = _Drain(self._monitor, self._read_event, 64)
         self._retry_timer: asyncio.TimerHandle | None = None
 
-    def _parts(self, parts: list) -> None:
-        self._on_response(parts[-1] if len(parts) == 1 else b"")
+    def _read(self, sock: zmq.Socket) -> None:
+        frame = sock.recv(_NOBLOCK, copy=False)
+        if frame.more:
+            _rest_of(sock, frame)
+            self._on_response(b"")  # malformed: counted by the receiver
+        else:
+            self._on_response(frame.bytes)
+
+    def _read_event(self, sock: zmq.Socket) -> None:
+        self._event(sock.recv_multipart(_NOBLOCK))
 
     def _event(self, parts: list) -> None:
         try:
@@ -196,16 +274,30 @@ class Link:
                 self._on_state(None)
 
     def send(self, frame: bytes) -> None:
-        """Send now if connected, else queue it. Raises Busy when the queue is full."""
+        """Queue a frame; this loop turn's frames leave together. While the connection is
+        down they wait in a bounded queue; raises Busy when that is full."""
+        if len(self.pending) >= PENDING_LIMIT:
+            raise Busy(f"send queue to {self.endpoint} is full ({PENDING_LIMIT} messages)")
+        if self._outbox.add(frame):
+            self._push(self._outbox.take())
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._drain.loop.call_soon(self._flush_outbox)
+
+    def _flush_outbox(self) -> None:
+        self._flush_scheduled = False
+        frame = self._outbox.take()
+        if frame is not None:
+            self._push(frame)
+
+    def _push(self, frame: bytes) -> None:
         if self.up and not self.pending:
             try:
-                self.sock.send(frame, zmq.DONTWAIT)
+                self.sock.send(frame, _NOBLOCK)
                 self._drain.poke()
                 return
             except zmq.Again:
                 pass
-        if len(self.pending) >= PENDING_LIMIT:
-            raise Busy(f"send queue to {self.endpoint} is full ({PENDING_LIMIT} messages)")
         self.pending.append(frame)
         if self.up:  # connected but its queue is full: try again shortly
             self._schedule_retry()
@@ -214,7 +306,7 @@ class Link:
         self._retry_timer = None
         while self.pending:
             try:
-                self.sock.send(self.pending[0], zmq.DONTWAIT)
+                self.sock.send(self.pending[0], _NOBLOCK)
             except zmq.Again:
                 if self.up:
                     self._schedule_retry()
@@ -229,6 +321,8 @@ class Link:
             self._retry_timer = asyncio.get_running_loop().call_later(0.005, self._flush)
 
     def close(self) -> None:
+        if not self.sock.closed and self.up:
+            self._flush_outbox()
         if self._retry_timer:
             self._retry_timer.cancel()
         self._drain.close()

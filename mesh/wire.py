@@ -38,6 +38,7 @@ MAX_NAME_CHARS = 200
 MAX_SENDER_CHARS = 200
 MAX_TTL_MS = 24 * 3600 * 1000
 DEFAULT_MAX_BYTES = 8 * 1024 * 1024
+MAX_BATCH = 4096
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@/+=-]*\Z")
 
@@ -49,6 +50,7 @@ class Kind(IntEnum):
     ERROR = 4       # id or nil; body: [type, message, data]
     CHUNK = 5       # id; body: one piece of a streamed reply
     INFO = 6        # target; body: delivered to handle_info
+    BATCH = 7       # body: up to MAX_BATCH envelopes (not batches) sent in one loop turn
     SPAWN = 10      # id; body: {name, kind, args?, restart?, supervisor?}
     STOP = 11       # id, target: the agent to stop
     STATUS = 12     # id; body: nil -> cluster status (from the supervisor)
@@ -102,6 +104,7 @@ def error(id: str | None, err: list, sender: str | None = None) -> bytes:
 # reply value is packed once and never again.
 REPLY_TAG, ERROR_TAG = b"R", b"E"
 _NIL = b"\xc0"
+_BATCH_HEAD = b"\x98" + msgpack.packb(PROTOCOL_VERSION) + msgpack.packb(7) + _NIL * 4
 
 
 def response_frame(id: str, response: bytes) -> bytes:
@@ -116,13 +119,33 @@ def _reject_ext(code: int, data: bytes) -> Any:
 
 
 def decode(frame: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Msg:
-    """Decode and validate one frame; raise ProtocolError naming what is wrong."""
+    """Decode and validate one frame; raise ProtocolError naming what is wrong.
+
+    A BATCH comes back with `body` a list holding, per element, its Msg or the
+    ProtocolError that element earned (one bad element does not spoil the others)."""
     if len(frame) > max_bytes:
         raise ProtocolError(f"message of {len(frame)} bytes exceeds the limit of {max_bytes}")
     try:
         obj = msgpack.unpackb(frame, raw=False, strict_map_key=True, ext_hook=_reject_ext)
     except Exception as exc:  # msgpack raises several types for bad bytes; all mean the same
         raise ProtocolError(f"not a msgpack message: {type(exc).__name__}: {exc}"[:300]) from None
+    msg = _envelope(obj)
+    if msg.kind == Kind.BATCH:
+        msg.body = [_element(e) for e in msg.body]
+    return msg
+
+
+def _element(obj: Any) -> "Msg | ProtocolError":
+    try:
+        msg = _envelope(obj)
+    except ProtocolError as exc:
+        return exc
+    if msg.kind == Kind.BATCH:
+        return ProtocolError("a batch cannot hold a batch")
+    return msg
+
+
+def _envelope(obj: Any) -> Msg:
     if type(obj) is not list or len(obj) != 8:
         raise ProtocolError("not a mesh envelope (expected an array of 8 fields)")
     version, kind, rid, target, sender, ttl, body, meta = obj
@@ -143,8 +166,10 @@ def decode(frame: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Msg:
     if needs_id and rid is None:
         raise ProtocolError(f"{k.name} needs a request id")
     if needs_target:
-        if not valid_name(target):
-            raise ProtocolError(f"{k.name} needs a valid target name, got {target!r:.80}", rid)
+        # a target is only looked up, never stored, so type and length are all it needs;
+        # names are checked in full where they are created (SPAWN)
+        if type(target) is not str or not 0 < len(target) <= MAX_NAME_CHARS:
+            raise ProtocolError(f"{k.name} needs a target name of 1..{MAX_NAME_CHARS} chars", rid)
     elif target is not None and type(target) is not str:
         raise ProtocolError("target must be a string or nil", rid)
     if check is not None:
@@ -152,6 +177,13 @@ def decode(frame: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Msg:
         if problem:
             raise ProtocolError(f"{k.name}: {problem}", rid)
     return Msg(k, rid, target, sender, ttl, body, meta)
+
+
+def batch_frame(frames: list[bytes]) -> bytes:
+    """One BATCH frame carrying already-encoded envelopes, without packing them again."""
+    n = len(frames)
+    header = bytes((0xdc, n >> 8, n & 0xff)) if n > 15 else bytes((0x90 | n,))
+    return b"".join((_BATCH_HEAD, header, *frames, _NIL))
 
 
 def valid_name(name: Any) -> bool:
@@ -218,6 +250,8 @@ _SPECS: dict[Kind, tuple[bool, bool, Callable[[Any], str | None] | None]] = {
     Kind.ERROR: (False, False, _error_body),
     Kind.CHUNK: (True, False, None),
     Kind.INFO: (False, True, None),
+    Kind.BATCH: (False, False, lambda b: None if type(b) is list and 0 < len(b) <= MAX_BATCH
+                 else f"body must be a list of 1..{MAX_BATCH} envelopes"),
     Kind.SPAWN: (True, False, _spawn_body),
     Kind.STOP: (True, True, None),
     Kind.STATUS: (True, False, None),
