@@ -80,11 +80,14 @@ class Caller:
     """Outstanding requests of one process, and the logic that sees each one through."""
 
     def __init__(self, clock: Clock, sender: str, send: Callable[[str, bytes], None],
-                 resolver: Resolver, max_bytes: int = wire.DEFAULT_MAX_BYTES, recheck_s: float = RECHECK_S):
+                 resolver: Resolver, max_bytes: int = wire.DEFAULT_MAX_BYTES, recheck_s: float = RECHECK_S,
+                 link_down: Callable[[str], bool] = lambda node: False):
         self.clock, self.sender, self._send = clock, sender, send
+        self.link_down = link_down  # True when the connection to a node is known to be down
         self.resolver, self.max_bytes, self.recheck_s = resolver, max_bytes, recheck_s
         self.new_id = new_id_source()
-        self._pending: dict[str, _Pending] = {}
+        # request id -> the attempts waiting for it (a caller may repeat an id concurrently)
+        self._pending: dict[str, list[_Pending]] = {}
         self.bad_responses = 0
 
     # --- incoming ---------------------------------------------------------------------------
@@ -108,23 +111,24 @@ class Caller:
         if msg.kind not in wire.RESPONSES or msg.id is None:
             self.bad_responses += 1
             return
-        p = self._pending.get(msg.id)
-        if p is None or p.future.done():
-            return  # late answer to something already settled
-        if msg.kind == Kind.CHUNK:
-            if p.stream is not None:
-                p.stream(msg.body)
-        elif msg.kind == Kind.REPLY:
-            p.future.set_result(msg.body)
-        else:
-            p.future.set_exception(error_from_wire(msg.body))
+        for p in self._pending.get(msg.id, ()):
+            if p.future.done():
+                continue  # late answer to something already settled
+            if msg.kind == Kind.CHUNK:
+                if p.stream is not None:
+                    p.stream(msg.body)
+            elif msg.kind == Kind.REPLY:
+                p.future.set_result(msg.body)
+            else:
+                p.future.set_exception(error_from_wire(msg.body))
 
     def on_link_state(self, node: str, up: bool | None) -> None:
         if up:
             return
-        for rid, p in list(self._pending.items()):
-            if p.node == node and not p.future.done():
-                p.future.set_exception(LinkDown(f"lost the connection to node {node}"))
+        for attempts in list(self._pending.values()):
+            for p in attempts:
+                if p.node == node and not p.future.done():
+                    p.future.set_exception(LinkDown(f"lost the connection to node {node}"))
 
     # --- one request to one node -----------------------------------------------------------
 
@@ -138,9 +142,12 @@ class Caller:
             raise CallTimeout(f"no answer from node {node} within {timeout:.3g}s") from None
 
     async def _attempt(self, node: str, kind: Kind, rid: str, target, body, ttl: float, wait: float, stream, meta) -> Any:
+        if self.link_down(node):
+            raise LinkDown(f"no connection to node {node}")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._pending[rid] = _Pending(future, node, stream)
+        mine = _Pending(future, node, stream)
+        self._pending.setdefault(rid, []).append(mine)
         timer = self.clock.call_after(wait, lambda: future.done() or future.set_exception(_Recheck()))
         try:
             try:
@@ -151,8 +158,11 @@ class Caller:
             return await future
         finally:
             timer.cancel()
-            if self._pending.get(rid) is not None and self._pending[rid].future is future:
-                del self._pending[rid]
+            attempts = self._pending.get(rid)
+            if attempts is not None:
+                attempts.remove(mine)
+                if not attempts:
+                    del self._pending[rid]
 
     # --- calls by name, with failover ------------------------------------------------------
 

@@ -38,7 +38,8 @@ class Client:
         self.up: dict[str, bool] = {}
         sender = name or f"client:{socket.gethostname()}:{os.getpid()}"
         self.resolver = ClientResolver(list(config.nodes), lambda n: self.up.get(n, False), self.clock)
-        self.caller = Caller(self.clock, sender, self._send, self.resolver, config.limits.max_message_bytes)
+        self.caller = Caller(self.clock, sender, self._send, self.resolver, config.limits.max_message_bytes,
+                             link_down=lambda n: self.up.get(n) is False)
         self.timeout = config.timing.call_timeout_s
 
     async def __aenter__(self) -> "Client":
@@ -80,7 +81,7 @@ class Client:
 
         `request_id` makes retries safe: the same id is answered from the agent's record.
         `stream(part)` receives streamed pieces of the reply, if the agent sends any."""
-        return await self.caller.call(name, msg, timeout or self.timeout, request_id, stream)
+        return await self.caller.call(name, msg, self.timeout if timeout is None else timeout, request_id, stream)
 
     async def cast(self, name: str, msg: Any) -> None:
         """Send without waiting for an answer (delivered at most once)."""
@@ -93,7 +94,7 @@ class Client:
 
     async def whereis(self, name: str, timeout: float | None = None) -> dict:
         node = self.resolver.any_node()
-        body = await self.caller.request(node, Kind.WHEREIS, name, {}, timeout or self.timeout)
+        body = await self.caller.request(node, Kind.WHEREIS, name, {}, self.timeout if timeout is None else timeout)
         if body.get("node"):
             self.resolver.learn(name, body["node"], body.get("incarnation", -1))
         return body
@@ -101,7 +102,7 @@ class Client:
     # --- the supervisor's business -------------------------------------------------------------
 
     async def _control(self, kind: Kind, target: str | None, body: Any, timeout: float | None) -> Any:
-        timeout = timeout or self.timeout
+        timeout = self.timeout if timeout is None else timeout
         deadline = self.clock.now() + timeout
         rid = self.caller.new_id()
         node = self.config.supervisor_node

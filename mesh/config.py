@@ -346,6 +346,10 @@ def _complete_tree(path: str, tree: dict[str, SupervisorSpec], agents: dict[str,
         if dynamic_name in agents:
             raise ConfigError(path, "supervisor.dynamic", f"{dynamic_name!r} names an agent, not a supervisor")
         tree[dynamic_name] = SupervisorSpec(dynamic_name, intensity=100, period_s=10.0, dynamic=True)
+        if "root" in tree:  # a root written by hand gets the implicit dynamic supervisor first
+            root = tree["root"]
+            tree["root"] = SupervisorSpec(root.name, root.strategy, root.intensity, root.period_s,
+                                          (dynamic_name,) + root.children, root.dynamic)
     elif not tree[dynamic_name].dynamic:
         raise ConfigError(path, f"tree.{dynamic_name}", "is the dynamic supervisor, so it needs dynamic = true")
     listed: dict[str, str] = {}

@@ -73,6 +73,7 @@ class Node:
         self.boot = boot or os.urandom(6).hex()
         self.previous = previous
         self.notify = notify or (lambda line: None)
+        self._own_store = store is None
         self.store = store or Store(os.path.join(config.host_dir(self.spec.host), "store"),
                                     config.store.map_size_mb, config.store.sync)
         self.committer = Committer(self.store, inline=inline_commit)
@@ -82,7 +83,8 @@ class Node:
         self.stats: Counter = Counter()
         self.links: dict[str, Any] = {}
         self.link_up: dict[str, bool] = {}
-        self.caller = Caller(self.clock, f"node:{name}", self.send, _NodeResolver(self), config.limits.max_message_bytes)
+        self.caller = Caller(self.clock, f"node:{name}", self.send, _NodeResolver(self), config.limits.max_message_bytes,
+                             link_down=lambda n: self.link_up.get(n) is False)
         self.handlers: dict[Kind, Callable[[wire.Msg, Origin], None]] = {
             Kind.CALL: self._to_agent, Kind.CAST: self._to_agent, Kind.INFO: self._to_agent,
             Kind.START: self._on_start, Kind.TERMINATE: self._on_terminate,
@@ -164,7 +166,8 @@ class Node:
             self.listener.close()
         for link in self.links.values():
             link.close()
-        self.store.close()
+        if self._own_store:
+            self.store.close()
         self.stopped.set()
 
     async def drain_commits(self, timeout: float = 10.0) -> None:

@@ -97,11 +97,11 @@ class Store:
     """One LMDB environment. Open it only in the process that uses it (never before a fork)."""
 
     def __init__(self, path: str, map_size_mb: int = 1024, sync: bool = True):
-        os.makedirs(path, exist_ok=True)
         self.path = path
         self._pid = os.getpid()
         self._resize_lock = threading.Lock()
         try:
+            os.makedirs(path, exist_ok=True)
             self.env = lmdb.open(
                 path, map_size=map_size_mb << 20, max_dbs=4, sync=sync, metasync=sync,
                 max_readers=512, lock=True, subdir=True,
@@ -109,7 +109,7 @@ class Store:
             self.env.reader_check()  # slots of readers that were killed with -9
             self.agents = self.env.open_db(_AGENTS)
             self.meta = self.env.open_db(_META)
-        except lmdb.Error as exc:
+        except (lmdb.Error, OSError) as exc:
             raise StoreError(f"cannot open the store at {path}: {exc}") from None
 
     def _check_pid(self) -> None:

@@ -31,7 +31,7 @@ import msgpack
 
 from . import supervision as sv
 from . import wire
-from .errors import (AgentCrashed, AlreadyExists, BadRequest, CallError, CallTimeout, NoSuchAgent,
+from .errors import (AgentCrashed, AgentDown, AlreadyExists, BadRequest, CallError, CallTimeout, NoSuchAgent,
                      NotAllowed, Unavailable)
 from .node import Node, Origin
 from .registry import Table
@@ -100,6 +100,7 @@ class SupervisorRole:
         self.children: dict[str, Child] = {}
         self.sups: dict[str, Sup] = {}
         self.ready = False
+        self.ready_event = asyncio.Event()
         self._early_exits: list[wire.Msg] = []
         self._start_slots = asyncio.Semaphore(START_CONCURRENCY)
         self._registry_scheduled = False
@@ -163,6 +164,7 @@ class SupervisorRole:
         await asyncio.gather(*(ask(n) for n in self.config.nodes))
         self._reconcile(inventories)
         self.ready = True
+        self.ready_event.set()
         self.node.notify("supervisor-ready")
         for view in self.nodes.values():
             if view.alive:
@@ -284,7 +286,7 @@ class SupervisorRole:
             except AlreadyExists as err:
                 at_least = int(err.data.get("incarnation", at_least))
                 continue
-            except (Unavailable, CallTimeout) as err:
+            except (Unavailable, CallTimeout, AgentDown) as err:  # that node cannot take it now
                 log.warning("supervisor: starting %s on %s: %s", name, node, err)
                 avoid, prefer = node, None
                 continue

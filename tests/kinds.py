@@ -1,0 +1,85 @@
+"""Agent kinds used only by the tests (allowed by the test configs as kinds:Name)."""
+
+import asyncio
+
+from mesh import Agent, BadRequest
+
+# In-process tests release waiting handlers through these events, by key.
+GATES: dict[str, asyncio.Event] = {}
+RUNS: dict[str, int] = {}
+
+
+class Waiter(Agent):
+    """async handler: {"op": "wait", "key": k} blocks until GATES[k] is set; counts runs."""
+
+    async def handle_call(self, msg, ctx):
+        op = msg.get("op")
+        if op == "wait":
+            key = msg["key"]
+            RUNS[key] = RUNS.get(key, 0) + 1
+            self.state = (self.state or 0) + 1
+            await GATES.setdefault(key, asyncio.Event()).wait()
+            return f"released {key}"
+        if op == "sleep":
+            await asyncio.sleep(msg["seconds"])
+            return "slept"
+        if op == "forever":
+            await asyncio.Event().wait()
+        if op == "get":
+            return self.state
+        raise BadRequest(f"unknown op {op!r}")
+
+
+class Relay(Agent):
+    """Calls another agent from inside its handler; optionally crashes afterwards."""
+
+    async def handle_call(self, msg, ctx):
+        reply = await self.call(msg["to"], msg["msg"])
+        self.state = (self.state or 0) + 1
+        if msg.get("then_crash"):
+            raise RuntimeError("crash after the relayed call")
+        return reply
+
+    def handle_cast(self, msg):
+        self.cast(msg["to"], msg["msg"])
+
+
+class Lifecycle(Agent):
+    """Stops itself, arms timers, records what happened to it in its state."""
+
+    def init(self, args, state):
+        state = state or {"events": []}
+        state["events"].append("init")
+        return state
+
+    def handle_call(self, msg, ctx):
+        op = msg["op"]
+        if op == "stop":
+            self.stop(msg.get("reason", "normal"))
+            return "stopping"
+        if op == "tick_after":
+            self.send_after(msg["seconds"], {"tick": msg.get("n", 1)})
+            return "armed"
+        if op == "events":
+            return self.state["events"]
+        if op == "bad_state":
+            self.state["events"].append(object())
+            return "never"
+        if op == "bad_reply":
+            return object()
+        raise BadRequest(op)
+
+    def handle_info(self, msg):
+        self.state["events"].append(f"tick {msg['tick']}")
+
+    def terminate(self, reason):
+        self.state["events"].append(f"terminate {reason}")
+
+
+class FailsInit(Agent):
+    def init(self, args, state):
+        raise ValueError("init refuses")
+
+
+class NotAnAgent:
+    pass

@@ -1,0 +1,111 @@
+"""Config files load into frozen objects, and every mistake names file, key and reason."""
+
+import os
+import textwrap
+
+import pytest
+
+from mesh import config
+from mesh.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+BASE = """
+[kinds]
+counter = "nodes.counter:Counter"
+
+[hosts.h1]
+address = "127.0.0.1"
+
+[nodes.n1]
+host = "h1"
+port = 7001
+
+[nodes.n2]
+host = "h1"
+port = 7002
+"""
+
+
+def load(tmp_path, text):
+    path = tmp_path / "c.toml"
+    path.write_text(textwrap.dedent(text))
+    return config.load(path)
+
+
+def test_shipped_local_config_loads():
+    cfg = config.load(os.path.join(ROOT, "configs", "local.toml"))
+    assert list(cfg.nodes) == ["n1", "n2", "n3"]
+    assert cfg.supervisor_node == "n1"
+    assert cfg.tree["stats"].strategy == "one_for_all"
+    assert cfg.tree["sessions"].dynamic
+    assert cfg.agents["hits"].kind == "counter"
+    assert os.path.isabs(cfg.data_dir)
+
+
+def test_defaults_add_root_and_dynamic_supervisor(tmp_path):
+    cfg = load(tmp_path, BASE + '\n[agents.a]\nkind = "counter"\n')
+    assert cfg.tree["root"].children == ("dynamic", "a")
+    assert cfg.tree["dynamic"].dynamic
+    assert cfg.data_dir == str((tmp_path / ".." / "var" / "c").resolve())
+    assert cfg.resolve_kind("counter") == "nodes.counter:Counter"
+    assert cfg.resolve_kind("nodes.counter:Counter") == "nodes.counter:Counter"
+    assert cfg.resolve_kind("os:system") is None
+
+
+@pytest.mark.parametrize("extra, key, reason", [
+    ("[cluster]\nhearbeat_ms = 5\n", "cluster.hearbeat_ms", "unknown key"),
+    ("[cluster]\nheartbeat_ms = 'fast'\n", "cluster.heartbeat_ms", "must be int"),
+    ("[cluster]\nheartbeat_ms = 0\n", "cluster.heartbeat_ms", "must be positive"),
+    ("[cluster]\nlease_ms = 5000\n", "cluster.lease_ms", "must be shorter"),
+    ("[cluster]\nsecure = 1\n", "cluster.secure", "must be bool"),
+    ("[nodes.n3]\nhost = 'h1'\nport = 7001\n", "nodes.n3.port", "also used by node 'n1'"),
+    ("[nodes.n3]\nhost = 'h9'\nport = 7003\n", "nodes.n3.host", "no host named 'h9'"),
+    ("[nodes.n3]\nhost = 'h1'\nport = 70000\n", "nodes.n3.port", "TCP port"),
+    ("[supervisor]\nnode = 'n9'\n", "supervisor.node", "no node named 'n9'"),
+    ("[agents.a]\nkind = 'shell'\n", "agents.a.kind", "not in [kinds]"),
+    ("[agents.a]\nkind = 'counter'\nrestart = 'often'\n", "agents.a.restart", "must be one of"),
+    ("[agents.a]\nkind = 'counter'\nplacement = { hosts = ['h7'] }\n", "agents.a.placement.hosts", "no host named 'h7'"),
+    ("[agents.'bad name']\nkind = 'counter'\n", "agents.bad name", "not a valid name"),
+    ("[tree.root]\nchildren = ['x']\n", "tree.root.children", "neither a supervisor nor an agent"),
+    ("[tree.root]\nchildren = ['s']\n[tree.s]\nchildren = ['root']\n", "tree.s.children", "root supervisor cannot be a child"),
+    ("[tree.root]\nchildren = ['a', 'a']\n[agents.a]\nkind = 'counter'\n", "tree.root.children", "also a child of 'root'"),
+    ("[tree.root]\nchildren = []\n[agents.a]\nkind = 'counter'\n", "tree.root.children", "'a' is under no supervisor"),
+    ("[tree.s]\nstrategy = 'all_for_one'\n", "tree.s.strategy", "must be one of"),
+    ("[tree.s]\ndynamic = true\nchildren = ['a']\n[agents.a]\nkind = 'counter'\n", "tree.s", "dynamic supervisor"),
+    ("[kinds2]\n", "kinds2", "unknown key"),
+])
+def test_mistakes_name_file_key_and_reason(tmp_path, extra, key, reason):
+    with pytest.raises(ConfigError) as err:
+        load(tmp_path, BASE + "\n" + extra)
+    assert err.value.key == key
+    assert reason in err.value.reason
+    assert str(tmp_path / "c.toml") in str(err.value)
+
+
+def test_bad_kind_path(tmp_path):
+    text = BASE.replace('counter = "nodes.counter:Counter"', 'x = "no-colon"')
+    with pytest.raises(ConfigError, match="kinds.x: must be an import path"):
+        load(tmp_path, text)
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        config.load(tmp_path / "missing.toml")
+    (tmp_path / "bad.toml").write_text("[cluster\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load(tmp_path / "bad.toml")
+
+
+def test_needs_hosts_and_nodes(tmp_path):
+    with pytest.raises(ConfigError, match="at least one host"):
+        load(tmp_path, "[kinds]\n")
+    with pytest.raises(ConfigError, match="at least one node"):
+        load(tmp_path, "[hosts.h]\naddress = '127.0.0.1'\n")
+
+
+def test_env_variable_names_the_default(tmp_path, monkeypatch):
+    path = tmp_path / "e.toml"
+    path.write_text(BASE)
+    monkeypatch.setenv("MESH_CONFIG", str(path))
+    assert config.load(None).path == str(path.resolve())

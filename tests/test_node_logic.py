@@ -1,0 +1,480 @@
+"""Node and supervisor logic, deterministic: in-memory network, fake clock, real LMDB."""
+
+import asyncio
+
+import msgpack
+import pytest
+
+import kinds
+from harness import Cluster, make_config
+from mesh import wire
+from mesh.errors import (AgentCrashed, AgentDown, AlreadyExists, BadRequest, Busy, CallTimeout,
+                         NoSuchAgent, NotAllowed)
+from mesh.store import Batch, Committer, Record
+from mesh.wire import Kind
+
+
+@pytest.fixture
+def cluster_factory(tmp_path):
+    made = []
+
+    async def make(extra: str = "", mailbox: int = 100, nodes=None) -> Cluster:
+        c = Cluster(make_config(tmp_path, extra, mailbox), tmp_path)
+        made.append(c)
+        await c.start(*(nodes or ()))
+        return c
+    yield make
+    kinds.GATES.clear()
+    kinds.RUNS.clear()
+
+
+async def closing(cluster):
+    await cluster.close()
+
+
+# --- calls, durability, exactly-once ---------------------------------------------------------
+
+async def test_spawn_call_cast_and_state_in_the_store(cluster_factory):
+    c = await cluster_factory()
+    m = c.client()
+    placed = await m.spawn("c1", "counter", {"start": 10})
+    assert placed["name"] == "c1" and placed["node"] in c.nodes
+    assert await m.call("c1", {"op": "add", "n": 5}) == 15
+    await m.cast("c1", {"op": "add", "n": 1})
+    assert await m.call("c1", {"op": "get"}) == 16
+    record = c.stores["h1"].get("c1")
+    assert msgpack.unpackb(record.state) == {"value": 16}
+    assert record.incarnation == placed["incarnation"]
+    await c.close()
+
+
+class GatedCommitter:
+    """Holds every batch until the test releases it: shows what waits for a commit."""
+
+    def __init__(self, store):
+        self.store, self.held = store, []
+
+    def submit(self, batch, done):
+        self.held.append((batch, done))
+
+    def release(self):
+        held, self.held = self.held, []
+        for batch, done in held:
+            done(self.store.write(batch))
+
+    def close(self):
+        pass
+
+
+async def test_reply_leaves_only_after_its_state_is_committed(cluster_factory):
+    c = await cluster_factory()
+    m = c.client()
+    placed = await m.spawn("c1", "counter")
+    node = c.nodes[placed["node"]]
+    gate = node.committer = GatedCommitter(node.store)
+    add = asyncio.ensure_future(m.call("c1", {"op": "add", "n": 3}))
+    await c.settle()
+    assert not add.done() and len(gate.held) == 1          # handled, but not answered
+    assert msgpack.unpackb(node.store.get("c1").state) == {"value": 0}
+    get = asyncio.ensure_future(m.call("c1", {"op": "get"}))
+    await c.settle()
+    assert not get.done()                                  # a read of uncommitted state waits too
+    gate.release()
+    assert await add == 3 and await get == 3
+    assert msgpack.unpackb(node.store.get("c1").state) == {"value": 3}
+    # a read with nothing pending is answered without any commit
+    assert await m.call("c1", {"op": "get"}) == 3 and gate.held == []
+    node.committer = Committer(node.store, inline=True)
+    await c.close()
+
+
+async def test_repeated_request_id_returns_the_recorded_reply(cluster_factory):
+    c = await cluster_factory()
+    m = c.client()
+    await m.spawn("l1", "ledger")
+    first = await m.call("l1", {"op": "append", "value": "x"}, request_id="req-1")
+    again = await m.call("l1", {"op": "append", "value": "x"}, request_id="req-1")
+    assert first == again == 0
+    assert await m.call("l1", {"op": "read"}) == ["x"]
+    await c.close()
+
+
+async def test_recorded_replies_survive_a_node_kill(cluster_factory):
+    c = await cluster_factory()
+    m = c.client()
+    placed = await m.spawn("l1", "ledger")
+    assert await m.call("l1", {"op": "append", "value": "a"}, request_id="r-a") == 0
+    await c.restart(placed["node"])
+    assert await m.call("l1", {"op": "append", "value": "a"}, request_id="r-a") == 0
+    assert await m.call("l1", {"op": "read"}) == ["a"]
+    await c.close()
+
+
+async def test_dedup_window_is_bounded(cluster_factory):
+    c = await cluster_factory()  # dedup_window = 8
+    m = c.client()
+    await m.spawn("l1", "ledger")
+    for i in range(12):
+        await m.call("l1", {"op": "append", "value": i}, request_id=f"r{i}")
+    assert await m.call("l1", {"op": "append", "value": 11}, request_id="r11") == 11
+    assert await m.call("l1", {"op": "append", "value": 0}, request_id="r0") == 12  # forgotten
+    await c.close()
+
+
+async def test_a_repeat_while_running_joins_the_first(cluster_factory):
+    c = await cluster_factory()
+    m = c.client()
+    await m.spawn("w", "waiter")
+    first = asyncio.ensure_future(m.call("w", {"op": "wait", "key": "k"}, request_id="same"))
+    await c.settle()
+    second = asyncio.ensure_future(m.call("w", {"op": "wait", "key": "k"}, request_id="same"))
+    await c.settle()
+    kinds.GATES["k"].set()
+    assert await first == await second == "released k"
+    assert kinds.RUNS["k"] == 1
+    await c.close()
+
+
+async def test_mailbox_is_bounded(cluster_factory):
+    c = await cluster_factory(mailbox=2)
+    m = c.client()
+    await m.spawn("w", "waiter")
+    busy = asyncio.ensure_future(m.call("w", {"op": "wait", "key": "b"}))
+    await c.settle()
+    queued = [asyncio.ensure_future(m.call("w", {"op": "get"})) for _ in range(2)]
+    await c.settle()
+    with pytest.raises(Busy, match="mailbox of 'w' is full"):
+        await m.call("w", {"op": "get"})
+    kinds.GATES["b"].set()
+    await busy
+    assert [await q for q in queued] == [1, 1]
+    await c.close()
+
+
+async def test_nested_call_is_not_repeated_when_the_caller_reruns(cluster_factory):
+    c = await cluster_factory()
+    m = c.client()
+    await m.spawn("c1", "counter")
+    await m.spawn("r", "relay")
+    with pytest.raises(AgentCrashed):
+        await m.call("r", {"to": "c1", "msg": {"op": "add", "n": 1}, "then_crash": True}, request_id="outer")
+    # the caller retries the same request; the relay runs again, its inner call does not
+    reply = await m.call("r", {"to": "c1", "msg": {"op": "add", "n": 1}}, request_id="outer")
+    assert reply == 1 and await m.call("c1", {"op": "get"}) == 1
+    await c.close()
+
+
+async def test_casts_from_a_handler_leave_after_the_commit(cluster_factory):
+    c = await cluster_factory()
+    m = c.client()
+    await m.spawn("c1", "counter")
+    await m.spawn("r", "relay")
+    await m.cast("r", {"to": "c1", "msg": {"op": "add", "n": 4}})
+    await c.settle()
+    assert await m.call("c1", {"op": "get"}) == 4
+    await c.close()
+
+
+# --- errors and bad input -------------------------------------------------------------------
+
+async def test_errors_callers_see(cluster_factory):
+    c = await cluster_factory()
+    m = c.client()
+    with pytest.raises(NoSuchAgent):
+        await m.call("nobody", {})
+    await m.spawn("c1", "counter")
+    with pytest.raises(AlreadyExists):
+        await m.spawn("c1", "counter")
+    with pytest.raises(NotAllowed):
+        await m.spawn("x", "os:system")
+    with pytest.raises(NotAllowed, match="not an Agent"):
+        await m.spawn("x", "notagent")
+    with pytest.raises(BadRequest, match="cannot be loaded"):
+        await m.spawn("x", "missing")
+    with pytest.raises(AgentCrashed, match="init refuses"):
+        await m.spawn("x", "failsinit")
+    with pytest.raises(BadRequest, match="unknown op"):
+        await m.call("c1", {"op": "explode"})
+    with pytest.raises(BadRequest, match="cannot be sent"):
+        await m.call("c1", {"op": object()})
+    # a failed spawn leaves the name free
+    assert (await m.spawn("x", "counter"))["name"] == "x"
+    with pytest.raises(CallTimeout):
+        await m.call("c1", {"op": "get"}, timeout=0.0)
+    await c.close()
+
+
+async def test_bad_frames_get_errors_are_counted_and_reach_no_agent(cluster_factory):
+    c = await cluster_factory()
+    m = c.client()
+    placed = await m.spawn("c1", "counter")
+    node = c.nodes[placed["node"]]
+    answers = []
+    link = c.net.link(f"tcp://10.255.0.1:{c.cfg.nodes[node.name].port}", answers.append)
+    await c.settle()
+    link.send(b"\xc1 not msgpack")
+    link.send(msgpack.packb([1, 1, "rid-1", "c1", None, None, {"op": "add"}, "meta?"]))
+    link.send(msgpack.packb([1, 3, "rid-2", None, None, None, 1, None]))  # a REPLY sent as a request
+    link.send(wire.batch_frame([msgpack.packb([1, 1, "rid-3", "c1", None, 9, {"op": "add"}, None]),
+                                msgpack.packb([7])]))
+    await c.settle()
+    got = {}
+    for frame in answers:
+        msg = wire.decode(frame)
+        for item in (msg.body if msg.kind == Kind.BATCH else [msg]):
+            got[item.id] = item
+    assert got["rid-1"].kind == Kind.ERROR and "meta must be" in got["rid-1"].body[1]
+    assert got["rid-2"].kind == Kind.ERROR and "not a request" in got["rid-2"].body[1]
+    assert got["rid-3"].kind == Kind.REPLY and got["rid-3"].body == 1  # the good one in the batch
+    assert node.stats["bad_messages"] == 4
+    assert await m.call("c1", {"op": "get"}) == 1
+    link.close()
+    await c.close()
+
+
+# --- crashes and supervision ----------------------------------------------------------------
+
+async def test_crash_restarts_from_the_last_good_state(cluster_factory):
+    c = await cluster_factory()
+    m = c.client()
+    first = await m.spawn("c1", "counter")
+    await m.call("c1", {"op": "add", "n": 7})
+    with pytest.raises(AgentCrashed, match="asked to crash"):
+        await m.call("c1", {"op": "crash"})
+    assert await m.call("c1", {"op": "get"}) == 7
+    status = await m.status()
+    agent = next(a for a in status["agents"] if a["name"] == "c1")
+    assert agent["restarts"] == 1 and agent["incarnation"] > first["incarnation"]
+    await c.close()
+
+
+STATIC = """
+[tree.root]
+children = ["sessions", "pair", "chain"]
+
+[tree.pair]
+strategy = "one_for_all"
+intensity = 1
+period_s = 60
+children = ["p1", "p2"]
+
+[tree.chain]
+strategy = "rest_for_one"
+intensity = 5
+children = ["c1", "c2", "c3"]
+
+[agents.p1]
+kind = "counter"
+[agents.p2]
+kind = "counter"
+[agents.c1]
+kind = "counter"
+[agents.c2]
+kind = "counter"
+[agents.c3]
+kind = "counter"
+"""
+
+
+def incarnations(status):
+    return {a["name"]: a["incarnation"] for a in status["agents"]}
+
+
+async def test_strategies_one_for_all_and_rest_for_one(cluster_factory):
+    c = await cluster_factory(STATIC)
+    m = c.client()
+    for name in ("p1", "p2", "c1", "c2", "c3"):
+        await m.call(name, {"op": "add", "n": 1})
+    before = incarnations(await m.status())
+    with pytest.raises(AgentCrashed):
+        await m.call("c2", {"op": "crash"})
+    await c.settle()
+    assert await m.call("c3", {"op": "get"}) == 1
+    after = incarnations(await m.status())
+    assert after["c1"] == before["c1"]
+    assert after["c2"] > before["c2"] and after["c3"] > before["c3"]
+    with pytest.raises(AgentCrashed):
+        await m.call("p1", {"op": "crash"})
+    await c.settle()
+    assert await m.call("p2", {"op": "get"}) == 1  # restarted with its state
+    after2 = incarnations(await m.status())
+    assert after2["p1"] > after["p1"] and after2["p2"] > after["p2"]
+    await c.close()
+
+
+async def test_too_many_restarts_escalate_to_the_parent(cluster_factory):
+    c = await cluster_factory(STATIC)
+    m = c.client()
+    await m.call("p2", {"op": "add", "n": 5})
+    with pytest.raises(AgentCrashed):
+        await m.call("p1", {"op": "crash"})
+    await m.call("p1", {"op": "get"})
+    before = incarnations(await m.status())
+    with pytest.raises(AgentCrashed):  # a second restart within the period: 'pair' gives up
+        await m.call("p1", {"op": "crash"})
+    await m.call("p1", {"op": "get"})
+    await c.settle()
+    after = incarnations(await m.status())
+    assert after["p1"] > before["p1"] and after["p2"] > before["p2"]  # root restarted 'pair'
+    assert after["c1"] == before["c1"]                                # siblings untouched
+    assert await m.call("p2", {"op": "get"}) == 5
+    status = await m.status()
+    assert not status["failed"]
+    await c.close()
+
+
+async def test_restart_types(cluster_factory):
+    c = await cluster_factory()
+    m = c.client()
+    await m.spawn("perm", "lifecycle", restart="permanent")
+    await m.spawn("trans", "lifecycle", restart="transient")
+    await m.spawn("temp", "lifecycle", restart="temporary")
+    for name in ("perm", "trans", "temp"):
+        assert await m.call(name, {"op": "stop"}) == "stopping"
+    await c.settle()
+    events = await m.call("perm", {"op": "events"})
+    assert events == ["init", "terminate normal", "init"]  # permanent: back again
+    for name in ("trans", "temp"):
+        with pytest.raises(NoSuchAgent):
+            await m.call(name, {"op": "events"})
+    # an abnormal stop of a transient agent is restarted
+    await m.spawn("trans2", "lifecycle", restart="transient")
+    await m.call("trans2", {"op": "stop", "reason": "broken"})
+    await c.settle()
+    assert (await m.call("trans2", {"op": "events"}))[-1] == "init"
+    await c.close()
+
+
+async def test_unserializable_state_or_reply_is_a_crash(cluster_factory):
+    c = await cluster_factory()
+    m = c.client()
+    await m.spawn("lc", "lifecycle")
+    with pytest.raises(AgentCrashed, match="state is not serializable"):
+        await m.call("lc", {"op": "bad_state"})
+    with pytest.raises(AgentCrashed, match="reply is not serializable"):
+        await m.call("lc", {"op": "bad_reply"})
+    assert (await m.call("lc", {"op": "events"})) == ["init", "init", "init"]
+    await c.close()
+
+
+async def test_timers_fire_on_the_agents_clock(cluster_factory):
+    c = await cluster_factory()
+    m = c.client()
+    await m.spawn("lc", "lifecycle")
+    assert await m.call("lc", {"op": "tick_after", "seconds": 2.0, "n": 7}) == "armed"
+    await c.advance(1.0)
+    assert "tick 7" not in await m.call("lc", {"op": "events"})
+    await c.advance(1.1)
+    assert (await m.call("lc", {"op": "events"}))[-1] == "tick 7"
+    await c.close()
+
+
+async def test_a_handler_past_its_deadline_is_cancelled_and_restarted(cluster_factory):
+    c = await cluster_factory()  # handler_timeout_s = 10
+    m = c.client()
+    await m.spawn("w", "waiter")
+    await m.call("w", {"op": "get"})
+    stuck = asyncio.ensure_future(m.call("w", {"op": "forever"}, timeout=60))
+    await c.advance(10.5, step=0.25)
+    with pytest.raises(AgentCrashed, match="TimeoutError"):
+        await stuck
+    assert await m.call("w", {"op": "get"}) is None
+    await c.close()
+
+
+# --- nodes that die -------------------------------------------------------------------------
+
+async def test_killed_node_restarts_and_its_agents_come_back_with_state(cluster_factory):
+    c = await cluster_factory()
+    m = c.client()
+    placed = await m.spawn("l1", "ledger")
+    await m.call("l1", {"op": "append", "value": "kept"})
+    await c.restart(placed["node"])
+    assert await m.call("l1", {"op": "read"}) == ["kept"]
+    await c.close()
+
+
+async def test_silent_node_is_declared_dead_and_its_agents_move(cluster_factory):
+    c = await cluster_factory()
+    m = c.client()
+    spawned = [await m.spawn(f"c{i}", "counter") for i in range(6)]
+    victim = next(p["node"] for p in spawned if p["node"] != c.cfg.supervisor_node)
+    for p in spawned:
+        await m.call(p["name"], {"op": "add", "n": 2})
+    c.kill(victim)                     # gone, and no launcher brings it back
+    await c.advance(0.3)
+    assert all(v.alive for v in c.role.nodes.values())   # not yet: 0.3 s < 4 x 100 ms
+    await c.advance(0.3)
+    assert not c.role.nodes[victim].alive
+    for p in spawned:
+        assert await m.call(p["name"], {"op": "get"}) == 2
+    status = await m.status()
+    assert victim not in {a["node"] for a in status["agents"]}
+    await c.close()
+
+
+async def test_supervisor_restart_adopts_running_agents_and_keeps_dynamic_ones(cluster_factory):
+    c = await cluster_factory()
+    m = c.client()
+    spawned = {p["name"]: p for p in [await m.spawn(f"c{i}", "counter") for i in range(4)]}
+    epoch = c.role.epoch
+    await c.restart(c.cfg.supervisor_node)
+    await c.role.ready_event.wait()
+    assert c.role.epoch == epoch + 1
+    status = await m.status()
+    for a in status["agents"]:
+        p = spawned[a["name"]]
+        if p["node"] != c.cfg.supervisor_node:
+            assert a["incarnation"] == p["incarnation"]   # adopted, not restarted
+        assert a["status"] == "running"
+    for name in spawned:
+        assert await m.call(name, {"op": "add"}) == 1
+    await c.close()
+
+
+async def test_stop_forgets_the_agent_and_its_state(cluster_factory):
+    c = await cluster_factory(STATIC)
+    m = c.client()
+    await m.spawn("tmp", "counter")
+    await m.call("tmp", {"op": "add", "n": 9})
+    assert (await m.stop("tmp"))["stopped"]
+    with pytest.raises(NoSuchAgent):
+        await m.call("tmp", {"op": "get"})
+    assert c.stores["h1"].get("tmp") is None
+    await m.spawn("tmp", "counter")
+    assert await m.call("tmp", {"op": "get"}) == 0
+    with pytest.raises(NotAllowed, match="static agent"):
+        await m.stop("p1")
+    with pytest.raises(NoSuchAgent):
+        await m.stop("ghost")
+    await c.close()
+
+
+async def test_callers_are_redirected_to_where_the_agent_lives(cluster_factory):
+    c = await cluster_factory()
+    m = c.client()
+    placed = await m.spawn("c1", "counter")
+    wrong = next(n for n in c.nodes if n != placed["node"])
+    m.resolver.learn("c1", wrong, 0)  # a stale belief
+    assert await m.call("c1", {"op": "add"}) == 1
+    assert m.resolver.where("c1")[0] == placed["node"]
+    m.resolver.learn("c1", wrong, 0)
+    m.caller.cast("c1", {"op": "add", "n": 10})  # a cast to the wrong node is passed on
+    await c.settle()
+    assert await m.call("c1", {"op": "get"}) == 11
+    await c.close()
+
+
+async def test_a_stale_incarnation_is_fenced_by_the_store(cluster_factory):
+    c = await cluster_factory()
+    m = c.client()
+    placed = await m.spawn("c1", "counter")
+    node = c.nodes[placed["node"]]
+    # another incarnation claims the name behind this node's back (as after a partition)
+    batch = Batch()
+    batch.add_claim("c1", Record(placed["incarnation"] + 100, 1, msgpack.packb({"value": 0}), []))
+    node.store.write(batch)
+    with pytest.raises(AgentDown):
+        await node.caller.request(node.name, Kind.CALL, "c1", {"op": "add"}, 1.0)
+    assert "c1" not in node.runners and node.stats["fenced"] == 1
+    await c.close()

@@ -1,0 +1,53 @@
+"""Restart decisions as pure functions of specs, exits and monotonic time."""
+
+import pytest
+
+from mesh import supervision as sv
+
+
+@pytest.mark.parametrize("restart, how, expected", [
+    ("permanent", sv.CRASH, True), ("permanent", sv.NORMAL, True), ("permanent", sv.TIMEOUT, True),
+    ("permanent", sv.SHUTDOWN, False),
+    ("transient", sv.CRASH, True), ("transient", sv.TIMEOUT, True), ("transient", sv.NORMAL, False),
+    ("temporary", sv.CRASH, False), ("temporary", sv.NORMAL, False),
+    # losing a node is not the agent's exit: everyone moves
+    ("temporary", sv.LOST, True), ("transient", sv.LOST, True),
+])
+def test_should_restart(restart, how, expected):
+    assert sv.should_restart(restart, how) is expected
+
+
+def test_strategies_pick_the_children_to_restart():
+    kids = ["a", "b", "c", "d"]
+    assert sv.to_restart("one_for_one", kids, "b") == ["b"]
+    assert sv.to_restart("one_for_all", kids, "b") == kids
+    assert sv.to_restart("rest_for_one", kids, "b") == ["b", "c", "d"]
+    assert sv.to_restart("rest_for_one", kids, "d") == ["d"]
+    with pytest.raises(ValueError):
+        sv.to_restart("all_for_none", kids, "b")
+
+
+def test_intensity_allows_exactly_intensity_restarts_per_period():
+    history = ()
+    for t in (0.0, 1.0, 2.0):
+        allowed, history = sv.allow_restart(history, t, intensity=3, period_s=5.0)
+        assert allowed
+    allowed, _ = sv.allow_restart(history, 3.0, intensity=3, period_s=5.0)
+    assert not allowed  # the fourth within 5 s is one too many
+
+
+def test_intensity_forgets_restarts_older_than_the_period():
+    history = ()
+    for t in (0.0, 1.0, 2.0):
+        _, history = sv.allow_restart(history, t, 3, 5.0)
+    allowed, history = sv.allow_restart(history, 5.5, 3, 5.0)  # 0.0 has aged out
+    assert allowed and history == (1.0, 2.0, 5.5)
+
+
+def test_zero_intensity_allows_no_restart():
+    assert sv.allow_restart((), 0.0, 0, 5.0)[0] is False
+
+
+def test_liveness():
+    assert not sv.liveness_expired(10.0, 10.99, 0.25, 4)
+    assert sv.liveness_expired(10.0, 11.0, 0.25, 4)
