@@ -65,9 +65,12 @@ class Client:
         self.up[node] = bool(up)
         self.caller.on_link_state(node, up)
 
-    async def close(self) -> None:
-        for link in self.links.values():
-            link.close()
+    async def close(self, drain_s: float = 1.0) -> None:
+        """Close the client; casts already made get up to `drain_s` to reach a live node."""
+        links = list(self.links.values())
+        await asyncio.gather(*(link.drain(drain_s) for link in links))
+        for link in links:
+            link.close(linger_ms=int(drain_s * 1000))
         self.links.clear()
         if self._own_network and self._network is not None:
             self._network.close()

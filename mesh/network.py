@@ -28,7 +28,9 @@ class ZmqNetwork:
         return transport.Link(self.ctx, endpoint, on_response, on_state, self.max_bytes, self.batch, self.security)
 
     def close(self) -> None:
-        self.ctx.destroy(linger=0)
+        """Close what is still open (linger 0) and end the context; sockets closed earlier
+        with a linger get that long to deliver what they hold."""
+        self.ctx.destroy()
 
 
 class _MemListener:
@@ -89,7 +91,10 @@ class _MemLink:
         if not self.closed:
             self.on_response(frame)
 
-    def close(self) -> None:
+    async def drain(self, timeout: float) -> bool:
+        return not self.pending
+
+    def close(self, linger_ms: int = 0) -> None:
         self.closed = True
         self.net._routes.pop(self.route, None)
 

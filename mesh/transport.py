@@ -233,6 +233,7 @@ class Link:
         self.pending: deque[bytes] = deque()
         self._outbox = _Outbox()
         self._flush_scheduled = False
+        self._drained: asyncio.Event | None = None
         self._on_response = on_response
         self._on_state = on_state
         self._monitor = s.get_monitor_socket(_MONITOR_EVENTS)
@@ -314,13 +315,28 @@ class Link:
             except zmq.ZMQError:
                 return
             self.pending.popleft()
+        if not self.pending and self._drained is not None:
+            self._drained.set()
         self._drain.poke()
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until everything sent so far has been handed to a live connection."""
+        self._flush_outbox()
+        if not self.pending:
+            return True
+        self._drained = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._drained.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
 
     def _schedule_retry(self) -> None:
         if self._retry_timer is None and not self.sock.closed:
             self._retry_timer = asyncio.get_running_loop().call_later(0.005, self._flush)
 
-    def close(self) -> None:
+    def close(self, linger_ms: int = 0) -> None:
+        """Close; `linger_ms` gives messages already handed to ZeroMQ that long to leave."""
         if not self.sock.closed and self.up:
             self._flush_outbox()
         if self._retry_timer:
@@ -332,7 +348,7 @@ class Link:
         except zmq.ZMQError:
             pass
         self._monitor.close(0)
-        self.sock.close(0)
+        self.sock.close(linger_ms)
 
 
 def new_context() -> zmq.Context:

@@ -1,0 +1,238 @@
+"""Real mesh processes for tests: `mesh up` of a generated config, ended by pid.
+
+Every pid a run ever saw (the launcher's, and every node's from its "ready" lines) is
+killed at teardown if still alive, also when the test failed; waits are on output
+lines and process exits, each with a deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+CONFIG = """
+[cluster]
+name = "{name}"
+data_dir = "{data}"
+heartbeat_ms = 100
+liveness = 4
+lease_ms = 300
+call_timeout_s = 5
+
+[launcher]
+max_restarts = {max_restarts}
+period_s = 30
+
+[kinds]
+counter = "nodes.counter:Counter"
+ledger = "nodes.ledger:Ledger"
+waiter = "kinds:Waiter"
+lifecycle = "kinds:Lifecycle"
+
+[hosts.local]
+address = "127.0.0.1"
+
+{nodes}
+
+[supervisor]
+node = "n1"
+dynamic = "sessions"
+
+[tree.root]
+children = ["sessions", "stats"]
+
+[tree.stats]
+strategy = "one_for_all"
+children = ["hits", "misses"]
+
+[tree.sessions]
+dynamic = true
+intensity = 50
+period_s = 10
+
+[agents.hits]
+kind = "counter"
+
+[agents.misses]
+kind = "counter"
+"""
+
+
+def free_ports(n: int) -> list[int]:
+    """n consecutive-free TCP ports on loopback (checked by binding them)."""
+    for _ in range(200):
+        base = random.randrange(20000, 60000 - n)
+        socks = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket()
+                s.bind(("127.0.0.1", port))
+                socks.append(s)
+            return list(range(base, base + n))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free ports")
+
+
+def write_config(tmp_path: Path, nodes: int = 3, max_restarts: int = 5, name: str = "test") -> Path:
+    ports = free_ports(nodes)
+    node_tables = "\n".join(f'[nodes.n{i + 1}]\nhost = "local"\nport = {p}\n' for i, p in enumerate(ports))
+    path = tmp_path / f"{name}.toml"
+    path.write_text(CONFIG.format(name=name, data=tmp_path / "data", nodes=node_tables, max_restarts=max_restarts))
+    return path
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT), e.get("PYTHONPATH", "")])
+    e.setdefault("MESH_LOG", "WARNING")
+    return e
+
+
+def mesh_cmd(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    """Run the mesh CLI once; returns its completed process (never raises on exit codes)."""
+    return subprocess.run([sys.executable, "-m", "mesh.cli", *args], capture_output=True, text=True,
+                          env=env(), timeout=timeout, cwd=ROOT)
+
+
+class MeshRun:
+    """One `mesh up` (or `mesh node`) process tree."""
+
+    READY = re.compile(r"node (\S+) ready \(pid (\d+)")
+
+    def __init__(self, *args: str):
+        self.args = args
+        self.lines: list[str] = []
+        self.pids: dict[str, int] = {}
+        self.seen: set[int] = set()
+        self._cond = threading.Condition()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait_for: str | None = "mesh ready", timeout: float = 30) -> "MeshRun":
+        self.proc = subprocess.Popen([sys.executable, "-m", "mesh.cli", *self.args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, env=env(), cwd=ROOT,
+                                     start_new_session=True)
+        self.seen.add(self.proc.pid)
+        threading.Thread(target=self._read, daemon=True).start()
+        if wait_for:
+            self.wait_for(wait_for, timeout)
+        return self
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            line = line.rstrip("\n")
+            with self._cond:
+                self.lines.append(line)
+                m = self.READY.search(line)
+                if m:
+                    self.pids[m.group(1)] = int(m.group(2))
+                    self.seen.add(int(m.group(2)))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float = 30, start: int = 0) -> re.Match:
+        """Wait for an output line (from line `start` on) matching `pattern`."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines[start:]:
+                    m = rx.search(line)
+                    if m:
+                        return m
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.proc.poll() is not None and not self._more_coming()):
+                    pytest.fail(f"no line matching {pattern!r} within {timeout}s; output:\n" + "\n".join(self.lines))
+                self._cond.wait(min(remaining, 0.5))
+
+    def _more_coming(self) -> bool:
+        return not self.proc.stdout.closed and self.proc.poll() is None
+
+    def mark(self) -> int:
+        with self._cond:
+            return len(self.lines)
+
+    def kill_node(self, name: str, sig: int = signal.SIGKILL) -> int:
+        pid = self.pids[name]
+        os.kill(pid, sig)
+        return pid
+
+    def stop(self, timeout: float = 20) -> int | None:
+        """SIGTERM the launcher and wait; then kill whatever is left, by pid."""
+        code = None
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                code = self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        elif self.proc:
+            code = self.proc.returncode
+        self.kill_all()
+        return code
+
+    def kill_all(self) -> None:
+        for pid in self.seen:
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    break
+        if self.proc and self.proc.poll() is None:
+            self.proc.wait(10)
+        if self.proc and self.proc.stdout:
+            self.proc.stdout.close()
+
+
+def alive(pid: int) -> bool:
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    try:
+        ready, _, _ = select.select([fd], [], [], 0)
+        return not ready  # a pidfd turns readable when its process has exited
+    finally:
+        os.close(fd)
+
+
+def wait_gone(pids, timeout: float = 15) -> list[int]:
+    """Wait (on pidfds, no polling) until every pid has exited; returns those still alive."""
+    fds = {}
+    for pid in pids:
+        try:
+            fds[os.pidfd_open(pid)] = pid
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    try:
+        while fds:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            ready, _, _ = select.select(list(fds), [], [], remaining)
+            for fd in ready:
+                os.close(fd)
+                del fds[fd]
+        return sorted(fds.values())
+    finally:
+        for fd in fds:
+            os.close(fd)

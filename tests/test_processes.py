@@ -1,0 +1,200 @@
+"""The real thing: `mesh up` process trees, the CLI, kill -9, clean stops."""
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+import mesh
+from mesh.errors import AgentCrashed, NoSuchAgent
+from procs import MeshRun, alive, mesh_cmd, wait_gone, write_config
+
+
+@pytest.fixture
+def runs():
+    started = []
+
+    def start(*args, wait_for="mesh ready"):
+        run = MeshRun(*args)
+        started.append(run)
+        return run.start(wait_for=wait_for)
+    yield start
+    for run in started:
+        run.stop()
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return write_config(tmp_path)
+
+
+def cli(cfg, *args, timeout=30):
+    return mesh_cmd(*args[:1], "-c", str(cfg), *args[1:], timeout=timeout)
+
+
+def test_cli_contract(runs, cfg):
+    runs("up", "-c", str(cfg))
+    r = cli(cfg, "spawn", "c1", "counter", "--args", '{"start": 5}')
+    assert r.returncode == 0, r.stderr
+    placed = json.loads(r.stdout)
+    assert placed["name"] == "c1" and placed["node"] in ("n1", "n2", "n3") and placed["incarnation"] > 0
+    assert json.loads(cli(cfg, "call", "c1", '{"op": "add", "n": 2}').stdout) == 7
+    assert cli(cfg, "cast", "c1", '{"op": "add", "n": 1}').returncode == 0
+    assert json.loads(cli(cfg, "call", "c1", '{"op": "get"}', "--timeout", "5").stdout) == 8
+    first = cli(cfg, "call", "c1", '{"op": "add"}', "--request-id", "once")
+    again = cli(cfg, "call", "c1", '{"op": "add"}', "--request-id", "once")
+    assert first.stdout == again.stdout == "9\n"
+
+    st = json.loads(cli(cfg, "status", "--json").stdout)
+    assert [n["name"] for n in st["nodes"]] == ["n1", "n2", "n3"] and all(n["alive"] for n in st["nodes"])
+    agents = {a["name"]: a for a in st["agents"]}
+    assert set(agents) == {"c1", "hits", "misses"}
+    assert {"kind", "node", "incarnation", "restarts", "mailbox"} <= set(agents["c1"])
+    table = cli(cfg, "status").stdout
+    assert "NODE" in table and "c1" in table and "supervisor" in table
+
+    for args, code, fragment in [
+        (("call", "ghost", "{}"), 1, "NoSuchAgent"),
+        (("cast", "ghost", "{}"), 1, "NoSuchAgent"),
+        (("spawn", "c1", "counter"), 1, "AlreadyExists"),
+        (("spawn", "x", "os:system"), 1, "NotAllowed"),
+        (("call", "c1", '{"op": "crash"}'), 1, "AgentCrashed"),
+        (("call", "c1", '{"op": "nope"}'), 1, "BadRequest"),
+        (("stop", "hits"), 1, "NotAllowed"),
+        (("call", "c1", "not json"), 2, "not valid JSON"),
+        (("spawn", "x", "counter", "--args", "[1]"), 2, "JSON object"),
+        (("spawn", "x", "counter", "--restart", "sometimes"), 2, "sometimes"),
+    ]:
+        r = cli(cfg, *args)
+        assert r.returncode == code, (args, r.stdout, r.stderr)
+        assert fragment in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr
+    assert json.loads(cli(cfg, "call", "c1", '{"op": "get"}').stdout) == 9  # kept across the crash
+    assert json.loads(cli(cfg, "stop", "c1").stdout)["stopped"] is True
+    assert cli(cfg, "call", "c1", '{"op": "get"}').returncode == 1
+
+
+def test_usage_and_config_errors_exit_2_without_traceback(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[cluster]\nheartbeat_ms = 'soon'\n")
+    for args in (("status", "-c", str(bad)), ("status", "-c", str(tmp_path / "none.toml")),
+                 ("node", "-c", str(bad), "n1"), ("frobnicate",)):
+        r = mesh_cmd(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert "Traceback" not in r.stderr
+    assert "cluster.heartbeat_ms" in mesh_cmd("status", "-c", str(bad)).stderr
+
+
+def test_nothing_listening_is_a_timeout_not_a_hang(cfg):
+    r = cli(cfg, "call", "c1", "{}", "--timeout", "1")
+    assert r.returncode == 1 and "CallTimeout" in r.stderr
+
+
+async def test_kill_9_of_a_node_its_agents_answer_again_with_state(runs, cfg):
+    run = runs("up", "-c", str(cfg))
+    async with mesh.connect(cfg) as m:
+        placed = [await m.spawn(f"l{i}", "ledger") for i in range(6)]
+        for p in placed:
+            await m.call(p["name"], {"op": "append", "value": p["name"]})
+        victim = placed[0]["node"]
+        mark = run.mark()
+        old_pid = run.kill_node(victim)
+        t0 = time.monotonic()
+        for p in placed:
+            assert await m.call(p["name"], {"op": "read"}) == [p["name"]]
+        took = time.monotonic() - t0
+        run.wait_for(rf"node {victim} restarted", start=mark)
+        assert run.pids[victim] != old_pid and not alive(old_pid)
+        assert took < 5
+
+
+async def test_supervisor_node_killed_agents_keep_serving_and_come_back(runs, cfg):
+    run = runs("up", "-c", str(cfg))
+    async with mesh.connect(cfg) as m:
+        placed = {p["name"]: p for p in [await m.spawn(f"c{i}", "counter") for i in range(6)]}
+        for name in placed:
+            await m.call(name, {"op": "add", "n": 3})
+        mark = run.mark()
+        run.kill_node("n1")
+        for name, p in placed.items():  # others serve on while the supervisor restarts
+            if p["node"] != "n1":
+                assert await m.call(name, {"op": "get"}) == 3
+        run.wait_for("mesh ready", start=mark)
+        for name in placed:
+            assert await m.call(name, {"op": "add"}) == 4
+        await m.spawn("after", "counter")
+        st = await m.status()
+        assert st["epoch"] == 2 and {a["name"] for a in st["agents"]} >= set(placed) | {"after"}
+
+
+async def test_crash_restarts_the_agent_not_the_node(runs, cfg):
+    run = runs("up", "-c", str(cfg))
+    async with mesh.connect(cfg) as m:
+        await m.call("hits", {"op": "add", "n": 2})
+        await m.call("misses", {"op": "add", "n": 1})
+        pids = dict(run.pids)
+        with pytest.raises(AgentCrashed):
+            await m.call("hits", {"op": "crash"})
+        assert await m.call("hits", {"op": "get"}) == 2
+        assert await m.call("misses", {"op": "get"}) == 1
+        assert run.pids == pids and all(alive(p) for p in pids.values())
+
+
+def test_sigterm_stops_everything_in_order_and_state_survives(runs, cfg):
+    run = runs("up", "-c", str(cfg))
+    assert cli(cfg, "call", "hits", '{"op": "add", "n": 41}').returncode == 0
+    node_pids = list(run.pids.values())
+    assert run.stop() == 0
+    assert wait_gone(node_pids, 10) == []
+    run2 = runs("up", "-c", str(cfg))
+    assert json.loads(cli(cfg, "call", "hits", '{"op": "add"}').stdout) == 42
+    assert run2.stop() == 0
+
+
+def test_nodes_stop_when_their_launcher_is_killed(runs, cfg):
+    run = runs("up", "-c", str(cfg))
+    node_pids = list(run.pids.values())
+    os.kill(run.proc.pid, signal.SIGKILL)
+    assert wait_gone(node_pids, 10) == []
+
+
+def test_launcher_gives_up_after_too_many_restarts(runs, tmp_path):
+    cfg = write_config(tmp_path, max_restarts=1)
+    run = runs("up", "-c", str(cfg))
+    mark = run.mark()
+    run.kill_node("n3")
+    run.wait_for("node n3 ready", start=mark)
+    mark = run.mark()
+    run.kill_node("n3")
+    run.wait_for("node n3: more than 1 restarts", start=mark)
+    # the supervisor declares it dead by its silence, and the mesh carries on without it
+    deadline = time.monotonic() + 10
+    while True:
+        st = json.loads(cli(cfg, "status", "--json").stdout)
+        n3 = next(n for n in st["nodes"] if n["name"] == "n3")
+        if not n3["alive"] or time.monotonic() > deadline:
+            break
+    assert not n3["alive"]
+    assert cli(cfg, "spawn", "late", "counter").returncode == 0
+
+
+def test_mesh_node_runs_one_node_each(runs, cfg):
+    for name in ("n2", "n3"):
+        runs("node", "-c", str(cfg), name, wait_for=f"node {name} ready")
+    runs("node", "-c", str(cfg), "n1", wait_for="mesh ready")
+    r = cli(cfg, "spawn", "solo", "counter")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(cli(cfg, "call", "solo", '{"op": "add"}').stdout) == 1
+
+
+def test_sync_client(runs, cfg):
+    runs("up", "-c", str(cfg))
+    with mesh.connect_sync(cfg) as m:
+        m.spawn("s1", "ledger")
+        assert m.call("s1", {"op": "append", "value": 1}) == 0
+        m.cast("s1", {"op": "noop"})
+        with pytest.raises(NoSuchAgent):
+            m.call("nobody", {})
+        assert m.stop("s1")["stopped"]
