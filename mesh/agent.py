@@ -78,6 +78,9 @@ class Agent:
     state: Any = None
     _runner: "Runner"
 
+    max_batch: int = 0
+    """Set above 1 to have calls handled in batches by handle_call_batch (see there)."""
+
     # --- callbacks ------------------------------------------------------------------------
 
     def init(self, args: dict, state: Any) -> Any:
@@ -91,6 +94,15 @@ class Agent:
     def handle_call(self, msg: Any, ctx: CallContext) -> Any:
         """Handles a call; the return value is the reply. May be async."""
         raise BadRequest(f"{type(self).__name__} does not take calls")
+
+    def handle_call_batch(self, msgs: list, ctxs: list[CallContext]) -> list:
+        """Handles several calls at once, if the kind sets `max_batch` > 1. May be async.
+
+        When calls queue up behind one that is running, the next up to `max_batch` of
+        them come here together: one upstream request for many callers. Returns one
+        reply per message, in order; an item may be a CallError instance, which answers
+        that caller with the error."""
+        raise BadRequest(f"{type(self).__name__} sets max_batch but has no handle_call_batch")
 
     def handle_cast(self, msg: Any) -> None:
         """Handles a cast (no reply). May be async. The default ignores it."""
@@ -107,6 +119,11 @@ class Agent:
     @property
     def incarnation(self) -> int:
         return self._runner.incarnation
+
+    @property
+    def llm(self):
+        """The node's shared language-model client (mesh.llm.LLMClient), set by [llm]."""
+        return self._runner.node.llm_client()
 
     @property
     def log(self) -> logging.Logger:

@@ -34,7 +34,8 @@ from .errors import (AgentDown, BadRequest, CallError, CallTimeout, Moved, NoSuc
                      ProtocolError, Unavailable, error_from_wire)
 from .wire import Kind
 
-RECHECK_S = 0.5
+RECHECK_S = 0.5       # first check on a call that has no answer yet ...
+MAX_RECHECK_S = 2.0   # ... then less and less often, up to this
 
 
 class LinkDown(AgentDown):
@@ -70,10 +71,20 @@ def derived_id(parent: str, n: int) -> str:
 
 
 class _Pending:
-    __slots__ = ("future", "node", "stream")
+    """One request sent to one node: its outcome once answered, and who waits for it."""
 
-    def __init__(self, future: asyncio.Future, node: str, stream):
-        self.future, self.node, self.stream = future, node, stream
+    __slots__ = ("node", "stream", "outcome", "waiter")
+
+    def __init__(self, node: str, stream):
+        self.node, self.stream = node, stream
+        self.outcome: tuple[bool, Any] | None = None
+        self.waiter: asyncio.Future | None = None
+
+    def settle(self, ok: bool, value: Any) -> None:
+        if self.outcome is None:
+            self.outcome = (ok, value)
+            if self.waiter is not None and not self.waiter.done():
+                self.waiter.set_result(None)
 
 
 class Caller:
@@ -86,7 +97,7 @@ class Caller:
         self.link_down = link_down  # True when the connection to a node is known to be down
         self.resolver, self.max_bytes, self.recheck_s = resolver, max_bytes, recheck_s
         self.new_id = new_id_source()
-        # request id -> the attempts waiting for it (a caller may repeat an id concurrently)
+        # request id -> the sends waiting for it (a caller may repeat an id concurrently)
         self._pending: dict[str, list[_Pending]] = {}
         self.bad_responses = 0
 
@@ -112,57 +123,80 @@ class Caller:
             self.bad_responses += 1
             return
         for p in self._pending.get(msg.id, ()):
-            if p.future.done():
+            if p.outcome is not None:
                 continue  # late answer to something already settled
             if msg.kind == Kind.CHUNK:
                 if p.stream is not None:
                     p.stream(msg.body)
             elif msg.kind == Kind.REPLY:
-                p.future.set_result(msg.body)
+                p.settle(True, msg.body)
             else:
-                p.future.set_exception(error_from_wire(msg.body))
+                p.settle(False, error_from_wire(msg.body))
 
     def on_link_state(self, node: str, up: bool | None) -> None:
         if up:
             return
         for attempts in list(self._pending.values()):
             for p in attempts:
-                if p.node == node and not p.future.done():
-                    p.future.set_exception(LinkDown(f"lost the connection to node {node}"))
+                if p.node == node:
+                    p.settle(False, LinkDown(f"lost the connection to node {node}"))
 
     # --- one request to one node -----------------------------------------------------------
 
     async def request(self, node: str, kind: Kind, target: str | None, body: Any, timeout: float,
                       rid: str | None = None, stream=None, meta: dict | None = None) -> Any:
-        """Send one request to one node and await its answer; no failover."""
+        """Send one request to one node and await its answer; no failover. A node whose
+        connection is known to be down fails at once with LinkDown."""
         rid = rid or self.new_id()
+        p = self._open(node, kind, rid, target, body, timeout, stream, meta, True)
         try:
-            return await self._attempt(node, kind, rid, target, body, timeout, timeout, stream, meta)
+            return await self._wait(p, timeout)
         except _Recheck:
             raise CallTimeout(f"no answer from node {node} within {timeout:.3g}s") from None
-
-    async def _attempt(self, node: str, kind: Kind, rid: str, target, body, ttl: float, wait: float, stream, meta) -> Any:
-        if self.link_down(node):
-            raise LinkDown(f"no connection to node {node}")
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        mine = _Pending(future, node, stream)
-        self._pending.setdefault(rid, []).append(mine)
-        timer = self.clock.call_after(wait, lambda: future.done() or future.set_exception(_Recheck()))
-        try:
-            try:
-                frame = wire.encode(kind, rid, target, self.sender, int(ttl * 1000), body, meta)
-            except (TypeError, ValueError, OverflowError) as exc:
-                raise BadRequest(f"message cannot be sent: {exc}") from None
-            self._send(node, frame)
-            return await future
         finally:
-            timer.cancel()
-            attempts = self._pending.get(rid)
-            if attempts is not None:
-                attempts.remove(mine)
-                if not attempts:
-                    del self._pending[rid]
+            self._close(rid, p)
+
+    def _open(self, node: str, kind: Kind, rid: str, target, body, ttl: float, stream, meta, fail_fast: bool) -> _Pending:
+        """Register and send one request."""
+        if fail_fast and self.link_down(node):
+            raise LinkDown(f"no connection to node {node}")
+        try:
+            frame = wire.encode(kind, rid, target, self.sender, int(ttl * 1000), body, meta)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise BadRequest(f"message cannot be sent: {exc}") from None
+        p = _Pending(node, stream)
+        self._pending.setdefault(rid, []).append(p)
+        try:
+            self._send(node, frame)
+        except BaseException:
+            self._close(rid, p)
+            raise
+        return p
+
+    def _close(self, rid: str, p: _Pending) -> None:
+        attempts = self._pending.get(rid)
+        if attempts is not None and p in attempts:
+            attempts.remove(p)
+            if not attempts:
+                del self._pending[rid]
+
+    async def _wait(self, p: _Pending, seconds: float) -> Any:
+        """The answer to `p` if it comes within `seconds` (on this caller's clock); else
+        _Recheck, and `p` stays open to be waited on again."""
+        if p.outcome is None:
+            waiter = p.waiter = asyncio.get_running_loop().create_future()
+            timer = self.clock.call_after(seconds, lambda: waiter.done() or waiter.set_result(None))
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                p.waiter = None
+        if p.outcome is None:
+            raise _Recheck()
+        ok, value = p.outcome
+        if ok:
+            return value
+        raise value
 
     # --- calls by name, with failover ------------------------------------------------------
 
@@ -172,25 +206,51 @@ class Caller:
         known = self.resolver.where(name)
         node, inc = (known if known and known[0] else (self.resolver.any_node(), -1))
         meta = {"stream": True} if stream is not None else None
-        while True:
-            remaining = deadline - self.clock.now()
-            if remaining <= 0:
-                raise CallTimeout(f"call to {name!r} got no reply within {timeout:.3g}s")
-            try:
-                return await self._attempt(node, Kind.CALL, rid, name, body, remaining,
-                                           min(remaining, self.recheck_s), stream, meta)
-            except Moved as moved:
-                node, inc = self._follow(name, moved)
-            except (AgentDown, Unavailable) as down:
-                avoid = node if isinstance(down, LinkDown) else None
-                node, inc = await self._relocate(name, inc, deadline, avoid, down)
-            except _Recheck:
-                if self.clock.now() >= deadline:
-                    continue
+        fail_fast, recheck = True, self.recheck_s
+        p: _Pending | None = None
+        try:
+            while True:
+                remaining = deadline - self.clock.now()
+                if remaining <= 0:
+                    raise CallTimeout(f"call to {name!r} got no reply within {timeout:.3g}s")
                 try:
-                    node, inc = await self.resolver.locate(self, name, -1, min(deadline, self.clock.now() + self.recheck_s), node)
-                except (CallTimeout, AgentDown, Unavailable):
-                    pass  # nobody knows better yet: keep the same place and wait on
+                    if p is None:
+                        p = self._open(node, Kind.CALL, rid, name, body, remaining, stream, meta, fail_fast)
+                    return await self._wait(p, min(remaining, recheck))
+                except _Recheck:
+                    # a slow handler, or a silent node: ask where the agent is, and send
+                    # again only if it has moved (asking less often as the call goes on)
+                    recheck = min(recheck * 2, MAX_RECHECK_S)
+                    where = await self._where_now(name, node, deadline)
+                    if where is not None and where != (node, inc):
+                        self._close(rid, p)
+                        p, (node, inc), fail_fast = None, where, True
+                    continue
+                except Moved as moved:
+                    node, inc = self._follow(name, moved)
+                    fail_fast = True
+                except LinkDown as down:
+                    # Where is it now? Perhaps still there: the node was restarted and already
+                    # hosts it again, and only this connection has yet to come back. Then send
+                    # anyway; the link holds the message until it reconnects.
+                    where, inc = await self._relocate(name, -1, deadline, node, down)
+                    fail_fast, node = where != node, where
+                except (AgentDown, Unavailable) as down:
+                    node, inc = await self._relocate(name, inc, deadline, None, down)
+                    fail_fast = True
+                if p is not None:
+                    self._close(rid, p)
+                    p = None
+        finally:
+            if p is not None:
+                self._close(rid, p)
+
+    async def _where_now(self, name: str, node: str, deadline: float) -> tuple[str, int] | None:
+        """Where the name runs now, asked of someone other than `node`; None if unknown."""
+        try:
+            return await self.resolver.locate(self, name, -1, min(deadline, self.clock.now() + self.recheck_s), node)
+        except (CallTimeout, AgentDown, Unavailable, NoSuchAgent):
+            return None
 
     def cast(self, name: str, body: Any, kind: Kind = Kind.CAST) -> None:
         """Fire and forget to wherever the name is believed to live (no failover)."""

@@ -176,6 +176,19 @@ def status(config_path, as_json):
         click.echo("\nthe root supervisor gave up: no agent is restarted until the supervisor restarts")
 
 
+@main.command()
+@click.option("--users", type=click.IntRange(1, 200), default=6, help="simulated users, one conversation agent each")
+@click.option("--turns", type=click.IntRange(1, 100), default=8, help="turns per conversation")
+@click.option("--llm-url", default=None, help="an OpenAI-compatible API instead of the stand-in (e.g. http://host:8000/v1)")
+@click.option("--model", default="stand-in", help="the model name to ask the API for")
+@click.option("--keep", is_flag=True, help="keep the temporary data folder")
+def demo(users, turns, llm_url, model, keep):
+    """Conversations on a three-node mesh; a node is killed midway; nothing is lost."""
+    from . import demo as demo_mod
+    say = lambda line: click.echo(line)  # noqa: E731
+    sys.exit(demo_mod.run(users, turns, llm_url, model, keep, say))
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     cells = [header] + [[str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]

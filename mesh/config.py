@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,6 +58,53 @@ class LauncherSettings:
 
 
 @dataclass(frozen=True)
+class LLMSettings:
+    """Where agents' language model lives ([llm] in the config). The key is never in the
+    file: `api_key_env` names the environment variable that holds it. MESH_LLM_URL,
+    MESH_LLM_MODEL and MESH_LLM_EMBEDDING_MODEL override the file."""
+
+    base_url: str = "http://127.0.0.1:8700/v1"
+    model: str = "stand-in"
+    embedding_model: str = "stand-in-embed"
+    api_key_env: str = "MESH_LLM_API_KEY"
+    connect_timeout_s: float = 2.0
+    read_timeout_s: float = 30.0
+    pool_timeout_s: float = 60.0
+    total_timeout_s: float = 60.0
+    max_retries: int = 4
+    backoff_base_s: float = 0.1
+    backoff_max_s: float = 5.0
+    max_connections: int = 64
+    max_keepalive: int = 16
+    breaker_failures: int = 5
+    breaker_reset_s: float = 10.0
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) or None
+
+
+_LLM_ENV = {"base_url": "MESH_LLM_URL", "model": "MESH_LLM_MODEL", "embedding_model": "MESH_LLM_EMBEDDING_MODEL"}
+
+
+def _llm_settings(path: str, table: dict) -> LLMSettings:
+    r = _Reader(path, "llm", table)
+    values = {}
+    for f in LLMSettings.__dataclass_fields__.values():
+        typ = f.type if isinstance(f.type, type) else {"str": str, "float": float, "int": int}[f.type]
+        check = _positive if typ in (int, float) and f.name != "max_retries" else None
+        if f.name == "max_retries":
+            check = _non_negative
+        values[f.name] = r.get(f.name, typ, f.default, check)
+    r.done()
+    for key, var in _LLM_ENV.items():
+        if os.environ.get(var):
+            values[key] = os.environ[var]
+    if not values["base_url"].startswith(("http://", "https://")):
+        raise ConfigError(path, "llm.base_url", "must start with http:// or https://")
+    return LLMSettings(**values)
+
+
+@dataclass(frozen=True)
 class Host:
     name: str
     address: str
@@ -93,8 +140,8 @@ class Config:
     dynamic_supervisor: str
     tree: dict[str, SupervisorSpec]
     agents: dict[str, ChildSpec]
+    llm: LLMSettings = LLMSettings()
     secure: bool = False
-    extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     def host_dir(self, host: str) -> str:
         return os.path.join(self.data_dir, host)
@@ -328,14 +375,13 @@ def parse(raw: dict, path: str = "<config>") -> Config:
     top.used.add("agents")
 
     tree = _complete_tree(path, tree, agents, dynamic_name)
-    extra = {k: top.table[k] for k in ("llm", "security") if k in top.table}
-    top.used.update(extra)
+    llm = _llm_settings(path, top.get("llm", dict, {}))
     top.done()
     return Config(
         path=str(Path(path).resolve()), name=name, data_dir=data_dir, timing=timing, limits=limits,
         store=store, launcher=launcher, kinds=kinds, hosts=hosts, nodes=nodes,
         supervisor_node=supervisor_node, dynamic_supervisor=dynamic_name, tree=tree,
-        agents=agents, secure=secure, extra=extra,
+        agents=agents, llm=llm, secure=secure,
     )
 
 

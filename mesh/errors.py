@@ -6,7 +6,6 @@
     ├── StoreError           LMDB failed or holds something unreadable
     │   ├── SnapshotCorrupt  one agent's snapshot cannot be decoded (names the agent)
     │   └── Fenced           a write from an incarnation older than the stored one
-    ├── LLMError             a language-model API failed (status and short reason)
     └── CallError            what a caller gets back instead of a reply
         ├── NoSuchAgent      no agent has that name
         ├── AlreadyExists    spawn of a name that is already taken
@@ -17,6 +16,7 @@
         ├── NotAllowed       a kind or an operation that the config does not allow
         ├── BadRequest       the request itself is malformed
         ├── Unavailable      the mesh cannot serve it now (store or supervisor down); retryable
+        ├── LLMError         a language-model API failed: status and a short reason
         └── Moved            the agent lives on another node (used inside the caller, carries where)
 
 Errors cross the wire as ``[type, message, data]``; ``error_from_wire`` rebuilds the
@@ -64,12 +64,6 @@ class Fenced(StoreError):
         super().__init__(
             f"agent {name!r}: incarnation {incarnation} is fenced by incarnation {stored}"
         )
-
-
-class LLMError(MeshError):
-    def __init__(self, reason: str, status: int | None = None):
-        self.status = status
-        super().__init__(f"{reason} (status {status})" if status else reason)
 
 
 class CallError(MeshError):
@@ -122,6 +116,21 @@ class Moved(CallError):
     retryable = True
 
 
+class LLMError(CallError):
+    """An upstream model API failed. An agent may let it pass: its caller gets it, and
+    the agent neither crashes nor loses its state."""
+
+    def __init__(self, message: str = "", data: dict | None = None, status: int | None = None):
+        data = dict(data or {})
+        if status is not None:
+            data["status"] = status
+        super().__init__(message, data)
+
+    @property
+    def status(self) -> int | None:
+        return self.data.get("status")
+
+
 _CALL_ERRORS = {
     cls.__name__: cls
     for cls in (
@@ -135,6 +144,7 @@ _CALL_ERRORS = {
         BadRequest,
         Unavailable,
         Moved,
+        LLMError,
     )
 }
 

@@ -106,6 +106,7 @@ class Node:
         self.stopped = asyncio.Event()
         self.listener = None
         self.supervisor = None  # set by mesh.supervisor when this node hosts the role
+        self._llm = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -143,8 +144,7 @@ class Node:
         for t in self._timers:
             t.cancel()
         for runner in list(self.runners.values()):
-            if runner.task is not None:
-                runner.task.cancel()
+            runner.interrupt()
         await asyncio.sleep(0)
         for runner in list(self.runners.values()):
             if runner.status == RUNNING and runner.agent is not None:
@@ -153,6 +153,8 @@ class Node:
             runner.status = STOPPED
             runner.fail_queued(lambda: AgentDown("its node is shutting down"))
         await self.drain_commits()
+        if self._llm is not None:
+            await self._llm.aclose()
         if self.name != self.config.supervisor_node:
             try:
                 await self.caller.request(self.config.supervisor_node, Kind.GOODBYE, None,
@@ -179,6 +181,13 @@ class Node:
             await asyncio.wait_for(done.wait(), timeout)
         except asyncio.TimeoutError:
             log.error("node %s: commits did not finish within %ss", self.name, timeout)
+
+    def llm_client(self):
+        """One model client per node process and loop, made on first use."""
+        if self._llm is None:
+            from .llm import LLMClient  # httpx is imported only by nodes that use a model
+            self._llm = LLMClient(self.config.llm, self.clock)
+        return self._llm
 
     # --- the wire ----------------------------------------------------------------------------
 
@@ -530,8 +539,7 @@ class Node:
 
     def _stop_quietly(self, runner: Runner) -> None:
         """End an incarnation without its terminate callback (it is being replaced)."""
-        if runner.task is not None:
-            runner.task.cancel()
+        runner.interrupt()
         runner.status = STOPPED
         runner.agent = None
 
@@ -550,7 +558,7 @@ class Node:
 
     async def _terminate(self, runner: Runner, reason: str, forget: bool, origin: Origin, rid: str) -> None:
         if runner.task is not None:
-            runner.task.cancel()
+            runner.interrupt()
             await asyncio.sleep(0)
         if runner.status == RUNNING and runner.agent is not None:
             await self._terminate_agent(runner, reason)
@@ -598,8 +606,7 @@ class Node:
     def _drop(self, runner: Runner, make_error: Callable[[], CallError]) -> None:
         if self.runners.get(runner.name) is runner:
             del self.runners[runner.name]
-        if runner.task is not None:
-            runner.task.cancel()
+        runner.interrupt()
         runner.status = STOPPED
         runner.fail_queued(make_error)
         self.busy_runners.discard(runner)
@@ -690,6 +697,7 @@ class Node:
         waiter = _Waiter(after, answer)
         if waiter.check(self, name):
             return
+        log.debug("node %s: waiting up to %.2fs for %s to be placed after incarnation %d", self.name, wait, name, after)
         waiter.timer = self.clock.call_after(wait, lambda: self._waiter_timeout(name, waiter))
         self._whereis_waiters.setdefault(name, []).append(waiter)
 
@@ -709,6 +717,8 @@ class Node:
     def _waiter_timeout(self, name: str, waiter: "_Waiter") -> None:
         waiters = self._whereis_waiters.get(name)
         if waiters and waiter in waiters:
+            log.debug("node %s: %s not placed after incarnation %d in time (registry: %s)",
+                      self.name, name, waiter.after, self._placed(name))
             waiters.remove(waiter)
             if not waiters:
                 del self._whereis_waiters[name]

@@ -28,7 +28,7 @@ import msgpack
 from . import supervision, wire
 from .agent import Agent, CallContext, TimerRef
 from .caller import derived_id
-from .errors import AgentCrashed, Busy, CallError, CallTimeout, error_to_wire
+from .errors import AgentCrashed, AgentDown, Busy, CallError, CallTimeout, error_to_wire
 from .wire import Kind
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ class Runner:
         "node", "name", "kind", "args", "agent", "incarnation", "seq", "status", "mailbox",
         "inflight", "window", "last_state", "pending_group", "effects", "stop_reason",
         "task", "started_at", "handled", "restarts", "_current_rid", "_nested", "supervisor",
+        "interrupted",
     )
 
     def __init__(self, node: "Node", name: str, kind: str, args: dict, incarnation: int):
@@ -75,6 +76,7 @@ class Runner:
         self._current_rid: str | None = None
         self._nested = 0
         self.supervisor: str | None = None
+        self.interrupted = False
 
     @property
     def clock(self):
@@ -133,10 +135,14 @@ class Runner:
 
     def _handle(self, env: Envelope) -> None:
         msg, agent = env.msg, self.agent
+        if msg.kind == Kind.CALL and agent.max_batch > 1:
+            self._handle_batch(env)
+            return
         self._current_rid = msg.id if msg.kind == Kind.CALL else None
         self._nested = 0
         self.effects = []
         self.handled += 1
+        envs = [env]
         try:
             if msg.kind == Kind.CALL:
                 stream = self.node.streamer(env) if msg.meta and msg.meta.get("stream") else None
@@ -146,72 +152,122 @@ class Runner:
             else:
                 result = agent.handle_info(msg.body)
         except CallError as err:
-            self._finish(env, None, err)
+            self._finish(envs, [err])
             return
         except Exception as exc:
-            self._crash(env, exc, supervision.CRASH)
+            self._crash(envs, exc, supervision.CRASH)
             return
         if type(result) is CoroutineType:
-            self.started_at = self.clock.now()
-            self.task = asyncio.ensure_future(self._run_async(env, result))
-            self.node.busy_runners.add(self)
+            self._start_task(envs, result, single=True)
         else:
-            self._finish(env, result, None)
+            self._finish(envs, [result])
 
-    async def _run_async(self, env: Envelope, coro) -> None:
+    def _handle_batch(self, first: Envelope) -> None:
+        """Hand this call and the calls queued behind it to handle_call_batch at once."""
+        envs = [first]
+        mailbox, now = self.mailbox, self.clock.now()
+        while mailbox and len(envs) < self.agent.max_batch and mailbox[0].msg.kind == Kind.CALL:
+            env = mailbox.popleft()
+            if now > env.deadline:
+                self.node.stats["expired"] += 1
+                self._answer(env, error_response(CallTimeout(f"call to {self.name!r} expired in its mailbox")))
+            else:
+                envs.append(env)
+        self._current_rid = None
+        self.effects = []
+        self.handled += len(envs)
+        ctxs = [CallContext(e.msg.id, e.msg.sender, e.deadline, self) for e in envs]
+        try:
+            results = self.agent.handle_call_batch([e.msg.body for e in envs], ctxs)
+        except CallError as err:
+            self._finish(envs, [err] * len(envs))
+            return
+        except Exception as exc:
+            self._crash(envs, exc, supervision.CRASH)
+            return
+        if type(results) is CoroutineType:
+            self._start_task(envs, results, single=False)
+        else:
+            self._finish_batch(envs, results)
+
+    def _start_task(self, envs: list[Envelope], coro, single: bool) -> None:
+        self.started_at = self.clock.now()
+        self.task = asyncio.ensure_future(self._run_async(envs, coro, single))
+        self.node.busy_runners.add(self)
+
+    async def _run_async(self, envs: list[Envelope], coro, single: bool) -> None:
         try:
             result = await coro
         except asyncio.CancelledError:
             self._end_task()
-            if self.status == RUNNING:  # cancelled by the handler deadline
-                self._crash(env, TimeoutError(f"handler ran past {self.node.timing.handler_timeout_s:g}s"), supervision.TIMEOUT)
+            if not self.interrupted:  # cancelled by the handler deadline
+                self._crash(envs, TimeoutError(f"handler ran past {self.node.timing.handler_timeout_s:g}s"), supervision.TIMEOUT)
+            else:  # this incarnation was stopped or replaced: its callers try the next one
+                down = error_response(AgentDown(f"{self.name!r} was restarted while handling this call"))
+                for env in envs:
+                    if env.msg.kind == Kind.CALL:
+                        self._answer(env, down)
             return
         except CallError as err:
             self._end_task()
-            self._finish(env, None, err)
+            self._finish(envs, [err] * len(envs))
         except Exception as exc:
             self._end_task()
-            self._crash(env, exc, supervision.CRASH)
+            self._crash(envs, exc, supervision.CRASH)
             return
         else:
             self._end_task()
-            self._finish(env, result, None)
+            if single:
+                self._finish(envs, [result])
+            else:
+                self._finish_batch(envs, result)
         self.run_mailbox()
 
     def _end_task(self) -> None:
         self.task = None
         self.node.busy_runners.discard(self)
 
-    def _finish(self, env: Envelope, result: Any, err: CallError | None) -> None:
+    def _finish_batch(self, envs: list[Envelope], results: Any) -> None:
+        if not isinstance(results, list) or len(results) != len(envs):
+            self._crash(envs, TypeError(f"handle_call_batch must return a list of {len(envs)} replies"), supervision.CRASH)
+            return
+        self._finish(envs, results)
+
+    def _finish(self, envs: list[Envelope], results: list) -> None:
+        """Commit what the handler did and answer: `results[i]` is envs[i]'s reply, or a
+        CallError to answer it with."""
         try:
             packed = msgpack.packb(self.agent.state)
         except Exception as exc:
-            self._crash(env, TypeError(f"state is not serializable: {exc}"), supervision.CRASH)
+            self._crash(envs, TypeError(f"state is not serializable: {exc}"), supervision.CRASH)
             return
-        msg = env.msg
-        response: bytes | None = None
-        if msg.kind == Kind.CALL:
-            if err is not None:
-                response = wire.ERROR_TAG + msgpack.packb(error_to_wire(err))
+        responses: list[bytes | None] = []
+        for env, result in zip(envs, results):
+            if env.msg.kind != Kind.CALL:
+                if isinstance(result, CallError):
+                    log.info("agent %s answered a %s with %s", self.name, env.msg.kind.name.lower(), result)
+                responses.append(None)
+            elif isinstance(result, CallError):
+                responses.append(error_response(result))
             else:
                 try:
-                    response = wire.REPLY_TAG + msgpack.packb(result)
+                    responses.append(wire.REPLY_TAG + msgpack.packb(result))
                 except Exception as exc:
-                    self._crash(env, TypeError(f"reply is not serializable: {exc}"), supervision.CRASH)
+                    self._crash(envs, TypeError(f"reply is not serializable: {exc}"), supervision.CRASH)
                     return
-        elif err is not None:
-            log.info("agent %s answered a %s with %s", self.name, msg.kind.name.lower(), err)
         effects, self.effects = self.effects, None
         if packed != self.last_state or effects:
             self.seq += 1
             self.last_state = packed
-            if response is not None:
-                self._record(msg.id, response)
+            for env, response in zip(envs, responses):
+                if response is not None:
+                    self._record(env.msg.id, response)
             self.node.mark_dirty(self)
             if effects:
                 self.node.queue_effects(self, effects)
-        if response is not None:
-            self._answer(env, response)
+        for env, response in zip(envs, responses):
+            if response is not None:
+                self._answer(env, response)
         if self.stop_reason is not None:
             reason, self.stop_reason = self.stop_reason, None
             self.node.stop_runner(self, reason, supervision.NORMAL if reason == "normal" else supervision.CRASH)
@@ -228,15 +284,16 @@ class Runner:
         origins = self.inflight.pop(env.msg.id, None) or [env.origin]
         self.node.send_response(self, origins, env.msg.id, response)
 
-    def _crash(self, env: Envelope | None, exc: BaseException, how: str) -> None:
+    def _crash(self, envs: list[Envelope], exc: BaseException, how: str) -> None:
         reason = f"{type(exc).__name__}: {exc}"[:500]
         log.warning("agent %s (incarnation %d) crashed: %s", self.name, self.incarnation, reason)
         self.node.stats["crashes"] += 1
         self.effects = None
         self.stop_reason = None
-        if env is not None and env.msg.kind == Kind.CALL:
-            err = AgentCrashed(f"{self.name}: {reason}", {"exception": type(exc).__name__})
-            self._answer(env, error_response(err))
+        err = AgentCrashed(f"{self.name}: {reason}", {"exception": type(exc).__name__})
+        for env in envs:
+            if env.msg.kind == Kind.CALL:
+                self._answer(env, error_response(err))
         self.status = CRASHED
         self.agent = None
         self.node.report_exit(self, how, reason)
@@ -245,10 +302,15 @@ class Runner:
 
     def crash(self, exc: BaseException) -> None:
         """Crash from outside a handler (the store failed to commit this agent's state)."""
+        self.interrupt()
+        self._crash([], exc, supervision.CRASH)
+
+    def interrupt(self) -> None:
+        """Cancel the handler in flight because this incarnation ends; its callers get
+        AgentDown and try the next incarnation."""
         if self.task is not None:
+            self.interrupted = True
             self.task.cancel()
-            self._end_task()
-        self._crash(None, exc, supervision.CRASH)
 
     def check_deadline(self, now: float) -> None:
         """Cancel an async handler that ran past the handler deadline (a silent agent)."""

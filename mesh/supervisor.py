@@ -301,6 +301,7 @@ class SupervisorRole:
             child.status = RUNNING
             self.table.set(name, node, inc)
             self._schedule_registry()
+            log.debug("supervisor: %s runs on %s as incarnation %d", name, node, inc)
             return None
         child.status = PENDING
         return Unavailable(f"could not start {name!r} after several attempts")
@@ -437,10 +438,8 @@ class SupervisorRole:
         if restarted:
             log.warning("supervisor: node %s restarted (%s)", name, body.get("previous") or "new boot")
             self._node_lost(name, prefer=name)
-        running_here = {item[0] for item in body["agents"]}
-        for child in self.children.values():
-            if child.node == name and child.status == RUNNING and child.spec.name not in running_here and not restarted:
-                self._spawn(self._move(child, prefer=name))
+        # A hello from a node with the same boot only asks for the registry; the agents it
+        # lists may predate STARTs still on their way, so they are not compared here.
         self._send_snapshot(name)
         if not was_alive or restarted:
             self._place_pending()

@@ -8,11 +8,9 @@ lines and process exits, each with a deadline.
 from __future__ import annotations
 
 import os
-import random
 import re
 import select
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from mesh.demo import free_ports
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -40,8 +40,16 @@ period_s = 30
 [kinds]
 counter = "nodes.counter:Counter"
 ledger = "nodes.ledger:Ledger"
+conversation = "nodes.conversation:ConversationAgent"
+embedder = "nodes.embedder:EmbeddingAgent"
 waiter = "kinds:Waiter"
 lifecycle = "kinds:Lifecycle"
+
+[llm]
+base_url = "{llm_url}"
+max_connections = {llm_connections}
+backoff_base_s = 0.02
+breaker_reset_s = 0.3
 
 [hosts.local]
 address = "127.0.0.1"
@@ -72,30 +80,13 @@ kind = "counter"
 """
 
 
-def free_ports(n: int) -> list[int]:
-    """n consecutive-free TCP ports on loopback (checked by binding them)."""
-    for _ in range(200):
-        base = random.randrange(20000, 60000 - n)
-        socks = []
-        try:
-            for port in range(base, base + n):
-                s = socket.socket()
-                s.bind(("127.0.0.1", port))
-                socks.append(s)
-            return list(range(base, base + n))
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free ports")
-
-
-def write_config(tmp_path: Path, nodes: int = 3, max_restarts: int = 5, name: str = "test") -> Path:
+def write_config(tmp_path: Path, nodes: int = 3, max_restarts: int = 5, name: str = "test",
+                 llm_url: str = "http://127.0.0.1:9/v1", llm_connections: int = 64) -> Path:
     ports = free_ports(nodes)
     node_tables = "\n".join(f'[nodes.n{i + 1}]\nhost = "local"\nport = {p}\n' for i, p in enumerate(ports))
     path = tmp_path / f"{name}.toml"
-    path.write_text(CONFIG.format(name=name, data=tmp_path / "data", nodes=node_tables, max_restarts=max_restarts))
+    path.write_text(CONFIG.format(name=name, data=tmp_path / "data", nodes=node_tables, max_restarts=max_restarts,
+                                  llm_url=llm_url, llm_connections=llm_connections))
     return path
 
 
