@@ -41,6 +41,7 @@ from .wire import Kind
 log = logging.getLogger("mesh.supervisor")
 
 INC_SPAN = 10**9
+MAX_START_BACKOFF_S = 5.0
 START_CONCURRENCY = 512
 _DYNAMIC_PREFIX = "sup/child/"
 _EPOCH_KEY = "sup/epoch"
@@ -61,6 +62,8 @@ class Child:
     restarts: int = 0
     busy: bool = False  # a start or terminate is under way
     last_exit: str = ""
+    next_try: float = 0.0   # when a start that the environment refused is tried again
+    backoff: float = 0.0
 
 
 @dataclass
@@ -241,19 +244,33 @@ class SupervisorRole:
         return min(candidates, key=lambda n: (load[n], n))
 
     def _place_pending(self) -> None:
-        """Start every child that should run and is not (after boot, or when a node returns)."""
+        """Start every child that should run and is not (after boot, when a node returns,
+        and on every heartbeat tick for starts the environment refused earlier)."""
         if not self.ready or self.tree_failed:
             return
+        now = self.clock.now()
         for child in list(self.children.values()):
-            if child.status == PENDING and not child.busy and not self.sups[child.parent].failed:
+            if (child.status == PENDING and not child.busy and child.next_try <= now
+                    and not self.sups[child.parent].failed):
                 self._spawn(self._start_or_crash(child))
 
     async def _start_or_crash(self, child: Child, prefer: str | None = None, avoid: str | None = None) -> None:
         """Start a child outside any strategy; a failed init counts as a crash."""
         err = await self._start_child(child, prefer, avoid)
-        if err is not None:
-            log.warning("supervisor: starting %s failed: %s", child.spec.name, err)
+        if err is not None and self._crashed_on_start(child, err):
             await self._child_exited(child, sv.CRASH, child.incarnation)
+
+    def _crashed_on_start(self, child: Child, err: CallError) -> bool:
+        """Whether a failed start is the child's fault (its init failed: a crash), or the
+        environment's (no node, store full, timeouts), which is tried again later with
+        backoff and counts against nobody's intensity."""
+        log.warning("supervisor: starting %s failed: %s", child.spec.name, err)
+        if isinstance(err, (Unavailable, CallTimeout, AgentDown)):
+            child.status = PENDING
+            child.backoff = min(max(child.backoff * 2, self.config.timing.heartbeat_s), MAX_START_BACKOFF_S)
+            child.next_try = self.clock.now() + child.backoff
+            return False
+        return True
 
     async def _start_child(self, child: Child, prefer: str | None = None, avoid: str | None = None) -> CallError | None:
         """Start one incarnation of `child`; returns the error if it could not be started."""
@@ -298,7 +315,7 @@ class SupervisorRole:
                 return err
             if child.incarnation != inc or child.status != STARTING:
                 return None  # superseded meanwhile (stopped, or moved again)
-            child.status = RUNNING
+            child.status, child.backoff = RUNNING, 0.0
             self.table.set(name, node, inc)
             self._schedule_registry()
             log.debug("supervisor: %s runs on %s as incarnation %d", name, node, inc)
@@ -364,8 +381,7 @@ class SupervisorRole:
                 child.restarts += 1
                 child.status = PENDING
                 err = await self._start_child(child, prefer=child.node)
-                if err is not None:  # its init failed: that is one more crash
-                    log.warning("supervisor: restart of %s failed: %s", name, err)
+                if err is not None and self._crashed_on_start(child, err):  # one more crash
                     self._spawn(self._child_exited(child, sv.CRASH, child.incarnation))
             elif name in self.sups:
                 await self._start_sup(self.sups[name])
@@ -466,6 +482,7 @@ class SupervisorRole:
                 self._node_lost(view.name)
             if not view.heartbeat_out:
                 self._spawn(self._ping(view))
+        self._place_pending()
 
     async def _ping(self, view: NodeView) -> None:
         view.heartbeat_out = True

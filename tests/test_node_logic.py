@@ -478,3 +478,32 @@ async def test_a_stale_incarnation_is_fenced_by_the_store(cluster_factory):
         await node.caller.request(node.name, Kind.CALL, "c1", {"op": "add"}, 1.0)
     assert "c1" not in node.runners and node.stats["fenced"] == 1
     await c.close()
+
+
+async def test_a_failed_commit_answers_unavailable_and_loses_nothing_acknowledged(cluster_factory):
+    c = await cluster_factory()
+    m = c.client()
+    placed = await m.spawn("l1", "ledger")
+    assert await m.call("l1", {"op": "append", "value": "safe"}) == 0
+    node = c.nodes[placed["node"]]
+    store = node.store
+    real = store._write_once
+
+    def disk_full(batch):
+        import lmdb
+        raise lmdb.DiskError("No space left on device")
+    store._write_once = disk_full
+    # the append's commit fails: its caller is not told it worked; it retries until its
+    # deadline while the agent cannot restart (restarts need a commit too)
+    call = asyncio.ensure_future(m.call("l1", {"op": "append", "value": "lost?"}, timeout=1.0))
+    await c.advance(2.0)
+    with pytest.raises(CallTimeout):
+        await call
+    st = await m.status()
+    assert not st["failed"]  # an environmental fault is not a crash: nobody escalated
+    store._write_once = real
+    await c.advance(6.0)     # the next try, once the disk has room again
+    # the agent restarted from what the store holds; the failed append is not there
+    assert await m.call("l1", {"op": "read"}) == ["safe"]
+    assert node.stats["commit_errors"] >= 1
+    await c.close()
