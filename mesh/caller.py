@@ -30,7 +30,7 @@ from typing import Any, Callable, Protocol
 
 from . import wire
 from .clock import Clock
-from .errors import (AgentDown, BadRequest, CallError, CallTimeout, Moved, NoSuchAgent,
+from .errors import (AgentDown, BadRequest, CallError, CallTimeout, Moved, NoSuchAgent, NotAllowed,
                      ProtocolError, Unavailable, error_from_wire)
 from .wire import Kind
 
@@ -92,9 +92,11 @@ class Caller:
 
     def __init__(self, clock: Clock, sender: str, send: Callable[[str, bytes], None],
                  resolver: Resolver, max_bytes: int = wire.DEFAULT_MAX_BYTES, recheck_s: float = RECHECK_S,
-                 link_down: Callable[[str], bool] = lambda node: False):
+                 link_down: Callable[[str], bool] = lambda node: False,
+                 link_refused: Callable[[str], bool] = lambda node: False):
         self.clock, self.sender, self._send = clock, sender, send
         self.link_down = link_down  # True when the connection to a node is known to be down
+        self.link_refused = link_refused  # True when a node refused this process's key
         self.resolver, self.max_bytes, self.recheck_s = resolver, max_bytes, recheck_s
         self.new_id = new_id_source()
         # request id -> the sends waiting for it (a caller may repeat an id concurrently)
@@ -136,10 +138,12 @@ class Caller:
     def on_link_state(self, node: str, up: bool | None) -> None:
         if up:
             return
+        err = (NotAllowed(f"node {node} refused this process's key (not in its config?)") if up is None
+               else LinkDown(f"lost the connection to node {node}"))
         for attempts in list(self._pending.values()):
             for p in attempts:
                 if p.node == node:
-                    p.settle(False, LinkDown(f"lost the connection to node {node}"))
+                    p.settle(False, err)
 
     # --- one request to one node -----------------------------------------------------------
 
@@ -158,6 +162,8 @@ class Caller:
 
     def _open(self, node: str, kind: Kind, rid: str, target, body, ttl: float, stream, meta, fail_fast: bool) -> _Pending:
         """Register and send one request."""
+        if self.link_refused(node):
+            raise NotAllowed(f"node {node} refused this process's key (not in its config?)")
         if fail_fast and self.link_down(node):
             raise LinkDown(f"no connection to node {node}")
         try:

@@ -45,9 +45,14 @@ def _to_json(value: Any) -> str:
 def _run(coro_fn, cfg: config_mod.Config):
     """Run one client request; a mesh error exits 1 with its name on stderr."""
     from .client import Client
+    key = click.get_current_context().params.get("key")
+    try:
+        client = Client(cfg, key=key)
+    except ConfigError as exc:
+        raise click.UsageError(f"key error: {exc}") from None
 
     async def go():
-        async with Client(cfg) as client:
+        async with client:
             return await coro_fn(client)
     try:
         return asyncio.run(go())
@@ -56,7 +61,26 @@ def _run(coro_fn, cfg: config_mod.Config):
         sys.exit(1)
 
 
-config_option = click.option("-c", "--config", "config_path", default=None, help=CONFIG_HELP)
+def _preflight(cfg: config_mod.Config, nodes: list[str]) -> None:
+    """Check what a node needs before forking it: its key file, when the cluster is secure."""
+    if not cfg.secure:
+        return
+    from .security import node_keypair
+    for node in nodes:
+        try:
+            node_keypair(cfg, node)
+        except ConfigError as exc:
+            raise click.UsageError(f"key error: {exc}") from None
+
+
+def config_option(fn):
+    fn = click.option("-k", "--key", default=None, envvar="MESH_KEY", show_envvar=True,
+                      help="secret key file to connect with, when the cluster is secure")(fn)
+    return click.option("-c", "--config", "config_path", default=None, help=CONFIG_HELP)(fn)
+
+
+def config_only(fn):
+    return click.option("-c", "--config", "config_path", default=None, help=CONFIG_HELP)(fn)
 
 
 @click.group()
@@ -66,7 +90,7 @@ def main() -> None:
 
 
 @main.command()
-@config_option
+@config_only
 @click.option("--host", default=None, help="the host of a multi-host config whose nodes to start")
 def up(config_path, host):
     """Start every node of CONFIG on this host; foreground; Ctrl-C or SIGTERM stops all."""
@@ -77,13 +101,14 @@ def up(config_path, host):
         nodes = host_nodes(cfg, host)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    _preflight(cfg, nodes)
     configure_logging()
     click.echo(f"starting {', '.join(nodes)} from {cfg.path}")
     sys.exit(Launcher(cfg, nodes, say=lambda line: click.echo(line)).run())
 
 
 @main.command()
-@config_option
+@config_only
 @click.argument("node")
 def node(config_path, node):
     """Start one node under its launcher (restarted at once if it dies)."""
@@ -92,6 +117,7 @@ def node(config_path, node):
     cfg = _load(config_path)
     if node not in cfg.nodes:
         raise click.UsageError(f"no node named {node!r} in {cfg.path} (nodes: {', '.join(cfg.nodes)})")
+    _preflight(cfg, [node])
     configure_logging()
     sys.exit(Launcher(cfg, [node], say=lambda line: click.echo(line)).run())
 
@@ -102,7 +128,7 @@ def node(config_path, node):
 @click.argument("kind")
 @click.option("--args", "args_json", default="{}", help="JSON object passed to the agent's init")
 @click.option("--restart", type=click.Choice(["permanent", "transient", "temporary"]), default="permanent")
-def spawn(config_path, name, kind, args_json, restart):
+def spawn(config_path, key, name, kind, args_json, restart):
     """Start agent NAME of KIND under the dynamic supervisor."""
     args = _json_arg(args_json, "--args")
     if not isinstance(args, dict):
@@ -122,7 +148,7 @@ def spawn(config_path, name, kind, args_json, restart):
 @click.argument("message")
 @click.option("--timeout", type=float, default=None, help="seconds to wait for the reply")
 @click.option("--request-id", default=None, help="make the call idempotent: a repeat returns the recorded reply")
-def call(config_path, name, message, timeout, request_id):
+def call(config_path, key, name, message, timeout, request_id):
     """Call agent NAME with the JSON MESSAGE; prints the reply as JSON."""
     msg = _json_arg(message, "MESSAGE")
     if request_id is not None and not (0 < len(request_id) <= 128):
@@ -135,7 +161,7 @@ def call(config_path, name, message, timeout, request_id):
 @config_option
 @click.argument("name")
 @click.argument("message")
-def cast(config_path, name, message):
+def cast(config_path, key, name, message):
     """Send the JSON MESSAGE to agent NAME without waiting for an answer."""
     msg = _json_arg(message, "MESSAGE")
     cfg = _load(config_path)
@@ -149,7 +175,7 @@ def cast(config_path, name, message):
 @main.command()
 @config_option
 @click.argument("name")
-def stop(config_path, name):
+def stop(config_path, key, name):
     """Stop agent NAME and forget its state."""
     cfg = _load(config_path)
     click.echo(_to_json(_run(lambda c: c.stop(name), cfg)))
@@ -158,7 +184,7 @@ def stop(config_path, name):
 @main.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of tables")
-def status(config_path, as_json):
+def status(config_path, key, as_json):
     """Nodes (name, address, alive, agents) and agents (name, kind, node, incarnation, restarts, mailbox)."""
     cfg = _load(config_path)
     st = _run(lambda c: c.status(), cfg)
@@ -187,6 +213,32 @@ def demo(users, turns, llm_url, model, keep):
     from . import demo as demo_mod
     say = lambda line: click.echo(line)  # noqa: E731
     sys.exit(demo_mod.run(users, turns, llm_url, model, keep, say))
+
+
+@main.command()
+@click.argument("name")
+@click.option("--dir", "directory", default="keys", show_default=True, help="where to write the key files")
+@click.option("--role", type=click.Choice(["node", "admin", "client"]), default="node", show_default=True)
+def keys(name, directory, role):
+    """Create a CURVE key pair NAME.key / NAME.key_secret and print the config lines for it."""
+    import os
+    from .security import create_keypair
+    from .wire import valid_name
+    if not valid_name(name):
+        raise click.BadParameter(f"{name!r} is not a valid name")
+    if os.path.exists(os.path.join(directory, f"{name}.key_secret")):
+        raise click.UsageError(f"{directory}/{name}.key_secret exists already; remove it first to replace it")
+    public_path, secret_path = create_keypair(directory, name)
+    with open(public_path) as f:
+        public = next(line.split('"')[1] for line in f if "public-key" in line)
+    click.echo(f"wrote {secret_path} (owner-only) and {public_path}")
+    click.echo("add to the cluster config:\n")
+    if role == "node":
+        click.echo(f"[nodes.{name}]\npublic_key = \"{public}\"")
+        click.echo(f"\nand copy {secret_path} into [security] keys_dir on {name}'s host")
+    else:
+        click.echo(f"[security.clients.{name}]\npublic_key = \"{public}\"\nrole = \"{role}\"")
+        click.echo(f"\nand connect with: mesh call --key {secret_path} NAME JSON (or MESH_KEY={secret_path})")
 
 
 def _table(header: list[str], rows: list[list]) -> str:

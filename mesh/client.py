@@ -25,12 +25,18 @@ from .clock import Clock
 from .config import Config, load
 from .errors import AgentDown, CallError, CallTimeout, Unavailable
 from .network import ZmqNetwork
+from .security import Security, client_keypair
 from .wire import Kind
 
 
 class Client:
-    def __init__(self, config: Config, network=None, clock: Clock | None = None, name: str | None = None):
+    """`key`: the secret key file to connect with when the cluster is secure (default:
+    $MESH_KEY, then [security] client_key)."""
+
+    def __init__(self, config: Config, network=None, clock: Clock | None = None, name: str | None = None,
+                 key: str | None = None):
         self.config = config
+        self._security = Security(config, client_keypair(config, key)) if config.secure and network is None else None
         self.clock = clock or Clock()
         self._network = network
         self._own_network = network is None
@@ -39,7 +45,8 @@ class Client:
         sender = name or f"client:{socket.gethostname()}:{os.getpid()}"
         self.resolver = ClientResolver(list(config.nodes), lambda n: self.up.get(n, False), self.clock)
         self.caller = Caller(self.clock, sender, self._send, self.resolver, config.limits.max_message_bytes,
-                             link_down=lambda n: self.up.get(n) is False)
+                             link_down=lambda n: self.up.get(n) is False,
+                             link_refused=lambda n: n in self.links and self.links[n].refused)
         self.timeout = config.timing.call_timeout_s
 
     async def __aenter__(self) -> "Client":
@@ -52,7 +59,8 @@ class Client:
         link = self.links.get(node)
         if link is None:
             if self._network is None:
-                self._network = ZmqNetwork(self.config.limits.max_message_bytes, self.config.limits.batch)
+                self._network = ZmqNetwork(self.config.limits.max_message_bytes, self.config.limits.batch,
+                                           self._security)
             spec = self.config.nodes.get(node)
             if spec is None:
                 raise Unavailable(f"no node named {node!r}")
@@ -145,14 +153,18 @@ def connect(config: Config | str | os.PathLike | None = None, **kw) -> Client:
 class SyncClient:
     """The same calls as Client, blocking; runs its own loop in a background thread."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, key: str | None = None):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="mesh-client", daemon=True)
         self._thread.start()
-        self._client = self._run(self._make(config))
+        try:
+            self._client = self._run(self._make(config, key))
+        except BaseException:
+            self._stop_loop()
+            raise
 
-    async def _make(self, config: Config) -> Client:
-        return Client(config)
+    async def _make(self, config: Config, key: str | None) -> Client:
+        return Client(config, key=key)
 
     def _run(self, coro, timeout: float | None = None):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
@@ -181,10 +193,14 @@ class SyncClient:
     def close(self) -> None:
         if self._loop.is_running():
             self._run(self._client.close())
+        self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        if self._loop.is_running():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(5)
         self._loop.close()
 
 
-def connect_sync(config: Config | str | os.PathLike | None = None) -> SyncClient:
-    return SyncClient(config if isinstance(config, Config) else load(config))
+def connect_sync(config: Config | str | os.PathLike | None = None, key: str | None = None) -> SyncClient:
+    return SyncClient(config if isinstance(config, Config) else load(config), key)

@@ -42,6 +42,9 @@ class Limits:
     mailbox: int = 10_000
     dedup_window: int = 32
     batch: int = 512
+    peer_rate: float = 500_000.0       # requests per second from one peer (0: unlimited)
+    peer_burst: float = 100_000.0
+    peer_open_requests: int = 10_000   # requests of one peer awaiting an answer
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,29 @@ def _llm_settings(path: str, table: dict) -> LLMSettings:
     return LLMSettings(**values)
 
 
+ROLES = ("client", "admin", "node")
+
+
+@dataclass(frozen=True)
+class SecuritySettings:
+    """[security]: who may connect, and where this host keeps its secret keys.
+
+    Every node has a key pair; its public key is in [nodes.NAME] public_key and its
+    secret key in KEYS_DIR/NAME.key_secret on its host. Clients are listed in
+    [security.clients.NAME] with a public key and a role: "client" may call and cast,
+    "admin" may also spawn, stop and ask for status. Nothing else gets in."""
+
+    keys_dir: str = ""
+    client_key: str = ""                      # default key file for `mesh` commands on this host
+    clients: dict = None                      # public key -> (name, role)
+
+    def peers(self, nodes: dict) -> dict[str, tuple[str, str]]:
+        """Every public key that may connect -> (name, role)."""
+        out = {n.public_key: (n.name, "node") for n in nodes.values()}
+        out.update(self.clients or {})
+        return out
+
+
 @dataclass(frozen=True)
 class Host:
     name: str
@@ -118,6 +144,7 @@ class NodeSpec:
     address: str  # ip of the host
     port: int
     tags: tuple[str, ...] = ()
+    public_key: str = ""  # CURVE public key (z85), when the cluster is secure
 
     @property
     def endpoint(self) -> str:
@@ -142,6 +169,7 @@ class Config:
     agents: dict[str, ChildSpec]
     llm: LLMSettings = LLMSettings()
     secure: bool = False
+    security: SecuritySettings = SecuritySettings()
 
     def host_dir(self, host: str) -> str:
         return os.path.join(self.data_dir, host)
@@ -273,6 +301,9 @@ def parse(raw: dict, path: str = "<config>") -> Config:
         mailbox=lim.get("mailbox", int, Limits.mailbox, _positive),
         dedup_window=lim.get("dedup_window", int, Limits.dedup_window, _non_negative),
         batch=lim.get("batch", int, Limits.batch, _positive),
+        peer_rate=lim.get("peer_rate", float, Limits.peer_rate, _non_negative),
+        peer_burst=lim.get("peer_burst", float, Limits.peer_burst, _positive),
+        peer_open_requests=lim.get("peer_open_requests", int, Limits.peer_open_requests, _positive),
     )
     lim.done()
 
@@ -319,7 +350,10 @@ def parse(raw: dict, path: str = "<config>") -> Config:
         if key in seen_ports:
             raise ConfigError(path, f"nodes.{nname}.port", f"port {port} on {key[0]} is also used by node {seen_ports[key]!r}")
         seen_ports[key] = nname
-        nodes[nname] = NodeSpec(nname, host, hosts[host].address, port, r.strings("tags"))
+        public_key = r.get("public_key", str, "", _z85_key if secure else None)
+        if secure and not public_key:
+            raise ConfigError(path, f"nodes.{nname}.public_key", "is required when cluster.secure is true (create one with `mesh keys`)")
+        nodes[nname] = NodeSpec(nname, host, hosts[host].address, port, r.strings("tags"), public_key)
         r.done()
     top.used.add("nodes")
     if not nodes:
@@ -376,13 +410,55 @@ def parse(raw: dict, path: str = "<config>") -> Config:
 
     tree = _complete_tree(path, tree, agents, dynamic_name)
     llm = _llm_settings(path, top.get("llm", dict, {}))
+    security = _security(path, base, top.get("security", dict, {}), nodes, secure)
+    if not secure:
+        exposed = sorted(h.name for h in hosts.values() if not _loopback(h.address))
+        if exposed:
+            raise ConfigError(path, "cluster.secure", f"must be true: host {exposed[0]!r} listens beyond loopback, "
+                              "and without CURVE anyone who reaches its ports gets in")
     top.done()
     return Config(
         path=str(Path(path).resolve()), name=name, data_dir=data_dir, timing=timing, limits=limits,
         store=store, launcher=launcher, kinds=kinds, hosts=hosts, nodes=nodes,
         supervisor_node=supervisor_node, dynamic_supervisor=dynamic_name, tree=tree,
-        agents=agents, llm=llm, secure=secure,
+        agents=agents, llm=llm, secure=secure, security=security,
     )
+
+
+def _z85_key(value: str) -> str | None:
+    return None if len(value) == 40 and all(c in _Z85 for c in value) else "must be a 40-character z85 CURVE key"
+
+
+_Z85 = set("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#")
+
+
+def _loopback(address: str) -> bool:
+    import ipaddress
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"
+
+
+def _security(path: str, base: Path, table: dict, nodes: dict, secure: bool) -> SecuritySettings:
+    r = _Reader(path, "security", table)
+    keys_dir = r.get("keys_dir", str, "keys")
+    client_key = r.get("client_key", str, "")
+    clients_table = r.get("clients", dict, {})
+    r.done()
+    clients: dict[str, tuple[str, str]] = {}
+    for cname, entry in clients_table.items():
+        cr = _Reader(path, f"security.clients.{cname}", entry)
+        key = cr.get("public_key", str, check=_z85_key)
+        role = cr.get("role", str, "client", lambda v: None if v in ("client", "admin") else "must be client or admin")
+        cr.done()
+        if key in clients or any(n.public_key == key for n in nodes.values()):
+            raise ConfigError(path, f"security.clients.{cname}.public_key", "is listed twice")
+        clients[key] = (cname, role)
+    resolve = lambda p: str((base / p).resolve()) if p and not os.path.isabs(p) else p  # noqa: E731
+    if secure and len({n.public_key for n in nodes.values()}) != len(nodes):
+        raise ConfigError(path, "nodes", "two nodes have the same public key")
+    return SecuritySettings(resolve(keys_dir), resolve(client_key), clients)
 
 
 def _complete_tree(path: str, tree: dict[str, SupervisorSpec], agents: dict[str, ChildSpec], dynamic_name: str) -> dict[str, SupervisorSpec]:

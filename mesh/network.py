@@ -16,11 +16,21 @@ from . import transport
 
 
 class ZmqNetwork:
-    def __init__(self, max_bytes: int, batch: int = 512, security=None):
+    """Sockets of one process on one ZeroMQ context. With `security`, every socket is
+    CURVE; with `authenticator` too, the listener admits only the keys it knows."""
+
+    def __init__(self, max_bytes: int, batch: int = 512, security=None, authenticator=None):
         self.ctx = transport.new_context()
         self.max_bytes, self.batch, self.security = max_bytes, batch, security
+        self._make_auth = authenticator
+        self.auth = None
 
     def listen(self, endpoint: str, on_request: Callable[[bytes, bytes | None], None]) -> transport.Listener:
+        if self.security is not None and self.auth is None:
+            if self._make_auth is None:
+                raise RuntimeError("a secure listener needs an authenticator: CURVE alone lets any key in")
+            self.auth = self._make_auth(self.ctx)  # ZAP must be up before the socket binds
+            self.auth.start()
         return transport.Listener(self.ctx, endpoint, on_request, self.max_bytes, self.batch, self.security)
 
     def link(self, endpoint: str, on_response: Callable[[bytes], None],
@@ -30,6 +40,8 @@ class ZmqNetwork:
     def close(self) -> None:
         """Close what is still open (linger 0) and end the context; sockets closed earlier
         with a linger get that long to deliver what they hold."""
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.destroy()
 
 
@@ -38,6 +50,9 @@ class _MemListener:
         self.net, self.endpoint, self.on_request = net, endpoint, on_request
         self.sent = self.dropped = 0
         self.closed = False
+
+    def identity(self, route: bytes) -> str:
+        return self.net.identities.get(route, transport.ANONYMOUS)
 
     def send(self, route: bytes, frame: bytes) -> None:
         link = self.net._routes.get(route)
@@ -107,6 +122,7 @@ class MemoryNetwork:
         self._listeners: dict[str, _MemListener] = {}
         self._routes: dict[bytes, _MemLink] = {}
         self._ids = itertools.count(1)
+        self.identities: dict[bytes, str] = {}  # route -> "role:name", for tests of roles
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()

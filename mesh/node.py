@@ -32,10 +32,12 @@ from .agent import Agent, TimerRef
 from .caller import Caller
 from .clock import Clock
 from .config import Config, NodeSpec
-from .errors import (AgentCrashed, AgentDown, AlreadyExists, BadRequest, CallError, CallTimeout,
+from .errors import (AgentCrashed, AgentDown, AlreadyExists, BadRequest, Busy, CallError, CallTimeout,
                      Moved, NoSuchAgent, NotAllowed, ProtocolError, SnapshotCorrupt, StoreError,
                      Unavailable, error_to_wire)
+from .limits import PeerLimits
 from .registry import Replica
+from .security import allowed, role_of
 from .runner import CRASHED, RUNNING, STARTING, STOPPED, Envelope, Runner, error_response
 from .store import Batch, Committer, Outcome, Record, Store
 from .wire import Kind
@@ -93,6 +95,9 @@ class Node:
             Kind.SPAWN: self._forward_to_supervisor, Kind.STOP: self._forward_to_supervisor,
             Kind.STATUS: self._forward_to_supervisor,
         }
+        self.secure = config.secure
+        self.peer_limits = PeerLimits(config.limits.peer_rate, config.limits.peer_burst,
+                                      config.limits.peer_open_requests)
         self._kinds: dict[str, type[Agent]] = {}
         self._open = Group()
         self._in_flight: Group | None = None
@@ -215,10 +220,13 @@ class Node:
     def _on_local(self, frame: bytes) -> None:
         self._on_request(None, frame)
 
-    def _respond(self, origin: Origin, frame: bytes) -> None:
+    def _respond(self, origin: Origin, frame: bytes, counted: bool = True) -> None:
+        """Send a response; `counted` ones answer a request the peer's limits admitted."""
         if origin is None:
             asyncio.get_running_loop().call_soon(self.caller.on_response, frame)
         else:
+            if counted:
+                self.peer_limits.answered(origin)
             self.listener.send(origin, frame)
 
     def respond(self, origin: Origin, rid: str, body: Any) -> None:
@@ -229,16 +237,14 @@ class Node:
 
     def _on_request(self, origin: Origin, frame: bytes | None) -> None:
         if frame is None:
-            self.stats["in"] += 1
-            self._bad(origin, ProtocolError("a request must be exactly one frame"))
+            self._dispatch(ProtocolError("a request must be exactly one frame"), origin)
             return
         try:
             msg = wire.decode(frame, self.limits.max_message_bytes)
         except ProtocolError as exc:
-            self.stats["in"] += 1
-            self._bad(origin, exc)
+            self._dispatch(exc, origin)
             return
-        if msg.kind == Kind.BATCH:
+        if msg.kind == Kind.BATCH and self._permitted(msg, origin):
             for item in msg.body:
                 self._dispatch(item, origin)
         else:
@@ -246,9 +252,22 @@ class Node:
         self._schedule_flush()
 
     def _dispatch(self, msg: "wire.Msg | ProtocolError", origin: Origin) -> None:
+        """One request: the peer's limits, then its validity and role, then its handler.
+        Every request with an id that is admitted gets exactly one answer."""
         self.stats["in"] += 1
-        if type(msg) is ProtocolError:
+        bad = type(msg) is ProtocolError
+        rid = msg.request_id if bad else msg.id
+        if origin is not None and self._limited(origin):
+            problem = self.peer_limits.admit(origin, rid is not None, self.clock.now())
+            if problem is not None:
+                self.stats["over_limit"] += 1
+                if rid is not None:
+                    self._respond(origin, wire.error(rid, error_to_wire(Busy(problem))), counted=False)
+                return
+        if bad:
             self._bad(origin, msg)
+            return
+        if not self._permitted(msg, origin):
             return
         handler = self.handlers.get(msg.kind)
         if handler is None:
@@ -259,6 +278,20 @@ class Node:
         except CallError as err:
             if msg.id is not None:
                 self.respond_error(origin, msg.id, err)
+
+    def _limited(self, origin: bytes) -> bool:
+        """Rate and open-request limits hold for every peer but authenticated nodes."""
+        return not (self.secure and role_of(self.listener.identity(origin)) == "node")
+
+    def _permitted(self, msg: wire.Msg, origin: Origin) -> bool:
+        if not self.secure or origin is None or allowed(self.listener.identity(origin), msg.kind):
+            return True
+        self.stats["not_allowed"] += 1
+        who = self.listener.identity(origin) or "an unidentified peer"
+        log.warning("node %s: %s may not send %s", self.name, who, msg.kind.name)
+        if msg.id is not None:
+            self.respond_error(origin, msg.id, NotAllowed(f"{who} may not send {msg.kind.name}"))
+        return False
 
     def _bad(self, origin: Origin, exc: ProtocolError) -> None:
         self.stats["bad_messages"] += 1
@@ -315,7 +348,7 @@ class Node:
         rid, origin = env.msg.id, env.origin
 
         def send_chunk(part: Any) -> None:
-            self._respond(origin, wire.encode(Kind.CHUNK, rid, None, None, None, part))
+            self._respond(origin, wire.encode(Kind.CHUNK, rid, None, None, None, part), counted=False)
         return send_chunk
 
     # --- replies, effects and commit groups ---------------------------------------------------

@@ -22,6 +22,7 @@ import time
 from .config import Config
 from .network import ZmqNetwork
 from .node import Node
+from .security import Authenticator, Security, node_keypair
 from .supervisor import SupervisorRole
 
 log = logging.getLogger("mesh.serve")
@@ -38,6 +39,15 @@ def configure_logging(level: str | None = None) -> None:
     )
 
 
+def node_network(config: Config, name: str) -> ZmqNetwork:
+    """A node's sockets: CURVE with a ZAP authenticator when the cluster is secure."""
+    if not config.secure:
+        return ZmqNetwork(config.limits.max_message_bytes, config.limits.batch)
+    keys = node_keypair(config, name)
+    return ZmqNetwork(config.limits.max_message_bytes, config.limits.batch, Security(config, keys),
+                      authenticator=lambda ctx: Authenticator(ctx, config))
+
+
 def run_node(config: Config, name: str, boot: str, previous: dict | None, control: socket.socket | None) -> int:
     """Run one node until it stops; returns the process exit code."""
     try:
@@ -50,7 +60,7 @@ def run_node(config: Config, name: str, boot: str, previous: dict | None, contro
 
 async def _serve(config: Config, name: str, boot: str, previous: dict | None, control: socket.socket | None) -> None:
     loop = asyncio.get_running_loop()
-    network = ZmqNetwork(config.limits.max_message_bytes, config.limits.batch)
+    network = node_network(config, name)
 
     def notify(line: str) -> None:
         if control is not None:

@@ -643,7 +643,8 @@ class SupervisorRole:
             nodes.append({"name": name, "host": spec.host, "address": f"{spec.address}:{spec.port}",
                           "alive": view.alive and inv is not None, "pid": view.pid,
                           "agents": len(inv["agents"]) if inv else 0,
-                          "supervisor": name == self.node.name})
+                          "supervisor": name == self.node.name,
+                          "stats": (inv or {}).get("stats", {})})
         agents = [{"name": n, "kind": c.spec.kind, "node": c.node if c.status == RUNNING else None,
                    "status": c.status, "incarnation": c.incarnation, "restarts": c.restarts,
                    "mailbox": mailbox.get(n, 0), "supervisor": c.parent}

@@ -49,6 +49,8 @@ _MONITOR_EVENTS = (
 )
 
 
+IDENTITY_CACHE = 100_000    # routes whose authenticated identity a listener remembers
+ANONYMOUS = "node:local"    # the identity of every peer when the cluster is not secure
 BATCH_FRAMES = 256          # a loop turn's frames to one peer go out as one BATCH ...
 BATCH_BYTES = 256 * 1024    # ... of at most this many frames and bytes
 
@@ -150,7 +152,9 @@ class Listener:
             security.server(s)
         s.bind(endpoint)
         self.endpoint = endpoint
+        self.secure = security is not None
         self.sent = self.dropped = 0
+        self._identities: dict[bytes, str] = {}
         self._on_request = on_request
         self._drain = _Drain(s, self._read, batch)
         self._outboxes: dict[bytes, _Outbox] = {}
@@ -162,11 +166,28 @@ class Listener:
         # recv_multipart pays a getsockopt per message.
         route = sock.recv(_NOBLOCK)
         payload = sock.recv(_NOBLOCK, copy=False)
+        if self.secure and route not in self._identities:
+            self._remember(route, payload)
         if payload.more:
             _rest_of(sock, payload)
             self._on_request(route, None)
         else:
             self._on_request(route, payload.bytes)
+
+    def _remember(self, route: bytes, payload: zmq.Frame) -> None:
+        """The authenticated "role:name" of a new connection (its ZAP User-Id)."""
+        if len(self._identities) >= IDENTITY_CACHE:
+            self._identities.pop(next(iter(self._identities)))
+        try:
+            self._identities[route] = payload.get("User-Id")
+        except zmq.ZMQError:
+            self._identities[route] = ""
+
+    def identity(self, route: bytes) -> str:
+        """Who sent from `route`: "role:name" when secure, else the anonymous local peer."""
+        if not self.secure:
+            return ANONYMOUS
+        return self._identities.get(route, "")
 
     def send(self, route: bytes, frame: bytes) -> None:
         """Queue a frame for one peer; this loop turn's frames to it leave together."""
@@ -227,7 +248,7 @@ class Link:
         s.setsockopt(zmq.HEARTBEAT_IVL, ZMTP_HEARTBEAT_IVL_MS)
         s.setsockopt(zmq.HEARTBEAT_TIMEOUT, ZMTP_HEARTBEAT_TIMEOUT_MS)
         if security is not None:
-            security.client(s)
+            security.client(s, endpoint)
         self.up = False
         self.refused = False
         self.pending: deque[bytes] = deque()

@@ -30,6 +30,7 @@ handler_timeout_s = 10
 [limits]
 mailbox = {mailbox}
 dedup_window = 8
+{limits}
 
 [kinds]
 counter = "nodes.counter:Counter"
@@ -42,7 +43,7 @@ notagent = "kinds:NotAnAgent"
 missing = "kinds_that_do_not_exist:Nothing"
 
 [hosts.h1]
-address = "10.255.0.1"
+address = "127.0.0.1"
 
 [nodes.n1]
 host = "h1"
@@ -67,9 +68,9 @@ period_s = 10
 """
 
 
-def make_config(tmp_path: Path, extra: str = "", mailbox: int = 100) -> config_mod.Config:
+def make_config(tmp_path: Path, extra: str = "", mailbox: int = 100, limits: str = "") -> config_mod.Config:
     path = tmp_path / "cluster.toml"
-    path.write_text(textwrap.dedent(BASE.format(mailbox=mailbox)) + textwrap.dedent(extra))
+    path.write_text(textwrap.dedent(BASE.format(mailbox=mailbox, limits=limits)) + textwrap.dedent(extra))
     return config_mod.load(path)
 
 

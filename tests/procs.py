@@ -97,10 +97,10 @@ def env() -> dict:
     return e
 
 
-def mesh_cmd(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+def mesh_cmd(*args: str, timeout: float = 30, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     """Run the mesh CLI once; returns its completed process (never raises on exit codes)."""
     return subprocess.run([sys.executable, "-m", "mesh.cli", *args], capture_output=True, text=True,
-                          env=env(), timeout=timeout, cwd=ROOT)
+                          env={**env(), **(env_extra or {})}, timeout=timeout, cwd=ROOT)
 
 
 class MeshRun:

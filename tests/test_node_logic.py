@@ -210,7 +210,7 @@ async def test_bad_frames_get_errors_are_counted_and_reach_no_agent(cluster_fact
     placed = await m.spawn("c1", "counter")
     node = c.nodes[placed["node"]]
     answers = []
-    link = c.net.link(f"tcp://10.255.0.1:{c.cfg.nodes[node.name].port}", answers.append)
+    link = c.net.link(f"tcp://127.0.0.1:{c.cfg.nodes[node.name].port}", answers.append)
     await c.settle()
     link.send(b"\xc1 not msgpack")
     link.send(msgpack.packb([1, 1, "rid-1", "c1", None, None, {"op": "add"}, "meta?"]))
