@@ -34,7 +34,7 @@ class ZmqNetwork:
         return transport.Listener(self.ctx, endpoint, on_request, self.max_bytes, self.batch, self.security)
 
     def link(self, endpoint: str, on_response: Callable[[bytes], None],
-             on_state: Callable[[bool | None], None] | None = None) -> transport.Link:
+             on_state: Callable[[bool | None], None] | None = None, owner: str | None = None) -> transport.Link:
         return transport.Link(self.ctx, endpoint, on_response, on_state, self.max_bytes, self.batch, self.security)
 
     def close(self) -> None:
@@ -60,7 +60,7 @@ class _MemListener:
             self.dropped += 1
             return
         self.sent += 1
-        self.net._deliver(self.endpoint, link.endpoint, link._receive, frame)
+        self.net._deliver(link.owner, link._receive, frame)
 
     def close(self) -> None:
         self.closed = True
@@ -72,8 +72,8 @@ class _MemListener:
 
 
 class _MemLink:
-    def __init__(self, net: "MemoryNetwork", endpoint: str, on_response, on_state):
-        self.net, self.endpoint = net, endpoint
+    def __init__(self, net: "MemoryNetwork", endpoint: str, on_response, on_state, owner=None):
+        self.net, self.endpoint, self.owner = net, endpoint, owner
         self.on_response, self.on_state = on_response, on_state
         self.route = b"mem-%d" % next(net._ids)
         self.up = False
@@ -100,7 +100,7 @@ class _MemLink:
         if not self.up or listener is None:
             self.pending.append(frame)
             return
-        self.net._deliver(self.route, self.endpoint, lambda f: listener.on_request(self.route, f), frame)
+        self.net._deliver(self.endpoint, lambda f: listener.on_request(self.route, f), frame)
 
     def _receive(self, frame: bytes) -> None:
         if not self.closed:
@@ -123,6 +123,7 @@ class MemoryNetwork:
         self._routes: dict[bytes, _MemLink] = {}
         self._ids = itertools.count(1)
         self.identities: dict[bytes, str] = {}  # route -> "role:name", for tests of roles
+        self._frozen: dict[str, list] = {}      # endpoint -> frames held for a frozen node
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -136,10 +137,23 @@ class MemoryNetwork:
                 self.loop.call_soon(link._set_up, True)
         return listener
 
-    def link(self, endpoint: str, on_response, on_state=None) -> _MemLink:
-        return _MemLink(self, endpoint, on_response, on_state)
+    def link(self, endpoint: str, on_response, on_state=None, owner: str | None = None) -> _MemLink:
+        return _MemLink(self, endpoint, on_response, on_state, owner)
 
-    def _deliver(self, src, dst: str, receive: Callable[[bytes], None], frame: bytes) -> None:
+    def freeze(self, endpoint: str) -> None:
+        """Hold every frame for the node listening at `endpoint` (as SIGSTOP would)."""
+        self._frozen.setdefault(endpoint, [])
+
+    def thaw(self, endpoint: str) -> None:
+        """Deliver what was held for it, in order."""
+        for receive, frame in self._frozen.pop(endpoint, []):
+            self._deliver(endpoint, receive, frame)
+
+    def _deliver(self, receiver: str | None, receive: Callable[[bytes], None], frame: bytes) -> None:
+        held = self._frozen.get(receiver) if receiver is not None else None
+        if held is not None:
+            held.append((receive, frame))
+            return
         self._in_flight += 1
         self._idle.clear()
         self.loop.call_soon(self._arrive, receive, frame)

@@ -35,6 +35,7 @@ from .config import Config, NodeSpec
 from .errors import (AgentCrashed, AgentDown, AlreadyExists, BadRequest, Busy, CallError, CallTimeout,
                      Moved, NoSuchAgent, NotAllowed, ProtocolError, SnapshotCorrupt, StoreError,
                      Unavailable, error_to_wire)
+from .lease import Lease
 from .limits import PeerLimits
 from .registry import Replica
 from .security import allowed, role_of
@@ -91,7 +92,7 @@ class Node:
             Kind.CALL: self._to_agent, Kind.CAST: self._to_agent, Kind.INFO: self._to_agent,
             Kind.START: self._on_start, Kind.TERMINATE: self._on_terminate,
             Kind.WHEREIS: self._on_whereis, Kind.REGISTRY: self._on_registry,
-            Kind.HEARTBEAT: self._on_heartbeat, Kind.INVENTORY: self._on_inventory,
+            Kind.INVENTORY: self._on_inventory,
             Kind.SPAWN: self._forward_to_supervisor, Kind.STOP: self._forward_to_supervisor,
             Kind.STATUS: self._forward_to_supervisor,
         }
@@ -107,6 +108,10 @@ class Node:
         self._timers: list = []
         self._hello_acked = False
         self._last_hello = -1e9
+        self.lease = Lease(self.clock, config.timing.lease_s)
+        self._renewing = False
+        self._renewals = 0
+        self._dropped = False  # agents were dropped when the lease lapsed: say so in the next hello
         self.stopping = False
         self.stopped = asyncio.Event()
         self.listener = None
@@ -115,8 +120,12 @@ class Node:
 
     # --- lifecycle ---------------------------------------------------------------------------
 
+    @property
+    def endpoint(self) -> str:
+        return self.spec.endpoint
+
     async def start(self) -> None:
-        bind = f"tcp://{self.spec.address}:{self.spec.port}"
+        bind = self.endpoint
         self.listener = self.network.listen(bind, self._on_request)
         self._every(self.timing.heartbeat_s, self._tick)
         self._say_hello()
@@ -135,11 +144,54 @@ class Node:
 
     def _tick(self) -> None:
         now = self.clock.now()
+        self.serving()
         for runner in list(self.busy_runners):
             runner.check_deadline(now)
         if not self._hello_acked or not self.replica.synced:
             self._say_hello()
+        elif not self._renewing:
+            self._spawn(self._renew())
         del self._timers[:-4]
+
+    # --- the lease ---------------------------------------------------------------------------
+
+    def serving(self) -> bool:
+        """Whether this node may serve its agents now. A lapsed lease drops them all first."""
+        if self.lease.valid():
+            return True
+        if self.runners:
+            self._lease_lapsed()
+        return False
+
+    def _lease_lapsed(self) -> None:
+        log.warning("node %s: lease lapsed (no word from the supervisor): dropping %d agents",
+                    self.name, len(self.runners))
+        self.stats["lease_lapses"] += 1
+        for runner in list(self.runners.values()):
+            self._drop(runner, lambda: AgentDown("its node lost its lease"))
+        self._dropped = True
+        self._hello_acked = False
+
+    async def _renew(self) -> None:
+        """Ask the supervisor to extend the lease; it runs from this send time."""
+        self._renewing = True
+        sent_at = self.clock.now()
+        self._renewals += 1
+        body = {"node": self.name, "boot": self.boot, "seq": self._renewals, "agents": len(self.runners),
+                "mailbox": max((r.depth() for r in self.runners.values() if r.mailbox), default=0)}
+        try:
+            answer = await self.caller.request(self.config.supervisor_node, Kind.HEARTBEAT, None, body,
+                                               self.timing.lease_s)
+        except CallError as err:
+            log.debug("node %s: lease renewal: %s", self.name, err)
+            return
+        finally:
+            self._renewing = False
+        if answer.get("known"):
+            self.lease.granted(sent_at)
+        else:  # the supervisor does not know this boot (it restarted, or declared us dead)
+            self._hello_acked = False
+            self._say_hello()
 
     async def shutdown(self, reason: str = "shutdown") -> None:
         """Stop in order: finish or cancel handlers, terminate agents, commit, say goodbye."""
@@ -207,7 +259,7 @@ class Node:
             if spec is None:
                 raise Unavailable(f"no node named {node!r}")
             link = self.network.link(spec.endpoint, self.caller.on_response,
-                                     lambda up, n=node: self._on_link_state(n, up))
+                                     lambda up, n=node: self._on_link_state(n, up), owner=self.endpoint)
             self.links[node] = link
         link.send(frame)
 
@@ -309,7 +361,7 @@ class Node:
         return self.clock.now() + ttl
 
     def _to_agent(self, msg: wire.Msg, origin: Origin) -> None:
-        runner = self.runners.get(msg.target)
+        runner = self.runners.get(msg.target) if self.serving() else None
         if runner is not None:
             runner.deliver(Envelope(msg, origin, self._deadline(msg)))
             return
@@ -359,6 +411,8 @@ class Node:
         if group is not None:
             group.replies.append((runner, origins, rid, response))
             return
+        if not self.serving():
+            response = error_response(AgentDown(f"{runner.name!r}: its node lost its lease"))
         frame = wire.response_frame(rid, response)
         for origin in origins:
             self._respond(origin, frame)
@@ -415,6 +469,7 @@ class Node:
         if failed is not None:
             self.stats["commit_errors"] += 1
         fenced = outcome.fenced
+        leased = self.serving()  # no reply leaves once the lease has lapsed, committed or not
         for runner in group.dirty:
             if runner.pending_group is group:
                 runner.pending_group = None
@@ -426,12 +481,14 @@ class Node:
                 runner.pending_group = None
             if failed is not None:
                 response = error_response(Unavailable(f"the store could not commit: {failed}"))
+            elif not leased:
+                response = error_response(AgentDown(f"{runner.name!r}: its node lost its lease"))
             elif runner.name in fenced and fenced[runner.name] > runner.incarnation:
                 response = error_response(AgentDown(f"{runner.name!r} was restarted elsewhere"))
             frame = wire.response_frame(rid, response)
             for origin in origins:
                 self._respond(origin, frame)
-        if failed is None:
+        if failed is None and leased:
             for runner, effects in group.effects:
                 if runner.name not in fenced:
                     self._release(runner, effects)
@@ -468,7 +525,7 @@ class Node:
         name, inc = runner.name, runner.incarnation
 
         def fire():
-            r = self.runners.get(name)
+            r = self.runners.get(name) if self.serving() else None
             if ref.cancelled or r is None or r.incarnation != inc:
                 return
             r.deliver(Envelope(wire.Msg(Kind.INFO, None, name, f"agent:{name}", None, msg), None, self.clock.now()))
@@ -701,15 +758,21 @@ class Node:
         body = {"node": self.name, "boot": self.boot, "pid": os.getpid(), "agents": agents}
         if self.previous:
             body["previous"] = self.previous
+        if self._dropped:
+            body["dropped"] = True
         self._spawn(self._hello(body))
 
     async def _hello(self, body: dict) -> None:
+        sent_at = self.clock.now()
         try:
             await self.caller.request(self.config.supervisor_node, Kind.HELLO, None, body, self.timing.dead_after_s)
-            self._hello_acked = True
-            self.previous = None
         except CallError as err:
             log.debug("hello to the supervisor: %s", err)
+            return
+        self._hello_acked = True
+        self.previous = None
+        self._dropped = False
+        self.lease.granted(sent_at)
 
     def _on_whereis(self, msg: wire.Msg, origin: Origin) -> None:
         body = msg.body or {}
@@ -758,16 +821,6 @@ class Node:
             waiter.answer(self._placed(name), None)
 
     # --- supervisor's questions -------------------------------------------------------------
-
-    def _on_heartbeat(self, msg: wire.Msg, origin: Origin) -> None:
-        now = self.clock.now()
-        slow = sorted(((now - r.started_at, r.name) for r in self.busy_runners), reverse=True)[:10]
-        self.respond(origin, msg.id, {
-            "node": self.name, "boot": self.boot, "seq": msg.body["seq"], "agents": len(self.runners),
-            "mailbox": max((r.depth() for r in self.runners.values() if r.mailbox), default=0),
-            "slow": [[name, round(t, 3)] for t, name in slow],
-            "registry": self.replica.seq, "synced": self.replica.synced,
-        })
 
     def _on_inventory(self, msg: wire.Msg, origin: Origin) -> None:
         self.respond(origin, msg.id, {

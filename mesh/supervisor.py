@@ -83,7 +83,7 @@ class NodeView:
     pid: int | None = None
     alive: bool = False
     last_heard: float = 0.0
-    heartbeat_out: bool = False
+    health: dict = field(default_factory=dict)
 
 
 class SupervisorRole:
@@ -92,12 +92,15 @@ class SupervisorRole:
         node.supervisor = self
         for kind, handler in ((Kind.SPAWN, self._on_spawn), (Kind.STOP, self._on_stop),
                               (Kind.STATUS, self._on_status), (Kind.HELLO, self._on_hello),
+                              (Kind.HEARTBEAT, self._on_renew),
                               (Kind.EXIT, self._on_exit), (Kind.GOODBYE, self._on_goodbye)):
             node.handlers[kind] = handler
         self.epoch = 0
         self._next = 0
         self.table = Table(node.boot)
-        self.nodes = {n: NodeView(n) for n in self.config.nodes}
+        self.started_at = self.clock.now()
+        # silence is counted from now: leases granted by an earlier supervisor lapse first
+        self.nodes = {n: NodeView(n, last_heard=self.started_at) for n in self.config.nodes}
         me = self.nodes[node.name]
         me.boot, me.pid, me.alive = node.boot, os.getpid(), True
         self.children: dict[str, Child] = {}
@@ -107,7 +110,6 @@ class SupervisorRole:
         self._early_exits: list[wire.Msg] = []
         self._start_slots = asyncio.Semaphore(START_CONCURRENCY)
         self._registry_scheduled = False
-        self.started_at = self.clock.now()
         self.tree_failed = False
 
     # --- boot ------------------------------------------------------------------------------------
@@ -231,17 +233,19 @@ class SupervisorRole:
         return out
 
     def _choose_node(self, child: Child, prefer: str | None = None, avoid: str | None = None) -> str | None:
-        candidates = [n for n in self._candidates(child.spec) if n != avoid] or \
-                     [n for n in self._candidates(child.spec)]
+        """A live node the placement allows: `prefer` if possible, never `avoid` unless it
+        is the only one, other hosts than avoid's first, then the least loaded."""
+        candidates = [n for n in self._candidates(child.spec) if n != avoid] or self._candidates(child.spec)
         if not candidates:
             return None
         if prefer in candidates:
             return prefer
+        avoid_host = self.config.nodes[avoid].host if avoid else None
         load = {n: 0 for n in candidates}
         for c in self.children.values():
             if c.node in load and c.status in (RUNNING, STARTING):
                 load[c.node] += 1
-        return min(candidates, key=lambda n: (load[n], n))
+        return min(candidates, key=lambda n: (self.config.nodes[n].host == avoid_host, load[n], n))
 
     def _place_pending(self) -> None:
         """Start every child that should run and is not (after boot, when a node returns,
@@ -446,19 +450,32 @@ class SupervisorRole:
         if view is None:
             raise BadRequest(f"no node named {name!r} in the config")
         restarted = view.boot is not None and view.boot != body["boot"]
+        dropped = bool(body.get("dropped")) and view.boot == body["boot"]
         view.boot, view.pid, view.last_heard = body["boot"], body["pid"], self.clock.now()
         was_alive, view.alive = view.alive, True
-        self.node.respond(origin, msg.id, {"epoch": self.table.epoch})
+        self.node.respond(origin, msg.id, {"epoch": self.table.epoch})  # grants a lease, too
         if not self.ready:
             return
-        if restarted:
-            log.warning("supervisor: node %s restarted (%s)", name, body.get("previous") or "new boot")
+        if restarted or dropped:
+            log.warning("supervisor: node %s %s", name, f"restarted ({body.get('previous') or 'new boot'})"
+                        if restarted else "dropped its agents when its lease lapsed")
             self._node_lost(name, prefer=name)
         # A hello from a node with the same boot only asks for the registry; the agents it
         # lists may predate STARTs still on their way, so they are not compared here.
         self._send_snapshot(name)
         if not was_alive or restarted:
             self._place_pending()
+
+    def _on_renew(self, msg: wire.Msg, origin: Origin) -> None:
+        """A node's lease renewal. Only a node this supervisor knows as alive, with the
+        boot it knows, gets one; any other is told to say hello first."""
+        body = msg.body
+        view = self.nodes.get(body["node"])
+        known = view is not None and view.alive and view.boot == body["boot"]
+        if known:
+            view.last_heard = self.clock.now()
+            view.health = {"agents": body.get("agents", 0), "mailbox": body.get("mailbox", 0)}
+        self.node.respond(origin, msg.id, {"known": known})
 
     def _on_goodbye(self, msg: wire.Msg, origin: Origin) -> None:
         name = msg.body["node"]
@@ -467,48 +484,29 @@ class SupervisorRole:
         if view is not None and view.boot == msg.body["boot"] and view.alive:
             log.info("supervisor: node %s left", name)
             view.alive = False
-            self._node_lost(name)
+            self._node_lost(name, avoid=name)
 
     def _heartbeat(self) -> None:
+        """Every heartbeat: declare silent nodes dead, and start what waits to be placed."""
         now = self.clock.now()
         timing = self.config.timing
+        self.nodes[self.node.name].last_heard = now
         for view in self.nodes.values():
-            if view.name == self.node.name:
-                view.last_heard = now
-                continue
             if view.alive and sv.liveness_expired(view.last_heard, now, timing.heartbeat_s, timing.liveness):
                 log.warning("supervisor: node %s silent for %.2fs: declared dead", view.name, now - view.last_heard)
                 view.alive = False
-                self._node_lost(view.name)
-            if not view.heartbeat_out:
-                self._spawn(self._ping(view))
+                self._node_lost(view.name, avoid=view.name)
         self._place_pending()
-
-    async def _ping(self, view: NodeView) -> None:
-        view.heartbeat_out = True
-        try:
-            body = await self.node.caller.request(view.name, Kind.HEARTBEAT, None, {"seq": 0},
-                                                  self.config.timing.dead_after_s)
-        except CallError:
-            return
-        finally:
-            view.heartbeat_out = False
-        if body.get("boot") == view.boot:
-            view.last_heard = self.clock.now()
-            if not view.alive:
-                # back from a pause or a partition with the same boot: its agents were
-                # moved meanwhile; it drops them as the registry says so
-                view.alive = True
-                self._send_snapshot(view.name)
-                self._place_pending()
 
     def on_link_state(self, node: str, up: bool | None) -> None:
         pass  # liveness comes from heartbeats and hellos, not from TCP
 
-    def _node_lost(self, name: str, prefer: str | None = None) -> None:
+    def _node_lost(self, name: str, prefer: str | None = None, avoid: str | None = None) -> None:
+        """Move the agents of a node that died (prefer: it came back at once; avoid: it
+        went silent, so its host is suspect too)."""
         for child in self.children.values():
             if child.node == name and child.status in (RUNNING, STARTING):
-                self._spawn(self._move(child, prefer=prefer, avoid=None if prefer else name))
+                self._spawn(self._move(child, prefer=prefer, avoid=avoid))
 
     async def _move(self, child: Child, prefer: str | None = None, avoid: str | None = None) -> None:
         child.status = PENDING

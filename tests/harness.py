@@ -118,6 +118,21 @@ class Cluster:
         node.committer = _Dead()
         return {"boot": node.boot, "exit": -9}
 
+    def freeze(self, name: str) -> None:
+        """Stop a node as SIGSTOP does: its timers stop and nothing reaches it."""
+        node = self.nodes[name]
+        self.net.freeze(node.endpoint)
+        for timer in node._timers:
+            timer.cancel()
+        node._timers.clear()
+
+    def thaw(self, name: str) -> None:
+        """SIGCONT: its overdue heartbeat runs at once, then what was sent to it arrives."""
+        node = self.nodes[name]
+        node._tick()
+        node._every(self.cfg.timing.heartbeat_s, node._tick)
+        self.net.thaw(node.endpoint)
+
     async def restart(self, name: str) -> Node:
         previous = self.kill(name)
         return await self.start_node(name, previous)
@@ -141,6 +156,18 @@ class Cluster:
             self.clock.advance(min(step, seconds - t))
             t += step
             await self.settle()
+
+    async def run(self, coro, limit_s: float = 10.0, step: float = 0.05):
+        """Await `coro` while time passes (a call that must wait for a recheck or a move)."""
+        task = asyncio.ensure_future(coro)
+        waited = 0.0
+        while not task.done():
+            if waited >= limit_s:
+                task.cancel()
+                raise TimeoutError(f"not done after {limit_s} s of fake time")
+            await self.advance(step, step)
+            waited += step
+        return task.result()
 
     async def close(self) -> None:
         for c in self.clients:

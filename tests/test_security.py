@@ -110,7 +110,7 @@ async def test_a_peer_over_its_limits_gets_busy_and_others_do_not(tmp_path):
     with pytest.raises(Busy, match="rate limit"):
         for _ in range(10):
             await greedy.caller.request(node.name, mesh.wire.Kind.CALL, "w", {"op": "get"}, 1.0)
-    c.clock.advance(1.0)  # ten more tokens a second later
+    await c.advance(1.0)  # ten more tokens a second later (renewing leases on the way)
     assert await greedy.call("w", {"op": "get"}) == 2
     assert node.stats["over_limit"] >= 2
     kinds.GATES.clear()

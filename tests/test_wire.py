@@ -59,7 +59,8 @@ def test_batch_within_batch_is_refused_per_element():
     (msgpack.packb([1, 10, "r", None, None, None, {"name": "bad name", "kind": "k"}, None]), "invalid agent name"),
     (msgpack.packb([1, 10, "r", None, None, None, {"name": "x", "kind": "k", "evil": 1}, None]), "unknown field"),
     (msgpack.packb([1, 10, "r", None, None, None, {"name": "x", "kind": "k", "restart": "sometimes"}, None]), "restart must be"),
-    (msgpack.packb([1, 21, "r", None, None, None, {"seq": True}, None]), "wrong type"),
+    (msgpack.packb([1, 21, "r", None, None, None, {"node": "n", "boot": "b", "seq": True}, None]), "wrong type"),
+    (msgpack.packb([1, 21, "r", None, None, None, {"seq": 1}, None]), "lacks 'node'"),
     (msgpack.packb([1, 7, None, None, None, None, [], None]), "envelopes"),
     (msgpack.packb([1, 1, "r", "a", None, 10, msgpack.ExtType(5, b"x"), None]), "extension type"),
 ])

@@ -1,0 +1,113 @@
+"""Leases (G3): a node serves only while its lease holds, and its own view lapses first.
+
+Timing in these configs: heartbeat 100 ms, liveness 4 (dead after 400 ms), lease 300 ms.
+"""
+
+import asyncio
+
+import pytest
+
+from harness import Cluster, make_config
+from mesh.store import Committer
+from test_node_logic import GatedCommitter
+
+
+async def cluster(tmp_path) -> Cluster:
+    c = Cluster(make_config(tmp_path), tmp_path)
+    await c.start()
+    return c
+
+
+async def spawn_on_victim(c, m, n=6):
+    placed = [await m.spawn(f"c{i}", "counter") for i in range(n)]
+    victim = next(p["node"] for p in placed if p["node"] != c.cfg.supervisor_node)
+    for p in placed:
+        await m.call(p["name"], {"op": "add", "n": 5})
+    return placed, victim
+
+
+async def test_a_frozen_node_is_declared_dead_and_serves_nothing_stale_after(tmp_path):
+    from mesh.errors import AgentDown
+    from mesh.wire import Kind
+    c = await cluster(tmp_path)
+    m, direct = c.client(), c.client()
+    placed, victim = await spawn_on_victim(c, m)
+    mine = [p for p in placed if p["node"] == victim]
+    c.freeze(victim)
+    # a request that can only be answered by the frozen node, once it wakes up
+    stale = asyncio.ensure_future(direct.caller.request(victim, Kind.CALL, mine[0]["name"], {"op": "get"}, 30))
+    # and a call that must not get stuck on it
+    moving = asyncio.ensure_future(m.call(mine[0]["name"], {"op": "add", "n": 1}, timeout=5, request_id="add-1"))
+    await c.advance(0.3)
+    assert c.role.nodes[victim].alive          # 0.3 s of silence: not yet
+    await c.advance(0.15)
+    assert not c.role.nodes[victim].alive      # 0.45 s: declared dead, its agents moved
+    assert await c.run(moving) == 6            # answered by the new incarnation, once
+    for p in mine[1:]:
+        assert await c.run(m.call(p["name"], {"op": "get"})) == 5
+    moved = {a["name"]: a for a in (await m.status())["agents"]}
+    assert all(moved[p["name"]]["node"] != victim for p in mine)
+    c.thaw(victim)                             # SIGCONT: it finds its lease lapsed first
+    await c.settle()
+    node = c.nodes[victim]
+    assert node.stats["lease_lapses"] == 1 and not node.runners
+    with pytest.raises(AgentDown):             # Moved or AgentDown: never a stale answer
+        await stale
+    assert await m.call(mine[0]["name"], {"op": "add", "n": 1}, request_id="add-1") == 6
+    await c.advance(0.3)                       # it rejoins, empty, and may host agents again
+    assert c.role.nodes[victim].alive
+    await c.close()
+
+
+async def test_a_reply_committed_after_the_lease_lapsed_is_not_sent(tmp_path):
+    c = await cluster(tmp_path)
+    m = c.client()
+    placed, victim = await spawn_on_victim(c, m)
+    name = next(p["name"] for p in placed if p["node"] == victim)
+    node = c.nodes[victim]
+    gate = node.committer = GatedCommitter(node.store)
+    call = asyncio.ensure_future(m.call(name, {"op": "add", "n": 1}, timeout=5, request_id="r-1"))
+    await c.settle()
+    for timer in node._timers:  # the node stops renewing (it is cut off from the supervisor)
+        timer.cancel()
+    await c.advance(0.35)       # past its lease, not yet past the supervisor's patience
+    node.committer = Committer(node.store, inline=True)
+    gate.release()              # the commit lands, but the reply must not leave
+    await c.settle()
+    assert not call.done()
+    # declared dead; the agent restarts elsewhere from the store, and the caller's retry
+    # gets the recorded reply: the add happened exactly once
+    assert await c.run(call) == 6
+    assert await m.call(name, {"op": "get"}) == 6
+    await c.close()
+
+
+async def test_nodes_stop_serving_when_the_supervisor_is_gone_longer_than_a_lease(tmp_path):
+    c = await cluster(tmp_path)
+    m = c.client()
+    placed, _ = await spawn_on_victim(c, m)
+    previous = c.kill(c.cfg.supervisor_node)
+    await c.advance(0.4)
+    others = [n for n in c.nodes.values()]
+    assert all(not n.runners for n in others)            # no lease, no serving
+    assert all(n.stats["lease_lapses"] == 1 for n in others)
+    await c.start_node(c.cfg.supervisor_node, previous)
+    await c.role.ready_event.wait()
+    await c.advance(0.5)
+    for p in placed:
+        assert await m.call(p["name"], {"op": "get"}, timeout=5) == 5
+    await c.close()
+
+
+def test_lease_runs_from_the_send_time():
+    from mesh.clock import FakeClock
+    from mesh.lease import Lease
+    clock = FakeClock()
+    lease = Lease(clock, 0.75)
+    assert not lease.valid()
+    sent = clock.now()
+    clock.advance(0.2)          # the grant arrives 200 ms later
+    lease.granted(sent)
+    assert lease.valid() and abs(lease.remaining() - 0.55) < 1e-9
+    clock.advance(0.56)
+    assert not lease.valid()
