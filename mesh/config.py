@@ -30,6 +30,7 @@ class Timing:
     lease_s: float = 0.75
     call_timeout_s: float = 5.0
     handler_timeout_s: float = 60.0
+    served_log: bool = False
 
     @property
     def dead_after_s(self) -> float:
@@ -290,6 +291,7 @@ def parse(raw: dict, path: str = "<config>") -> Config:
         lease_s=cluster.get("lease_ms", int, 750, _positive) / 1000,
         call_timeout_s=cluster.get("call_timeout_s", float, 5.0, _positive),
         handler_timeout_s=cluster.get("handler_timeout_s", float, 60.0, _positive),
+        served_log=cluster.get("served_log", bool, False),
     )
     cluster.done()
     if timing.lease_s >= timing.dead_after_s:

@@ -56,6 +56,7 @@ class Launcher:
     nodes: list[str]
     say: Callable[[str], None] = print
     children: dict[str, Child] = field(default_factory=dict)
+    _helpers: list[int] = field(default_factory=list)
 
     def preimport(self) -> None:
         """Import what nodes need, so a forked child starts with it loaded."""
@@ -101,6 +102,7 @@ class Launcher:
                 if all(c.given_up for c in self.children.values()):
                     self.say("every node was given up; stopping")
                     return 1
+                self._reap_helpers()
                 for fd, _ in self._poller.poll(1000):
                     if fd == wake_r:
                         _drain(wake_r)
@@ -163,6 +165,32 @@ class Launcher:
             except OSError:
                 pass
 
+    def _report_gone(self, child: Child) -> None:
+        """Tell the supervisor at once that a node is gone for good, so its agents move
+        without waiting for heartbeats. The launcher holds no socket, so a forked helper
+        says it (as the node, with the node's key) and exits."""
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                self._close_inherited(-1)
+                from .serve import report_gone
+                code = report_gone(self.config, child.node, child.boot)
+            except BaseException:
+                pass
+            finally:
+                os._exit(code)
+        self._helpers.append(pid)
+
+    def _reap_helpers(self) -> None:
+        for pid in list(self._helpers):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                self._helpers.remove(pid)
+
     def _forget_fd(self, fd: int) -> None:
         if fd in self._registered:
             self._poller.unregister(fd)
@@ -189,6 +217,7 @@ class Launcher:
             child.given_up = True
             self.say(f"node {child.node}: more than {self.config.launcher.max_restarts} restarts in "
                      f"{self.config.launcher.period_s:g}s; not restarting it")
+            self._report_gone(child)
             return
         child.previous = {"boot": child.boot, "exit": code}
         child.restarts += 1

@@ -51,7 +51,7 @@ Origin = bytes | None  # a ROUTER routing id, or None for a request from this ve
 class Group:
     """Everything that becomes durable in one transaction, and what waits for it."""
 
-    __slots__ = ("batch", "dirty", "replies", "effects", "callbacks")
+    __slots__ = ("batch", "dirty", "replies", "effects", "callbacks", "replicas")
 
     def __init__(self):
         self.batch = Batch()
@@ -59,6 +59,7 @@ class Group:
         self.replies: list[tuple[Runner, list, bytes]] = []
         self.effects: list[tuple[Runner, list]] = []
         self.callbacks: list[Callable[[Outcome], None]] = []
+        self.replicas: dict[str, tuple[str, ...]] = {}  # name -> its replica hosts, for this batch
 
     def __bool__(self) -> bool:
         return bool(self.batch or self.dirty or self.replies or self.effects or self.callbacks)
@@ -92,7 +93,8 @@ class Node:
             Kind.CALL: self._to_agent, Kind.CAST: self._to_agent, Kind.INFO: self._to_agent,
             Kind.START: self._on_start, Kind.TERMINATE: self._on_terminate,
             Kind.WHEREIS: self._on_whereis, Kind.REGISTRY: self._on_registry,
-            Kind.INVENTORY: self._on_inventory,
+            Kind.INVENTORY: self._on_inventory, Kind.FETCH: self._on_fetch,
+            Kind.REPLICATE: self._on_replicate,
             Kind.SPAWN: self._forward_to_supervisor, Kind.STOP: self._forward_to_supervisor,
             Kind.STATUS: self._forward_to_supervisor,
         }
@@ -103,6 +105,7 @@ class Node:
         self._open = Group()
         self._in_flight: Group | None = None
         self._flush_scheduled = False
+        self._copies: tuple[Batch, list] | None = None  # replicated records of this loop turn
         self._whereis_waiters: dict[str, list] = {}
         self._tasks: set[asyncio.Task] = set()
         self._timers: list = []
@@ -117,6 +120,7 @@ class Node:
         self.listener = None
         self.supervisor = None  # set by mesh.supervisor when this node hosts the role
         self._llm = None
+        self._served = _ServedLog(config, self.spec.host, name) if config.timing.served_log else None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -413,6 +417,8 @@ class Node:
             return
         if not self.serving():
             response = error_response(AgentDown(f"{runner.name!r}: its node lost its lease"))
+        elif self._served is not None:
+            self._served.record(runner, response)
         frame = wire.response_frame(rid, response)
         for origin in origins:
             self._respond(origin, frame)
@@ -459,9 +465,86 @@ class Node:
                 continue
             record = Record(runner.incarnation, runner.seq, runner.last_state, [[k, v] for k, v in runner.window.items()])
             batch.add_put(runner.name, record)
+            if runner.replicas:
+                group.replicas[runner.name] = runner.replicas
         self._in_flight = group
         self.stats["commits"] += 1
-        self.committer.submit(batch, lambda outcome: self._committed(group, outcome))
+        self.committer.submit(batch, lambda outcome: self._committed_here(group, outcome))
+
+    def _committed_here(self, group: Group, outcome: Outcome) -> None:
+        """The local commit is done; with replicas, the copies must land before anything
+        that depends on them leaves (G6)."""
+        if outcome.error is None and any(group.replicas.values()):
+            self._spawn(self._replicate(group, outcome))
+        else:
+            self._committed(group, outcome)
+
+    async def _replicate(self, group: Group, outcome: Outcome) -> None:
+        batch, per_host = group.batch, {}
+        for name, hosts in group.replicas.items():
+            for host in hosts:
+                body = per_host.setdefault(host, {"puts": [], "claims": [], "deletes": []})
+                if name in batch.claims:
+                    body["claims"].append(batch.claims[name].to_wire(name))
+                elif name in batch.puts:
+                    body["puts"].append(batch.puts[name].to_wire(name))
+                elif name in batch.deletes:
+                    body["deletes"].append([name, batch.deletes[name]])
+        hosts = list(per_host)
+        results = await asyncio.gather(*(self._replicate_to(h, per_host[h]) for h in hosts), return_exceptions=True)
+        for host, result in zip(hosts, results):
+            if isinstance(result, BaseException):
+                self.stats["replication_failures"] += 1
+                for name, their_hosts in group.replicas.items():
+                    if host in their_hosts:
+                        outcome.unreplicated[name] = f"its replica host {host} did not take the commit ({result})"
+            else:
+                for name, stored in (result.get("fenced") or {}).items():
+                    outcome.fenced[name] = max(stored, outcome.fenced.get(name, -1))
+        self._committed(group, outcome)
+
+    async def _replicate_to(self, host: str, body: dict) -> dict:
+        """Hand one batch of copies to a live node of `host` (they share its store)."""
+        last: Exception = Unavailable(f"host {host} has no nodes")
+        for spec in self.config.nodes_on(host):
+            try:
+                return await self.caller.request(spec.name, Kind.REPLICATE, None, body, self.timing.dead_after_s)
+            except CallError as err:
+                last = err
+        raise last
+
+    def _on_replicate(self, msg: wire.Msg, origin: Origin) -> None:
+        body = msg.body
+        try:
+            puts = dict(Record.from_wire(item) for item in body.get("puts") or ())
+            claims = dict(Record.from_wire(item) for item in body.get("claims") or ())
+            deletes = {name: inc for name, inc in body.get("deletes") or ()}
+        except (ValueError, TypeError) as exc:
+            raise BadRequest(f"bad replicated records: {exc}") from None
+        names = set(puts) | set(claims) | set(deletes)
+
+        def done(outcome: Outcome) -> None:
+            if outcome.error is not None:
+                self.respond_error(origin, msg.id, Unavailable(f"replica commit failed: {outcome.error}"))
+            else:
+                self.respond(origin, msg.id, {"fenced": {n: i for n, i in outcome.fenced.items() if n in names}})
+        # Copies do not queue behind this node's own groups: those may be waiting for
+        # copies to land elsewhere, which could be waiting for this one (a deadlock).
+        if self._copies is None:
+            self._copies = (Batch(), [])
+            asyncio.get_running_loop().call_soon(self._flush_copies)
+        self._copies[0].merge(puts, claims, deletes)
+        self._copies[1].append(done)
+        self.stats["replicated"] += len(names)
+
+    def _flush_copies(self) -> None:
+        batch, callbacks = self._copies
+        self._copies = None
+        self.committer.submit(batch, lambda outcome: [cb(outcome) for cb in callbacks])
+
+    def _on_fetch(self, msg: wire.Msg, origin: Origin) -> None:
+        record = self._local_record(msg.target)
+        self.respond(origin, msg.id, {"record": record.to_wire(msg.target) if record else None})
 
     def _committed(self, group: Group, outcome: Outcome) -> None:
         self._in_flight = None
@@ -481,16 +564,20 @@ class Node:
                 runner.pending_group = None
             if failed is not None:
                 response = error_response(Unavailable(f"the store could not commit: {failed}"))
+            elif runner.name in outcome.unreplicated:
+                response = error_response(Unavailable(f"{runner.name!r}: {outcome.unreplicated[runner.name]}"))
             elif not leased:
                 response = error_response(AgentDown(f"{runner.name!r}: its node lost its lease"))
             elif runner.name in fenced and fenced[runner.name] > runner.incarnation:
                 response = error_response(AgentDown(f"{runner.name!r} was restarted elsewhere"))
+            elif self._served is not None:
+                self._served.record(runner, response)
             frame = wire.response_frame(rid, response)
             for origin in origins:
                 self._respond(origin, frame)
         if failed is None and leased:
             for runner, effects in group.effects:
-                if runner.name not in fenced:
+                if runner.name not in fenced and runner.name not in outcome.unreplicated:
                     self._release(runner, effects)
         for callback in group.callbacks:
             callback(outcome)
@@ -505,6 +592,13 @@ class Node:
                 if self.runners.get(runner.name) is runner and runner.status == RUNNING:
                     runner.last_state = None  # not durable: a restart reads the store
                     runner.crash(failed)
+        for name, why in outcome.unreplicated.items():
+            runner = self.runners.get(name)
+            if runner is not None and runner.status == RUNNING:
+                # committed here but not on its replica hosts: the supervisor places it again
+                # with live replicas (no fault of the agent's: it is moved, not counted)
+                runner.last_state = None
+                runner.crash(Unavailable(why), supervision.LOST)
         if self._open:
             self._flush()
 
@@ -560,17 +654,74 @@ class Node:
         if old is not None and old.incarnation >= inc:
             raise AlreadyExists(f"{name!r} already runs incarnation {old.incarnation} here",
                                 {"incarnation": old.incarnation})
-        cls = self.kind_class(body["kind"])
+        self.kind_class(body["kind"])  # refuse unknown kinds before anything else
         if old is not None and old.status in (RUNNING, STARTING):
             self._stop_quietly(old)
+        if old is not None and old.last_state is not None:
+            self._begin(msg, origin, None, old)
+        elif body.get("sources"):
+            self._spawn(self._start_from_copies(msg, origin))
+        else:
+            self._begin(msg, origin, self._local_record(name), old)
+
+    def _local_record(self, name: str) -> Record | None:
+        try:
+            return self.store.get(name)
+        except (SnapshotCorrupt, StoreError) as exc:
+            raise AgentCrashed(str(exc), {"exception": type(exc).__name__}) from None
+
+    async def _start_from_copies(self, msg: wire.Msg, origin: Origin) -> None:
+        try:
+            record = await self._newest_copy(msg.target, msg.body["sources"])
+            self._begin(msg, origin, record, self.runners.get(msg.target))
+        except CallError as err:
+            self.respond_error(origin, msg.id, err)
+        self._schedule_flush()
+
+    async def _newest_copy(self, name: str, sources: list) -> Record | None:
+        """The newest snapshot of `name` among this host's store and the source nodes'.
+        Every acknowledged commit is on each of them, so one answer is enough; none is not."""
+        mine = self.spec.host
+        remote = [n for n in sources if isinstance(n, str) and n in self.config.nodes
+                  and self.config.nodes[n].host != mine]
+        local_counts = len(remote) < len(sources)
+        best = self._local_record(name)
+        answered = local_counts
+
+        async def fetch(node: str):
+            return await self.caller.request(node, Kind.FETCH, name, None, min(self.timing.call_timeout_s, 2.0))
+        for node, result in zip(remote, await asyncio.gather(*(fetch(n) for n in remote), return_exceptions=True)):
+            if isinstance(result, BaseException):
+                log.warning("node %s: no copy of %s from %s: %s", self.name, name, node, result)
+                continue
+            answered = True
+            if isinstance(result, dict) and result.get("record") is not None:
+                try:
+                    _, record = Record.from_wire(result["record"])
+                except ValueError as exc:
+                    log.warning("node %s: bad copy of %s from %s: %s", self.name, name, node, exc)
+                    continue
+                if record.newer_than(best):
+                    best = record
+        if not answered:
+            raise Unavailable(f"no host that holds {name!r}'s state answered ({', '.join(remote)})")
+        return best
+
+    def _begin(self, msg: wire.Msg, origin: Origin, record: Record | None, old: Runner | None) -> None:
+        """Start an incarnation from `old`'s last good state, or from `record`."""
+        name, body = msg.target, msg.body
+        inc = body["incarnation"]
+        if self.stopping:
+            raise Unavailable(f"node {self.name} is shutting down")
+        current = self.runners.get(name)
+        if current is not None and current.incarnation >= inc:
+            raise AlreadyExists(f"{name!r} already runs incarnation {current.incarnation} here",
+                                {"incarnation": current.incarnation})
+        cls = self.kind_class(body["kind"])
         if old is not None and old.last_state is not None:
             seq, state, window, mailbox, inflight = old.seq, old.last_state, old.window, old.mailbox, old.inflight
             restarts = old.restarts + 1
         else:
-            try:
-                record = self.store.get(name)
-            except (SnapshotCorrupt, StoreError) as exc:
-                raise AgentCrashed(str(exc), {"exception": type(exc).__name__}) from None
             if record is not None and record.incarnation >= inc:
                 raise AlreadyExists(f"{name!r}: the store holds incarnation {record.incarnation}",
                                     {"incarnation": record.incarnation})
@@ -581,6 +732,7 @@ class Node:
         runner = Runner(self, name, body["kind"], body.get("args") or {}, inc)
         runner.seq, runner.mailbox, runner.inflight, runner.restarts = seq, mailbox, inflight, restarts
         runner.supervisor = body.get("supervisor")
+        runner.replicas = tuple(h for h in body.get("replicas") or () if h in self.config.hosts and h != self.spec.host)
         if window is not None:
             runner.window = window
         agent = cls()
@@ -603,17 +755,23 @@ class Node:
         self.runners[name] = runner
         group = self._open
         group.batch.add_claim(name, Record(inc, seq, packed, [[k, v] for k, v in runner.window.items()]))
+        group.replicas[name] = runner.replicas
         runner.pending_group = group
         group.callbacks.append(lambda outcome: self._started(runner, origin, msg.id, outcome))
+        self._schedule_flush()
 
     def _started(self, runner: Runner, origin: Origin, rid: str, outcome: Outcome) -> None:
         if runner.pending_group is not None and runner.pending_group is not self._open:
             runner.pending_group = None
         name = runner.name
-        if outcome.error is not None or name in outcome.fenced:
-            err = (Unavailable(str(outcome.error)) if outcome.error is not None else
-                   AlreadyExists(f"{name!r}: the store holds incarnation {outcome.fenced[name]}",
-                                 {"incarnation": outcome.fenced[name]}))
+        if outcome.error is not None or name in outcome.fenced or name in outcome.unreplicated:
+            if outcome.error is not None:
+                err: CallError = Unavailable(str(outcome.error))
+            elif name in outcome.fenced:
+                err = AlreadyExists(f"{name!r}: the store holds incarnation {outcome.fenced[name]}",
+                                    {"incarnation": outcome.fenced[name]})
+            else:
+                err = Unavailable(f"{name!r}: {outcome.unreplicated[name]}")
             if self.runners.get(name) is runner:
                 del self.runners[name]
             runner.fail_queued(lambda: AgentDown(f"{name!r} failed to start"))
@@ -637,16 +795,20 @@ class Node:
         name, body = msg.target, msg.body
         runner = self.runners.get(name)
         forget = bool(body.get("forget"))
+        hosts = tuple(h for h in body.get("replicas") or () if h in self.config.hosts and h != self.spec.host)
         if runner is None or runner.incarnation > body["incarnation"]:
             if forget:
                 self._open.batch.deletes[name] = body["incarnation"]
+                self._open.replicas[name] = hosts
                 self._open.callbacks.append(lambda outcome: self.respond(origin, msg.id, {"stopped": False}))
+                self._schedule_flush()
             else:
                 self.respond(origin, msg.id, {"stopped": False})
             return
-        self._spawn(self._terminate(runner, body.get("reason") or "shutdown", forget, origin, msg.id))
+        self._spawn(self._terminate(runner, body.get("reason") or "shutdown", forget, origin, msg.id, hosts))
 
-    async def _terminate(self, runner: Runner, reason: str, forget: bool, origin: Origin, rid: str) -> None:
+    async def _terminate(self, runner: Runner, reason: str, forget: bool, origin: Origin, rid: str,
+                         hosts: tuple[str, ...] = ()) -> None:
         if runner.task is not None:
             runner.interrupt()
             await asyncio.sleep(0)
@@ -658,6 +820,7 @@ class Node:
         if forget:
             self._drop(runner, lambda: NoSuchAgent(f"{runner.name!r} was stopped"))
             self._open.batch.deletes[runner.name] = runner.incarnation
+            self._open.replicas[runner.name] = tuple(set(hosts) | set(runner.replicas))
         done = asyncio.get_running_loop().create_future()
         self._open.callbacks.append(lambda outcome: done.done() or done.set_result(outcome))
         self._schedule_flush()
@@ -825,7 +988,7 @@ class Node:
     def _on_inventory(self, msg: wire.Msg, origin: Origin) -> None:
         self.respond(origin, msg.id, {
             "node": self.name, "boot": self.boot, "pid": os.getpid(),
-            "agents": [[r.name, r.kind, r.incarnation, r.status, r.depth(), r.handled]
+            "agents": [[r.name, r.kind, r.incarnation, r.status, r.depth(), r.handled, list(r.replicas)]
                        for r in self.runners.values()],
             "stats": dict(self.stats),
         })
@@ -845,6 +1008,21 @@ class Node:
         body = {"name": name, "kind": kind, "args": args, "restart": restart}
         return await self.caller.request(self.config.supervisor_node, Kind.SPAWN, None, body,
                                          self.timing.call_timeout_s, rid=rid)
+
+
+class _ServedLog:
+    """Which incarnation answered for which name, and when: one line per reply, written
+    before the reply leaves, so the chaos checker can prove that no two incarnations of a
+    name ever served at the same time (G3). Off unless [cluster] served_log = true."""
+
+    def __init__(self, config: Config, host: str, node: str):
+        folder = os.path.join(config.host_dir(host), "served")
+        os.makedirs(folder, exist_ok=True)
+        self.fd = os.open(os.path.join(folder, f"{node}.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def record(self, runner: Runner, response: bytes) -> None:
+        if response[:1] == wire.REPLY_TAG:
+            os.write(self.fd, f"{time.time():.6f} {runner.name} {runner.incarnation}\n".encode())
 
 
 class _Waiter:

@@ -53,7 +53,7 @@ class Runner:
         "node", "name", "kind", "args", "agent", "incarnation", "seq", "status", "mailbox",
         "inflight", "window", "last_state", "pending_group", "effects", "stop_reason",
         "task", "started_at", "handled", "restarts", "_current_rid", "_nested", "supervisor",
-        "interrupted",
+        "interrupted", "replicas",
     )
 
     def __init__(self, node: "Node", name: str, kind: str, args: dict, incarnation: int):
@@ -77,6 +77,7 @@ class Runner:
         self._nested = 0
         self.supervisor: str | None = None
         self.interrupted = False
+        self.replicas: tuple[str, ...] = ()  # hosts that hold a copy of every commit
 
     @property
     def clock(self):
@@ -300,10 +301,11 @@ class Runner:
 
     # --- lifecycle -----------------------------------------------------------------------------
 
-    def crash(self, exc: BaseException) -> None:
-        """Crash from outside a handler (the store failed to commit this agent's state)."""
+    def crash(self, exc: BaseException, how: str = supervision.CRASH) -> None:
+        """Crash from outside a handler: its state could not be made durable (the store
+        failed: CRASH; a replica host did not answer: LOST, which is no fault of its own)."""
         self.interrupt()
-        self._crash([], exc, supervision.CRASH)
+        self._crash([], exc, how)
 
     def interrupt(self) -> None:
         """Cancel the handler in flight because this incarnation ends; its callers get

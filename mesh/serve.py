@@ -48,6 +48,26 @@ def node_network(config: Config, name: str) -> ZmqNetwork:
                       authenticator=lambda ctx: Authenticator(ctx, config))
 
 
+def report_gone(config: Config, name: str, boot: str, timeout_s: float = 2.0) -> int:
+    """Say GOODBYE to the supervisor for a node that died and will not be restarted."""
+    import zmq
+    from . import wire
+    from .wire import Kind
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    try:
+        if config.secure:
+            Security(config, node_keypair(config, name)).client(sock, config.nodes[config.supervisor_node].endpoint)
+        sock.connect(config.nodes[config.supervisor_node].endpoint)
+        sock.send(wire.encode(Kind.GOODBYE, os.urandom(6).hex(), None, f"node:{name}", int(timeout_s * 1000),
+                              {"node": name, "boot": boot}))
+        return 0 if sock.poll(int(timeout_s * 1000)) else 1
+    finally:
+        sock.close(0)
+        ctx.term()
+
+
 def run_node(config: Config, name: str, boot: str, previous: dict | None, control: socket.socket | None) -> int:
     """Run one node until it stops; returns the process exit code."""
     try:

@@ -47,6 +47,23 @@ class Record:
     def encode(self) -> bytes:
         return msgpack.packb([FORMAT, self.incarnation, self.seq, self.state, self.window])
 
+    def to_wire(self, name: str) -> list:
+        return [name, self.incarnation, self.seq, self.state, self.window]
+
+    @classmethod
+    def from_wire(cls, item: Any) -> tuple[str, "Record"]:
+        """A record sent by another node; ValueError if it is not one."""
+        if not (isinstance(item, list) and len(item) == 5):
+            raise ValueError("a record is [name, incarnation, seq, state, window]")
+        name, inc, seq, state, window = item
+        if not (isinstance(name, str) and type(inc) is int and type(seq) is int and isinstance(state, bytes)
+                and isinstance(window, list)):
+            raise ValueError(f"bad record for {name!r:.60}")
+        return name, cls(inc, seq, state, window)
+
+    def newer_than(self, other: "Record | None") -> bool:
+        return other is None or (self.incarnation, self.seq) > (other.incarnation, other.seq)
+
 
 def decode_record(name: str, raw: bytes) -> Record:
     try:
@@ -86,11 +103,25 @@ class Batch:
         else:
             self.puts[name] = record
 
+    def merge(self, puts: dict[str, Record], claims: dict[str, Record], deletes: dict[str, int]) -> None:
+        """Records another node replicated here; where this batch has the name too, the
+        newer record wins (the store fences the older incarnation anyway)."""
+        for name, rec in puts.items():
+            if rec.newer_than(self.puts.get(name)) and rec.newer_than(self.claims.get(name)):
+                self.puts[name] = rec
+        for name, rec in claims.items():
+            if rec.newer_than(self.claims.get(name)):
+                self.claims[name] = rec
+                self.puts.pop(name, None)
+        for name, inc in deletes.items():
+            self.deletes[name] = max(inc, self.deletes.get(name, -1))
+
 
 @dataclass
 class Outcome:
     fenced: dict[str, int] = field(default_factory=dict)   # name -> the stored incarnation
     error: StoreError | None = None
+    unreplicated: dict[str, str] = field(default_factory=dict)  # name -> why a replica host missed it
 
 
 class Store:

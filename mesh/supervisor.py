@@ -44,6 +44,7 @@ INC_SPAN = 10**9
 MAX_START_BACKOFF_S = 5.0
 START_CONCURRENCY = 512
 _DYNAMIC_PREFIX = "sup/child/"
+_PLACE_PREFIX = "sup/place/"
 _EPOCH_KEY = "sup/epoch"
 
 # child status
@@ -64,6 +65,8 @@ class Child:
     last_exit: str = ""
     next_try: float = 0.0   # when a start that the environment refused is tried again
     backoff: float = 0.0
+    home: str | None = None            # the host of its latest incarnation (its state is there)
+    replicas: tuple[str, ...] = ()     # the hosts that hold copies of that state
 
 
 @dataclass
@@ -133,6 +136,15 @@ class SupervisorRole:
                 continue
             self.children[spec.name] = Child(spec, parent, dynamic=True)
             self.sups[parent].children.append(spec.name)
+        for key, raw in store.meta_items(_PLACE_PREFIX):
+            child = self.children.get(key[len(_PLACE_PREFIX):])
+            try:
+                place = msgpack.unpackb(raw, raw=False)
+                if child is not None and place["home"] in self.config.hosts:
+                    child.home = place["home"]
+                    child.replicas = tuple(h for h in place["replicas"] if h in self.config.hosts)
+            except Exception as exc:
+                log.error("supervisor: skipping unreadable placement %s: %s", key, exc)
         log.info("supervisor on %s: epoch %d, %d agents in the tree", self.node.name, self.epoch, len(self.children))
         await self._learn_view()
         self.node._every(self.config.timing.heartbeat_s, self._heartbeat)
@@ -181,10 +193,13 @@ class SupervisorRole:
 
     def _reconcile(self, inventories: dict[str, list]) -> None:
         seen: dict[str, list[tuple[int, str, str]]] = {}
+        replicas_seen: dict[tuple[str, str], tuple[str, ...]] = {}
         for node, agents in inventories.items():
             for item in agents:
                 name, _kind, inc, status = item[0], item[1], item[2], item[3]
                 seen.setdefault(name, []).append((inc, node, status))
+                if len(item) > 6:
+                    replicas_seen[(name, node)] = tuple(h for h in item[6] if h in self.config.hosts)
         for name, instances in seen.items():
             instances.sort(reverse=True)
             child = self.children.get(name)
@@ -194,6 +209,8 @@ class SupervisorRole:
                 continue
             inc, node, status = instances[0]
             child.node, child.incarnation = node, inc
+            child.home = self.config.nodes[node].host
+            child.replicas = replicas_seen.get((name, node), child.replicas)
             if status in ("running", "starting"):
                 child.status = RUNNING
                 self.table.set(name, node, inc)
@@ -298,10 +315,19 @@ class SupervisorRole:
                 self._schedule_registry()
                 log.warning("supervisor: no live node may run %s; it waits for one", name)
                 return None
+            host = self.config.nodes[node].host
+            replicas = self._choose_replicas(child, host)
+            sources = self._sources(child, host)
+            if replicas is None or sources is None:
+                child.status, child.node = PENDING, None
+                why = ("not enough live hosts for its replicas" if replicas is None
+                       else "no host that holds its state is reachable")
+                return Unavailable(f"{name!r} cannot start now: {why}")
             inc = self._new_incarnation(at_least)
             child.status, child.node, child.incarnation = STARTING, node, inc
             self.table.set(name, None, inc)
-            body = {"kind": child.spec.kind, "args": child.spec.args, "incarnation": inc, "supervisor": child.parent}
+            body = {"kind": child.spec.kind, "args": child.spec.args, "incarnation": inc, "supervisor": child.parent,
+                    "replicas": list(replicas), "sources": sources}
             try:
                 await self.node.caller.request(node, Kind.START, name, body, self.config.timing.call_timeout_s)
             except AlreadyExists as err:
@@ -320,18 +346,65 @@ class SupervisorRole:
             if child.incarnation != inc or child.status != STARTING:
                 return None  # superseded meanwhile (stopped, or moved again)
             child.status, child.backoff = RUNNING, 0.0
+            self._placed(child, host, replicas)
             self.table.set(name, node, inc)
             self._schedule_registry()
-            log.debug("supervisor: %s runs on %s as incarnation %d", name, node, inc)
+            log.debug("supervisor: %s runs on %s as incarnation %d (replicas %s)", name, node, inc, replicas)
             return None
         child.status = PENDING
         return Unavailable(f"could not start {name!r} after several attempts")
 
-    async def _terminate_instance(self, node: str, name: str, inc: int, reason: str, forget: bool = False) -> None:
+    def _live_hosts(self) -> set[str]:
+        return {self.config.nodes[v.name].host for v in self.nodes.values() if v.alive}
+
+    def _choose_replicas(self, child: Child, host: str) -> tuple[str, ...] | None:
+        """`store.replicas` live hosts other than `host`: the ones it has first (their copies
+        are current), then the least used. None when there are not enough."""
+        n = self.config.store.replicas
+        if n == 0:
+            return ()
+        live = self._live_hosts() - {host}
+        if len(live) < n:
+            return None
+        use: dict[str, int] = {h: 0 for h in live}
+        for c in self.children.values():
+            for h in c.replicas:
+                if h in use:
+                    use[h] += 1
+        ranked = sorted(live, key=lambda h: (h not in child.replicas, use[h], h))
+        return tuple(ranked[:n])
+
+    def _sources(self, child: Child, host: str) -> list[str] | None:
+        """Nodes the new incarnation reads its state from: one live node of each host that
+        holds it (any one has every acknowledged commit). [] when `host` itself holds it
+        (or it never ran); None when none of them can be reached."""
+        if child.home is None:
+            return []
+        holders = {child.home, *child.replicas}
+        if host in holders:
+            return []
+        nodes = []
+        for h in sorted(holders):
+            live = [v.name for v in self.nodes.values() if v.alive and self.config.nodes[v.name].host == h]
+            if live:
+                nodes.append(live[0])
+        return nodes or None
+
+    def _placed(self, child: Child, host: str, replicas: tuple[str, ...]) -> None:
+        """Remember where its state lives now, in the store too (for a supervisor restart)."""
+        if (child.home, child.replicas) == (host, replicas):
+            return
+        child.home, child.replicas = host, replicas
+        record = msgpack.packb({"home": host, "replicas": list(replicas)})
+        self._spawn(self.node.commit_meta({_PLACE_PREFIX + child.spec.name: record}))
+
+    async def _terminate_instance(self, node: str, name: str, inc: int, reason: str, forget: bool = False,
+                                  replicas: tuple[str, ...] = ()) -> None:
+        body = {"incarnation": inc, "reason": reason, "forget": forget}
+        if forget and replicas:
+            body["replicas"] = list(replicas)  # the copies go too
         try:
-            await self.node.caller.request(node, Kind.TERMINATE, name,
-                                           {"incarnation": inc, "reason": reason, "forget": forget},
-                                           self.config.timing.call_timeout_s)
+            await self.node.caller.request(node, Kind.TERMINATE, name, body, self.config.timing.call_timeout_s)
         except CallError as err:
             log.warning("supervisor: terminating %s on %s: %s", name, node, err)
 
@@ -348,7 +421,10 @@ class SupervisorRole:
         how, reason = body["how"], body.get("reason", "")
         child.last_exit = f"{how}: {reason}"
         log.info("supervisor: %s exited (%s: %s)", child.spec.name, how, reason)
-        self._spawn(self._child_exited(child, how, child.incarnation))
+        if how == sv.LOST:  # its state could not be kept where it was: move it, no fault of its own
+            self._spawn(self._move(child, prefer=child.node))
+        else:
+            self._spawn(self._child_exited(child, how, child.incarnation))
 
     async def _child_exited(self, child: Child, how: str, incarnation: int) -> None:
         """Apply restart type, intensity and strategy to the exit of one incarnation."""
@@ -593,7 +669,7 @@ class SupervisorRole:
             sup = self.sups[child.parent]
             if child.spec.name in sup.children:
                 sup.children.remove(child.spec.name)
-        self._spawn(self.node.commit_meta({}, [_DYNAMIC_PREFIX + child.spec.name]))
+        self._spawn(self.node.commit_meta({}, [_DYNAMIC_PREFIX + child.spec.name, _PLACE_PREFIX + child.spec.name]))
 
     def _on_stop(self, msg: wire.Msg, origin: Origin) -> None:
         name = msg.target
@@ -610,7 +686,8 @@ class SupervisorRole:
 
     async def _stop_child(self, child: Child, origin: Origin, rid: str) -> None:
         node = child.node if child.node and self.nodes[child.node].alive else self._any_node_on_host(child.node)
-        await self._terminate_instance(node, child.spec.name, child.incarnation, "stopped", forget=True)
+        await self._terminate_instance(node, child.spec.name, child.incarnation, "stopped", forget=True,
+                                       replicas=child.replicas)
         self.node.respond(origin, rid, {"name": child.spec.name, "stopped": True})
 
     def _any_node_on_host(self, node: str | None) -> str:

@@ -63,6 +63,8 @@ class Kind(IntEnum):
     REGISTRY = 25   # supervisor -> node: {seq, updates} or {seq, snapshot, last}
     GOODBYE = 26    # id; node -> supervisor: {node, boot}
     INVENTORY = 27  # id; supervisor -> node: -> its agents and counters
+    REPLICATE = 28  # id; node -> node on a replica host: {puts, claims, deletes} -> {fenced}
+    FETCH = 29      # id, target; node -> node: -> {record} (the newest snapshot it holds, or nil)
 
 
 RESPONSES = frozenset({Kind.REPLY, Kind.ERROR, Kind.CHUNK})
@@ -263,9 +265,9 @@ _SPECS: dict[Kind, tuple[bool, bool, Callable[[Any], str | None] | None]] = {
     Kind.HEARTBEAT: (True, False, _fields({"node": str, "boot": str, "seq": int}, {"agents": int, "mailbox": int})),
     Kind.START: (True, True, _fields(
         {"kind": str, "incarnation": int},
-        {"args": dict, "supervisor": str},
+        {"args": dict, "supervisor": str, "replicas": list, "sources": list},
     )),
-    Kind.TERMINATE: (True, True, _fields({"incarnation": int}, {"reason": str, "forget": bool})),
+    Kind.TERMINATE: (True, True, _fields({"incarnation": int}, {"reason": str, "forget": bool, "replicas": list})),
     Kind.EXIT: (False, False, _fields(
         {"name": str, "incarnation": int, "how": str},
         {"reason": str, "node": str},
@@ -276,4 +278,6 @@ _SPECS: dict[Kind, tuple[bool, bool, Callable[[Any], str | None] | None]] = {
     )),
     Kind.GOODBYE: (True, False, _fields({"node": str, "boot": str})),
     Kind.INVENTORY: (True, False, None),
+    Kind.REPLICATE: (True, False, _fields({}, {"puts": list, "claims": list, "deletes": list})),
+    Kind.FETCH: (True, True, None),
 }

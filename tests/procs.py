@@ -29,8 +29,8 @@ CONFIG = """
 name = "{name}"
 data_dir = "{data}"
 heartbeat_ms = 100
-liveness = 4
-lease_ms = 300
+liveness = 10
+lease_ms = 700
 call_timeout_s = 5
 
 [launcher]

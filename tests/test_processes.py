@@ -160,24 +160,30 @@ def test_nodes_stop_when_their_launcher_is_killed(runs, cfg):
     assert wait_gone(node_pids, 10) == []
 
 
-def test_launcher_gives_up_after_too_many_restarts(runs, tmp_path):
+async def test_launcher_gives_up_after_too_many_restarts_and_says_so_at_once(runs, tmp_path):
     cfg = write_config(tmp_path, max_restarts=1)
     run = runs("up", "-c", str(cfg))
-    mark = run.mark()
-    run.kill_node("n3")
-    run.wait_for("node n3 ready", start=mark)
-    mark = run.mark()
-    run.kill_node("n3")
-    run.wait_for("node n3: more than 1 restarts", start=mark)
-    # the supervisor declares it dead by its silence, and the mesh carries on without it
-    deadline = time.monotonic() + 10
-    while True:
-        st = json.loads(cli(cfg, "status", "--json").stdout)
-        n3 = next(n for n in st["nodes"] if n["name"] == "n3")
-        if not n3["alive"] or time.monotonic() > deadline:
-            break
-    assert not n3["alive"]
-    assert cli(cfg, "spawn", "late", "counter").returncode == 0
+    async with mesh.connect(cfg) as m:
+        placed = [await m.spawn(f"c{i}", "counter") for i in range(6)]
+        on_n3 = [p["name"] for p in placed if p["node"] == "n3"]
+        for name in on_n3:
+            await m.call(name, {"op": "add", "n": 7})
+        mark = run.mark()
+        run.kill_node("n3")
+        run.wait_for("node n3 ready", start=mark)
+        for name in on_n3:  # back on the restarted n3, or another node
+            assert await m.call(name, {"op": "get"}) == 7
+        mark = run.mark()
+        run.kill_node("n3")
+        run.wait_for("node n3: more than 1 restarts", start=mark)
+        t0 = time.monotonic()
+        for name in on_n3:  # moved at once: the launcher told the supervisor, no heartbeat wait
+            assert await m.call(name, {"op": "get"}) == 7
+        assert time.monotonic() - t0 < 0.9  # silence alone would take liveness x heartbeat = 1 s
+        st = await m.status()
+        assert not next(n for n in st["nodes"] if n["name"] == "n3")["alive"]
+        assert all(a["node"] != "n3" for a in st["agents"])
+        await m.spawn("late", "counter")
 
 
 def test_mesh_node_runs_one_node_each(runs, cfg):
