@@ -7,8 +7,9 @@ hosts the name; then, until its deadline:
     error Moved(node)            -> learn the new place, send there at once
     error AgentDown/Unavailable  -> wait until the name is placed again, send there
     the node's link went down    -> same (a killed node is seen at once, see transport)
-    no answer for `recheck_s`    -> ask where the name is now; if it moved, send there,
-                                    else keep waiting (the agent may simply be slow)
+    no answer for `recheck_s`    -> watch (a WHEREIS long-poll at another node) for the
+                                    agent to get a newer incarnation; send there when it
+                                    does, else keep waiting (the agent may simply be slow)
     deadline                     -> CallTimeout
     any other error              -> raised as is (NoSuchAgent, AgentCrashed, Busy, ...)
 
@@ -34,8 +35,7 @@ from .errors import (AgentDown, BadRequest, CallError, CallTimeout, Moved, NoSuc
                      ProtocolError, Unavailable, error_from_wire)
 from .wire import Kind
 
-RECHECK_S = 0.5       # first check on a call that has no answer yet ...
-MAX_RECHECK_S = 2.0   # ... then less and less often, up to this
+RECHECK_S = 0.5       # a call quiet this long starts watching for its agent to move
 
 
 class LinkDown(AgentDown):
@@ -186,17 +186,22 @@ class Caller:
             if not attempts:
                 del self._pending[rid]
 
-    async def _wait(self, p: _Pending, seconds: float) -> Any:
+    async def _wait(self, p: _Pending, seconds: float, also: asyncio.Future | None = None) -> Any:
         """The answer to `p` if it comes within `seconds` (on this caller's clock); else
-        _Recheck, and `p` stays open to be waited on again."""
-        if p.outcome is None:
+        _Recheck, and `p` stays open to be waited on again. `also` finishing wakes it too."""
+        if p.outcome is None and not (also is not None and also.done()):
             waiter = p.waiter = asyncio.get_running_loop().create_future()
             timer = self.clock.call_after(seconds, lambda: waiter.done() or waiter.set_result(None))
+            wake = (lambda f: waiter.done() or waiter.set_result(None))
+            if also is not None:
+                also.add_done_callback(wake)
             try:
                 await waiter
             finally:
                 timer.cancel()
                 p.waiter = None
+                if also is not None:
+                    also.remove_done_callback(wake)
         if p.outcome is None:
             raise _Recheck()
         ok, value = p.outcome
@@ -212,8 +217,9 @@ class Caller:
         known = self.resolver.where(name)
         node, inc = (known if known and known[0] else (self.resolver.any_node(), -1))
         meta = {"stream": True} if stream is not None else None
-        fail_fast, recheck = True, self.recheck_s
+        fail_fast = True
         p: _Pending | None = None
+        mover: asyncio.Future | None = None  # watches for the agent to move, once the call is slow
         try:
             while True:
                 remaining = deadline - self.clock.now()
@@ -222,15 +228,18 @@ class Caller:
                 try:
                     if p is None:
                         p = self._open(node, Kind.CALL, rid, name, body, remaining, stream, meta, fail_fast)
-                    return await self._wait(p, min(remaining, recheck))
+                    wait = min(remaining, self.recheck_s) if mover is None else remaining
+                    return await self._wait(p, wait, mover)
                 except _Recheck:
-                    # a slow handler, or a silent node: ask where the agent is, and send
-                    # again only if it has moved (asking less often as the call goes on)
-                    recheck = min(recheck * 2, MAX_RECHECK_S)
-                    where = await self._where_now(name, node, deadline)
-                    if where is not None and where != (node, inc):
-                        self._close(rid, p)
-                        p, (node, inc), fail_fast = None, where, True
+                    # A slow handler, or a silent node. Watch (a WHEREIS long-poll elsewhere)
+                    # for the agent to get a newer incarnation, and send again only if it does.
+                    if mover is None:
+                        mover = asyncio.ensure_future(self._moved(name, node, inc, deadline))
+                    elif mover.done():
+                        where, mover = mover.result(), None
+                        if where is not None and where != (node, inc):
+                            self._close(rid, p)
+                            p, (node, inc), fail_fast = None, where, True
                     continue
                 except Moved as moved:
                     node, inc = self._follow(name, moved)
@@ -247,15 +256,21 @@ class Caller:
                 if p is not None:
                     self._close(rid, p)
                     p = None
+                if mover is not None:
+                    mover.cancel()
+                    mover = None
         finally:
             if p is not None:
                 self._close(rid, p)
+            if mover is not None:
+                mover.cancel()
 
-    async def _where_now(self, name: str, node: str, deadline: float) -> tuple[str, int] | None:
-        """Where the name runs now, asked of someone other than `node`; None if unknown."""
+    async def _moved(self, name: str, node: str, inc: int, deadline: float) -> tuple[str, int] | None:
+        """Where the name runs once it has an incarnation newer than `inc` (asked of a node
+        other than `node`); None if that does not happen before the deadline."""
         try:
-            return await self.resolver.locate(self, name, -1, min(deadline, self.clock.now() + self.recheck_s), node)
-        except (CallTimeout, AgentDown, Unavailable, NoSuchAgent):
+            return await self.resolver.locate(self, name, inc, deadline, node)
+        except (CallTimeout, AgentDown, Unavailable, NoSuchAgent, NotAllowed):
             return None
 
     def cast(self, name: str, body: Any, kind: Kind = Kind.CAST) -> None:

@@ -89,10 +89,15 @@ def main() -> None:
     """Long-lived, stateful agents on ZeroMQ, supervised the OTP way."""
 
 
+restarts_option = click.option("--max-restarts", type=click.IntRange(0, 1000), default=None,
+                               help="restarts of a node within [launcher] period_s before giving up (overrides the config)")
+
+
 @main.command()
 @config_only
 @click.option("--host", default=None, help="the host of a multi-host config whose nodes to start")
-def up(config_path, host):
+@restarts_option
+def up(config_path, host, max_restarts):
     """Start every node of CONFIG on this host; foreground; Ctrl-C or SIGTERM stops all."""
     from .launcher import Launcher, host_nodes
     from .serve import configure_logging
@@ -104,13 +109,14 @@ def up(config_path, host):
     _preflight(cfg, nodes)
     configure_logging()
     click.echo(f"starting {', '.join(nodes)} from {cfg.path}")
-    sys.exit(Launcher(cfg, nodes, say=lambda line: click.echo(line)).run())
+    sys.exit(Launcher(_with_restarts(cfg, max_restarts), nodes, say=lambda line: click.echo(line)).run())
 
 
 @main.command()
 @config_only
 @click.argument("node")
-def node(config_path, node):
+@restarts_option
+def node(config_path, node, max_restarts):
     """Start one node under its launcher (restarted at once if it dies)."""
     from .launcher import Launcher
     from .serve import configure_logging
@@ -119,7 +125,14 @@ def node(config_path, node):
         raise click.UsageError(f"no node named {node!r} in {cfg.path} (nodes: {', '.join(cfg.nodes)})")
     _preflight(cfg, [node])
     configure_logging()
-    sys.exit(Launcher(cfg, [node], say=lambda line: click.echo(line)).run())
+    sys.exit(Launcher(_with_restarts(cfg, max_restarts), [node], say=lambda line: click.echo(line)).run())
+
+
+def _with_restarts(cfg: config_mod.Config, max_restarts: int | None) -> config_mod.Config:
+    import dataclasses
+    if max_restarts is None:
+        return cfg
+    return dataclasses.replace(cfg, launcher=dataclasses.replace(cfg.launcher, max_restarts=max_restarts))
 
 
 @main.command()
@@ -216,14 +229,22 @@ def demo(users, turns, llm_url, model, keep):
 
 
 @main.command()
-@click.argument("name")
+@click.argument("name", required=False)
 @click.option("--dir", "directory", default="keys", show_default=True, help="where to write the key files")
 @click.option("--role", type=click.Choice(["node", "admin", "client"]), default="node", show_default=True)
-def keys(name, directory, role):
+@click.option("-c", "--config", "config_path", default=None,
+              help="with --all: create the missing key files of every node and client of this config")
+@click.option("--all", "all_", is_flag=True, help="create every key file the config needs and lacks")
+def keys(name, directory, role, config_path, all_):
     """Create a CURVE key pair NAME.key / NAME.key_secret and print the config lines for it."""
     import os
     from .security import create_keypair
     from .wire import valid_name
+    if all_:
+        _all_keys(config_path)
+        return
+    if not name:
+        raise click.UsageError("name the key pair to create, or use -c CONFIG --all")
     if not valid_name(name):
         raise click.BadParameter(f"{name!r} is not a valid name")
     if os.path.exists(os.path.join(directory, f"{name}.key_secret")):
@@ -239,6 +260,31 @@ def keys(name, directory, role):
     else:
         click.echo(f"[security.clients.{name}]\npublic_key = \"{public}\"\nrole = \"{role}\"")
         click.echo(f"\nand connect with: mesh call --key {secret_path} NAME JSON (or MESH_KEY={secret_path})")
+
+
+def _all_keys(config_path: str | None) -> None:
+    """Create KEYS_DIR/NAME.key(_secret) for every node and client the config lists."""
+    import os
+    import tomllib
+    from .security import create_keypair
+    path = config_path or config_mod.DEFAULT_CONFIG
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise click.UsageError(f"config error: {path}: {exc}") from None
+    security = raw.get("security", {}) if isinstance(raw.get("security"), dict) else {}
+    keys_dir = security.get("keys_dir", "keys")
+    if not os.path.isabs(keys_dir):
+        keys_dir = os.path.join(os.path.dirname(os.path.abspath(path)), keys_dir)
+    names = list((raw.get("nodes") or {}).keys()) + list((security.get("clients") or {}).keys())
+    for name in names:
+        if os.path.exists(os.path.join(keys_dir, f"{name}.key_secret")):
+            click.echo(f"{name}: exists")
+            continue
+        create_keypair(keys_dir, name)
+        click.echo(f"{name}: created in {keys_dir}")
+    click.echo("copy each node's NAME.key_secret to its host only; every host needs all the NAME.key files")
 
 
 def _table(header: list[str], rows: list[list]) -> str:

@@ -353,8 +353,6 @@ def parse(raw: dict, path: str = "<config>") -> Config:
             raise ConfigError(path, f"nodes.{nname}.port", f"port {port} on {key[0]} is also used by node {seen_ports[key]!r}")
         seen_ports[key] = nname
         public_key = r.get("public_key", str, "", _z85_key if secure else None)
-        if secure and not public_key:
-            raise ConfigError(path, f"nodes.{nname}.public_key", "is required when cluster.secure is true (create one with `mesh keys`)")
         nodes[nname] = NodeSpec(nname, host, hosts[host].address, port, r.strings("tags"), public_key)
         r.done()
     top.used.add("nodes")
@@ -412,7 +410,7 @@ def parse(raw: dict, path: str = "<config>") -> Config:
 
     tree = _complete_tree(path, tree, agents, dynamic_name)
     llm = _llm_settings(path, top.get("llm", dict, {}))
-    security = _security(path, base, top.get("security", dict, {}), nodes, secure)
+    security, nodes = _security(path, base, top.get("security", dict, {}), nodes, secure)
     if not secure:
         exposed = sorted(h.name for h in hosts.values() if not _loopback(h.address))
         if exposed:
@@ -442,25 +440,48 @@ def _loopback(address: str) -> bool:
         return address == "localhost"
 
 
-def _security(path: str, base: Path, table: dict, nodes: dict, secure: bool) -> SecuritySettings:
+def _security(path: str, base: Path, table: dict, nodes: dict, secure: bool) -> tuple[SecuritySettings, dict]:
     r = _Reader(path, "security", table)
     keys_dir = r.get("keys_dir", str, "keys")
     client_key = r.get("client_key", str, "")
     clients_table = r.get("clients", dict, {})
     r.done()
+    resolve = lambda p: str((base / p).resolve()) if p and not os.path.isabs(p) else p  # noqa: E731
+    keys_dir = resolve(keys_dir)
+    if secure:  # a public key not written in the file is read from KEYS_DIR/NAME.key
+        for name, spec in list(nodes.items()):
+            if not spec.public_key:
+                key = _public_key_file(path, f"nodes.{name}.public_key", keys_dir, name)
+                nodes[name] = NodeSpec(spec.name, spec.host, spec.address, spec.port, spec.tags, key)
     clients: dict[str, tuple[str, str]] = {}
     for cname, entry in clients_table.items():
         cr = _Reader(path, f"security.clients.{cname}", entry)
-        key = cr.get("public_key", str, check=_z85_key)
+        key = cr.get("public_key", str, "", _z85_key)
         role = cr.get("role", str, "client", lambda v: None if v in ("client", "admin") else "must be client or admin")
         cr.done()
+        key = key or _public_key_file(path, f"security.clients.{cname}.public_key", keys_dir, cname)
         if key in clients or any(n.public_key == key for n in nodes.values()):
             raise ConfigError(path, f"security.clients.{cname}.public_key", "is listed twice")
         clients[key] = (cname, role)
-    resolve = lambda p: str((base / p).resolve()) if p and not os.path.isabs(p) else p  # noqa: E731
     if secure and len({n.public_key for n in nodes.values()}) != len(nodes):
         raise ConfigError(path, "nodes", "two nodes have the same public key")
-    return SecuritySettings(resolve(keys_dir), resolve(client_key), clients)
+    return SecuritySettings(keys_dir, resolve(client_key), clients), nodes
+
+
+def _public_key_file(path: str, key: str, keys_dir: str, name: str) -> str:
+    """The public key in KEYS_DIR/NAME.key (a ZeroMQ certificate), for a secure config."""
+    file = os.path.join(keys_dir, f"{name}.key")
+    try:
+        with open(file) as f:
+            for line in f:
+                if line.strip().startswith("public-key"):
+                    value = line.split("=", 1)[1].strip().strip('"')
+                    if _z85_key(value) is None:
+                        return value
+    except OSError:
+        pass
+    raise ConfigError(path, key, f"is required when cluster.secure is true: write it here, or create {file} "
+                                 f"(`mesh keys -c {os.path.basename(path)} --all` creates every missing key)")
 
 
 def _complete_tree(path: str, tree: dict[str, SupervisorSpec], agents: dict[str, ChildSpec], dynamic_name: str) -> dict[str, SupervisorSpec]:

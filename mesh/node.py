@@ -36,6 +36,7 @@ from .errors import (AgentCrashed, AgentDown, AlreadyExists, BadRequest, Busy, C
                      Moved, NoSuchAgent, NotAllowed, ProtocolError, SnapshotCorrupt, StoreError,
                      Unavailable, error_to_wire)
 from .lease import Lease
+from .served import ServedLog
 from .limits import PeerLimits
 from .registry import Replica
 from .security import allowed, role_of
@@ -120,7 +121,7 @@ class Node:
         self.listener = None
         self.supervisor = None  # set by mesh.supervisor when this node hosts the role
         self._llm = None
-        self._served = _ServedLog(config, self.spec.host, name) if config.timing.served_log else None
+        self._served = ServedLog(config.host_dir(self.spec.host), name) if config.timing.served_log else None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -417,8 +418,8 @@ class Node:
             return
         if not self.serving():
             response = error_response(AgentDown(f"{runner.name!r}: its node lost its lease"))
-        elif self._served is not None:
-            self._served.record(runner, response)
+        elif self._served is not None and response[:1] == wire.REPLY_TAG:
+            self._served.record(runner.name, runner.incarnation)
         frame = wire.response_frame(rid, response)
         for origin in origins:
             self._respond(origin, frame)
@@ -570,8 +571,8 @@ class Node:
                 response = error_response(AgentDown(f"{runner.name!r}: its node lost its lease"))
             elif runner.name in fenced and fenced[runner.name] > runner.incarnation:
                 response = error_response(AgentDown(f"{runner.name!r} was restarted elsewhere"))
-            elif self._served is not None:
-                self._served.record(runner, response)
+            elif self._served is not None and response[:1] == wire.REPLY_TAG:
+                self._served.record(runner.name, runner.incarnation)
             frame = wire.response_frame(rid, response)
             for origin in origins:
                 self._respond(origin, frame)
@@ -1008,21 +1009,6 @@ class Node:
         body = {"name": name, "kind": kind, "args": args, "restart": restart}
         return await self.caller.request(self.config.supervisor_node, Kind.SPAWN, None, body,
                                          self.timing.call_timeout_s, rid=rid)
-
-
-class _ServedLog:
-    """Which incarnation answered for which name, and when: one line per reply, written
-    before the reply leaves, so the chaos checker can prove that no two incarnations of a
-    name ever served at the same time (G3). Off unless [cluster] served_log = true."""
-
-    def __init__(self, config: Config, host: str, node: str):
-        folder = os.path.join(config.host_dir(host), "served")
-        os.makedirs(folder, exist_ok=True)
-        self.fd = os.open(os.path.join(folder, f"{node}.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-
-    def record(self, runner: Runner, response: bytes) -> None:
-        if response[:1] == wire.REPLY_TAG:
-            os.write(self.fd, f"{time.time():.6f} {runner.name} {runner.incarnation}\n".encode())
 
 
 class _Waiter:

@@ -108,8 +108,8 @@ class MeshRun:
 
     READY = re.compile(r"node (\S+) ready \(pid (\d+)")
 
-    def __init__(self, *args: str):
-        self.args = args
+    def __init__(self, *args: str, prefix: list[str] | None = None):
+        self.args, self.prefix = args, prefix or []
         self.lines: list[str] = []
         self.pids: dict[str, int] = {}
         self.seen: set[int] = set()
@@ -117,7 +117,7 @@ class MeshRun:
         self.proc: subprocess.Popen | None = None
 
     def start(self, wait_for: str | None = "mesh ready", timeout: float = 30) -> "MeshRun":
-        self.proc = subprocess.Popen([sys.executable, "-m", "mesh.cli", *self.args], stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "mesh.cli", *self.args], stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, env=env(), cwd=ROOT,
                                      start_new_session=True)
         self.seen.add(self.proc.pid)

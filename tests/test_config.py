@@ -109,3 +109,19 @@ def test_env_variable_names_the_default(tmp_path, monkeypatch):
     path.write_text(BASE)
     monkeypatch.setenv("MESH_CONFIG", str(path))
     assert config.load(None).path == str(path.resolve())
+
+
+def test_shipped_cluster_config_loads_once_its_keys_exist(tmp_path):
+    import shutil
+    from procs import mesh_cmd
+    copy = tmp_path / "configs" / "cluster3.toml"
+    copy.parent.mkdir()
+    shutil.copy(os.path.join(ROOT, "configs", "cluster3.toml"), copy)
+    with pytest.raises(ConfigError, match="mesh keys -c cluster3.toml --all"):
+        config.load(copy)
+    r = mesh_cmd("keys", "-c", str(copy), "--all")
+    assert r.returncode == 0, r.stderr
+    cfg = config.load(copy)
+    assert cfg.secure and cfg.store.replicas == 1 and len(cfg.hosts) == 3
+    assert all(n.public_key for n in cfg.nodes.values())
+    assert [role for _, role in cfg.security.clients.values()] == ["admin"]
