@@ -31,6 +31,7 @@ class Timing:
     call_timeout_s: float = 5.0
     handler_timeout_s: float = 60.0
     served_log: bool = False
+    unsafe_reply_before_commit: bool = False  # a planted bug, for proving the chaos checker
 
     @property
     def dead_after_s(self) -> float:
@@ -41,7 +42,8 @@ class Timing:
 class Limits:
     max_message_bytes: int = 8 * 1024 * 1024
     mailbox: int = 10_000
-    dedup_window: int = 32
+    dedup_window: int = 1000           # replies kept per agent for repeated request ids ...
+    dedup_s: float = 300.0             # ... for this long
     batch: int = 512
     peer_rate: float = 500_000.0       # requests per second from one peer (0: unlimited)
     peer_burst: float = 100_000.0
@@ -292,8 +294,14 @@ def parse(raw: dict, path: str = "<config>") -> Config:
         call_timeout_s=cluster.get("call_timeout_s", float, 5.0, _positive),
         handler_timeout_s=cluster.get("handler_timeout_s", float, 60.0, _positive),
         served_log=cluster.get("served_log", bool, False),
+        unsafe_reply_before_commit=cluster.get("unsafe_reply_before_commit", bool, False),
     )
     cluster.done()
+    if timing.unsafe_reply_before_commit:
+        import logging
+        logging.getLogger("mesh.config").warning(
+            "%s: cluster.unsafe_reply_before_commit is on: replies leave before their state is "
+            "committed, and a crash loses acknowledged writes (it exists to test the chaos checker)", path)
     if timing.lease_s >= timing.dead_after_s:
         raise ConfigError(path, "cluster.lease_ms", f"must be shorter than heartbeat_ms x liveness ({timing.dead_after_s * 1000:.0f} ms), so a silent node's lease has run out before it is declared dead")
 
@@ -302,6 +310,7 @@ def parse(raw: dict, path: str = "<config>") -> Config:
         max_message_bytes=lim.get("max_message_bytes", int, Limits.max_message_bytes, _positive),
         mailbox=lim.get("mailbox", int, Limits.mailbox, _positive),
         dedup_window=lim.get("dedup_window", int, Limits.dedup_window, _non_negative),
+        dedup_s=lim.get("dedup_s", float, Limits.dedup_s, _positive),
         batch=lim.get("batch", int, Limits.batch, _positive),
         peer_rate=lim.get("peer_rate", float, Limits.peer_rate, _non_negative),
         peer_burst=lim.get("peer_burst", float, Limits.peer_burst, _positive),

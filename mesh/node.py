@@ -41,10 +41,12 @@ from .limits import PeerLimits
 from .registry import Replica
 from .security import allowed, role_of
 from .runner import CRASHED, RUNNING, STARTING, STOPPED, Envelope, Runner, error_response
-from .store import Batch, Committer, Outcome, Record, Store
+from .store import Batch, Committer, Outcome, Record, Store, replies_from_wire
 from .wire import Kind
 
 log = logging.getLogger("mesh.node")
+
+MAX_RENEWALS = 3  # lease renewals in flight at once
 
 Origin = bytes | None  # a ROUTER routing id, or None for a request from this very node
 
@@ -52,7 +54,7 @@ Origin = bytes | None  # a ROUTER routing id, or None for a request from this ve
 class Group:
     """Everything that becomes durable in one transaction, and what waits for it."""
 
-    __slots__ = ("batch", "dirty", "replies", "effects", "callbacks", "replicas")
+    __slots__ = ("batch", "dirty", "replies", "effects", "callbacks", "replicas", "void")
 
     def __init__(self):
         self.batch = Batch()
@@ -61,6 +63,7 @@ class Group:
         self.effects: list[tuple[Runner, list]] = []
         self.callbacks: list[Callable[[Outcome], None]] = []
         self.replicas: dict[str, tuple[str, ...]] = {}  # name -> its replica hosts, for this batch
+        self.void: set[str] = set()  # agents that crashed before this group: nothing of theirs is kept
 
     def __bool__(self) -> bool:
         return bool(self.batch or self.dirty or self.replies or self.effects or self.callbacks)
@@ -100,6 +103,7 @@ class Node:
             Kind.STATUS: self._forward_to_supervisor,
         }
         self.secure = config.secure
+        self._unsafe = config.timing.unsafe_reply_before_commit
         self.peer_limits = PeerLimits(config.limits.peer_rate, config.limits.peer_burst,
                                       config.limits.peer_open_requests)
         self._kinds: dict[str, type[Agent]] = {}
@@ -113,7 +117,7 @@ class Node:
         self._hello_acked = False
         self._last_hello = -1e9
         self.lease = Lease(self.clock, config.timing.lease_s)
-        self._renewing = False
+        self._renewing = 0
         self._renewals = 0
         self._dropped = False  # agents were dropped when the lease lapsed: say so in the next hello
         self.stopping = False
@@ -154,7 +158,7 @@ class Node:
             runner.check_deadline(now)
         if not self._hello_acked or not self.replica.synced:
             self._say_hello()
-        elif not self._renewing:
+        elif self._renewing < MAX_RENEWALS:
             self._spawn(self._renew())
         del self._timers[:-4]
 
@@ -178,8 +182,9 @@ class Node:
         self._hello_acked = False
 
     async def _renew(self) -> None:
-        """Ask the supervisor to extend the lease; it runs from this send time."""
-        self._renewing = True
+        """Ask the supervisor to extend the lease; it runs from this send time. Renewals
+        overlap, so one slow answer does not hold the next back."""
+        self._renewing += 1
         sent_at = self.clock.now()
         self._renewals += 1
         body = {"node": self.name, "boot": self.boot, "seq": self._renewals, "agents": len(self.runners),
@@ -191,7 +196,7 @@ class Node:
             log.debug("node %s: lease renewal: %s", self.name, err)
             return
         finally:
-            self._renewing = False
+            self._renewing -= 1
         if answer.get("known"):
             self.lease.granted(sent_at)
         else:  # the supervisor does not know this boot (it restarted, or declared us dead)
@@ -413,11 +418,13 @@ class Node:
     def send_response(self, runner: Runner, origins: list, rid: str, response: bytes) -> None:
         """Answer with a tagged response, once the runner's pending changes are committed."""
         group = runner.pending_group
-        if group is not None:
+        if group is not None and not self._unsafe:
             group.replies.append((runner, origins, rid, response))
             return
         if not self.serving():
             response = error_response(AgentDown(f"{runner.name!r}: its node lost its lease"))
+        elif runner.superseded:
+            response = error_response(AgentDown(f"{runner.name!r} was restarted"))
         elif self._served is not None and response[:1] == wire.REPLY_TAG:
             self._served.record(runner.name, runner.incarnation)
         frame = wire.response_frame(rid, response)
@@ -464,8 +471,11 @@ class Node:
         for runner in group.dirty:
             if self.runners.get(runner.name) is not runner or runner.name in batch.deletes:
                 continue
-            record = Record(runner.incarnation, runner.seq, runner.last_state, [[k, v] for k, v in runner.window.items()])
-            batch.add_put(runner.name, record)
+            if runner.last_state is None:  # crashed since: what it did after its last commit is void
+                group.void.add(runner.name)
+                continue
+            batch.add_put(runner.name, Record(runner.incarnation, runner.seq, runner.last_state))
+            batch.add_replies(runner.name, *runner.take_replies())
             if runner.replicas:
                 group.replicas[runner.name] = runner.replicas
         self._in_flight = group
@@ -484,13 +494,15 @@ class Node:
         batch, per_host = group.batch, {}
         for name, hosts in group.replicas.items():
             for host in hosts:
-                body = per_host.setdefault(host, {"puts": [], "claims": [], "deletes": []})
+                body = per_host.setdefault(host, {"puts": [], "claims": [], "deletes": [], "replies": [], "forgotten": []})
                 if name in batch.claims:
                     body["claims"].append(batch.claims[name].to_wire(name))
                 elif name in batch.puts:
                     body["puts"].append(batch.puts[name].to_wire(name))
                 elif name in batch.deletes:
                     body["deletes"].append([name, batch.deletes[name]])
+                body["replies"] += [[name, rid, response, t] for rid, response, t in batch.replies.get(name, ())]
+                body["forgotten"] += [[name, rid] for rid in batch.forgotten.get(name, ())]
         hosts = list(per_host)
         results = await asyncio.gather(*(self._replicate_to(h, per_host[h]) for h in hosts), return_exceptions=True)
         for host, result in zip(hosts, results):
@@ -520,6 +532,12 @@ class Node:
             puts = dict(Record.from_wire(item) for item in body.get("puts") or ())
             claims = dict(Record.from_wire(item) for item in body.get("claims") or ())
             deletes = {name: inc for name, inc in body.get("deletes") or ()}
+            replies: dict[str, list] = {}
+            for name, *reply in body.get("replies") or ():
+                replies.setdefault(name, []).extend(replies_from_wire([reply]))
+            forgotten: dict[str, list] = {}
+            for name, rid in body.get("forgotten") or ():
+                forgotten.setdefault(name, []).append(str(rid))
         except (ValueError, TypeError) as exc:
             raise BadRequest(f"bad replicated records: {exc}") from None
         names = set(puts) | set(claims) | set(deletes)
@@ -534,7 +552,7 @@ class Node:
         if self._copies is None:
             self._copies = (Batch(), [])
             asyncio.get_running_loop().call_soon(self._flush_copies)
-        self._copies[0].merge(puts, claims, deletes)
+        self._copies[0].merge(puts, claims, deletes, replies, forgotten)
         self._copies[1].append(done)
         self.stats["replicated"] += len(names)
 
@@ -545,7 +563,9 @@ class Node:
 
     def _on_fetch(self, msg: wire.Msg, origin: Origin) -> None:
         record = self._local_record(msg.target)
-        self.respond(origin, msg.id, {"record": record.to_wire(msg.target) if record else None})
+        replies = self.store.replies(msg.target) if record else []
+        self.respond(origin, msg.id, {"record": record.to_wire(msg.target) if record else None,
+                                      "replies": [list(r) for r in replies]})
 
     def _committed(self, group: Group, outcome: Outcome) -> None:
         self._in_flight = None
@@ -567,6 +587,8 @@ class Node:
                 response = error_response(Unavailable(f"the store could not commit: {failed}"))
             elif runner.name in outcome.unreplicated:
                 response = error_response(Unavailable(f"{runner.name!r}: {outcome.unreplicated[runner.name]}"))
+            elif runner.name in group.void or runner.superseded:
+                response = error_response(AgentDown(f"{runner.name!r} was restarted before this was kept"))
             elif not leased:
                 response = error_response(AgentDown(f"{runner.name!r}: its node lost its lease"))
             elif runner.name in fenced and fenced[runner.name] > runner.incarnation:
@@ -578,7 +600,8 @@ class Node:
                 self._respond(origin, frame)
         if failed is None and leased:
             for runner, effects in group.effects:
-                if runner.name not in fenced and runner.name not in outcome.unreplicated:
+                if runner.name not in fenced and runner.name not in outcome.unreplicated \
+                        and runner.name not in group.void and not runner.superseded:
                     self._release(runner, effects)
         for callback in group.callbacks:
             callback(outcome)
@@ -663,7 +686,8 @@ class Node:
         elif body.get("sources"):
             self._spawn(self._start_from_copies(msg, origin))
         else:
-            self._begin(msg, origin, self._local_record(name), old)
+            record = self._local_record(name)
+            self._begin(msg, origin, (record, self.store.replies(name) if record else []), old)
 
     def _local_record(self, name: str) -> Record | None:
         try:
@@ -673,20 +697,22 @@ class Node:
 
     async def _start_from_copies(self, msg: wire.Msg, origin: Origin) -> None:
         try:
-            record = await self._newest_copy(msg.target, msg.body["sources"])
-            self._begin(msg, origin, record, self.runners.get(msg.target))
+            copy = await self._newest_copy(msg.target, msg.body["sources"])
+            self._begin(msg, origin, copy, self.runners.get(msg.target), copied=True)
         except CallError as err:
             self.respond_error(origin, msg.id, err)
         self._schedule_flush()
 
-    async def _newest_copy(self, name: str, sources: list) -> Record | None:
-        """The newest snapshot of `name` among this host's store and the source nodes'.
-        Every acknowledged commit is on each of them, so one answer is enough; none is not."""
+    async def _newest_copy(self, name: str, sources: list) -> tuple[Record | None, list]:
+        """The newest snapshot of `name` (and its recorded replies) among this host's store
+        and the source nodes'. Every acknowledged commit is on each of them, so one answer
+        is enough; none is not."""
         mine = self.spec.host
         remote = [n for n in sources if isinstance(n, str) and n in self.config.nodes
                   and self.config.nodes[n].host != mine]
         local_counts = len(remote) < len(sources)
         best = self._local_record(name)
+        best_replies = self.store.replies(name) if best else []
         answered = local_counts
 
         async def fetch(node: str):
@@ -699,18 +725,22 @@ class Node:
             if isinstance(result, dict) and result.get("record") is not None:
                 try:
                     _, record = Record.from_wire(result["record"])
+                    replies = replies_from_wire(result.get("replies"))
                 except ValueError as exc:
                     log.warning("node %s: bad copy of %s from %s: %s", self.name, name, node, exc)
                     continue
                 if record.newer_than(best):
-                    best = record
+                    best, best_replies = record, replies
         if not answered:
             raise Unavailable(f"no host that holds {name!r}'s state answered ({', '.join(remote)})")
-        return best
+        return best, best_replies
 
-    def _begin(self, msg: wire.Msg, origin: Origin, record: Record | None, old: Runner | None) -> None:
-        """Start an incarnation from `old`'s last good state, or from `record`."""
+    def _begin(self, msg: wire.Msg, origin: Origin, copy: tuple[Record | None, list] | None, old: Runner | None,
+               copied: bool = False) -> None:
+        """Start an incarnation from `old`'s last good state, or from a copy (a record and
+        its recorded replies), read here or (`copied`) fetched from another host."""
         name, body = msg.target, msg.body
+        record, replies = copy if copy is not None else (None, [])
         inc = body["incarnation"]
         if self.stopping:
             raise Unavailable(f"node {self.name} is shutting down")
@@ -722,12 +752,19 @@ class Node:
         if old is not None and old.last_state is not None:
             seq, state, window, mailbox, inflight = old.seq, old.last_state, old.window, old.mailbox, old.inflight
             restarts = old.restarts + 1
+            log.info("node %s: %s incarnation %d starts from incarnation %d's last state (seq %d)",
+                     self.name, name, inc, old.incarnation, seq)
         else:
+            if old is not None:
+                old.superseded = True  # the new incarnation starts from the store, not from it
+            log.info("node %s: %s incarnation %d starts from %s", self.name, name, inc,
+                     f"incarnation {record.incarnation}'s record (seq {record.seq}){' fetched' if copied else ''}"
+                     if record else "nothing")
             if record is not None and record.incarnation >= inc:
                 raise AlreadyExists(f"{name!r}: the store holds incarnation {record.incarnation}",
                                     {"incarnation": record.incarnation})
             seq, state = (record.seq, record.state) if record else (0, msgpack.packb(None))
-            window = _window_from(record.window) if record else None
+            window = OrderedDict((rid, (response, t)) for rid, response, t in replies)
             mailbox, inflight = (old.mailbox, old.inflight) if old is not None else (None, {})
             restarts = old.restarts + 1 if old is not None else 0
         runner = Runner(self, name, body["kind"], body.get("args") or {}, inc)
@@ -755,7 +792,9 @@ class Node:
         runner.agent, runner.last_state, runner.status = agent, packed, STARTING
         self.runners[name] = runner
         group = self._open
-        group.batch.add_claim(name, Record(inc, seq, packed, [[k, v] for k, v in runner.window.items()]))
+        group.batch.add_claim(name, Record(inc, seq, packed))
+        if copied or runner.replicas:  # the replies come along to this host and its replicas
+            group.batch.add_replies(name, [(rid, r, t) for rid, (r, t) in runner.window.items()], [])
         group.replicas[name] = runner.replicas
         runner.pending_group = group
         group.callbacks.append(lambda outcome: self._started(runner, origin, msg.id, outcome))
@@ -858,6 +897,7 @@ class Node:
         self._spawn(stop())
 
     def _drop(self, runner: Runner, make_error: Callable[[], CallError]) -> None:
+        runner.superseded = True
         if self.runners.get(runner.name) is runner:
             del self.runners[runner.name]
         runner.interrupt()
@@ -918,8 +958,7 @@ class Node:
         if now - self._last_hello < self.timing.heartbeat_s:
             return
         self._last_hello = now
-        agents = [[r.name, r.incarnation, r.status] for r in self.runners.values()]
-        body = {"node": self.name, "boot": self.boot, "pid": os.getpid(), "agents": agents}
+        body = {"node": self.name, "boot": self.boot, "pid": os.getpid(), "agents": self._inventory()}
         if self.previous:
             body["previous"] = self.previous
         if self._dropped:
@@ -986,11 +1025,14 @@ class Node:
 
     # --- supervisor's questions -------------------------------------------------------------
 
+    def _inventory(self) -> list:
+        """What runs here, as HELLO and INVENTORY report it."""
+        return [[r.name, r.kind, r.incarnation, r.status, r.depth(), r.handled, list(r.replicas)]
+                for r in self.runners.values()]
+
     def _on_inventory(self, msg: wire.Msg, origin: Origin) -> None:
         self.respond(origin, msg.id, {
-            "node": self.name, "boot": self.boot, "pid": os.getpid(),
-            "agents": [[r.name, r.kind, r.incarnation, r.status, r.depth(), r.handled, list(r.replicas)]
-                       for r in self.runners.values()],
+            "node": self.name, "boot": self.boot, "pid": os.getpid(), "agents": self._inventory(),
             "stats": dict(self.stats),
         })
 
@@ -1064,11 +1106,3 @@ class _NodeResolver:
         if placed is None or placed[0] is None:
             raise CallTimeout(f"{name!r} was not placed again in time")
         return placed
-
-
-def _window_from(items: list) -> OrderedDict:
-    window: OrderedDict[str, bytes] = OrderedDict()
-    for item in items:
-        if isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], bytes):
-            window[item[0]] = item[1]
-    return window

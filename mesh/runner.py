@@ -51,9 +51,9 @@ class Envelope:
 class Runner:
     __slots__ = (
         "node", "name", "kind", "args", "agent", "incarnation", "seq", "status", "mailbox",
-        "inflight", "window", "last_state", "pending_group", "effects", "stop_reason",
+        "inflight", "window", "unsaved", "forgotten", "last_state", "pending_group", "effects", "stop_reason",
         "task", "started_at", "handled", "restarts", "_current_rid", "_nested", "supervisor",
-        "interrupted", "replicas",
+        "interrupted", "replicas", "superseded",
     )
 
     def __init__(self, node: "Node", name: str, kind: str, args: dict, incarnation: int):
@@ -64,7 +64,9 @@ class Runner:
         self.status = STARTING
         self.mailbox: deque[Envelope] | None = None
         self.inflight: dict[str, list] = {}
-        self.window: OrderedDict[str, bytes] = OrderedDict()
+        self.window: OrderedDict[str, tuple[bytes, float]] = OrderedDict()  # rid -> (response, time)
+        self.unsaved: list[tuple[str, bytes, float]] = []  # recorded since the last commit
+        self.forgotten: list[str] = []                     # aged out since the last commit
         self.last_state: bytes | None = msgpack.packb(None)  # None: not durable, read the store
         self.pending_group = None
         self.effects: list | None = None
@@ -78,6 +80,9 @@ class Runner:
         self.supervisor: str | None = None
         self.interrupted = False
         self.replicas: tuple[str, ...] = ()  # hosts that hold a copy of every commit
+        # dropped, or replaced by an incarnation that did not take over its memory: nothing
+        # it did after its last commit may be acknowledged any more, whatever lands later
+        self.superseded = False
 
     @property
     def clock(self):
@@ -99,7 +104,7 @@ class Runner:
             recorded = self.window.get(rid)
             if recorded is not None:
                 self.node.stats["replayed"] += 1
-                self.node.send_response(self, [env.origin], rid, recorded)
+                self.node.send_response(self, [env.origin], rid, recorded[0])
                 return
             joined = self.inflight.get(rid)
             if joined is not None:
@@ -274,12 +279,24 @@ class Runner:
             self.node.stop_runner(self, reason, supervision.NORMAL if reason == "normal" else supervision.CRASH)
 
     def _record(self, rid: str, response: bytes) -> None:
-        window, limit = self.window, self.node.limits.dedup_window
-        if limit <= 0:
+        """Keep the response for a repeat of `rid`: for `dedup_s` seconds, and at most
+        `dedup_window` of them (oldest out first)."""
+        window, limits = self.window, self.node.limits
+        if limits.dedup_window <= 0:
             return
-        window[rid] = response
-        while len(window) > limit:
-            window.popitem(last=False)
+        now = self.clock.wall()
+        window[rid] = (response, now)
+        window.move_to_end(rid)
+        self.unsaved.append((rid, response, now))
+        oldest = now - limits.dedup_s
+        while window and (len(window) > limits.dedup_window or next(iter(window.values()))[1] < oldest):
+            self.forgotten.append(window.popitem(last=False)[0])
+
+    def take_replies(self) -> tuple[list, list]:
+        """The replies recorded and forgotten since the last commit (for the next one)."""
+        unsaved, forgotten = self.unsaved, self.forgotten
+        self.unsaved, self.forgotten = [], []
+        return unsaved, forgotten
 
     def _answer(self, env: Envelope, response: bytes) -> None:
         origins = self.inflight.pop(env.msg.id, None) or [env.origin]

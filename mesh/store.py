@@ -1,11 +1,16 @@
 """LMDB snapshots: one environment per host directory, group commit, fencing.
 
-Every agent has one record, name -> [format, incarnation, seq, state, window]:
+Every agent has one record, name -> [format, incarnation, seq, state]:
 
     incarnation  the incarnation that wrote it; a write from an older one is refused
     seq          grows with every change the agent commits
     state        the agent's state, msgpack-packed once by the node
-    window       recent [request id, packed reply] pairs, newest last (exactly-once calls)
+
+and the replies it recorded for exactly-once calls, each under its own key
+name\0request-id -> [packed response, wall time], written once with the commit that
+produced it and deleted when it ages out of the agent's window, so a large window costs
+nothing per commit. A record's replies are written only if the record itself is (a
+fenced, stale incarnation must not leave replies for effects that were never kept).
 
 A node hands the store a `Batch` per loop turn; one thread per process commits batches
 one after another, each in one write transaction (fsync on by default), and reports
@@ -32,9 +37,10 @@ from .errors import SnapshotCorrupt, StoreError
 
 log = logging.getLogger("mesh.store")
 
-FORMAT = 1
+FORMAT = 2
 _AGENTS = b"agents"
 _META = b"meta"
+_REPLIES = b"replies"
 
 
 @dataclass
@@ -42,24 +48,22 @@ class Record:
     incarnation: int
     seq: int
     state: bytes
-    window: list = field(default_factory=list)
 
     def encode(self) -> bytes:
-        return msgpack.packb([FORMAT, self.incarnation, self.seq, self.state, self.window])
+        return msgpack.packb([FORMAT, self.incarnation, self.seq, self.state])
 
     def to_wire(self, name: str) -> list:
-        return [name, self.incarnation, self.seq, self.state, self.window]
+        return [name, self.incarnation, self.seq, self.state]
 
     @classmethod
     def from_wire(cls, item: Any) -> tuple[str, "Record"]:
         """A record sent by another node; ValueError if it is not one."""
-        if not (isinstance(item, list) and len(item) == 5):
-            raise ValueError("a record is [name, incarnation, seq, state, window]")
-        name, inc, seq, state, window = item
-        if not (isinstance(name, str) and type(inc) is int and type(seq) is int and isinstance(state, bytes)
-                and isinstance(window, list)):
+        if not (isinstance(item, list) and len(item) == 4):
+            raise ValueError("a record is [name, incarnation, seq, state]")
+        name, inc, seq, state = item
+        if not (isinstance(name, str) and type(inc) is int and type(seq) is int and isinstance(state, bytes)):
             raise ValueError(f"bad record for {name!r:.60}")
-        return name, cls(inc, seq, state, window)
+        return name, cls(inc, seq, state)
 
     def newer_than(self, other: "Record | None") -> bool:
         return other is None or (self.incarnation, self.seq) > (other.incarnation, other.seq)
@@ -68,12 +72,30 @@ class Record:
 def decode_record(name: str, raw: bytes) -> Record:
     try:
         value = msgpack.unpackb(raw, raw=False)
-        fmt, inc, seq, state, window = value
+        fmt, inc, seq, state = value
     except Exception as exc:  # any decoding failure means the same: unreadable
         raise SnapshotCorrupt(name, f"{type(exc).__name__}: {exc}"[:200]) from None
-    if fmt != FORMAT or type(inc) is not int or type(seq) is not int or type(state) is not bytes or type(window) is not list:
+    if fmt != FORMAT or type(inc) is not int or type(seq) is not int or type(state) is not bytes:
         raise SnapshotCorrupt(name, f"unknown record layout (format {fmt!r})")
-    return Record(inc, seq, state, window)
+    return Record(inc, seq, state)
+
+
+Reply = tuple[str, bytes, float]  # request id, tagged packed response, wall time recorded
+
+
+def reply_key(name: str, rid: str) -> bytes:
+    return name.encode() + b"\0" + rid.encode()
+
+
+def replies_from_wire(items: Any) -> list[Reply]:
+    """Recorded replies sent by another node; ValueError if they are not."""
+    out = []
+    for item in items or ():
+        if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
+                and isinstance(item[1], bytes) and isinstance(item[2], (int, float))):
+            raise ValueError("a recorded reply is [request id, response, time]")
+        out.append((item[0], item[1], float(item[2])))
+    return out
 
 
 @dataclass
@@ -82,12 +104,21 @@ class Batch:
 
     puts: dict[str, Record] = field(default_factory=dict)   # fenced by incarnation
     claims: dict[str, Record] = field(default_factory=dict)  # a new incarnation's first record
-    deletes: dict[str, int] = field(default_factory=dict)   # name -> incarnation deleting
+    deletes: dict[str, int] = field(default_factory=dict)   # name -> incarnation deleting (and its replies)
+    replies: dict[str, list[Reply]] = field(default_factory=dict)       # name -> replies recorded
+    forgotten: dict[str, list[str]] = field(default_factory=dict)       # name -> request ids aged out
     meta_puts: dict[str, bytes] = field(default_factory=dict)
     meta_deletes: set[str] = field(default_factory=set)
 
     def __bool__(self) -> bool:
-        return bool(self.puts or self.claims or self.deletes or self.meta_puts or self.meta_deletes)
+        return bool(self.puts or self.claims or self.deletes or self.replies or self.forgotten
+                    or self.meta_puts or self.meta_deletes)
+
+    def add_replies(self, name: str, replies: list[Reply], forgotten: list[str]) -> None:
+        if replies:
+            self.replies.setdefault(name, []).extend(replies)
+        if forgotten:
+            self.forgotten.setdefault(name, []).extend(forgotten)
 
     def add_claim(self, name: str, record: Record) -> None:
         """A new incarnation's first record; it must be newer than the stored one."""
@@ -103,9 +134,14 @@ class Batch:
         else:
             self.puts[name] = record
 
-    def merge(self, puts: dict[str, Record], claims: dict[str, Record], deletes: dict[str, int]) -> None:
+    def merge(self, puts: dict[str, Record], claims: dict[str, Record], deletes: dict[str, int],
+              replies: dict[str, list[Reply]] | None = None, forgotten: dict[str, list[str]] | None = None) -> None:
         """Records another node replicated here; where this batch has the name too, the
         newer record wins (the store fences the older incarnation anyway)."""
+        for name, items in (replies or {}).items():
+            self.add_replies(name, items, [])
+        for name, rids in (forgotten or {}).items():
+            self.add_replies(name, [], rids)
         for name, rec in puts.items():
             if rec.newer_than(self.puts.get(name)) and rec.newer_than(self.claims.get(name)):
                 self.puts[name] = rec
@@ -140,6 +176,7 @@ class Store:
             self.env.reader_check()  # slots of readers that were killed with -9
             self.agents = self.env.open_db(_AGENTS)
             self.meta = self.env.open_db(_META)
+            self.replies_db = self.env.open_db(_REPLIES)
         except (lmdb.Error, OSError) as exc:
             raise StoreError(f"cannot open the store at {path}: {exc}") from None
 
@@ -165,6 +202,25 @@ class Store:
     def get(self, name: str) -> Record | None:
         raw = self._read(lambda txn: txn.get(name.encode(), db=self.agents))
         return None if raw is None else decode_record(name, raw)
+
+    def replies(self, name: str) -> list[Reply]:
+        """The replies `name` recorded, oldest first."""
+        prefix = name.encode() + b"\0"
+
+        def scan(txn):
+            out, cur = [], txn.cursor(db=self.replies_db)
+            if cur.set_range(prefix):
+                for key, value in cur:
+                    if not key.startswith(prefix):
+                        break
+                    try:
+                        response, t = msgpack.unpackb(value)
+                        out.append((key[len(prefix):].decode(), response, float(t)))
+                    except Exception:
+                        log.error("an unreadable recorded reply of %r is skipped", name)
+            return out
+
+        return sorted(self._read(scan), key=lambda r: r[2])
 
     def get_meta(self, key: str) -> bytes | None:
         return self._read(lambda txn: txn.get(key.encode(), db=self.meta))
@@ -228,11 +284,29 @@ class Store:
                     out.fenced[name] = stored
                     continue
                 txn.delete(key, db=self.agents)
+                self._delete_replies(txn, name)
+            for name, items in batch.replies.items():
+                if name in out.fenced or name in batch.deletes:
+                    continue
+                for rid, response, t in items:
+                    txn.put(reply_key(name, rid), msgpack.packb([response, t]), db=self.replies_db)
+            for name, rids in batch.forgotten.items():
+                if name not in out.fenced:
+                    for rid in rids:
+                        txn.delete(reply_key(name, rid), db=self.replies_db)
             for key, value in batch.meta_puts.items():
                 txn.put(key.encode(), value, db=self.meta)
             for key in batch.meta_deletes:
                 txn.delete(key.encode(), db=self.meta)
         return out
+
+    def _delete_replies(self, txn, name: str) -> None:
+        prefix = name.encode() + b"\0"
+        cur = txn.cursor(db=self.replies_db)
+        if cur.set_range(prefix):
+            while cur.key().startswith(prefix):
+                if not cur.delete():
+                    break
 
     def _grow(self) -> None:
         with self._resize_lock:

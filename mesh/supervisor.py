@@ -110,6 +110,7 @@ class SupervisorRole:
         self.sups: dict[str, Sup] = {}
         self.ready = False
         self.ready_event = asyncio.Event()
+        self._inventories: dict[str, list] = {}  # what nodes said runs on them, before ready
         self._early_exits: list[wire.Msg] = []
         self._start_slots = asyncio.Semaphore(START_CONCURRENCY)
         self._registry_scheduled = False
@@ -163,23 +164,29 @@ class SupervisorRole:
         add("root", None)
 
     async def _learn_view(self) -> None:
-        """Ask every node what runs on it; give up on those silent past the liveness window."""
+        """Ask every node what runs on it; give up on those silent past the liveness window.
+
+        A node is granted a lease only once its inventory is known (an INVENTORY answer or
+        a HELLO, which carries one), so a node this supervisor has not heard from is a node
+        without a lease: by the time the window ends, it serves nothing any more."""
         deadline = self.started_at + self.config.timing.dead_after_s
-        inventories: dict[str, list] = {}
+        inventories = self._inventories
 
         async def ask(name: str) -> None:
-            while self.clock.now() < deadline:
+            while self.clock.now() < deadline and name not in inventories:
                 try:
                     body = await self.node.caller.request(name, Kind.INVENTORY, None, None,
                                                           max(0.05, min(self.config.timing.heartbeat_s, deadline - self.clock.now())))
                 except CallError:
                     continue
                 view = self.nodes[name]
-                view.boot, view.pid, view.alive, view.last_heard = body["boot"], body["pid"], True, self.clock.now()
-                inventories[name] = body["agents"]
+                if name not in inventories:
+                    view.boot, view.pid, view.alive, view.last_heard = body["boot"], body["pid"], True, self.clock.now()
+                    inventories[name] = body["agents"]
                 return
         await asyncio.gather(*(ask(n) for n in self.config.nodes))
-        self._reconcile(inventories)
+        self._reconcile(dict(inventories))
+        self._inventories = {}
         self.ready = True
         self.ready_event.set()
         self.node.notify("supervisor-ready")
@@ -324,6 +331,8 @@ class SupervisorRole:
                        else "no host that holds its state is reachable")
                 return Unavailable(f"{name!r} cannot start now: {why}")
             inc = self._new_incarnation(at_least)
+            log.info("supervisor: starting %s on %s as %d (replicas %s, state from %s)", name, node, inc,
+                     list(replicas), sources or f"{host}'s own store")
             child.status, child.node, child.incarnation = STARTING, node, inc
             self.table.set(name, None, inc)
             body = {"kind": child.spec.kind, "args": child.spec.args, "incarnation": inc, "supervisor": child.parent,
@@ -529,6 +538,8 @@ class SupervisorRole:
         dropped = bool(body.get("dropped")) and view.boot == body["boot"]
         view.boot, view.pid, view.last_heard = body["boot"], body["pid"], self.clock.now()
         was_alive, view.alive = view.alive, True
+        if not self.ready:
+            self._inventories[name] = body["agents"]  # a lease only with an inventory (see _learn_view)
         self.node.respond(origin, msg.id, {"epoch": self.table.epoch})  # grants a lease, too
         if not self.ready:
             return

@@ -55,7 +55,7 @@ class Kind(IntEnum):
     STOP = 11       # id, target: the agent to stop
     STATUS = 12     # id; body: nil -> cluster status (from the supervisor)
     WHEREIS = 13    # id, target; body: {after?: incarnation, wait_ms?: int}
-    HELLO = 20      # id; node -> supervisor: {node, boot, pid, agents, previous?, dropped?}
+    HELLO = 20      # id; node -> supervisor: {node, boot, pid, agents (its inventory), previous?, dropped?}
     HEARTBEAT = 21  # id; node -> supervisor: lease renewal {node, boot, seq, health} -> {known}
     START = 22      # id, target; supervisor -> node: {kind, args, incarnation}
     TERMINATE = 23  # id, target; supervisor -> node: {incarnation, reason, forget}
@@ -278,6 +278,7 @@ _SPECS: dict[Kind, tuple[bool, bool, Callable[[Any], str | None] | None]] = {
     )),
     Kind.GOODBYE: (True, False, _fields({"node": str, "boot": str})),
     Kind.INVENTORY: (True, False, None),
-    Kind.REPLICATE: (True, False, _fields({}, {"puts": list, "claims": list, "deletes": list})),
+    Kind.REPLICATE: (True, False, _fields({}, {"puts": list, "claims": list, "deletes": list, "replies": list,
+                                               "forgotten": list})),
     Kind.FETCH: (True, True, None),
 }

@@ -111,3 +111,35 @@ def test_lease_runs_from_the_send_time():
     assert lease.valid() and abs(lease.remaining() - 0.55) < 1e-9
     clock.advance(0.56)
     assert not lease.valid()
+
+
+async def test_a_dropped_runner_acknowledges_nothing_even_if_its_commit_lands_later(tmp_path):
+    """The lease lapses while a commit is in flight; the node gets a new lease at once and
+    the agent restarts from the store, which lacks that commit. When the old commit lands,
+    its reply must not go out as a success (the new incarnation does not have it)."""
+    from mesh.errors import CallError
+    from test_replication import three_hosts
+    c = await three_hosts(tmp_path, replicas=0)  # a store per host: no shared store to fence it
+    m = c.client()
+    placed, victim = await spawn_on_victim(c, m)
+    name = next(p["name"] for p in placed if p["node"] == victim)
+    node = c.nodes[victim]
+    gate = node.committer = GatedCommitter(node.store)
+    first = asyncio.ensure_future(m.caller.request(victim, __import__("mesh").wire.Kind.CALL, name,
+                                                   {"op": "add", "n": 1}, 30, rid="in-flight"))
+    await c.settle()
+    assert len(gate.held) == 1
+    for timer in node._timers:
+        timer.cancel()
+    c.clock.advance(0.35)
+    assert not node.serving() and name not in node.runners   # lapsed: dropped
+    node._every(c.cfg.timing.heartbeat_s, node._tick)         # renewals again: it rejoins
+    await c.advance(0.2)
+    assert node.lease.valid()
+    node.committer = Committer(node.store, inline=True)
+    gate.release()                                            # the old commit lands now ...
+    with pytest.raises(CallError):                            # ... and its reply is no success
+        await first
+    assert await c.run(m.call(name, {"op": "add", "n": 1}, request_id="in-flight")) == 6
+    assert await m.call(name, {"op": "get"}) == 6
+    await c.close()

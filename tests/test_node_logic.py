@@ -18,8 +18,8 @@ from mesh.wire import Kind
 def cluster_factory(tmp_path):
     made = []
 
-    async def make(extra: str = "", mailbox: int = 100, nodes=None) -> Cluster:
-        c = Cluster(make_config(tmp_path, extra, mailbox), tmp_path)
+    async def make(extra: str = "", mailbox: int = 100, nodes=None, limits: str = "") -> Cluster:
+        c = Cluster(make_config(tmp_path, extra, mailbox, limits), tmp_path)
         made.append(c)
         await c.start(*(nodes or ()))
         return c
@@ -118,6 +118,19 @@ async def test_dedup_window_is_bounded(cluster_factory):
         await m.call("l1", {"op": "append", "value": i}, request_id=f"r{i}")
     assert await m.call("l1", {"op": "append", "value": 11}, request_id="r11") == 11
     assert await m.call("l1", {"op": "append", "value": 0}, request_id="r0") == 12  # forgotten
+    await c.close()
+
+
+async def test_recorded_replies_age_out(cluster_factory):
+    c = await cluster_factory(limits="dedup_s = 60")
+    m = c.client()
+    await m.spawn("l1", "ledger")
+    assert await m.call("l1", {"op": "append", "value": "x"}, request_id="old") == 0
+    await c.advance(30)
+    assert await m.call("l1", {"op": "append", "value": "x"}, request_id="old") == 0  # still recorded
+    await c.advance(31)
+    await m.call("l1", {"op": "append", "value": "y"}, request_id="new")            # ages "old" out
+    assert await m.call("l1", {"op": "append", "value": "x"}, request_id="old") == 2
     await c.close()
 
 
@@ -472,7 +485,7 @@ async def test_a_stale_incarnation_is_fenced_by_the_store(cluster_factory):
     node = c.nodes[placed["node"]]
     # another incarnation claims the name behind this node's back (as after a partition)
     batch = Batch()
-    batch.add_claim("c1", Record(placed["incarnation"] + 100, 1, msgpack.packb({"value": 0}), []))
+    batch.add_claim("c1", Record(placed["incarnation"] + 100, 1, msgpack.packb({"value": 0})))
     node.store.write(batch)
     with pytest.raises(AgentDown):
         await node.caller.request(node.name, Kind.CALL, "c1", {"op": "add"}, 1.0)

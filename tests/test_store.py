@@ -19,7 +19,7 @@ def store(tmp_path):
 
 
 def rec(inc, seq=1, state=None):
-    return Record(inc, seq, msgpack.packb(state), [["r1", b"R\x01"]])
+    return Record(inc, seq, msgpack.packb(state))
 
 
 def test_put_and_get(store):
@@ -27,7 +27,7 @@ def test_put_and_get(store):
     b.add_put("a", rec(3, 7, {"v": 1}))
     assert store.write(b).fenced == {}
     got = store.get("a")
-    assert (got.incarnation, got.seq, msgpack.unpackb(got.state), got.window) == (3, 7, {"v": 1}, [["r1", b"R\x01"]])
+    assert (got.incarnation, got.seq, msgpack.unpackb(got.state)) == (3, 7, {"v": 1})
     assert store.get("missing") is None
     assert store.names() == ["a"]
 
@@ -91,7 +91,7 @@ def test_map_grows_when_full(store):
     big = os.urandom(200_000)
     for i in range(20):  # 4 MB into a 1 MB map
         b = Batch()
-        b.add_put(f"a{i}", Record(1, 1, big, []))
+        b.add_put(f"a{i}", Record(1, 1, big))
         assert store.write(b).error is None
     assert store.env.info()["map_size"] > 1 << 20
     assert all(store.get(f"a{i}").state == big for i in range(20))
@@ -100,7 +100,7 @@ def test_map_grows_when_full(store):
 def test_corrupt_snapshot_names_the_agent(store):
     with store.env.begin(write=True) as txn:
         txn.put(b"bad", b"\xc1\xc1", db=store.agents)
-        txn.put(b"odd", msgpack.packb([99, 1, 1, b"", []]), db=store.agents)
+        txn.put(b"odd", msgpack.packb([99, 1, 1, b""]), db=store.agents)
     with pytest.raises(SnapshotCorrupt, match="'bad'"):
         store.get("bad")
     with pytest.raises(SnapshotCorrupt, match="'odd'.*format 99"):
@@ -144,10 +144,36 @@ async def test_committer_thread_commits_in_order_and_reports_on_the_loop(tmp_pat
     done = loop.create_future()
     for i in range(50):
         b = Batch()
-        b.add_put("a", Record(1, i, msgpack.packb(i), []))
+        b.add_put("a", Record(1, i, msgpack.packb(i)))
         committer.submit(b, lambda o, i=i: (outcomes.append(i), i == 49 and done.set_result(None)))
     await done
     assert outcomes == list(range(50))
     assert store.get("a").seq == 49
     committer.close()
     store.close()
+
+
+def test_recorded_replies_live_beside_the_record_and_share_its_fate(store):
+    b = Batch()
+    b.add_put("a", rec(2))
+    b.add_replies("a", [("r1", b"R\x01", 1.0), ("r2", b"R\x02", 2.0)], [])
+    store.write(b)
+    assert store.replies("a") == [("r1", b"R\x01", 1.0), ("r2", b"R\x02", 2.0)]
+    b = Batch()
+    b.add_put("a", rec(2, 2))
+    b.add_replies("a", [("r3", b"R\x03", 3.0)], ["r1"])
+    store.write(b)
+    assert [r[0] for r in store.replies("a")] == ["r2", "r3"]
+    b = Batch()  # a stale incarnation's replies are fenced with its record
+    b.add_put("a", rec(1, 9))
+    b.add_replies("a", [("stale", b"R\x00", 4.0)], [])
+    assert store.write(b).fenced == {"a": 2}
+    assert [r[0] for r in store.replies("a")] == ["r2", "r3"]
+    b = Batch()
+    b.add_put("ab", rec(1))  # a name that starts like "a" keeps its own replies
+    b.add_replies("ab", [("x", b"R\x00", 5.0)], [])
+    store.write(b)
+    b = Batch()
+    b.deletes["a"] = 2
+    store.write(b)
+    assert store.replies("a") == [] and [r[0] for r in store.replies("ab")] == ["x"]

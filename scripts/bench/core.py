@@ -1,0 +1,710 @@
+"""The mesh's core figures, measured against the project's goals, with raw pyzmq as the floor.
+
+    python3 scripts/bench/core.py                 # full run (a few minutes); prints the table
+    python3 scripts/bench/core.py --quick         # smaller sizes, fewer runs
+    python3 scripts/bench/core.py --only call     # one benchmark (raw, call, cast, durable, kill, idle)
+    python3 scripts/bench/core.py --write         # also rewrite the core section of docs/benchmarks.md
+
+Every mesh is a real `mesh up` of a generated config (free loopback ports, data in a temp
+dir), driven through the public client API from this process. The machine is small and
+shared, so each figure is measured several times and given as the median with its range;
+ratios against raw pyzmq compare figures of the same run. Whatever this script starts it
+ends, by pid, also on an error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import zmq  # noqa: E402
+
+import mesh  # noqa: E402
+from mesh import config as mesh_config, wire  # noqa: E402
+
+DOC = ROOT / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- core:begin (written by scripts/bench/core.py --write) -->", "<!-- core:end -->"
+SCRIPT = "python3 scripts/bench/core.py"
+BENCHES = ("raw", "call", "cast", "durable", "kill", "idle")
+
+GET, ADD = {"op": "get"}, {"op": "add", "n": 1}
+
+# Sizes of a full run and of a --quick one.
+SIZES = {
+    False: dict(runs=5, calls=3000, adds=1000, casts=200_000, durable=30_000, kill_trials=20,
+                idle=100_000, idle_budget=120, raw_rt=5000, raw_oneway=300_000),
+    True: dict(runs=3, calls=1000, adds=300, casts=50_000, durable=10_000, kill_trials=5,
+               idle=10_000, idle_budget=30, raw_rt=2000, raw_oneway=100_000),
+}
+DURABLE_AGENTS, OUTSTANDING, KILL_AGENTS = 1000, 500, 10
+
+CONFIG = """
+[cluster]
+name = "bench"
+data_dir = "{data}"
+call_timeout_s = 10
+
+{limits}
+[launcher]
+max_restarts = 1000          # the kill benchmark restarts one node many times
+period_s = 60
+
+[kinds]
+counter = "nodes.counter:Counter"
+
+[hosts.local]
+address = "127.0.0.1"
+
+{nodes}
+[supervisor]
+node = "n1"
+dynamic = "sessions"
+
+[tree.sessions]
+dynamic = true
+intensity = 100
+period_s = 10
+"""
+
+
+# --- small helpers ---------------------------------------------------------------------------
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+def summary(values: list[float]) -> tuple[float, float, float]:
+    """Median and range of one figure over several runs."""
+    return statistics.median(values), min(values), max(values)
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def free_ports(n: int) -> list[int]:
+    """n consecutive free TCP ports on loopback (checked by binding them)."""
+    for _ in range(200):
+        base = random.randrange(20000, 60000 - n)
+        socks = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket()
+                s.bind(("127.0.0.1", port))
+                socks.append(s)
+            return list(range(base, base + n))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free ports")
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """The kB figures of /proc/PID/status (VmRSS, VmHWM, RssAnon, RssFile, ...)."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if rest.strip().endswith("kB"):
+                out[key] = int(rest.split()[0])
+    return out
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("MESH_LOG", "WARNING")
+    return env
+
+
+# --- a real mesh ------------------------------------------------------------------------------
+
+class Mesh:
+    """`mesh up` of a generated config in a temp dir; every pid it showed is ended on exit."""
+
+    READY = re.compile(r"node (\S+) ready \(pid (\d+)")
+
+    limits = ""  # extra [limits] of every mesh of this run (--dedup-window)
+
+    def __init__(self, nodes: int):
+        self.tmp = Path(tempfile.mkdtemp(prefix="mesh-bench-"))
+        ports = free_ports(nodes)
+        tables = "".join(f'[nodes.n{i + 1}]\nhost = "local"\nport = {p}\n\n' for i, p in enumerate(ports))
+        self.config = self.tmp / "bench.toml"
+        self.config.write_text(CONFIG.format(data=self.tmp / "data", nodes=tables, limits=self.limits))
+        self.lines: list[str] = []
+        self.pids: dict[str, int] = {}
+        self.seen: set[int] = set()
+        self.cond = threading.Condition()
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "Mesh":
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-m", "mesh.cli", "up", "-c", str(self.config)],
+                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                         env=_env(), cwd=ROOT, start_new_session=True)
+            self.seen.add(self.proc.pid)
+            threading.Thread(target=self._read, daemon=True).start()
+            self.wait_for("mesh ready", timeout=30)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self.cond:
+                self.lines.append(line.rstrip("\n"))
+                m = self.READY.search(line)
+                if m:
+                    self.pids[m.group(1)] = int(m.group(2))
+                    self.seen.add(int(m.group(2)))
+                self.cond.notify_all()
+        with self.cond:
+            self.cond.notify_all()
+
+    def mark(self) -> int:
+        with self.cond:
+            return len(self.lines)
+
+    def wait_for(self, pattern: str, start: int = 0, timeout: float = 30) -> re.Match:
+        """Wait for an output line from line `start` on matching `pattern`."""
+        rx, deadline = re.compile(pattern), time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for line in self.lines[start:]:
+                    m = rx.search(line)
+                    if m:
+                        return m
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None:
+                    tail = "\n".join(self.lines[-20:])
+                    raise TimeoutError(f"mesh: no line matching {pattern!r} within {timeout}s; last lines:\n{tail}")
+                self.cond.wait(min(left, 0.5))
+
+    def __exit__(self, exc_type=None, *exc) -> None:
+        """SIGTERM the launcher (it stops its nodes), then kill by pid whatever is left.
+        After an error, the mesh's last lines of output go to stderr: they often tell why."""
+        if exc_type is not None and exc_type is not KeyboardInterrupt:
+            with self.cond:
+                tail = self.lines[-12:]
+            say("mesh output before the error:\n  " + "\n  ".join(line[:300] for line in tail))
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                pass
+        for pid in self.seen:
+            if _ours(pid, str(self.config)):
+                for sig in (signal.SIGCONT, signal.SIGKILL):
+                    try:
+                        os.kill(pid, sig)
+                    except ProcessLookupError:
+                        break
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.wait(10)
+            self.proc.stdout.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _ours(pid: int, marker: str) -> bool:
+    """Whether pid is still a process of ours (its command line names our config or script)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return marker.encode() in f.read()
+    except OSError:
+        return False
+
+
+# --- the floor: raw pyzmq -----------------------------------------------------------------------
+
+def raw_server(port: int) -> None:
+    """A blocking ROUTER in its own process: echoes each message, except that b"count:N"
+    makes it swallow the next N messages and answer b"done"."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.bind(f"tcp://127.0.0.1:{port}")
+    while True:
+        route, payload = sock.recv_multipart()
+        if payload.startswith(b"count:"):
+            for _ in range(int(payload[6:])):
+                sock.recv_multipart()
+            sock.send_multipart([route, b"done"])
+        else:
+            sock.send_multipart([route, payload])
+
+
+def bench_raw(size: dict) -> dict:
+    """DEALER->ROUTER round trip and one-way rate with blocking sockets, mesh-sized frames."""
+    port = free_ports(1)[0]
+    call = wire.encode(wire.Kind.CALL, "a1b2c3d4e5f6-1", "c0", "client:bench:1", 10000, GET)
+    cast = wire.encode(wire.Kind.CAST, None, "c0", "client:bench:1", None, ADD)
+    out = {"rt_p50": [], "rt_p99": [], "oneway": []}
+    ctx = zmq.Context()
+    server = subprocess.Popen([sys.executable, __file__, "--raw-server", str(port)], env=_env(),
+                              start_new_session=True)
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVTIMEO, 10000)
+        sock.connect(f"tcp://127.0.0.1:{port}")
+        for _ in range(500):
+            sock.send(call)
+            sock.recv()
+        for run in range(size["runs"]):
+            times = []
+            for _ in range(size["raw_rt"]):
+                t = time.perf_counter()
+                sock.send(call)
+                sock.recv()
+                times.append(time.perf_counter() - t)
+            n = size["raw_oneway"]
+            t = time.perf_counter()
+            sock.send(b"count:%d" % n)
+            for _ in range(n):
+                sock.send(cast)
+            assert sock.recv() == b"done"
+            rate = n / (time.perf_counter() - t)
+            out["rt_p50"].append(pct(times, 0.5) * 1e6)
+            out["rt_p99"].append(pct(times, 0.99) * 1e6)
+            out["oneway"].append(rate)
+            say(f"raw: run {run + 1}: round trip p50 {out['rt_p50'][-1]:.0f} us, "
+                f"p99 {out['rt_p99'][-1]:.0f} us; one-way {rate:,.0f} msg/s")
+    finally:
+        ctx.destroy(linger=0)
+        server.kill()
+        server.wait(10)
+    return out
+
+
+# --- goals 1 and 2: call round trip, casts into one node ----------------------------------------
+
+async def _calls(m, name: str, msg: dict, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        await m.call(name, msg, timeout=10)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def bench_call(size: dict) -> dict:
+    """Sequential calls from this process to a counter on a node of a 3-node mesh."""
+    out = {"get_p50": [], "get_p99": [], "add_p50": [], "add_p99": []}
+
+    async def go(cfg):
+        async with mesh.connect(cfg) as m:
+            placed = [await m.spawn(f"c{i}", "counter") for i in range(3)]
+            name = next(p["name"] for p in placed if p["node"] != "n1")  # not on the supervisor's node
+            await _calls(m, name, GET, 300)
+            for run in range(size["runs"]):
+                gets = await _calls(m, name, GET, size["calls"])
+                adds = await _calls(m, name, ADD, size["adds"])
+                for key, times in (("get", gets), ("add", adds)):
+                    out[f"{key}_p50"].append(pct(times, 0.5) * 1e6)
+                    out[f"{key}_p99"].append(pct(times, 0.99) * 1e6)
+                say(f"call: run {run + 1}: get p50 {out['get_p50'][-1]:.0f} us p99 {out['get_p99'][-1]:.0f} us; "
+                    f"add p50 {out['add_p50'][-1]:.0f} us p99 {out['add_p99'][-1]:.0f} us")
+            assert await m.call(name, GET) == size["runs"] * size["adds"]
+
+    with Mesh(3) as mh:
+        asyncio.run(go(mh.config))
+    return out
+
+
+def bench_cast(size: dict) -> dict:
+    """Casts to one counter in a loop, until a call shows every one of them applied."""
+    out = {"rate": [], "lost": []}
+
+    async def go(cfg):
+        async with mesh.connect(cfg) as m:
+            placed = [await m.spawn(f"c{i}", "counter") for i in range(3)]
+            name = next(p["name"] for p in placed if p["node"] != "n1")
+            await m.call(name, GET)
+            expected = 0
+            for run in range(size["runs"]):
+                n = size["casts"]
+                t = time.perf_counter()
+                for _ in range(n):
+                    await m.cast(name, ADD)
+                value = await m.call(name, GET, timeout=60)
+                took = time.perf_counter() - t
+                expected += n
+                out["rate"].append(n / took)
+                out["lost"].append(expected - value)
+                expected = value
+                say(f"cast: run {run + 1}: {n / took:,.0f} msg/s end to end"
+                    + (f"; {out['lost'][-1]} casts LOST" if out["lost"][-1] else ""))
+
+    with Mesh(3) as mh:
+        asyncio.run(go(mh.config))
+    return out
+
+
+# --- goal 3: durable calls over 1,000 agents in one node -----------------------------------------
+
+async def _spread(n: int, names: list[str], fn) -> None:
+    """Run fn(names[i % len]) for i < n, OUTSTANDING at a time."""
+    async def worker(w: int):
+        for i in range(w, n, OUTSTANDING):
+            await fn(names[i % len(names)])
+    await asyncio.gather(*(worker(w) for w in range(min(OUTSTANDING, n))))
+
+
+def bench_durable(size: dict) -> dict:
+    """add calls (fsync'd group commit) spread over 1,000 counters of a single-node mesh."""
+    out = {"rate": []}
+
+    async def go(cfg):
+        async with mesh.connect(cfg) as m:
+            names = [f"d{i}" for i in range(DURABLE_AGENTS)]
+            await _spread(len(names), names, lambda name: m.spawn(name, "counter", timeout=30))
+            # warm up until every agent's reply window (dedup_window) is full, as in a long life
+            warm = (mesh_config.load(cfg).limits.dedup_window + 8) * len(names)
+            await _spread(warm, names, lambda name: m.call(name, ADD, timeout=30))
+            for run in range(size["runs"]):
+                t = time.perf_counter()
+                await _spread(size["durable"], names, lambda name: m.call(name, ADD, timeout=30))
+                rate = size["durable"] / (time.perf_counter() - t)
+                out["rate"].append(rate)
+                say(f"durable: run {run + 1}: {rate:,.0f} calls/s over {len(names)} agents")
+            values = {}
+
+            async def read(name):
+                values[name] = await m.call(name, GET, timeout=30)
+            await _spread(len(names), names, read)
+            assert sum(values.values()) == warm + size["runs"] * size["durable"], "durable: the counters do not add up"
+
+    with Mesh(1) as mh:
+        asyncio.run(go(mh.config))
+    return out
+
+
+# --- goal 4: kill -9 of a node until its agents answer again --------------------------------------
+
+def bench_kill(size: dict) -> dict:
+    """kill -9 a non-supervisor node of 3; time until each of its agents answers with its state."""
+    out = {"first": [], "all": [], "agents": []}
+
+    async def go(mh: Mesh):
+        async with mesh.connect(mh.config) as m:
+            want: dict[str, int] = {}
+            while True:
+                name = f"k{len(want)}"
+                await m.spawn(name, "counter")
+                want[name] = await m.call(name, {"op": "add", "n": len(want) + 1})
+                where = await _placement(m, want)
+                if max((len(v) for n, v in where.items() if n != "n1"), default=0) >= KILL_AGENTS:
+                    break
+            for trial in range(size["kill_trials"]):
+                where = await _placement(m, want)
+                victim = max((n for n in where if n != "n1"), key=lambda n: len(where[n]))
+                names = where[victim]
+                mark, pid = mh.mark(), mh.pids[victim]
+                t0 = time.perf_counter()
+                os.kill(pid, signal.SIGKILL)
+
+                async def get(name):
+                    value = await m.call(name, GET, timeout=15)
+                    assert value == want[name], f"kill: {name} answered {value}, not {want[name]}"
+                    return time.perf_counter() - t0
+                took = await asyncio.gather(*(get(n) for n in names))
+                out["first"].append(min(took) * 1000)
+                out["all"].append(max(took) * 1000)
+                out["agents"].append(len(names))
+                say(f"kill: trial {trial + 1}: {victim} ({len(names)} agents): first {min(took) * 1000:.0f} ms, "
+                    f"all {max(took) * 1000:.0f} ms")
+                await asyncio.to_thread(mh.wait_for, rf"node {victim} ready", mark, 30)
+
+    with Mesh(3) as mh:
+        asyncio.run(go(mh))
+    return out
+
+
+async def _placement(m, names) -> dict[str, list[str]]:
+    """node -> the names it hosts, as the mesh answers now."""
+    where: dict[str, list[str]] = {}
+    for name in names:
+        body = await m.whereis(name)
+        where.setdefault(body.get("node"), []).append(name)
+    return where
+
+
+# --- goal 5: 100,000 idle agents in one node --------------------------------------------------------
+
+def bench_idle(size: dict) -> dict:
+    """Spawn many counters into a single-node mesh; the node's resident memory before and after.
+
+    Spawning stops at the time budget if it is reached first: the figure per agent is then
+    measured on fewer agents, and the table says so."""
+    out = {}
+
+    async def go(mh: Mesh):
+        async with mesh.connect(mh.config) as m:
+            pid = mh.pids["n1"]
+            await m.status()
+            before = proc_status(pid)
+            n, budget = size["idle"], size["idle_budget"]
+            names, done, last = [f"i{i}" for i in range(n)], [], [None]
+            t = time.perf_counter()
+            stop_at = t + budget if budget > 0 else float("inf")
+
+            async def worker(w: int):
+                for i in range(w, n, OUTSTANDING):
+                    if time.perf_counter() > stop_at:
+                        return
+                    await m.spawn(names[i], "counter", timeout=60)
+                    done.append(time.perf_counter())
+                    last[0] = names[i]
+            await asyncio.gather(*(worker(w) for w in range(OUTSTANDING)))
+            count, took = len(done), done[-1] - t
+            assert await m.call(last[0], GET) == 0
+            await asyncio.sleep(1)  # let the node settle: the figure is for idle agents
+            after = proc_status(pid)
+            tenth = max(1, count // 10)
+            out.update(n=n, count=count, before=before, after=after, spawn_s=took, spawn_rate=count / took,
+                       first_rate=tenth / (done[tenth - 1] - t),
+                       last_rate=tenth / (done[-1] - done[-tenth - 1]) if count > tenth else count / took)
+            say(f"idle: {count:,} agents spawned in {took:.1f} s ({count / took:,.0f}/s; first tenth "
+                f"{out['first_rate']:,.0f}/s, last tenth {out['last_rate']:,.0f}/s); node RSS "
+                f"{before['VmRSS'] / 1024:.0f} MB before, {after['VmRSS'] / 1024:.0f} MB after")
+
+    with Mesh(1) as mh:
+        asyncio.run(go(mh))
+    return out
+
+
+# --- the table -------------------------------------------------------------------------------------
+
+def fmt_range(values: list[float], unit: str = "", digits: int = 0) -> str:
+    med, lo, hi = summary(values)
+    f = f"{{:,.{digits}f}}"
+    return f"{f.format(med)}{unit} [{f.format(lo)}–{f.format(hi)}]"
+
+
+def verdict(value: float, goal: float, lower_is_better: bool) -> str:
+    ok = value <= goal if lower_is_better else value >= goal
+    if ok:
+        return "met"
+    off = (value / goal - 1) if lower_is_better else (1 - value / goal)
+    return f"**missed** by {off:.0%}"
+
+
+def rows(results: dict, q: str) -> list[tuple[str, str, str, str, str]]:
+    """(what, figure, goal, verdict, command) per row; failed benchmarks get a row saying so.
+    `q` holds the options of this run that a reproducing command needs too."""
+    cmd = lambda b: f"`{SCRIPT} --only {b}{q}`"  # noqa: E731
+    out = []
+    for bench, res in results.items():
+        if isinstance(res, str):
+            out.append((bench, f"failed: {res}", "", "", cmd(bench)))
+    raw, call, cast = results.get("raw"), results.get("call"), results.get("cast")
+    raw = raw if isinstance(raw, dict) else None
+    if isinstance(call, dict):
+        p50 = summary(call["get_p50"])[0]
+        out.append(("call round trip, read `get`, p50", fmt_range(call["get_p50"], " µs"), "≤ 250 µs",
+                    verdict(p50, 250, True), cmd("call")))
+        out.append(("call round trip, read `get`, p99", fmt_range(call["get_p99"], " µs"), "", "", cmd("call")))
+        out.append(("call round trip, durable `add`, p50 / p99",
+                    f"{fmt_range(call['add_p50'], ' µs')} / {fmt_range(call['add_p99'], ' µs')}", "", "", cmd("call")))
+    if isinstance(cast, dict):
+        rate = summary(cast["rate"])[0]
+        lost = sum(cast["lost"])
+        out.append(("casts into one node, end to end", fmt_range(cast["rate"], " msg/s")
+                    + (f"; {lost:,} LOST" if lost else ""), "≥ 150,000 msg/s", verdict(rate, 150_000, False), cmd("cast")))
+    durable = results.get("durable")
+    if isinstance(durable, dict):
+        rate = summary(durable["rate"])[0]
+        out.append((f"durable `add` calls over {DURABLE_AGENTS:,} agents in one node, {OUTSTANDING} outstanding",
+                    fmt_range(durable["rate"], " calls/s"), "≥ 20,000/s", verdict(rate, 20_000, False), cmd("durable")))
+    kill = results.get("kill")
+    if isinstance(kill, dict):
+        n, agents = len(kill["all"]), statistics.median(kill["agents"])
+        p50 = pct(kill["all"], 0.5)
+        out.append((f"kill -9 of a node until all its {agents:.0f} agents answer with their state, p50 / p99 of {n} trials",
+                    f"{p50:.0f} ms / {pct(kill['all'], 0.99):.0f} ms [{min(kill['all']):.0f}–{max(kill['all']):.0f}]",
+                    "p50 ≤ 100 ms", verdict(p50, 100, True), cmd("kill")))
+        out.append(("… until the first of them answers, p50 / p99",
+                    f"{pct(kill['first'], 0.5):.0f} ms / {pct(kill['first'], 0.99):.0f} ms", "", "", cmd("kill")))
+    idle = results.get("idle")
+    if isinstance(idle, dict):
+        rss, base, count = idle["after"]["VmRSS"], idle["before"]["VmRSS"], idle["count"]
+        per = (rss - base) / count
+        scaled = "" if count >= 100_000 else f"; {(base + per * 100_000) / 1024:,.0f} MB at 100,000 if linear"
+        short = "" if count == idle["n"] else f" (the {idle['n']:,} asked for did not fit the time budget)"
+        out.append((f"{count:,} idle agents in one node{short}: node RSS (anon / file)",
+                    f"{rss / 1024:,.0f} MB ({idle['after'].get('RssAnon', 0) / 1024:,.0f} / "
+                    f"{idle['after'].get('RssFile', 0) / 1024:,.0f}); {per:.2f} KB per agent above the "
+                    f"{base / 1024:.0f} MB baseline{scaled}",
+                    "≤ 1 GB for 100,000", verdict(base + per * 100_000, 1024 * 1024, True)
+                    + (" (extrapolated)" if scaled else ""),
+                    cmd("idle") + (" (add `--idle-budget 0` for all of them)" if short else "")))
+        out.append((f"… spawning them, {OUTSTANDING} outstanding",
+                    f"{idle['spawn_rate']:,.0f} spawns/s ({idle['spawn_s']:.1f} s); first tenth "
+                    f"{idle['first_rate']:,.0f}/s, last tenth {idle['last_rate']:,.0f}/s", "", "", cmd("idle")))
+    if raw:
+        out.append(("raw pyzmq DEALER→ROUTER round trip, blocking echo, p50 / p99",
+                    f"{fmt_range(raw['rt_p50'], ' µs')} / {fmt_range(raw['rt_p99'], ' µs')}", "", "", cmd("raw")))
+        out.append(("raw pyzmq one-way, blocking", fmt_range(raw["oneway"], " msg/s"), "", "", cmd("raw")))
+        if isinstance(call, dict):
+            out.append(("ratio mesh `get` p50 / raw round trip p50",
+                        f"{summary(call['get_p50'])[0] / summary(raw['rt_p50'])[0]:.1f}×", "", "", f"`{SCRIPT}{q}`"))
+        if isinstance(cast, dict):
+            out.append(("ratio mesh casts / raw one-way",
+                        f"{summary(cast['rate'])[0] / summary(raw['oneway'])[0]:.2f}×", "", "", f"`{SCRIPT}{q}`"))
+    return out
+
+
+def table(results: dict, q: str) -> str:
+    lines = ["| what | figure: median [range] over runs | goal | | reproduce |", "| --- | --- | --- | --- | --- |"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows(results, q)]
+    return "\n".join(lines)
+
+
+def machine(load_at_start: float) -> list[str]:
+    def first(path: str, key: str) -> str:
+        try:
+            with open(path) as f:
+                return next((l.split(":", 1)[1].strip() for l in f if l.startswith(key)), "?")
+        except OSError:
+            return "?"
+    import lmdb
+    import msgpack
+    try:
+        rev = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=10).stdout.strip() or "?"
+    except (OSError, subprocess.SubprocessError):
+        rev = "?"
+    tmp = tempfile.gettempdir()
+    return [
+        f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; source: `{rev}`",
+        f"cores (nproc): {os.cpu_count()}; CPU: {first('/proc/cpuinfo', 'model name')}; "
+        f"memory: {int(first('/proc/meminfo', 'MemTotal').split()[0]) / 2**20:.0f} GB; "
+        f"load average (1 min) at start {load_at_start:.2f}, at end {os.getloadavg()[0]:.2f}",
+        f"Linux {platform.release()}; data dirs under {_fs_type(tmp)} (fsync on, the default)",
+        f"Python {platform.python_version()}, pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}, "
+        f"lmdb {lmdb.__version__} (LMDB {'.'.join(map(str, lmdb.version()))}), msgpack {'.'.join(map(str, msgpack.version))}",
+    ]
+
+
+def _fs_type(path: str) -> str:
+    """The type of the file system holding `path` (longest mount point in /proc/mounts)."""
+    best, kind = "", "?"
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                mnt = parts[1]
+                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                    best, kind = mnt, parts[2]
+    except OSError:
+        pass
+    return f"a {kind} file system"
+
+
+def write_doc(text: str) -> None:
+    """Replace the core section of docs/benchmarks.md (between its markers), or start the file."""
+    section = f"{BEGIN}\n{text}\n{END}"
+    if DOC.exists():
+        old = DOC.read_text()
+        if BEGIN in old and END in old:
+            new = old[:old.index(BEGIN)] + section + old[old.index(END) + len(END):]
+        else:
+            new = old.rstrip("\n") + "\n\n" + section + "\n"
+    else:
+        DOC.parent.mkdir(parents=True, exist_ok=True)
+        new = f"# Benchmarks\n\n## Core figures\n\n{section}\n"
+    DOC.write_text(new)
+
+
+def report(results: dict, size: dict, q: str, took: float, load_at_start: float) -> str:
+    return "\n".join([
+        f"Run: `{' '.join([SCRIPT, *sys.argv[1:]])}`, {took / 60:.1f} min in all. "
+        f"{size['runs']} runs per figure (kill -9: {size['kill_trials']} trials; idle agents: one spawn of "
+        f"{size['idle']:,} at most, {size['idle_budget']:g} s at most)."
+        + (f" Config: {Mesh.limits.strip().replace(chr(10), ' ')}." if Mesh.limits else ""),
+        "",
+        *[f"- {line}" for line in machine(load_at_start)],
+        "",
+        table(results, q),
+    ])
+
+
+RUNNERS = {"raw": bench_raw, "call": bench_call, "cast": bench_cast, "durable": bench_durable,
+           "kill": bench_kill, "idle": bench_idle}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="Progress goes to stderr; the table to stdout.")
+    ap.add_argument("--quick", action="store_true", help="smaller sizes and 3 runs (about a minute)")
+    ap.add_argument("--only", action="append", choices=BENCHES, help="run only this benchmark (repeatable)")
+    ap.add_argument("--runs", type=int, help="runs per figure (default 5, or 3 with --quick)")
+    ap.add_argument("--idle", type=int, help="idle agents to spawn (default 100,000, or 10,000 with --quick)")
+    ap.add_argument("--idle-budget", type=float,
+                    help="seconds of spawning at most (default 120, or 30 with --quick; 0: no limit)")
+    ap.add_argument("--dedup-window", type=int, metavar="N",
+                    help="set [limits] dedup_window in every mesh (default: the mesh's own default)")
+    ap.add_argument("--write", action="store_true", help="rewrite the core section of docs/benchmarks.md")
+    ap.add_argument("--raw-server", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.raw_server:
+        raw_server(args.raw_server)
+        return 0
+    if args.write and (args.only or args.dedup_window is not None):
+        ap.error("--write is for a run of every benchmark with the default config: leave out --only and --dedup-window")
+    if args.dedup_window is not None:
+        Mesh.limits = f"[limits]\ndedup_window = {args.dedup_window}\n"
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally blocks end what we started
+    size = dict(SIZES[args.quick])
+    for key in ("runs", "idle", "idle_budget"):
+        if getattr(args, key) is not None:
+            size[key] = getattr(args, key)
+    results: dict = {}
+    t, load = time.monotonic(), os.getloadavg()[0]
+    for bench in args.only or BENCHES:
+        say(f"--- {bench}")
+        try:
+            results[bench] = RUNNERS[bench](size)
+        except Exception as exc:
+            traceback.print_exc()
+            results[bench] = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:200]
+    q = "".join(f" {flag}" for flag in ("--quick",) if args.quick) + "".join(
+        f" --{key.replace('_', '-')} {getattr(args, key):g}" for key in ("runs", "idle", "idle_budget", "dedup_window")
+        if getattr(args, key) is not None)
+    text = report(results, size, q, time.monotonic() - t, load)
+    print(text)
+    if args.write:
+        write_doc(text)
+        say(f"wrote {DOC.relative_to(ROOT)}")
+    return 1 if any(isinstance(r, str) for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+#!/usr/bin/env python3
+"""Break the mesh on purpose while clients work on it, then check nothing was lost.
+
+    python3 scripts/chaos/run.py --seconds 60                  # one host, three nodes
+    sudo python3 scripts/chaos/run.py --hosts --seconds 60     # three namespaced hosts, replicas = 1
+    sudo python3 scripts/chaos/run.py --hosts --minutes 30     # a soak
+    python3 scripts/chaos/run.py --seconds 30 --unsafe         # with a planted bug: must FAIL
+
+It starts the stand-in model server and a mesh in a fresh folder (var/chaos/RUN, or
+--out), spawns ledger, counter and conversation agents, and runs the workload
+(scripts/chaos/workload.py) against them while the nemesis (scripts/chaos/nemesis.py)
+injects faults on a schedule drawn from --seed. Then it heals everything, lets the
+operations in flight finish, reads every agent's final state and hands the record to
+the checker (scripts/chaos/check.py), whose verdict it prints; exit status 1 on any
+violation. Everything it starts is ended, also on Ctrl-C.
+
+--faults chooses among: kill stop supervisor llm disk, and with --hosts also
+cut loss host. The disk fault mounts a small tmpfs for the data (root only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts"), str(HERE)]
+
+import mesh  # noqa: E402
+from mesh.demo import free_ports  # noqa: E402
+from mesh.security import create_keypair  # noqa: E402
+import check  # noqa: E402
+import meshrun  # noqa: E402
+import nemesis as nemesis_mod  # noqa: E402
+from workload import History, Workload  # noqa: E402
+
+CONFIG = """
+[cluster]
+name = "chaos"
+data_dir = "{data}"
+served_log = true
+heartbeat_ms = 100
+liveness = 8
+lease_ms = 500
+call_timeout_s = 10
+secure = {secure}
+unsafe_reply_before_commit = {unsafe}
+
+[store]
+replicas = {replicas}
+
+[launcher]
+max_restarts = 1000
+period_s = 10
+
+{security}
+
+[kinds]
+counter = "nodes.counter:Counter"
+ledger = "nodes.ledger:Ledger"
+conversation = "nodes.conversation:ConversationAgent"
+
+[llm]
+base_url = "{llm}"
+max_retries = 1
+read_timeout_s = 5
+breaker_reset_s = 1
+
+{hosts}
+
+[supervisor]
+node = "n1"
+dynamic = "sessions"
+
+[tree.sessions]
+dynamic = true
+intensity = 1000
+period_s = 10
+"""
+
+
+class StandIn:
+    def __init__(self, host: str = "127.0.0.1"):
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "llm_server.py"), "--port", "0",
+                                      "--host", host], stdout=subprocess.PIPE, text=True, start_new_session=True)
+        line = self.proc.stdout.readline()
+        if not line.startswith("listening on "):
+            raise RuntimeError(f"the stand-in model server did not start: {line!r}")
+        self.url = line.split()[-1]
+
+    def faults(self, **settings) -> None:
+        import urllib.request
+        req = urllib.request.Request(self.url.rsplit("/v1", 1)[0] + "/admin/faults",
+                                     json.dumps(settings).encode(), method="POST")
+        urllib.request.urlopen(req, timeout=5).close()
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait(5)
+
+
+class Env:
+    """The mesh under test: its processes, its hosts (or none), its stand-in model API."""
+
+    def __init__(self, out: Path, use_hosts: bool, unsafe: bool, disk: bool):
+        self.out, self.use_hosts, self.disk_dir = out, use_hosts, None
+        self.standin = None
+        self.runs: dict[str, meshrun.MeshRun] = {}
+        self.hosts = None
+        self.supervisor_node, self.supervisor_host = "n1", "h1"
+        data = out / "data"
+        security, hosts_text, secure, self.key = "", "", "false", None
+        if use_hosts:
+            import hosts as hosts_tool
+            net = f"10.{random.randrange(200, 250)}.{random.randrange(256)}"
+            keys = out / "keys"
+            for name in ("n1", "n2", "n3", "admin"):
+                create_keypair(str(keys), name)
+            self.key = str(keys / "admin.key_secret")
+            security = f'[security]\nkeys_dir = "{keys}"\n[security.clients.admin]\nrole = "admin"'
+            hosts_text = "\n".join(f'[hosts.h{i}]\naddress = "{net}.{i}"\n[nodes.n{i}]\nhost = "h{i}"\nport = 7101\n'
+                                   for i in (1, 2, 3))
+            secure = "true"
+            self.hosts = hosts_tool.Hosts({f"h{i}": f"{net}.{i}" for i in (1, 2, 3)}).create()
+            self.standin = StandIn(self.hosts.gateway)  # where the namespaced hosts can reach it
+        else:
+            self.standin = StandIn()
+            ports = free_ports(3)
+            hosts_text = '[hosts.local]\naddress = "127.0.0.1"\n' + "\n".join(
+                f'[nodes.n{i}]\nhost = "local"\nport = {p}\n' for i, p in enumerate(ports, 1))
+            self.supervisor_host = "local"
+        if disk:  # the store only: the served records beside it must outlive the mount
+            self.disk_dir = data / ("local" if not use_hosts else "h2") / "store"
+            self.disk_dir.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(self.disk_dir)], check=True)
+        self.config = out / "chaos.toml"
+        self.config.write_text(textwrap.dedent(CONFIG.format(
+            data=data, secure=secure, unsafe=str(unsafe).lower(), replicas=1 if use_hosts else 0,
+            security=security, llm=self.standin.url, hosts=hosts_text)))
+
+    def start(self) -> None:
+        if self.hosts is None:
+            self.runs["local"] = meshrun.MeshRun("up", "-c", str(self.config)).start("mesh ready", 60)
+            return
+        for host in ("h2", "h3", "h1"):
+            self._start_host(host, "mesh ready" if host == "h1" else f"node n{host[1]} ready")
+
+    def _start_host(self, host: str, wait: str) -> None:
+        self.runs[host] = meshrun.MeshRun("up", "-c", str(self.config), "--host", host,
+                                          prefix=["ip", "netns", "exec", self.hosts.ns(host)]).start(wait, 60)
+
+    def restart_host(self, host: str) -> None:
+        old = self.runs.pop(host)
+        old.kill_all()
+        with open(self.out / f"mesh-{host}.log", "a") as f:
+            f.write("\n".join(old.lines) + "\n--- host killed ---\n")
+        self._start_host(host, f"node n{host[1]} ready")
+
+    def node_names(self) -> list[str]:
+        return ["n1", "n2", "n3"]
+
+    def _run_of(self, node: str) -> meshrun.MeshRun:
+        return self.runs["local"] if self.hosts is None else self.runs[f"h{node[1]}"]
+
+    def signal_node(self, node: str, sig: int) -> int | None:
+        pid = self._run_of(node).pids.get(node)
+        if pid:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                return None
+        return pid
+
+    def client(self):
+        return mesh.connect(self.config, key=self.key)
+
+    def stop(self) -> None:
+        for name, run in self.runs.items():
+            run.stop(timeout=15)
+            (self.out / f"mesh-{name}.log").write_text("\n".join(run.lines) + "\n")
+        if self.hosts is not None:
+            self.hosts.destroy()
+        if self.standin is not None:
+            self.standin.stop()
+        if self.disk_dir is not None:
+            subprocess.run(["umount", "-l", str(self.disk_dir)], check=False)
+
+
+async def chaos(args) -> int:
+    out = Path(args.out or ROOT / "var" / "chaos" / time.strftime("%Y%m%d-%H%M%S"))
+    out.mkdir(parents=True, exist_ok=True)
+    faults = args.faults.split(",") if args.faults else list(nemesis_mod.HOSTS if args.hosts else nemesis_mod.ONE_HOST)
+    unknown = set(faults) - set(nemesis_mod.HOSTS)
+    if unknown:
+        print(f"chaos: unknown faults {sorted(unknown)}", file=sys.stderr)
+        return 2
+    if ("disk" in faults or args.hosts) and os.geteuid() != 0:
+        print("chaos: the disk fault and --hosts need root (leave them out with --faults)", file=sys.stderr)
+        return 2
+    seconds = args.minutes * 60 if args.minutes else args.seconds
+    history = History(out / "history.jsonl")
+    env = None
+    try:
+        env = Env(out, args.hosts, args.unsafe, "disk" in faults)
+    except BaseException:
+        history.close()
+        raise
+    print(f"chaos: {seconds:g} s, seed {args.seed}, faults {', '.join(faults)}, "
+          f"{'three namespaced hosts' if args.hosts else 'one host'}; record in {out}")
+    try:
+        env.start()
+        async with env.client() as m:
+            agents = {}
+            for i in range(args.agents):
+                kind = ("ledger", "counter")[i % 2]
+                await m.spawn(f"{kind}-{i}", kind)
+                agents[f"{kind}-{i}"] = kind
+            for i in range(args.conversations):
+                await m.spawn(f"talk-{i}", "conversation", {"keep": 100_000, "window": 6})
+                agents[f"talk-{i}"] = "conversation"
+            work = Workload(m, history, agents, args.clients, args.seed)
+            nemesis = nemesis_mod.Nemesis(env, faults, args.seed, history, concurrent=args.concurrent)
+            stop = asyncio.Event()
+            runner = asyncio.ensure_future(work.run(stop, settle_s=args.settle))
+            faulting = asyncio.ensure_future(nemesis.run(stop))
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < seconds:
+                await asyncio.sleep(min(10, seconds - (time.monotonic() - t0)))
+                print(f"  {time.monotonic() - t0:5.0f} s: {work.counts['ok']} acknowledged, "
+                      f"{work.counts['retried']} retried attempts, {nemesis.injected} faults", flush=True)
+            stop.set()
+            await faulting  # every fault healed
+            await runner    # operations in flight acknowledged (or given up after --settle)
+            final = await work.final_states()
+        (out / "final.json").write_text(json.dumps(final))
+    finally:
+        history.close()
+        env.stop()
+    report = check.check(out)
+    text = "\n".join(report.lines())
+    (out / "report.txt").write_text(text + "\n")
+    print(text)
+    return 0 if report.ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--minutes", type=float, default=None, help="a soak: overrides --seconds")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--faults", default=None, help="comma-separated (default: every one that applies)")
+    p.add_argument("--hosts", action="store_true", help="three hosts as network namespaces, replicas = 1 (root)")
+    p.add_argument("--concurrent", type=int, default=1, help="faults that may be active at once")
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--agents", type=int, default=12, help="ledgers and counters")
+    p.add_argument("--conversations", type=int, default=2)
+    p.add_argument("--settle", type=float, default=30.0, help="seconds operations in flight get after the faults end")
+    p.add_argument("--unsafe", action="store_true", help="plant a bug: replies before commits (the checker must FAIL)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    try:
+        return asyncio.run(chaos(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
