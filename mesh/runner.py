@@ -101,7 +101,9 @@ class Runner:
         msg = env.msg
         rid = msg.id if msg.kind == Kind.CALL else None
         if rid is not None:
-            recorded = self.window.get(rid)
+            # only a running incarnation answers from its window: a crashed one may hold the
+            # reply of a call whose commit failed; the next incarnation's window is the store's
+            recorded = self.window.get(rid) if self.status == RUNNING else None
             if recorded is not None:
                 self.node.stats["replayed"] += 1
                 self.node.send_response(self, [env.origin], rid, recorded[0])
@@ -130,6 +132,10 @@ class Runner:
     def run_mailbox(self) -> None:
         while self.mailbox and not self.busy:
             env = self.mailbox.popleft()
+            if env.msg.kind == Kind.CALL and env.msg.id in self.window:
+                self.node.stats["replayed"] += 1  # waited here while an earlier attempt committed
+                self._answer(env, self.window[env.msg.id][0])
+                continue
             if env.msg.kind == Kind.CALL and self.clock.now() > env.deadline:
                 # its caller has given up; running it now would only surprise
                 self.node.stats["expired"] += 1

@@ -520,3 +520,33 @@ async def test_a_failed_commit_answers_unavailable_and_loses_nothing_acknowledge
     assert await m.call("l1", {"op": "read"}) == ["safe"]
     assert node.stats["commit_errors"] >= 1
     await c.close()
+
+
+async def test_a_retry_after_a_failed_commit_is_not_answered_from_memory(cluster_factory):
+    """Between a crash for a failed commit and the restart, the crashed runner still holds
+    the reply of the call whose commit failed. A retry must not get it."""
+    c = await cluster_factory()
+    m = c.client()
+    placed = await m.spawn("l1", "ledger")
+    node = c.nodes[placed["node"]]
+    real_write, real_exit = node.store._write_once, node.report_exit
+    exits = []
+
+    def disk_full(batch):
+        import lmdb
+        raise lmdb.DiskError("No space left on device")
+    node.store._write_once = disk_full
+    node.report_exit = lambda runner, how, reason: exits.append((runner, how, reason))  # the supervisor waits
+    from mesh.errors import Unavailable
+    with pytest.raises(Unavailable):  # its commit failed: not acknowledged
+        await node.caller.request(node.name, Kind.CALL, "l1", {"op": "append", "value": "v"}, 5, rid="r1")
+    retry = asyncio.ensure_future(node.caller.request(node.name, Kind.CALL, "l1",
+                                                      {"op": "append", "value": "v"}, 5, rid="r1"))
+    await c.settle()
+    assert not retry.done()  # it waits for the next incarnation; no reply from the crashed one's memory
+    node.store._write_once, node.report_exit = real_write, real_exit
+    for exit in exits:
+        node.report_exit(*exit)
+    assert await c.run(retry) == 0  # the next incarnation runs it, once
+    assert await m.call("l1", {"op": "read"}) == ["v"]
+    await c.close()
