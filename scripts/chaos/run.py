@@ -229,7 +229,8 @@ async def chaos(args) -> int:
                 await m.spawn(f"talk-{i}", "conversation", {"keep": 100_000, "window": 6})
                 agents[f"talk-{i}"] = "conversation"
             work = Workload(m, history, agents, args.clients, args.seed)
-            nemesis = nemesis_mod.Nemesis(env, faults, args.seed, history, concurrent=args.concurrent)
+            every = tuple(float(x) for x in args.every.split(","))
+            nemesis = nemesis_mod.Nemesis(env, faults, args.seed, history, interval=every, concurrent=args.concurrent)
             stop = asyncio.Event()
             runner = asyncio.ensure_future(work.run(stop, settle_s=args.settle))
             faulting = asyncio.ensure_future(nemesis.run(stop))
@@ -262,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--faults", default=None, help="comma-separated (default: every one that applies)")
     p.add_argument("--hosts", action="store_true", help="three hosts as network namespaces, replicas = 1 (root)")
     p.add_argument("--concurrent", type=int, default=1, help="faults that may be active at once")
+    p.add_argument("--every", default="1.5,4", help="seconds between faults: MIN,MAX (drawn uniformly)")
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--agents", type=int, default=12, help="ledgers and counters")
     p.add_argument("--conversations", type=int, default=2)
