@@ -105,20 +105,22 @@ class Caller:
 
     # --- incoming ---------------------------------------------------------------------------
 
-    def on_response(self, frame: bytes) -> None:
+    def on_response(self, frame: bytes) -> int:
+        """Settle what one frame answers; returns how many messages it held."""
         try:
             msg = wire.decode(frame, self.max_bytes)
         except ProtocolError:
             self.bad_responses += 1
-            return
+            return 1
         if msg.kind == Kind.BATCH:
             for item in msg.body:
                 if type(item) is ProtocolError:
                     self.bad_responses += 1
                 else:
                     self._settle(item)
-        else:
-            self._settle(msg)
+            return len(msg.body)
+        self._settle(msg)
+        return 1
 
     def _settle(self, msg: wire.Msg) -> None:
         if msg.kind not in wire.RESPONSES or msg.id is None:

@@ -165,8 +165,11 @@ class Node:
     # --- the lease ---------------------------------------------------------------------------
 
     def serving(self) -> bool:
-        """Whether this node may serve its agents now. A lapsed lease drops them all first."""
-        if self.lease.valid():
+        """Whether this node may serve its agents now. A lapsed lease drops them all first.
+
+        The supervisor's own node holds no lease: only the supervisor moves agents, so
+        nothing can have replaced its agents while its loop stood still."""
+        if self.supervisor is not None or self.lease.valid():
             return True
         if self.runners:
             self._lease_lapsed()
@@ -297,21 +300,23 @@ class Node:
     def respond_error(self, origin: Origin, rid: str | None, err: CallError) -> None:
         self._respond(origin, wire.error(rid, error_to_wire(err)))
 
-    def _on_request(self, origin: Origin, frame: bytes | None) -> None:
+    def _on_request(self, origin: Origin, frame: bytes | None) -> int:
+        """Handle one frame; returns how many messages it held."""
         if frame is None:
             self._dispatch(ProtocolError("a request must be exactly one frame"), origin)
-            return
+            return 1
         try:
             msg = wire.decode(frame, self.limits.max_message_bytes)
         except ProtocolError as exc:
             self._dispatch(exc, origin)
-            return
+            return 1
+        self._schedule_flush()
         if msg.kind == Kind.BATCH and self._permitted(msg, origin):
             for item in msg.body:
                 self._dispatch(item, origin)
-        else:
-            self._dispatch(msg, origin)
-        self._schedule_flush()
+            return len(msg.body)
+        self._dispatch(msg, origin)
+        return 1
 
     def _dispatch(self, msg: "wire.Msg | ProtocolError", origin: Origin) -> None:
         """One request: the peer's limits, then its validity and role, then its handler.

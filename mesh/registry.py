@@ -13,6 +13,7 @@ An entry whose node is None is a name that exists but is not running right now
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Iterable, NamedTuple
 
 SNAPSHOT_CHUNK = 5000
@@ -80,17 +81,27 @@ class Table:
         self.epoch = epoch
         self.entries: dict[str, Entry] = {}
         self.seq = 0
+        self.running: Counter = Counter()  # node -> names it runs, kept as entries change
         self._changes: dict[str, tuple] = {}
 
     def set(self, name: str, node: str | None, incarnation: int) -> None:
         entry = Entry(node, incarnation)
-        if self.entries.get(name) != entry:
+        old = self.entries.get(name)
+        if old != entry:
+            self._count(old, -1)
             self.entries[name] = entry
+            self._count(entry, 1)
             self._changes[name] = (name, node, incarnation)
 
     def remove(self, name: str) -> None:
-        if self.entries.pop(name, None) is not None:
+        old = self.entries.pop(name, None)
+        if old is not None:
+            self._count(old, -1)
             self._changes[name] = (name, None, -1)
+
+    def _count(self, entry: Entry | None, n: int) -> None:
+        if entry is not None and entry.node is not None:
+            self.running[entry.node] += n
 
     def lookup(self, name: str) -> Entry | None:
         return self.entries.get(name)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,6 +114,8 @@ class SupervisorRole:
         self._inventories: dict[str, list] = {}  # what nodes said runs on them, before ready
         self._early_exits: list[wire.Msg] = []
         self._start_slots = asyncio.Semaphore(START_CONCURRENCY)
+        self.placing: Counter = Counter()      # node -> starts under way there
+        self.replica_use: Counter = Counter()  # host -> children it holds copies for
         self._registry_scheduled = False
         self.tree_failed = False
 
@@ -143,7 +146,7 @@ class SupervisorRole:
                 place = msgpack.unpackb(raw, raw=False)
                 if child is not None and place["home"] in self.config.hosts:
                     child.home = place["home"]
-                    child.replicas = tuple(h for h in place["replicas"] if h in self.config.hosts)
+                    self._set_replicas(child, tuple(h for h in place["replicas"] if h in self.config.hosts))
             except Exception as exc:
                 log.error("supervisor: skipping unreadable placement %s: %s", key, exc)
         log.info("supervisor on %s: epoch %d, %d agents in the tree", self.node.name, self.epoch, len(self.children))
@@ -217,7 +220,7 @@ class SupervisorRole:
             inc, node, status = instances[0]
             child.node, child.incarnation = node, inc
             child.home = self.config.nodes[node].host
-            child.replicas = replicas_seen.get((name, node), child.replicas)
+            self._set_replicas(child, replicas_seen.get((name, node), child.replicas))
             if status in ("running", "starting"):
                 child.status = RUNNING
                 self.table.set(name, node, inc)
@@ -265,10 +268,7 @@ class SupervisorRole:
         if prefer in candidates:
             return prefer
         avoid_host = self.config.nodes[avoid].host if avoid else None
-        load = {n: 0 for n in candidates}
-        for c in self.children.values():
-            if c.node in load and c.status in (RUNNING, STARTING):
-                load[c.node] += 1
+        load = {n: self.table.running[n] + self.placing[n] for n in candidates}
         return min(candidates, key=lambda n: (self.config.nodes[n].host == avoid_host, load[n], n))
 
     def _place_pending(self) -> None:
@@ -337,6 +337,7 @@ class SupervisorRole:
             self.table.set(name, None, inc)
             body = {"kind": child.spec.kind, "args": child.spec.args, "incarnation": inc, "supervisor": child.parent,
                     "replicas": list(replicas), "sources": sources}
+            self.placing[node] += 1  # counted as load while the start is under way
             try:
                 await self.node.caller.request(node, Kind.START, name, body, self.config.timing.call_timeout_s)
             except AlreadyExists as err:
@@ -352,6 +353,8 @@ class SupervisorRole:
                 self.table.set(name, None, inc)
                 self._schedule_registry()
                 return err
+            finally:
+                self.placing[node] -= 1
             if child.incarnation != inc or child.status != STARTING:
                 return None  # superseded meanwhile (stopped, or moved again)
             child.status, child.backoff = RUNNING, 0.0
@@ -362,6 +365,12 @@ class SupervisorRole:
             return None
         child.status = PENDING
         return Unavailable(f"could not start {name!r} after several attempts")
+
+    def _set_replicas(self, child: Child, replicas: tuple[str, ...]) -> None:
+        """Change a child's replica hosts, keeping the per-host counts of replicas up to date."""
+        self.replica_use.subtract(child.replicas)
+        child.replicas = replicas
+        self.replica_use.update(replicas)
 
     def _live_hosts(self) -> set[str]:
         return {self.config.nodes[v.name].host for v in self.nodes.values() if v.alive}
@@ -375,12 +384,7 @@ class SupervisorRole:
         live = self._live_hosts() - {host}
         if len(live) < n:
             return None
-        use: dict[str, int] = {h: 0 for h in live}
-        for c in self.children.values():
-            for h in c.replicas:
-                if h in use:
-                    use[h] += 1
-        ranked = sorted(live, key=lambda h: (h not in child.replicas, use[h], h))
+        ranked = sorted(live, key=lambda h: (h not in child.replicas, self.replica_use[h], h))
         return tuple(ranked[:n])
 
     def _sources(self, child: Child, host: str) -> list[str] | None:
@@ -403,7 +407,8 @@ class SupervisorRole:
         """Remember where its state lives now, in the store too (for a supervisor restart)."""
         if (child.home, child.replicas) == (host, replicas):
             return
-        child.home, child.replicas = host, replicas
+        child.home = host
+        self._set_replicas(child, replicas)
         record = msgpack.packb({"home": host, "replicas": list(replicas)})
         self._spawn(self.node.commit_meta({_PLACE_PREFIX + child.spec.name: record}))
 
@@ -676,6 +681,7 @@ class SupervisorRole:
 
     def _forget_dynamic(self, child: Child) -> None:
         if self.children.get(child.spec.name) is child:
+            self._set_replicas(child, ())
             del self.children[child.spec.name]
             sup = self.sups[child.parent]
             if child.spec.name in sup.children:

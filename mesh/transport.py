@@ -61,8 +61,9 @@ _SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 class _Drain:
     """Calls `read(sock)` for every message of a socket, in batches, from the loop.
 
-    `read` receives exactly one message and hands it on; it raises zmq.Again when the
-    socket is empty."""
+    `read` receives exactly one ZeroMQ message, hands it on, and returns how many mesh
+    messages it held (a BATCH holds many); it raises zmq.Again when the socket is empty.
+    One wake-up handles about `batch` mesh messages, then lets the loop turn."""
 
     def __init__(self, sock: zmq.Socket, read: Callable[[zmq.Socket], None], batch: int):
         self.sock, self.read, self.batch = sock, read, batch
@@ -87,8 +88,9 @@ class _Drain:
         if sock.closed:
             return
         try:
-            for _ in range(self.batch):
-                read(sock)
+            handled = 0
+            while handled < self.batch:
+                handled += read(sock) or 1
         except zmq.Again:
             return
         except zmq.ZMQError as exc:  # socket closed under us during shutdown
@@ -160,7 +162,7 @@ class Listener:
         self._outboxes: dict[bytes, _Outbox] = {}
         self._flush_scheduled = False
 
-    def _read(self, sock: zmq.Socket) -> None:
+    def _read(self, sock: zmq.Socket) -> int:
         # A ROUTER message is [routing id, payload]; reading the payload as a Frame tells
         # cheaply whether more frames follow (a malformed message), where
         # recv_multipart pays a getsockopt per message.
@@ -170,9 +172,8 @@ class Listener:
             self._remember(route, payload)
         if payload.more:
             _rest_of(sock, payload)
-            self._on_request(route, None)
-        else:
-            self._on_request(route, payload.bytes)
+            return self._on_request(route, None)
+        return self._on_request(route, payload.bytes)
 
     def _remember(self, route: bytes, payload: zmq.Frame) -> None:
         """The authenticated "role:name" of a new connection (its ZAP User-Id)."""
@@ -267,9 +268,8 @@ class Link:
         frame = sock.recv(_NOBLOCK, copy=False)
         if frame.more:
             _rest_of(sock, frame)
-            self._on_response(b"")  # malformed: counted by the receiver
-        else:
-            self._on_response(frame.bytes)
+            return self._on_response(b"")  # malformed: counted by the receiver
+        return self._on_response(frame.bytes)
 
     def _read_event(self, sock: zmq.Socket) -> None:
         self._event(sock.recv_multipart(_NOBLOCK))
