@@ -93,10 +93,12 @@ class Caller:
     def __init__(self, clock: Clock, sender: str, send: Callable[[str, bytes], None],
                  resolver: Resolver, max_bytes: int = wire.DEFAULT_MAX_BYTES, recheck_s: float = RECHECK_S,
                  link_down: Callable[[str], bool] = lambda node: False,
-                 link_refused: Callable[[str], bool] = lambda node: False):
+                 link_refused: Callable[[str], bool] = lambda node: False,
+                 reconnect: Callable[[str], None] = lambda node: None):
         self.clock, self.sender, self._send = clock, sender, send
         self.link_down = link_down  # True when the connection to a node is known to be down
         self.link_refused = link_refused  # True when a node refused this process's key
+        self.reconnect = reconnect        # connect to a node afresh, skipping its reconnect backoff
         self.resolver, self.max_bytes, self.recheck_s = resolver, max_bytes, recheck_s
         self.new_id = new_id_source()
         # request id -> the sends waiting for it (a caller may repeat an id concurrently)
@@ -250,8 +252,10 @@ class Caller:
                     # Where is it now? Perhaps still there: the node was restarted and already
                     # hosts it again, and only this connection has yet to come back. Then send
                     # anyway; the link holds the message until it reconnects.
-                    where, inc = await self._relocate(name, -1, deadline, node, down)
-                    fail_fast, node = where != node, where
+                    where, newer = await self._relocate(name, -1, deadline, node, down)
+                    if where == node and inc >= 0 and newer > inc:
+                        self.reconnect(node)  # it was restarted there: skip the link's backoff
+                    fail_fast, node, inc = where != node, where, newer
                 except (AgentDown, Unavailable) as down:
                     node, inc = await self._relocate(name, inc, deadline, None, down)
                     fail_fast = True

@@ -46,7 +46,8 @@ class Client:
         self.resolver = ClientResolver(list(config.nodes), lambda n: self.up.get(n, False), self.clock)
         self.caller = Caller(self.clock, sender, self._send, self.resolver, config.limits.max_message_bytes,
                              link_down=lambda n: self.up.get(n) is False,
-                             link_refused=lambda n: n in self.links and self.links[n].refused)
+                             link_refused=lambda n: n in self.links and self.links[n].refused,
+                             reconnect=self._reconnect)
         self.timeout = config.timing.call_timeout_s
 
     async def __aenter__(self) -> "Client":
@@ -68,6 +69,12 @@ class Client:
                                       lambda up, n=node: self._on_state(n, up))
             self.links[node] = link
         link.send(frame)
+
+    def _reconnect(self, node: str) -> None:
+        link = self.links.pop(node, None)
+        if link is not None:
+            link.close()
+        self.up.pop(node, None)
 
     def _on_state(self, node: str, up: bool | None) -> None:
         self.up[node] = bool(up)

@@ -92,7 +92,7 @@ class Node:
         self.links: dict[str, Any] = {}
         self.link_up: dict[str, bool] = {}
         self.caller = Caller(self.clock, f"node:{name}", self.send, _NodeResolver(self), config.limits.max_message_bytes,
-                             link_down=lambda n: self.link_up.get(n) is False)
+                             link_down=lambda n: self.link_up.get(n) is False, reconnect=self.reconnect)
         self.handlers: dict[Kind, Callable[[wire.Msg, Origin], None]] = {
             Kind.CALL: self._to_agent, Kind.CAST: self._to_agent, Kind.INFO: self._to_agent,
             Kind.START: self._on_start, Kind.TERMINATE: self._on_terminate,
@@ -275,6 +275,13 @@ class Node:
                                      lambda up, n=node: self._on_link_state(n, up), owner=self.endpoint)
             self.links[node] = link
         link.send(frame)
+
+    def reconnect(self, node: str) -> None:
+        """Start the connection to `node` afresh (it came back: no reconnect backoff)."""
+        link = self.links.pop(node, None)
+        if link is not None:
+            link.close()
+        self.link_up.pop(node, None)
 
     def _on_link_state(self, node: str, up: bool | None) -> None:
         self.link_up[node] = bool(up)

@@ -551,6 +551,8 @@ class SupervisorRole:
         if restarted or dropped:
             log.warning("supervisor: node %s %s", name, f"restarted ({body.get('previous') or 'new boot'})"
                         if restarted else "dropped its agents when its lease lapsed")
+            if restarted and name != self.node.name:
+                self.node.reconnect(name)  # no waiting out the old connection's backoff
             self._node_lost(name, prefer=name)
         # A hello from a node with the same boot only asks for the registry; the agents it
         # lists may predate STARTs still on their way, so they are not compared here.
