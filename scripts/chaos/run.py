@@ -271,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unsafe", action="store_true", help="plant a bug: replies before commits (the checker must FAIL)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill or timeout clean up as Ctrl-C does
     try:
         return asyncio.run(chaos(args))
     except KeyboardInterrupt:
