@@ -8,109 +8,27 @@ incarnations at once (G3).
 
 import asyncio
 import os
-import random
 import signal
 import sys
-import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
 import mesh
 from mesh import wire
 from mesh.errors import AgentDown, CallError
-from mesh.security import create_keypair
 from mesh.served import overlaps
-from procs import ROOT, MeshRun, wait_gone
+from procs import ROOT, wait_gone
 
 sys.path.insert(0, str(ROOT / "scripts"))
-import hosts as hosts_tool  # noqa: E402
+import netcluster  # noqa: E402
 
 pytestmark = pytest.mark.netns
 
-CONFIG = """
-[cluster]
-name = "netns"
-data_dir = "{data}"
-secure = true
-served_log = true
-heartbeat_ms = 100
-liveness = 8
-lease_ms = 500
-call_timeout_s = 10
-
-[store]
-replicas = 1
-
-[security]
-keys_dir = "{keys}"
-
-[security.clients.admin]
-role = "admin"
-
-[kinds]
-counter = "nodes.counter:Counter"
-ledger = "nodes.ledger:Ledger"
-
-[hosts.h1]
-address = "{net}.1"
-[hosts.h2]
-address = "{net}.2"
-[hosts.h3]
-address = "{net}.3"
-
-[nodes.n1]
-host = "h1"
-port = 7101
-[nodes.n2]
-host = "h2"
-port = 7101
-[nodes.n3]
-host = "h3"
-port = 7101
-
-[supervisor]
-node = "n1"
-"""
-
-DEAD_AFTER_S = 0.8
+DEAD_AFTER_S = 0.8  # heartbeat 100 ms x liveness 8
 
 
-class Cluster:
-    def __init__(self, tmp: Path):
-        self.tmp = tmp
-        self.net = f"10.{random.randrange(200, 250)}.{random.randrange(256)}"
-        keys = tmp / "keys"
-        for name in ("n1", "n2", "n3", "admin"):
-            create_keypair(str(keys), name)
-        self.key = str(keys / "admin.key_secret")
-        self.data = tmp / "data"
-        self.config = tmp / "netns.toml"
-        self.config.write_text(textwrap.dedent(CONFIG.format(data=self.data, keys=keys, net=self.net)))
-        self.hosts = hosts_tool.Hosts({h: f"{self.net}.{i}" for i, h in enumerate(("h1", "h2", "h3"), 1)})
-        self.runs: dict[str, MeshRun] = {}
-
-    def start(self) -> "Cluster":
-        self.hosts.create()
-        for node, host in (("n2", "h2"), ("n3", "h3")):  # these are not restarted if killed
-            self.runs[node] = MeshRun("node", "-c", str(self.config), node, "--max-restarts", "0",
-                                      prefix=["ip", "netns", "exec", self.hosts.ns(host)]).start(f"node {node} ready")
-        self.runs["n1"] = MeshRun("node", "-c", str(self.config), "n1",
-                                  prefix=["ip", "netns", "exec", self.hosts.ns("h1")]).start("mesh ready")
-        return self
-
-    def pid(self, node: str) -> int:
-        return self.runs[node].pids[node]
-
-    def client(self):
-        return mesh.connect(self.config, key=self.key)
-
-    def stop(self) -> None:
-        for run in self.runs.values():
-            run.stop(timeout=10)
-        self.hosts.destroy()
-
+class Cluster(netcluster.NetCluster):
     def no_name_served_twice(self) -> None:
         found = overlaps(str(self.data))
         assert not found, "\n".join(map(str, found))
@@ -118,14 +36,12 @@ class Cluster:
 
 @pytest.fixture
 def cluster(tmp_path):
-    why = hosts_tool.available()
+    why = netcluster.available()
     if why:
         pytest.skip(f"multi-host tests need network namespaces: {why}")
-    c = Cluster(tmp_path).start()
-    try:
+    # n2 and n3 stay down when killed, so that their agents must move
+    with Cluster(tmp_path, restarts={"n2": 0, "n3": 0}) as c:
         yield c
-    finally:
-        c.stop()
 
 
 async def spawn(m, names, kind="ledger"):
