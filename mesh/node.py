@@ -113,7 +113,7 @@ class Node:
         self._copies: tuple[Batch, list] | None = None  # replicated records of this loop turn
         self._whereis_waiters: dict[str, list] = {}
         self._tasks: set[asyncio.Task] = set()
-        self._timers: list = []
+        self._timers: dict[Callable, Any] = {}  # each periodic function -> its next firing
         self._hello_acked = False
         self._last_hello = -1e9
         self.lease = Lease(self.clock, config.timing.lease_s)
@@ -148,8 +148,8 @@ class Node:
             try:
                 fn()
             finally:
-                self._timers.append(self.clock.call_after(interval, fire))
-        self._timers.append(self.clock.call_after(interval, fire))
+                self._timers[fn] = self.clock.call_after(interval, fire)
+        self._timers[fn] = self.clock.call_after(interval, fire)
 
     def _tick(self) -> None:
         now = self.clock.now()
@@ -160,7 +160,6 @@ class Node:
             self._say_hello()
         elif self._renewing < MAX_RENEWALS:
             self._spawn(self._renew())
-        del self._timers[:-4]
 
     # --- the lease ---------------------------------------------------------------------------
 
@@ -211,7 +210,7 @@ class Node:
         if self.stopping:
             return
         self.stopping = True
-        for t in self._timers:
+        for t in self._timers.values():
             t.cancel()
         for runner in list(self.runners.values()):
             runner.interrupt()

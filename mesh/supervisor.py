@@ -44,6 +44,7 @@ log = logging.getLogger("mesh.supervisor")
 INC_SPAN = 10**9
 MAX_START_BACKOFF_S = 5.0
 START_CONCURRENCY = 512
+LIVENESS_CHECKS_PER_HEARTBEAT = 5
 _DYNAMIC_PREFIX = "sup/child/"
 _PLACE_PREFIX = "sup/place/"
 _EPOCH_KEY = "sup/epoch"
@@ -151,7 +152,10 @@ class SupervisorRole:
                 log.error("supervisor: skipping unreadable placement %s: %s", key, exc)
         log.info("supervisor on %s: epoch %d, %d agents in the tree", self.node.name, self.epoch, len(self.children))
         await self._learn_view()
-        self.node._every(self.config.timing.heartbeat_s, self._heartbeat)
+        self.node._every(self.config.timing.heartbeat_s, self._place_pending)
+        # Silence is checked more often than nodes renew, so that a node is declared dead
+        # within a few ms of its dead_after, not up to a whole heartbeat later.
+        self.node._every(self.config.timing.heartbeat_s / LIVENESS_CHECKS_PER_HEARTBEAT, self._check_liveness)
 
     def _build_tree(self) -> None:
         tree, agents = self.config.tree, self.config.agents
@@ -580,8 +584,8 @@ class SupervisorRole:
             view.alive = False
             self._node_lost(name, avoid=name)
 
-    def _heartbeat(self) -> None:
-        """Every heartbeat: declare silent nodes dead, and start what waits to be placed."""
+    def _check_liveness(self) -> None:
+        """Declare silent nodes dead."""
         now = self.clock.now()
         timing = self.config.timing
         self.nodes[self.node.name].last_heard = now
@@ -590,7 +594,6 @@ class SupervisorRole:
                 log.warning("supervisor: node %s silent for %.2fs: declared dead", view.name, now - view.last_heard)
                 view.alive = False
                 self._node_lost(view.name, avoid=view.name)
-        self._place_pending()
 
     def on_link_state(self, node: str, up: bool | None) -> None:
         pass  # liveness comes from heartbeats and hellos, not from TCP

@@ -74,6 +74,13 @@ def make_config(tmp_path: Path, extra: str = "", mailbox: int = 100, limits: str
     return config_mod.load(path)
 
 
+def stop_timers(node: Node) -> None:
+    """The node's periodic work (renewals, liveness checks) stops, as when it is frozen."""
+    for timer in node._timers.values():
+        timer.cancel()
+    node._timers.clear()
+
+
 class Cluster:
     def __init__(self, cfg: config_mod.Config, tmp_path: Path):
         self.cfg, self.tmp = cfg, tmp_path
@@ -105,8 +112,7 @@ class Cluster:
         """Like kill -9: the node vanishes without a word; returns its `previous` record."""
         node = self.nodes.pop(name)
         node.stopping = True
-        for timer in node._timers:
-            timer.cancel()
+        stop_timers(node)
         for task in list(node._tasks):
             task.cancel()
         for runner in node.runners.values():
@@ -122,9 +128,7 @@ class Cluster:
         """Stop a node as SIGSTOP does: its timers stop and nothing reaches it."""
         node = self.nodes[name]
         self.net.freeze(node.endpoint)
-        for timer in node._timers:
-            timer.cancel()
-        node._timers.clear()
+        stop_timers(node)
 
     def thaw(self, name: str) -> None:
         """SIGCONT: its overdue heartbeat runs at once, then what was sent to it arrives."""

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from harness import Cluster, make_config
+from harness import Cluster, make_config, stop_timers
 from mesh.store import Committer
 from test_node_logic import GatedCommitter
 
@@ -68,8 +68,7 @@ async def test_a_reply_committed_after_the_lease_lapsed_is_not_sent(tmp_path):
     gate = node.committer = GatedCommitter(node.store)
     call = asyncio.ensure_future(m.call(name, {"op": "add", "n": 1}, timeout=5, request_id="r-1"))
     await c.settle()
-    for timer in node._timers:  # the node stops renewing (it is cut off from the supervisor)
-        timer.cancel()
+    stop_timers(node)  # the node stops renewing (it is cut off from the supervisor)
     await c.advance(0.35)       # past its lease, not yet past the supervisor's patience
     node.committer = Committer(node.store, inline=True)
     gate.release()              # the commit lands, but the reply must not leave
@@ -129,8 +128,7 @@ async def test_a_dropped_runner_acknowledges_nothing_even_if_its_commit_lands_la
                                                    {"op": "add", "n": 1}, 30, rid="in-flight"))
     await c.settle()
     assert len(gate.held) == 1
-    for timer in node._timers:
-        timer.cancel()
+    stop_timers(node)
     c.clock.advance(0.35)
     assert not node.serving() and name not in node.runners   # lapsed: dropped
     node._every(c.cfg.timing.heartbeat_s, node._tick)         # renewals again: it rejoins
