@@ -224,6 +224,7 @@ class Caller:
         fail_fast = True
         p: _Pending | None = None
         mover: asyncio.Future | None = None  # watches for the agent to move, once the call is slow
+        watch = False
         try:
             while True:
                 remaining = deadline - self.clock.now()
@@ -255,6 +256,8 @@ class Caller:
                     where, newer = await self._relocate(name, -1, deadline, node, down)
                     if where == node and inc >= 0 and newer > inc:
                         self.reconnect(node)  # it was restarted there: skip the link's backoff
+                    elif where == node:
+                        watch = True  # the supervisor may not know yet: watch for a move at once
                     fail_fast, node, inc = where != node, where, newer
                 except (AgentDown, Unavailable) as down:
                     node, inc = await self._relocate(name, inc, deadline, None, down)
@@ -265,6 +268,8 @@ class Caller:
                 if mover is not None:
                     mover.cancel()
                     mover = None
+                if watch:
+                    mover, watch = asyncio.ensure_future(self._moved(name, node, inc, deadline)), False
         finally:
             if p is not None:
                 self._close(rid, p)
