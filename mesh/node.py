@@ -692,9 +692,7 @@ class Node:
         self.kind_class(body["kind"])  # refuse unknown kinds before anything else
         if old is not None and old.status in (RUNNING, STARTING):
             self._stop_quietly(old)
-        if old is not None and old.last_state is not None:
-            self._begin(msg, origin, None, old)
-        elif body.get("sources"):
+        if body.get("sources"):
             self._spawn(self._start_from_copies(msg, origin))
         else:
             record = self._local_record(name)
@@ -716,15 +714,18 @@ class Node:
 
     async def _newest_copy(self, name: str, sources: list) -> tuple[Record | None, list]:
         """The newest snapshot of `name` (and its recorded replies) among this host's store
-        and the source nodes'. Every acknowledged commit is on each of them, so one answer
-        is enough; none is not."""
+        and the source nodes'. `sources` holds groups of nodes, one group per set of hosts
+        that may hold the newest acknowledged state: every acknowledged commit is on each
+        host of its set, so one answer per group is enough; none is not."""
         mine = self.spec.host
-        remote = [n for n in sources if isinstance(n, str) and n in self.config.nodes
-                  and self.config.nodes[n].host != mine]
-        local_counts = len(remote) < len(sources)
+        groups = [[n for n in group if isinstance(n, str) and n in self.config.nodes]
+                  for group in sources if isinstance(group, list)]
+        if len(groups) != len(sources):
+            raise BadRequest("sources must be lists of node names")
+        remote = sorted({n for group in groups for n in group if self.config.nodes[n].host != mine})
         best = self._local_record(name)
         best_replies = self.store.replies(name) if best else []
-        answered = local_counts
+        answered = {self.name}  # this host's store counts for a group that names a node of it
 
         async def fetch(node: str):
             return await self.caller.request(node, Kind.FETCH, name, None, min(self.timing.call_timeout_s, 2.0))
@@ -732,7 +733,6 @@ class Node:
             if isinstance(result, BaseException):
                 log.warning("node %s: no copy of %s from %s: %s", self.name, name, node, result)
                 continue
-            answered = True
             if isinstance(result, dict) and result.get("record") is not None:
                 try:
                     _, record = Record.from_wire(result["record"])
@@ -742,8 +742,11 @@ class Node:
                     continue
                 if record.newer_than(best):
                     best, best_replies = record, replies
-        if not answered:
-            raise Unavailable(f"no host that holds {name!r}'s state answered ({', '.join(remote)})")
+            answered.add(node)
+        missing = [group for group in groups
+                   if not any(n in answered or self.config.nodes[n].host == mine for n in group)]
+        if missing:
+            raise Unavailable(f"no host of {', '.join('/'.join(g) for g in missing)} answered with {name!r}'s state")
         return best, best_replies
 
     def _begin(self, msg: wire.Msg, origin: Origin, copy: tuple[Record | None, list] | None, old: Runner | None,
@@ -752,6 +755,9 @@ class Node:
         its recorded replies), read here or (`copied`) fetched from another host."""
         name, body = msg.target, msg.body
         record, replies = copy if copy is not None else (None, [])
+        if old is not None and old.last_state is not None and record is not None \
+                and record.newer_than(Record(old.incarnation, old.seq, b"")):
+            old.last_state = None  # a later incarnation ran elsewhere: its record wins over this one's memory
         inc = body["incarnation"]
         if self.stopping:
             raise Unavailable(f"node {self.name} is shutting down")

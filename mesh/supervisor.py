@@ -69,6 +69,11 @@ class Child:
     backoff: float = 0.0
     home: str | None = None            # the host of its latest incarnation (its state is there)
     replicas: tuple[str, ...] = ()     # the hosts that hold copies of that state
+    # The host sets (home first, then replicas) of every incarnation that may have
+    # acknowledged the newest state: the last one known to have started, and each one
+    # sent a START since. Each acknowledged commit is on every host of its set, so a new
+    # incarnation reads one host of each set and keeps the newest record.
+    holders: list[tuple[str, ...]] = field(default_factory=list)
 
 
 @dataclass
@@ -148,6 +153,8 @@ class SupervisorRole:
                 if child is not None and place["home"] in self.config.hosts:
                     child.home = place["home"]
                     self._set_replicas(child, tuple(h for h in place["replicas"] if h in self.config.hosts))
+                    sets = place.get("holders") or [[child.home, *child.replicas]]
+                    child.holders = [tuple(h for h in hs if h in self.config.hosts) for hs in sets]
             except Exception as exc:
                 log.error("supervisor: skipping unreadable placement %s: %s", key, exc)
         log.info("supervisor on %s: epoch %d, %d agents in the tree", self.node.name, self.epoch, len(self.children))
@@ -225,6 +232,7 @@ class SupervisorRole:
             child.node, child.incarnation = node, inc
             child.home = self.config.nodes[node].host
             self._set_replicas(child, replicas_seen.get((name, node), child.replicas))
+            self._add_holders(child, (child.home, *child.replicas))
             if status in ("running", "starting"):
                 child.status = RUNNING
                 self.table.set(name, node, inc)
@@ -337,6 +345,12 @@ class SupervisorRole:
             inc = self._new_incarnation(at_least)
             log.info("supervisor: starting %s on %s as %d (replicas %s, state from %s)", name, node, inc,
                      list(replicas), sources or f"{host}'s own store")
+            seen = (child.status, child.incarnation)
+            if not await self._note_holders(child, (host, *replicas)):
+                child.status, child.node = PENDING, None
+                return Unavailable(f"{name!r} cannot start now: its placement could not be recorded")
+            if (child.status, child.incarnation) != seen:
+                return None  # stopped or moved meanwhile
             child.status, child.node, child.incarnation = STARTING, node, inc
             self.table.set(name, None, inc)
             body = {"kind": child.spec.kind, "args": child.spec.args, "incarnation": inc, "supervisor": child.parent,
@@ -391,30 +405,55 @@ class SupervisorRole:
         ranked = sorted(live, key=lambda h: (h not in child.replicas, self.replica_use[h], h))
         return tuple(ranked[:n])
 
-    def _sources(self, child: Child, host: str) -> list[str] | None:
-        """Nodes the new incarnation reads its state from: one live node of each host that
-        holds it (any one has every acknowledged commit). [] when `host` itself holds it
-        (or it never ran); None when none of them can be reached."""
-        if child.home is None:
-            return []
-        holders = {child.home, *child.replicas}
-        if host in holders:
-            return []
-        nodes = []
-        for h in sorted(holders):
-            live = [v.name for v in self.nodes.values() if v.alive and self.config.nodes[v.name].host == h]
-            if live:
-                nodes.append(live[0])
-        return nodes or None
+    def _sources(self, child: Child, host: str) -> list[list[str]] | None:
+        """Where the new incarnation reads its state: for each holder set that `host` is
+        not in, a live node of each of its hosts (any one answer covers that set). [] when
+        `host` holds every set (or it never ran); None when some set cannot be reached."""
+        groups = []
+        for hosts in child.holders:
+            if host in hosts:
+                continue
+            live = [self._live_node_on(h) for h in sorted(set(hosts))]
+            group = [n for n in live if n is not None]
+            if not group:
+                return None
+            groups.append(group)
+        return groups
+
+    def _live_node_on(self, host: str) -> str | None:
+        return next((v.name for v in self.nodes.values() if v.alive and self.config.nodes[v.name].host == host), None)
+
+    def _add_holders(self, child: Child, hosts: tuple[str, ...]) -> bool:
+        if hosts in child.holders:
+            return False
+        child.holders.append(hosts)
+        return True
+
+    async def _note_holders(self, child: Child, hosts: tuple[str, ...]) -> bool:
+        """Record, before a START leaves, that the incarnation about to start will keep its
+        state on `hosts`: whether it acknowledges anything is known only later, perhaps
+        never to this supervisor (a lost answer, a restart)."""
+        if not self._add_holders(child, hosts):
+            return True
+        outcome = await self.node.commit_meta({_PLACE_PREFIX + child.spec.name: self._placement(child)})
+        if outcome.error is not None:
+            log.error("supervisor: cannot record where %s keeps its state: %s", child.spec.name, outcome.error)
+            return False
+        return True
+
+    def _placement(self, child: Child) -> bytes:
+        return msgpack.packb({"home": child.home or child.holders[-1][0],
+                              "replicas": list(child.replicas), "holders": [list(h) for h in child.holders]})
 
     def _placed(self, child: Child, host: str, replicas: tuple[str, ...]) -> None:
-        """Remember where its state lives now, in the store too (for a supervisor restart)."""
-        if (child.home, child.replicas) == (host, replicas):
+        """It started: its state lives on `host` and `replicas` now, and only there (it read
+        the newest of every earlier set). Remembered in the store too (for a restart)."""
+        current = [(host, *replicas)]
+        if (child.home, child.replicas, child.holders) == (host, replicas, current):
             return
-        child.home = host
+        child.home, child.holders = host, current
         self._set_replicas(child, replicas)
-        record = msgpack.packb({"home": host, "replicas": list(replicas)})
-        self._spawn(self.node.commit_meta({_PLACE_PREFIX + child.spec.name: record}))
+        self._spawn(self.node.commit_meta({_PLACE_PREFIX + child.spec.name: self._placement(child)}))
 
     async def _terminate_instance(self, node: str, name: str, inc: int, reason: str, forget: bool = False,
                                   replicas: tuple[str, ...] = ()) -> None:
@@ -708,8 +747,9 @@ class SupervisorRole:
 
     async def _stop_child(self, child: Child, origin: Origin, rid: str) -> None:
         node = child.node if child.node and self.nodes[child.node].alive else self._any_node_on_host(child.node)
+        copies = {h for hosts in child.holders for h in hosts} | set(child.replicas)
         await self._terminate_instance(node, child.spec.name, child.incarnation, "stopped", forget=True,
-                                       replicas=child.replicas)
+                                       replicas=tuple(sorted(copies)))
         self.node.respond(origin, rid, {"name": child.spec.name, "stopped": True})
 
     def _any_node_on_host(self, node: str | None) -> str:
