@@ -187,7 +187,8 @@ class Env:
     def stop(self) -> None:
         for name, run in self.runs.items():
             run.stop(timeout=15)
-            (self.out / f"mesh-{name}.log").write_text("\n".join(run.lines) + "\n")
+            with open(self.out / f"mesh-{name}.log", "a") as f:  # after what earlier runs of the host wrote
+                f.write("\n".join(run.lines) + "\n")
         if self.hosts is not None:
             self.hosts.destroy()
         if self.standin is not None:
