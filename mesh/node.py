@@ -810,8 +810,8 @@ class Node:
         self.runners[name] = runner
         group = self._open
         group.batch.add_claim(name, Record(inc, seq, packed))
-        if copied or runner.replicas:  # the replies come along to this host and its replicas
-            group.batch.add_replies(name, [(rid, r, t) for rid, (r, t) in runner.window.items()], [])
+        # the replies that go with this state, and only those, to this host and its replicas
+        group.batch.add_replies(name, [(rid, r, t) for rid, (r, t) in runner.window.items()], [])
         group.replicas[name] = runner.replicas
         runner.pending_group = group
         group.callbacks.append(lambda outcome: self._started(runner, origin, msg.id, outcome))

@@ -121,7 +121,8 @@ class Batch:
             self.forgotten.setdefault(name, []).extend(forgotten)
 
     def add_claim(self, name: str, record: Record) -> None:
-        """A new incarnation's first record; it must be newer than the stored one."""
+        """A new incarnation's first record; it must be newer than the stored one. It
+        replaces the recorded replies too: add the ones that go with its state."""
         self.puts.pop(name, None)
         self.deletes.pop(name, None)
         self.claims[name] = record
@@ -270,6 +271,9 @@ class Store:
                     out.fenced[name] = stored
                     continue
                 txn.put(key, rec.encode(), db=self.agents)
+                # The claim brings the replies that go with its state (below); any others
+                # here belong to another line of incarnations and must not answer a retry.
+                self._delete_replies(txn, name)
             for name, rec in batch.puts.items():
                 key = name.encode()
                 stored = _stored_incarnation(txn.get(key, db=self.agents))

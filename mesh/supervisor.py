@@ -363,6 +363,8 @@ class SupervisorRole:
                 continue
             except (Unavailable, CallTimeout, AgentDown) as err:  # that node cannot take it now
                 log.warning("supervisor: starting %s on %s: %s", name, node, err)
+                if isinstance(err, CallTimeout):  # it may have started there all the same
+                    self._spawn(self._terminate_instance(node, name, inc, "its start timed out"))
                 avoid, prefer = node, None
                 continue
             except CallError as err:  # init failed, kind missing, snapshot unreadable

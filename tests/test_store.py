@@ -177,3 +177,22 @@ def test_recorded_replies_live_beside_the_record_and_share_its_fate(store):
     b.deletes["a"] = 2
     store.write(b)
     assert store.replies("a") == [] and [r[0] for r in store.replies("ab")] == ["x"]
+
+
+def test_a_claim_brings_its_own_replies_and_drops_the_others(store):
+    """Replies recorded by another line of incarnations (state that was never
+    acknowledged, superseded by a newer incarnation) must not answer a retry."""
+    b = Batch()
+    b.add_put("a", rec(2))
+    b.add_replies("a", [("unacked", b"R\x01", 1.0), ("kept", b"R\x02", 2.0)], [])
+    store.write(b)
+    b = Batch()
+    b.add_claim("a", rec(3))
+    b.add_replies("a", [("kept", b"R\x02", 2.0)], [])
+    assert not store.write(b).fenced
+    assert [r[0] for r in store.replies("a")] == ["kept"]
+    b = Batch()  # a fenced claim changes nothing
+    b.add_claim("a", rec(3, 5))
+    b.add_replies("a", [("other", b"R\x03", 3.0)], [])
+    assert store.write(b).fenced == {"a": 3}
+    assert [r[0] for r in store.replies("a")] == ["kept"]
