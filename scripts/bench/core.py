@@ -630,17 +630,22 @@ def _fs_type(path: str) -> str:
 
 
 def write_doc(text: str) -> None:
-    """Replace the core section of docs/benchmarks.md (between its markers), or start the file."""
-    section = f"{BEGIN}\n{text}\n{END}"
+    write_section(BEGIN, END, text, "## Core figures")
+
+
+def write_section(begin: str, end: str, text: str, heading: str) -> None:
+    """Replace one section of docs/benchmarks.md (between its markers), or add it under
+    `heading`; starts the file if there is none."""
+    section = f"{begin}\n{text}\n{end}"
     if DOC.exists():
         old = DOC.read_text()
-        if BEGIN in old and END in old:
-            new = old[:old.index(BEGIN)] + section + old[old.index(END) + len(END):]
+        if begin in old and end in old:
+            new = old[:old.index(begin)] + section + old[old.index(end) + len(end):]
         else:
-            new = old.rstrip("\n") + "\n\n" + section + "\n"
+            new = old.rstrip("\n") + f"\n\n{heading}\n\n{section}\n"
     else:
         DOC.parent.mkdir(parents=True, exist_ok=True)
-        new = f"# Benchmarks\n\n## Core figures\n\n{section}\n"
+        new = f"# Benchmarks\n\n{heading}\n\n{section}\n"
     DOC.write_text(new)
 
 
