@@ -115,6 +115,8 @@ class Node:
         self._tasks: set[asyncio.Task] = set()
         self._timers: dict[Callable, Any] = {}  # each periodic function -> its next firing
         self._hello_acked = False
+        self._hellos_in_flight = 0
+        self._parked_starts: list[tuple[wire.Msg, Origin]] = []  # STARTs waiting for this node's lease
         self._last_hello = -1e9
         self.lease = Lease(self.clock, config.timing.lease_s)
         self._renewing = 0
@@ -685,6 +687,13 @@ class Node:
         inc = body["incarnation"]
         if self.stopping:
             raise Unavailable(f"node {self.name} is shutting down")
+        if not self.serving():
+            # The supervisor answers a HELLO (granting the lease) before it sends STARTs,
+            # but on another connection: a START may overtake that answer. It waits for it.
+            if not self._hellos_in_flight:
+                raise Unavailable(f"node {self.name} holds no lease")
+            self._parked_starts.append((msg, origin))
+            return
         old = self.runners.get(name)
         if old is not None and old.incarnation >= inc:
             raise AlreadyExists(f"{name!r} already runs incarnation {old.incarnation} here",
@@ -984,15 +993,31 @@ class Node:
 
     async def _hello(self, body: dict) -> None:
         sent_at = self.clock.now()
+        self._hellos_in_flight += 1
         try:
             await self.caller.request(self.config.supervisor_node, Kind.HELLO, None, body, self.timing.dead_after_s)
         except CallError as err:
             log.debug("hello to the supervisor: %s", err)
             return
-        self._hello_acked = True
-        self.previous = None
-        self._dropped = False
-        self.lease.granted(sent_at)
+        else:
+            self._hello_acked = True
+            self.previous = None
+            self._dropped = False
+            self.lease.granted(sent_at)
+        finally:
+            self._hellos_in_flight -= 1
+            self._run_parked_starts()
+
+    def _run_parked_starts(self) -> None:
+        """Handle the STARTs that came before the lease (now granted, or refused)."""
+        if self._hellos_in_flight and not self.lease.valid():
+            return
+        parked, self._parked_starts = self._parked_starts, []
+        for msg, origin in parked:
+            try:
+                self._on_start(msg, origin)
+            except CallError as err:
+                self.respond_error(origin, msg.id, err)
 
     def _on_whereis(self, msg: wire.Msg, origin: Origin) -> None:
         body = msg.body or {}

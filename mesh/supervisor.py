@@ -346,16 +346,18 @@ class SupervisorRole:
             log.info("supervisor: starting %s on %s as %d (replicas %s, state from %s)", name, node, inc,
                      list(replicas), sources or f"{host}'s own store")
             seen = (child.status, child.incarnation)
-            if not await self._note_holders(child, (host, *replicas)):
+            self.placing[node] += 1  # counted as load while the start is under way
+            noted = await self._note_holders(child, (host, *replicas))
+            if not noted or (child.status, child.incarnation) != seen:
+                self.placing[node] -= 1
+                if noted:
+                    return None  # stopped or moved meanwhile
                 child.status, child.node = PENDING, None
                 return Unavailable(f"{name!r} cannot start now: its placement could not be recorded")
-            if (child.status, child.incarnation) != seen:
-                return None  # stopped or moved meanwhile
             child.status, child.node, child.incarnation = STARTING, node, inc
             self.table.set(name, None, inc)
             body = {"kind": child.spec.kind, "args": child.spec.args, "incarnation": inc, "supervisor": child.parent,
                     "replicas": list(replicas), "sources": sources}
-            self.placing[node] += 1  # counted as load while the start is under way
             try:
                 await self.node.caller.request(node, Kind.START, name, body, self.config.timing.call_timeout_s)
             except AlreadyExists as err:

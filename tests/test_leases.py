@@ -141,3 +141,31 @@ async def test_a_dropped_runner_acknowledges_nothing_even_if_its_commit_lands_la
     assert await c.run(m.call(name, {"op": "add", "n": 1}, request_id="in-flight")) == 6
     assert await m.call(name, {"op": "get"}) == 6
     await c.close()
+
+
+async def test_a_start_that_overtakes_the_lease_waits_for_it(tmp_path):
+    """The supervisor grants a lease in its answer to a HELLO and then sends STARTs on
+    another connection: a START may arrive first. It waits for the lease instead of
+    starting an agent the node would drop at once."""
+    from mesh.errors import Unavailable
+    from mesh.wire import Kind
+    c = await cluster(tmp_path)
+    node = next(n for name, n in c.nodes.items() if name != c.cfg.supervisor_node)
+    node.lease.revoke()
+    node._hellos_in_flight += 1           # as if its HELLO's answer were still on its way
+    body = {"kind": "counter", "incarnation": 7_000_000_001, "replicas": [], "sources": []}
+    start = asyncio.ensure_future(c.role.node.caller.request(node.name, Kind.START, "early", body, 5))
+    await c.settle()
+    assert not start.done() and "early" not in node.runners
+    node._hellos_in_flight -= 1           # the answer arrives: lease granted
+    node.lease.granted(c.clock.now())
+    node._run_parked_starts()
+    assert (await c.run(start))["incarnation"] == 7_000_000_001
+    assert node.serving() and "early" in node.runners
+
+    node.lease.revoke()                   # no lease and no HELLO under way: refused at once
+    body["incarnation"] += 1
+    with pytest.raises(Unavailable, match="no lease"):
+        await c.run(c.role.node.caller.request(node.name, Kind.START, "late", body, 5))
+    node.lease.granted(c.clock.now())
+    await c.close()
