@@ -70,7 +70,7 @@ period_s = 60
 
 [kinds]
 counter = "nodes.counter:Counter"
-
+{kinds}
 [hosts.local]
 address = "127.0.0.1"
 
@@ -148,12 +148,14 @@ class Mesh:
 
     limits = ""  # extra [limits] of every mesh of this run (--dedup-window)
 
-    def __init__(self, nodes: int):
+    def __init__(self, nodes: int, kinds: dict[str, str] | None = None):
+        """`kinds`: kinds to allow besides the counter, short name -> "module:Class"."""
         self.tmp = Path(tempfile.mkdtemp(prefix="mesh-bench-"))
         ports = free_ports(nodes)
         tables = "".join(f'[nodes.n{i + 1}]\nhost = "local"\nport = {p}\n\n' for i, p in enumerate(ports))
+        kinds_text = "".join(f'{k} = "{v}"\n' for k, v in (kinds or {}).items())
         self.config = self.tmp / "bench.toml"
-        self.config.write_text(CONFIG.format(data=self.tmp / "data", nodes=tables, limits=self.limits))
+        self.config.write_text(CONFIG.format(data=self.tmp / "data", nodes=tables, limits=self.limits, kinds=kinds_text))
         self.lines: list[str] = []
         self.pids: dict[str, int] = {}
         self.seen: set[int] = set()
