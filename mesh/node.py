@@ -624,6 +624,9 @@ class Node:
                 self.stats["fenced"] += 1
                 log.warning("agent %s incarnation %d is fenced by %d: dropped here", name, runner.incarnation, stored)
                 self._drop(runner, lambda: AgentDown(f"{name!r} was restarted elsewhere"))
+                # The supervisor may still count on it here (the newer incarnation's START
+                # failed, say): tell it, so that the name runs somewhere.
+                self.report_exit(runner, supervision.LOST, f"fenced by incarnation {stored}")
         if failed is not None:
             for runner in group.dirty:
                 if self.runners.get(runner.name) is runner and runner.status == RUNNING:

@@ -94,6 +94,8 @@ class NodeView:
     alive: bool = False
     last_heard: float = 0.0
     health: dict = field(default_factory=dict)
+    audited_at: float = float("-inf")  # when its agents were last compared with this view
+    short_renewals: int = 0            # renewals in a row that counted fewer agents than this view
 
 
 class SupervisorRole:
@@ -616,7 +618,39 @@ class SupervisorRole:
         if known:
             view.last_heard = self.clock.now()
             view.health = {"agents": body.get("agents", 0), "mailbox": body.get("mailbox", 0)}
+            short = view.health["agents"] < self.table.running[view.name]
+            view.short_renewals = view.short_renewals + 1 if short else 0
+            if view.short_renewals >= 2 and self.ready:  # not a start that crossed the renewal
+                self._audit_soon(view)
         self.node.respond(origin, msg.id, {"known": known})
+
+    def _audit_soon(self, view: NodeView) -> None:
+        """A node hosts fewer agents than this supervisor counts there: some exit never
+        reached it (sent while it was down or restarting). Ask the node, at most once a
+        liveness window."""
+        now = self.clock.now()
+        if now - view.audited_at < self.config.timing.dead_after_s:
+            return
+        view.audited_at = now
+        self._spawn(self._audit(view.name))
+
+    async def _audit(self, node: str) -> None:
+        """Move every agent this supervisor believes runs on `node` but that is not there
+        (and that did not change while the node was asked)."""
+        before = {c.spec.name: c.incarnation for c in self.children.values() if c.node == node and c.status == RUNNING}
+        try:
+            body = await self.node.caller.request(node, Kind.INVENTORY, None, None, self.config.timing.call_timeout_s)
+        except CallError as err:
+            log.debug("supervisor: audit of %s: %s", node, err)
+            return
+        there = {item[0]: item[2] for item in body.get("agents") or () if item[3] in ("running", "starting")}
+        for name, inc in before.items():
+            child = self.children.get(name)
+            if (child is not None and child.node == node and child.status == RUNNING and child.incarnation == inc
+                    and there.get(name, -1) < inc):
+                log.warning("supervisor: %s (incarnation %d) is not on %s any more: starting it again",
+                            child.spec.name, child.incarnation, node)
+                self._spawn(self._move(child, prefer=node))
 
     def _on_goodbye(self, msg: wire.Msg, origin: Origin) -> None:
         name = msg.body["node"]

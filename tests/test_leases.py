@@ -169,3 +169,19 @@ async def test_a_start_that_overtakes_the_lease_waits_for_it(tmp_path):
         await c.run(c.role.node.caller.request(node.name, Kind.START, "late", body, 5))
     node.lease.granted(c.clock.now())
     await c.close()
+
+
+async def test_an_agent_gone_from_its_node_without_a_word_is_started_again(tmp_path):
+    """Its exit never reached the supervisor (sent while it was down, say): the node's
+    renewals count fewer agents than the supervisor's view, and an audit finds which."""
+    from mesh.errors import AgentDown
+    c = await cluster(tmp_path)
+    m = c.client()
+    placed, victim = await spawn_on_victim(c, m)
+    name = next(p["name"] for p in placed if p["node"] == victim)
+    node = c.nodes[victim]
+    node._drop(node.runners[name], lambda: AgentDown("gone"))   # silently: no EXIT
+    await c.advance(1.5)                                        # a few renewals, then the audit
+    assert await c.run(m.call(name, {"op": "get"})) == 5
+    assert c.role.children[name].status == "running" and name in c.nodes[c.role.children[name].node].runners
+    await c.close()
