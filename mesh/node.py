@@ -41,7 +41,7 @@ from .limits import PeerLimits
 from .registry import Replica
 from .security import allowed, role_of
 from .runner import CRASHED, RUNNING, STARTING, STOPPED, Envelope, Runner, error_response
-from .store import Batch, Committer, Outcome, Record, Store, replies_from_wire
+from .store import Batch, Committer, Outcome, Record, Store, decode_record, replies_from_wire
 from .wire import Kind
 
 log = logging.getLogger("mesh.node")
@@ -575,10 +575,38 @@ class Node:
         self.committer.submit(batch, lambda outcome: [cb(outcome) for cb in callbacks])
 
     def _on_fetch(self, msg: wire.Msg, origin: Origin) -> None:
-        record = self._local_record(msg.target)
-        replies = self.store.replies(msg.target) if record else []
+        self._spawn(self._fetch(msg, origin))
+
+    async def _fetch(self, msg: wire.Msg, origin: Origin) -> None:
+        try:
+            record, replies = await self._fenced_read(msg.target, msg.body["incarnation"])
+        except CallError as err:
+            self.respond_error(origin, msg.id, err)
+            return
         self.respond(origin, msg.id, {"record": record.to_wire(msg.target) if record else None,
                                       "replies": [list(r) for r in replies]})
+
+    async def _fenced_read(self, name: str, incarnation: int) -> tuple[Record | None, list]:
+        """`name`'s record and replies in this host's store, read by the incarnation about
+        to start, which fences the store against older ones in the same transaction: an
+        older incarnation still running somewhere cannot commit (and so acknowledge)
+        anything after this read that the new one would not have."""
+        future = asyncio.get_running_loop().create_future()
+        if self._copies is None:
+            self._copies = (Batch(), [])
+            asyncio.get_running_loop().call_soon(self._flush_copies)
+        self._copies[0].add_fence(name, incarnation)
+        self._copies[1].append(lambda outcome: future.done() or future.set_result(outcome))
+        outcome = await future
+        if outcome.error is not None:
+            raise Unavailable(f"cannot read {name!r}'s state: {outcome.error}")
+        raw, replies = outcome.read[name]
+        if raw is None:
+            return None, []
+        try:
+            return decode_record(name, raw), replies
+        except SnapshotCorrupt as exc:
+            raise AgentCrashed(str(exc), {"exception": type(exc).__name__}) from None
 
     def _committed(self, group: Group, outcome: Outcome) -> None:
         self._in_flight = None
@@ -623,10 +651,12 @@ class Node:
             if runner is not None and runner.incarnation < stored and runner.status != STARTING:
                 self.stats["fenced"] += 1
                 log.warning("agent %s incarnation %d is fenced by %d: dropped here", name, runner.incarnation, stored)
+                was_running = runner.status == RUNNING
                 self._drop(runner, lambda: AgentDown(f"{name!r} was restarted elsewhere"))
-                # The supervisor may still count on it here (the newer incarnation's START
-                # failed, say): tell it, so that the name runs somewhere.
-                self.report_exit(runner, supervision.LOST, f"fenced by incarnation {stored}")
+                if was_running:
+                    # The supervisor may still count on it here (the newer incarnation's
+                    # START failed, say): tell it, so that the name runs somewhere.
+                    self.report_exit(runner, supervision.LOST, f"fenced by incarnation {stored}")
         if failed is not None:
             for runner in group.dirty:
                 if self.runners.get(runner.name) is runner and runner.status == RUNNING:
@@ -704,44 +734,39 @@ class Node:
         self.kind_class(body["kind"])  # refuse unknown kinds before anything else
         if old is not None and old.status in (RUNNING, STARTING):
             self._stop_quietly(old)
-        if body.get("sources"):
-            self._spawn(self._start_from_copies(msg, origin))
-        else:
-            record = self._local_record(name)
-            self._begin(msg, origin, (record, self.store.replies(name) if record else []), old)
-
-    def _local_record(self, name: str) -> Record | None:
-        try:
-            return self.store.get(name)
-        except (SnapshotCorrupt, StoreError) as exc:
-            raise AgentCrashed(str(exc), {"exception": type(exc).__name__}) from None
+        self._spawn(self._start_from_copies(msg, origin))
 
     async def _start_from_copies(self, msg: wire.Msg, origin: Origin) -> None:
         try:
-            copy = await self._newest_copy(msg.target, msg.body["sources"])
-            self._begin(msg, origin, copy, self.runners.get(msg.target), copied=True)
+            copy = await self._newest_copy(msg.target, msg.body.get("sources") or [], msg.body["incarnation"])
+            self._begin(msg, origin, copy, self.runners.get(msg.target), copied=bool(msg.body.get("sources")))
         except CallError as err:
             self.respond_error(origin, msg.id, err)
         self._schedule_flush()
 
-    async def _newest_copy(self, name: str, sources: list) -> tuple[Record | None, list]:
+    async def _newest_copy(self, name: str, sources: list, incarnation: int) -> tuple[Record | None, list]:
         """The newest snapshot of `name` (and its recorded replies) among this host's store
-        and the source nodes'. `sources` holds groups of nodes, one group per set of hosts
-        that may hold the newest acknowledged state: every acknowledged commit is on each
-        host of its set, so one answer per group is enough; none is not."""
+        and the source nodes', each read fenced for `incarnation`. `sources` holds groups of
+        nodes, one group per set of hosts that may hold the newest acknowledged state: every
+        acknowledged commit is on each host of its set, so one answer per group is enough
+        (and, being fenced, no older incarnation acknowledges anything more); none is not."""
         mine = self.spec.host
         groups = [[n for n in group if isinstance(n, str) and n in self.config.nodes]
                   for group in sources if isinstance(group, list)]
         if len(groups) != len(sources):
             raise BadRequest("sources must be lists of node names")
         remote = sorted({n for group in groups for n in group if self.config.nodes[n].host != mine})
-        best = self._local_record(name)
-        best_replies = self.store.replies(name) if best else []
         answered = {self.name}  # this host's store counts for a group that names a node of it
 
         async def fetch(node: str):
-            return await self.caller.request(node, Kind.FETCH, name, None, min(self.timing.call_timeout_s, 2.0))
-        for node, result in zip(remote, await asyncio.gather(*(fetch(n) for n in remote), return_exceptions=True)):
+            return await self.caller.request(node, Kind.FETCH, name, {"incarnation": incarnation},
+                                             min(self.timing.call_timeout_s, 2.0))
+        mine_read, *results = await asyncio.gather(self._fenced_read(name, incarnation), *(fetch(n) for n in remote),
+                                                   return_exceptions=True)
+        if isinstance(mine_read, BaseException):
+            raise mine_read
+        best, best_replies = mine_read
+        for node, result in zip(remote, results):
             if isinstance(result, BaseException):
                 log.warning("node %s: no copy of %s from %s: %s", self.name, name, node, result)
                 continue

@@ -6,7 +6,9 @@ Every agent has one record, name -> [format, incarnation, seq, state]:
     seq          grows with every change the agent commits
     state        the agent's state, msgpack-packed once by the node
 
-and the replies it recorded for exactly-once calls, each under its own key
+a fence per agent, name -> incarnation: the incarnation about to start read the record
+under it, so no older one may write after that read (its write would be lost under the
+new incarnation's first record); and the replies it recorded for exactly-once calls, each under its own key
 name\0request-id -> [packed response, wall time], written once with the commit that
 produced it and deleted when it ages out of the agent's window, so a large window costs
 nothing per commit. A record's replies are written only if the record itself is (a
@@ -41,6 +43,7 @@ FORMAT = 2
 _AGENTS = b"agents"
 _META = b"meta"
 _REPLIES = b"replies"
+_FENCES = b"fences"
 
 
 @dataclass
@@ -109,10 +112,15 @@ class Batch:
     forgotten: dict[str, list[str]] = field(default_factory=dict)       # name -> request ids aged out
     meta_puts: dict[str, bytes] = field(default_factory=dict)
     meta_deletes: set[str] = field(default_factory=set)
+    fences: dict[str, int] = field(default_factory=dict)  # name -> incarnation reading it to start
 
     def __bool__(self) -> bool:
         return bool(self.puts or self.claims or self.deletes or self.replies or self.forgotten
-                    or self.meta_puts or self.meta_deletes)
+                    or self.meta_puts or self.meta_deletes or self.fences)
+
+    def add_fence(self, name: str, incarnation: int) -> None:
+        """Read `name`'s record and replies for `incarnation`, and refuse older writers from then on."""
+        self.fences[name] = max(incarnation, self.fences.get(name, -1))
 
     def add_replies(self, name: str, replies: list[Reply], forgotten: list[str]) -> None:
         if replies:
@@ -159,6 +167,7 @@ class Outcome:
     fenced: dict[str, int] = field(default_factory=dict)   # name -> the stored incarnation
     error: StoreError | None = None
     unreplicated: dict[str, str] = field(default_factory=dict)  # name -> why a replica host missed it
+    read: dict[str, tuple[bytes | None, list]] = field(default_factory=dict)  # fenced names: raw record, replies
 
 
 class Store:
@@ -171,13 +180,14 @@ class Store:
         try:
             os.makedirs(path, exist_ok=True)
             self.env = lmdb.open(
-                path, map_size=map_size_mb << 20, max_dbs=4, sync=sync, metasync=sync,
+                path, map_size=map_size_mb << 20, max_dbs=5, sync=sync, metasync=sync,
                 max_readers=512, lock=True, subdir=True,
             )
             self.env.reader_check()  # slots of readers that were killed with -9
             self.agents = self.env.open_db(_AGENTS)
             self.meta = self.env.open_db(_META)
             self.replies_db = self.env.open_db(_REPLIES)
+            self.fences_db = self.env.open_db(_FENCES)
         except (lmdb.Error, OSError) as exc:
             raise StoreError(f"cannot open the store at {path}: {exc}") from None
 
@@ -206,22 +216,21 @@ class Store:
 
     def replies(self, name: str) -> list[Reply]:
         """The replies `name` recorded, oldest first."""
+        return self._read(lambda txn: self._scan_replies(txn, name))
+
+    def _scan_replies(self, txn, name: str) -> list[Reply]:
         prefix = name.encode() + b"\0"
-
-        def scan(txn):
-            out, cur = [], txn.cursor(db=self.replies_db)
-            if cur.set_range(prefix):
-                for key, value in cur:
-                    if not key.startswith(prefix):
-                        break
-                    try:
-                        response, t = msgpack.unpackb(value)
-                        out.append((key[len(prefix):].decode(), response, float(t)))
-                    except Exception:
-                        log.error("an unreadable recorded reply of %r is skipped", name)
-            return out
-
-        return sorted(self._read(scan), key=lambda r: r[2])
+        out, cur = [], txn.cursor(db=self.replies_db)
+        if cur.set_range(prefix):
+            for key, value in cur:
+                if not key.startswith(prefix):
+                    break
+                try:
+                    response, t = msgpack.unpackb(value)
+                    out.append((key[len(prefix):].decode(), response, float(t)))
+                except Exception:
+                    log.error("an unreadable recorded reply of %r is skipped", name)
+        return sorted(out, key=lambda r: r[2])
 
     def get_meta(self, key: str) -> bytes | None:
         return self._read(lambda txn: txn.get(key.encode(), db=self.meta))
@@ -264,11 +273,17 @@ class Store:
     def _write_once(self, batch: Batch) -> Outcome:
         out = Outcome()
         with self.env.begin(write=True) as txn:
+            for name, inc in batch.fences.items():
+                key = name.encode()
+                if _int(txn.get(key, db=self.fences_db)) < inc:
+                    txn.put(key, msgpack.packb(inc), db=self.fences_db)
+                out.read[name] = (txn.get(key, db=self.agents), self._scan_replies(txn, name))
             for name, rec in batch.claims.items():
                 key = name.encode()
                 stored = _stored_incarnation(txn.get(key, db=self.agents))
-                if stored >= rec.incarnation:
-                    out.fenced[name] = stored
+                fence = _int(txn.get(key, db=self.fences_db))
+                if stored >= rec.incarnation or fence > rec.incarnation:
+                    out.fenced[name] = max(stored, fence)
                     continue
                 txn.put(key, rec.encode(), db=self.agents)
                 # The claim brings the replies that go with its state (below); any others
@@ -276,18 +291,19 @@ class Store:
                 self._delete_replies(txn, name)
             for name, rec in batch.puts.items():
                 key = name.encode()
-                stored = _stored_incarnation(txn.get(key, db=self.agents))
+                stored = max(_stored_incarnation(txn.get(key, db=self.agents)), _int(txn.get(key, db=self.fences_db)))
                 if stored > rec.incarnation:
                     out.fenced[name] = stored
                     continue
                 txn.put(key, rec.encode(), db=self.agents)
             for name, inc in batch.deletes.items():
                 key = name.encode()
-                stored = _stored_incarnation(txn.get(key, db=self.agents))
+                stored = max(_stored_incarnation(txn.get(key, db=self.agents)), _int(txn.get(key, db=self.fences_db)))
                 if stored > inc:
                     out.fenced[name] = stored
                     continue
                 txn.delete(key, db=self.agents)
+                txn.delete(key, db=self.fences_db)
                 self._delete_replies(txn, name)
             for name, items in batch.replies.items():
                 if name in out.fenced or name in batch.deletes:
@@ -321,6 +337,13 @@ class Store:
     def close(self) -> None:
         if os.getpid() == self._pid:
             self.env.close()
+
+
+def _int(raw: bytes | None) -> int:
+    try:
+        return -1 if raw is None else int(msgpack.unpackb(raw))
+    except Exception:
+        return -1
 
 
 def _stored_incarnation(raw: bytes | None) -> int:

@@ -64,7 +64,7 @@ class Kind(IntEnum):
     GOODBYE = 26    # id; node -> supervisor: {node, boot}
     INVENTORY = 27  # id; supervisor -> node: -> its agents and counters
     REPLICATE = 28  # id; node -> node on a replica host: {puts, claims, deletes} -> {fenced}
-    FETCH = 29      # id, target; node -> node: -> {record} (the newest snapshot it holds, or nil)
+    FETCH = 29      # id, target, {incarnation}; node -> node: -> {record, replies}, read under a fence
 
 
 RESPONSES = frozenset({Kind.REPLY, Kind.ERROR, Kind.CHUNK})
@@ -280,5 +280,5 @@ _SPECS: dict[Kind, tuple[bool, bool, Callable[[Any], str | None] | None]] = {
     Kind.INVENTORY: (True, False, None),
     Kind.REPLICATE: (True, False, _fields({}, {"puts": list, "claims": list, "deletes": list, "replies": list,
                                                "forgotten": list})),
-    Kind.FETCH: (True, True, None),
+    Kind.FETCH: (True, True, _fields({"incarnation": int})),
 }

@@ -85,3 +85,20 @@ async def test_a_newer_copy_wins_over_the_memory_of_an_older_incarnation_here(tm
     await start(c, "n1", "x", 1_000_000_009, [["n2"]])
     assert await get(c, "n1", "x") == 5
     await c.close()
+
+
+async def test_an_older_incarnation_acknowledges_nothing_once_a_newer_one_read_its_state(tmp_path):
+    """Two incarnations at once (a START whose answer was lost, say): the new one's read
+    fences every host it read, so the old one's next commit is refused, not acknowledged
+    and then overwritten by the new one's first record."""
+    from mesh.errors import AgentDown
+    c = await three_hosts(tmp_path, replicas=0)
+    await start(c, "n2", "x", 1_000_000_005, [])
+    call = c.role.node.caller.request
+    assert await c.run(call("n2", Kind.CALL, "x", {"op": "add", "n": 1}, 5)) == 1
+    await start(c, "n1", "x", 1_000_000_009, [["n2"]])  # h1 keeps its state; h2 is only read
+    with pytest.raises(AgentDown, match="restarted elsewhere"):
+        await c.run(call("n2", Kind.CALL, "x", {"op": "add", "n": 1}, 5))
+    assert "x" not in c.nodes["n2"].runners
+    assert await get(c, "n1", "x") == 1
+    await c.close()

@@ -439,7 +439,7 @@ async def test_supervisor_restart_adopts_running_agents_and_keeps_dynamic_ones(c
         p = spawned[a["name"]]
         if p["node"] != c.cfg.supervisor_node:
             assert a["incarnation"] == p["incarnation"]   # adopted, not restarted
-        assert a["status"] == "running"
+            assert a["status"] == "running"
     for name in spawned:
         assert await m.call(name, {"op": "add"}) == 1
     await c.close()

@@ -54,6 +54,30 @@ def test_claim_needs_a_newer_incarnation(store):
     assert store.write(b).fenced == {"a": 2}
 
 
+def test_a_fenced_read_refuses_older_writers_from_then_on(store):
+    """The incarnation about to start reads under a fence: an older one still running
+    cannot commit anything after the read that the new one would not have."""
+    b = Batch()
+    b.add_put("a", rec(5, 3, "acked"))
+    store.write(b)
+    b = Batch()
+    b.add_fence("a", 9)
+    out = store.write(b)
+    raw, replies = out.read["a"]
+    assert msgpack.unpackb(raw)[1:3] == [5, 3] and replies == []
+    b = Batch()
+    b.add_put("a", rec(5, 4, "too late"))
+    assert store.write(b).fenced == {"a": 9}
+    assert store.get("a").seq == 3
+    b = Batch()
+    b.add_claim("a", rec(8))                    # an incarnation older than the fence
+    assert store.write(b).fenced == {"a": 9}
+    b = Batch()
+    b.add_claim("a", rec(9, 3, "acked"))        # the one that read it
+    assert store.write(b).fenced == {}
+    assert store.get("a").incarnation == 9
+
+
 def test_put_after_claim_in_one_batch_merges(store):
     b = Batch()
     b.add_claim("a", rec(2, 1, "first"))
