@@ -173,7 +173,9 @@ class Listener:
         if payload.more:
             _rest_of(sock, payload)
             return self._on_request(route, None)
-        return self._on_request(route, payload.bytes)
+        # A view, not a copy: a frame over the size limit is refused by its length alone,
+        # and msgpack decodes the others straight from libzmq's buffer.
+        return self._on_request(route, payload.buffer)
 
     def _remember(self, route: bytes, payload: zmq.Frame) -> None:
         """The authenticated "role:name" of a new connection (its ZAP User-Id)."""
