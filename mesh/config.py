@@ -301,7 +301,8 @@ def parse(raw: dict, path: str = "<config>") -> Config:
         import logging
         logging.getLogger("mesh.config").warning(
             "%s: cluster.unsafe_reply_before_commit is on: replies leave before their state is "
-            "committed, and a crash loses acknowledged writes (it exists to test the chaos checker)", path)
+            "committed (which waits 50 ms), and a crash loses acknowledged writes (it exists to test the chaos "
+            "checker)", path)
     if timing.lease_s >= timing.dead_after_s:
         raise ConfigError(path, "cluster.lease_ms", f"must be shorter than heartbeat_ms x liveness ({timing.dead_after_s * 1000:.0f} ms), so a silent node's lease has run out before it is declared dead")
 

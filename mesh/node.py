@@ -46,6 +46,7 @@ from .wire import Kind
 
 log = logging.getLogger("mesh.node")
 
+UNSAFE_COMMIT_DELAY_S = 0.05  # with unsafe_reply_before_commit: so that a crash surely loses acknowledged writes
 MAX_RENEWALS = 3  # lease renewals in flight at once
 
 Origin = bytes | None  # a ROUTER routing id, or None for a request from this very node
@@ -473,7 +474,10 @@ class Node:
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            if self._unsafe:  # the planted bug: acknowledged, and not on disk for a while
+                asyncio.get_running_loop().call_later(UNSAFE_COMMIT_DELAY_S, self._flush)
+            else:
+                asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
