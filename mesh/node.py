@@ -122,7 +122,7 @@ class Node:
         self.lease = Lease(self.clock, config.timing.lease_s)
         self._renewing = 0
         self._renewals = 0
-        self._dropped = False  # agents were dropped when the lease lapsed: say so in the next hello
+        self._drops = 0  # times this boot dropped its agents when its lease lapsed (said in hellos)
         self.stopping = False
         self.stopped = asyncio.Event()
         self.listener = None
@@ -183,7 +183,7 @@ class Node:
         self.stats["lease_lapses"] += 1
         for runner in list(self.runners.values()):
             self._drop(runner, lambda: AgentDown("its node lost its lease"))
-        self._dropped = True
+        self._drops += 1
         self._hello_acked = False
 
     async def _renew(self) -> None:
@@ -1019,8 +1019,8 @@ class Node:
         body = {"node": self.name, "boot": self.boot, "pid": os.getpid(), "agents": self._inventory()}
         if self.previous:
             body["previous"] = self.previous
-        if self._dropped:
-            body["dropped"] = True
+        if self._drops:
+            body["drops"] = self._drops
         self._spawn(self._hello(body))
 
     async def _hello(self, body: dict) -> None:
@@ -1034,7 +1034,6 @@ class Node:
         else:
             self._hello_acked = True
             self.previous = None
-            self._dropped = False
             self.lease.granted(sent_at)
         finally:
             self._hellos_in_flight -= 1

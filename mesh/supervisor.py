@@ -96,6 +96,7 @@ class NodeView:
     health: dict = field(default_factory=dict)
     audited_at: float = float("-inf")  # when its agents were last compared with this view
     short_renewals: int = 0            # renewals in a row that counted fewer agents than this view
+    drops: int = 0                     # the node's count of lease lapses, from its last hello
 
 
 class SupervisorRole:
@@ -589,8 +590,10 @@ class SupervisorRole:
         if view is None:
             raise BadRequest(f"no node named {name!r} in the config")
         restarted = view.boot is not None and view.boot != body["boot"]
-        dropped = bool(body.get("dropped")) and view.boot == body["boot"]
-        view.boot, view.pid, view.last_heard = body["boot"], body["pid"], self.clock.now()
+        drops = body.get("drops", 0)
+        # a drop counts once: hellos retried while this supervisor was away repeat it
+        dropped = view.boot == body["boot"] and drops > view.drops
+        view.boot, view.pid, view.last_heard, view.drops = body["boot"], body["pid"], self.clock.now(), drops
         was_alive, view.alive = view.alive, True
         if not self.ready:
             self._inventories[name] = body["agents"]  # a lease only with an inventory (see _learn_view)
@@ -683,6 +686,10 @@ class SupervisorRole:
                 self._spawn(self._move(child, prefer=prefer, avoid=avoid))
 
     async def _move(self, child: Child, prefer: str | None = None, avoid: str | None = None) -> None:
+        if child.busy:
+            # A start is under way: its answer decides, and a failed one is tried again.
+            # Marking it pending now would disown an incarnation that may be running.
+            return
         child.status = PENDING
         child.restarts += 1
         self.table.set(child.spec.name, None, child.incarnation)

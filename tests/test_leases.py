@@ -185,3 +185,27 @@ async def test_an_agent_gone_from_its_node_without_a_word_is_started_again(tmp_p
     assert await c.run(m.call(name, {"op": "get"})) == 5
     assert c.role.children[name].status == "running" and name in c.nodes[c.role.children[name].node].runners
     await c.close()
+
+
+async def test_hellos_repeated_while_the_supervisor_was_away_move_each_agent_once(tmp_path):
+    """The supervisor's node stops (SIGSTOP): every other node's lease lapses, and their
+    hellos, retried meanwhile, all arrive at once when it wakes. A drop counts once, and
+    a start under way is not disowned: every agent ends up running in one place, where
+    the supervisor believes it runs."""
+    c = await cluster(tmp_path)
+    m = c.client()
+    placed, _ = await spawn_on_victim(c, m, n=9)
+    sup = c.cfg.supervisor_node
+    c.freeze(sup)
+    await c.advance(1.0)                        # leases lapse; hellos pile up
+    assert all(not n.runners for name, n in c.nodes.items() if name != sup)
+    c.thaw(sup)
+    for _ in range(10):
+        await c.advance(0.1)
+    for p in placed:
+        assert await c.run(m.call(p["name"], {"op": "get"})) == 5
+        child = c.role.children[p["name"]]
+        hosts = [name for name, n in c.nodes.items() if p["name"] in n.runners]
+        assert hosts == [child.node], (p["name"], hosts, child.node)
+        assert c.nodes[child.node].runners[p["name"]].incarnation == child.incarnation
+    await c.close()
