@@ -41,11 +41,11 @@ def missing(script: str, needs_root: bool) -> str | None:
 
 
 def command(script: str, quick_flag: bool, quick: bool) -> list[str]:
+    if quick and script == "failover.py":  # its section is written from 20 trials or more
+        return [sys.executable, str(HERE / script), "--trials", "5"]
     cmd = [sys.executable, str(HERE / script), "--write"]
     if quick and quick_flag:
         cmd.append("--quick")
-    elif quick and script == "failover.py":
-        cmd += ["--trials", "5"]
     return cmd
 
 

@@ -186,7 +186,10 @@ def main() -> int:
     load, t = os.getloadavg()[0], time.monotonic()
     with tempfile.TemporaryDirectory(prefix="mesh-failover-") as folder:
         env = {**os.environ, "MESH_LOG": "INFO"}
-        with NetCluster(Path(folder), replicas=1, heartbeat_ms=250, liveness=4, lease_ms=750, env=env) as c:
+        # each node is killed a dozen times or more: its launcher must not give up on it
+        launcher = "[launcher]\nmax_restarts = 1000\n"
+        with NetCluster(Path(folder), replicas=1, heartbeat_ms=250, liveness=4, lease_ms=750, env=env,
+                        extra=launcher) as c:
             results = asyncio.run(run(c, tuple(args.only or FAULTS), args.trials))
     text = "\n".join([
         f"Run: `{' '.join([SCRIPT, *sys.argv[1:]])}`, {(time.monotonic() - t) / 60:.1f} min in all; "

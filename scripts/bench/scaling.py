@@ -589,6 +589,13 @@ def matplotlib_pyplot():
     return plt
 
 
+def median_of(value) -> float:
+    """A row's figure for a plot: the median of several runs, or the one value taken."""
+    if isinstance(value, (list, tuple)):
+        return summary(value)[0] if value else float("nan")
+    return float("nan") if value is None else value
+
+
 def draw(plt, name: str, res: dict, folder: Path) -> str | None:
     """One PNG of a dimension's medians; returns its file name, or None if there is nothing to draw."""
     dim, rows = DIMS[name], res["rows"]
@@ -597,7 +604,7 @@ def draw(plt, name: str, res: dict, folder: Path) -> str | None:
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
     xs = [r["x"] for r in rows]
     for label, key in dim.series:
-        ax.plot(xs, [summary(r[key])[0] * dim.y_scale for r in rows], marker="o", label=label)
+        ax.plot(xs, [median_of(r.get(key)) * dim.y_scale for r in rows], marker="o", label=label)
     ax.set_xscale("log" if dim.log_x else "linear")
     ax.set_yscale("log" if dim.log_y else "linear")
     ax.set_xlabel(dim.plot_x)
@@ -620,7 +627,11 @@ def draw_all(results: dict, folder: Path) -> bool:
         return False
     for name, res in results.items():
         if isinstance(res, dict):
-            res["plot"] = draw(plt, name, res, folder)
+            try:
+                res["plot"] = draw(plt, name, res, folder)
+            except Exception:  # a plot must never cost the run its figures
+                traceback.print_exc()
+                res["plot"] = None
     return True
 
 
