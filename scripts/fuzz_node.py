@@ -103,7 +103,7 @@ def attack(ctx: zmq.Context, endpoint: str, curve, server_key: bytes | None, sec
     """One peer sending bad frames for `seconds`; returns what it sent and got back."""
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
-    sock.sndhwm = 10_000
+    sock.sndhwm = 100  # frames up to 16 MiB: a deeper queue only grows this process
     if curve is not None:
         sock.curve_secretkey, sock.curve_publickey = curve.secret, curve.public
         sock.curve_serverkey = server_key
