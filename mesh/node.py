@@ -154,6 +154,19 @@ class Node:
                 self._timers[fn] = self.clock.call_after(interval, fire)
         self._timers[fn] = self.clock.call_after(interval, fire)
 
+    def _once(self, delay: float, fn: Callable[[], None]) -> None:
+        """Run `fn` once after `delay`, replacing a pending run of it; it stops with the
+        node's periodic work."""
+        old = self._timers.pop(fn, None)
+        if old is not None:
+            old.cancel()
+
+        def fire():
+            self._timers.pop(fn, None)
+            if not self.stopping:
+                fn()
+        self._timers[fn] = self.clock.call_after(delay, fire)
+
     def _tick(self) -> None:
         now = self.clock.now()
         self.serving()

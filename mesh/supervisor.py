@@ -44,7 +44,7 @@ log = logging.getLogger("mesh.supervisor")
 INC_SPAN = 10**9
 MAX_START_BACKOFF_S = 5.0
 START_CONCURRENCY = 512
-LIVENESS_CHECKS_PER_HEARTBEAT = 5
+MIN_LIVENESS_WAIT_S = 0.001  # a deadline that float rounding left a hair in the future
 _DYNAMIC_PREFIX = "sup/child/"
 _PLACE_PREFIX = "sup/place/"
 _EPOCH_KEY = "sup/epoch"
@@ -163,9 +163,7 @@ class SupervisorRole:
         log.info("supervisor on %s: epoch %d, %d agents in the tree", self.node.name, self.epoch, len(self.children))
         await self._learn_view()
         self.node._every(self.config.timing.heartbeat_s, self._place_pending)
-        # Silence is checked more often than nodes renew, so that a node is declared dead
-        # within a few ms of its dead_after, not up to a whole heartbeat later.
-        self.node._every(self.config.timing.heartbeat_s / LIVENESS_CHECKS_PER_HEARTBEAT, self._check_liveness)
+        self._arm_liveness()
 
     def _build_tree(self) -> None:
         tree, agents = self.config.tree, self.config.agents
@@ -665,7 +663,7 @@ class SupervisorRole:
             self._node_lost(name, avoid=name)
 
     def _check_liveness(self) -> None:
-        """Declare silent nodes dead."""
+        """Declare silent nodes dead, then wait for the next one that could be."""
         now = self.clock.now()
         timing = self.config.timing
         self.nodes[self.node.name].last_heard = now
@@ -674,6 +672,17 @@ class SupervisorRole:
                 log.warning("supervisor: node %s silent for %.2fs: declared dead", view.name, now - view.last_heard)
                 view.alive = False
                 self._node_lost(view.name, avoid=view.name)
+        self._arm_liveness()
+
+    def _arm_liveness(self) -> None:
+        """Wake at the end of the earliest silence window of a live node, so that a node
+        is declared dead when its window ends, not up to a polling interval later. A
+        renewal only moves a window's end later, and a node that comes alive ends its
+        window no sooner than this one, so re-arming when the timer fires is enough."""
+        now, window = self.clock.now(), self.config.timing.dead_after_s
+        ends = [v.last_heard + window for v in self.nodes.values() if v.alive and v.name != self.node.name]
+        wake = min(ends, default=now + window)
+        self.node._once(max(wake - now, MIN_LIVENESS_WAIT_S), self._check_liveness)
 
     def on_link_state(self, node: str, up: bool | None) -> None:
         pass  # liveness comes from heartbeats and hellos, not from TCP

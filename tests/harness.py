@@ -17,7 +17,7 @@ from mesh.clock import FakeClock
 from mesh.network import MemoryNetwork
 from mesh.node import Node
 from mesh.store import Store
-from mesh.supervisor import LIVENESS_CHECKS_PER_HEARTBEAT, SupervisorRole
+from mesh.supervisor import SupervisorRole
 
 BASE = """
 [cluster]
@@ -135,11 +135,10 @@ class Cluster:
         node = self.nodes[name]
         node._tick()
         node._every(self.cfg.timing.heartbeat_s, node._tick)
-        if self.role is not None and self.role.node is node:  # the supervisor's timers too
-            heartbeat = self.cfg.timing.heartbeat_s
-            node._every(heartbeat, self.role._place_pending)
-            node._every(heartbeat / LIVENESS_CHECKS_PER_HEARTBEAT, self.role._check_liveness)
         self.net.thaw(node.endpoint)
+        if self.role is not None and self.role.node is node:  # the supervisor's timers too
+            node._every(self.cfg.timing.heartbeat_s, self.role._place_pending)
+            self.role._arm_liveness()
 
     async def restart(self, name: str) -> Node:
         previous = self.kill(name)

@@ -209,3 +209,19 @@ async def test_hellos_repeated_while_the_supervisor_was_away_move_each_agent_onc
         assert hosts == [child.node], (p["name"], hosts, child.node)
         assert c.nodes[child.node].runners[p["name"]].incarnation == child.incarnation
     await c.close()
+
+
+async def test_a_silent_node_is_declared_dead_when_its_window_ends(tmp_path):
+    """Not up to a polling interval later: the supervisor wakes when the window ends."""
+    c = await cluster(tmp_path)
+    victim = next(n for n in c.nodes if n != c.cfg.supervisor_node)
+    view = c.role.nodes[victim]
+    await c.advance(0.13)                       # some way into a heartbeat
+    c.freeze(victim)
+    end = view.last_heard + c.cfg.timing.dead_after_s
+    await c.advance(end - c.clock.now() - 0.002)
+    assert view.alive
+    await c.advance(0.004)
+    assert not view.alive
+    c.thaw(victim)
+    await c.close()
