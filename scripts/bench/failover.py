@@ -163,7 +163,7 @@ def table(results: dict[str, list[dict]]) -> str:
             value = pct([r[key] for r in runs], q)
             name = {"detect": "detected", "all": "answers again"}[key]
             goals.append(f"{name} ≤ {ms(goal)} p{int(q * 100)}")
-            verdicts.append("met" if value <= goal else f"**missed** by {value / goal - 1:.0%}")
+            verdicts.append("met" if value <= goal else f"**missed** by {(value - goal) * 1000:.1f} ms")
         lines.append(f"| {WHAT[fault]}, {len(runs)} trials | " + " | ".join(cols) + " | "
                      + "; ".join(goals) + " | " + "; ".join(verdicts) + " |")
     return "\n".join(lines)
