@@ -25,14 +25,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path[:0] = [str(ROOT), str(HERE)]
 
-from core import SIZES, bench_call, bench_cast, bench_kill, free_ports, machine, pct, say, write_section  # noqa: E402
+from core import (SIZES, bench_call, bench_cast, bench_kill, cell, free_ports, guarded, machine, number,  # noqa: E402
+                  pct, run_mesh, say, write_section)
 
 BEGIN, END = "<!-- beam:begin (written by scripts/bench/beam.py --write) -->", "<!-- beam:end -->"
 SCRIPT = "python3 scripts/bench/beam.py"
@@ -164,43 +164,7 @@ def parse(out: str) -> dict:
     return results
 
 
-# --- the mesh side ----------------------------------------------------------------------------------
-
-def run_mesh(size: dict) -> dict:
-    """core.py's call, cast and kill benchmarks; a failed one is recorded as its error."""
-    results = {}
-    for name, bench in MESH_BENCHES.items():
-        say(f"--- mesh {name}")
-        try:
-            results[name] = bench(size)
-        except Exception as exc:
-            traceback.print_exc()
-            results[name] = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:200]
-    return results
-
-
 # --- the table -----------------------------------------------------------------------------------------
-
-def number(value: float) -> str:
-    return f"{value:,.0f}" if value >= 10 else f"{value:.1f}"
-
-
-def spread(values: list[float], unit: str) -> str:
-    """Median [range] over runs, as in core.py."""
-    if len(values) == 1:
-        return f"{number(values[0])} {unit}"
-    return f"{number(statistics.median(values))} {unit} [{number(min(values))}–{number(max(values))}]"
-
-
-def cell(result: dict | str, values: list[float] | None, unit: str, extra: str = "",
-         scale: float = 1.0) -> tuple[str, float | None]:
-    """A table cell, and the median it shows times `scale` (so both sides of a ratio share a unit)."""
-    if isinstance(result, str):
-        return "failed (below)", None
-    if not values:
-        return "missing", None
-    return spread(values, unit) + extra, statistics.median(values) * scale
-
 
 def ratio(mesh_value: float | None, erl_value: float | None, higher_is_better: bool) -> str:
     """How many times slower the mesh is: mesh/Erlang for times, Erlang/mesh for rates."""
@@ -303,12 +267,8 @@ def main() -> int:
     t, load = time.monotonic(), os.getloadavg()[0]
     try:
         say("--- erlang")
-        try:
-            erl: dict | str = run_erlang(size, timeout=120 if args.quick else 600)
-        except Exception as exc:
-            traceback.print_exc()
-            erl = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:200]
-        mesh = run_mesh(size)
+        erl = guarded(run_erlang, size, 120 if args.quick else 600)
+        mesh = run_mesh(MESH_BENCHES, size)
     except KeyboardInterrupt:
         say("beam: interrupted")
         return 130

@@ -32,6 +32,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -507,6 +508,46 @@ def fmt_range(values: list[float], unit: str = "", digits: int = 0) -> str:
     med, lo, hi = summary(values)
     f = f"{{:,.{digits}f}}"
     return f"{f.format(med)}{unit} [{f.format(lo)}–{f.format(hi)}]"
+
+
+def guarded(bench: Callable[..., dict], *args) -> dict | str:
+    """bench(*args), or its error as one line (a side-by-side table shows it below)."""
+    try:
+        return bench(*args)
+    except Exception as exc:
+        traceback.print_exc()
+        return f"{type(exc).__name__}: {exc}".replace("\n", " ")[:200]
+
+
+def run_mesh(benches: dict[str, Callable[[dict], dict]], size: dict) -> dict:
+    """The mesh side of a side-by-side run; a failed benchmark is recorded as its error."""
+    results = {}
+    for name, bench in benches.items():
+        say(f"--- mesh {name}")
+        results[name] = guarded(bench, size)
+    return results
+
+
+def number(value: float) -> str:
+    return f"{value:,.0f}" if value >= 10 else f"{value:.1f}"
+
+
+def spread(values: list[float], unit: str) -> str:
+    """Median [range] over runs, as in the tables here."""
+    if len(values) == 1:
+        return f"{number(values[0])} {unit}"
+    return f"{number(statistics.median(values))} {unit} [{number(min(values))}–{number(max(values))}]"
+
+
+def cell(result: dict | str, values: list[float] | None, unit: str, extra: str = "",
+         scale: float = 1.0) -> tuple[str, float | None]:
+    """A side-by-side table cell, and the median it shows times `scale` (so both sides of
+    a ratio share a unit)."""
+    if isinstance(result, str):
+        return "failed (below)", None
+    if not values:
+        return "missing", None
+    return spread(values, unit) + extra, statistics.median(values) * scale
 
 
 def verdict(value: float, goal: float, lower_is_better: bool) -> str:

@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path[:0] = [str(ROOT), str(HERE)]
 
-from core import SIZES, bench_call, bench_kill, machine, pct, say, write_section  # noqa: E402
+from core import SIZES, bench_call, bench_kill, cell, guarded, machine, pct, run_mesh, say, write_section  # noqa: E402
 
 BEGIN, END = "<!-- ray:begin (written by scripts/bench/rayside.py --write) -->", "<!-- ray:end -->"
 HEADING = "## Side by side: Ray"
@@ -241,47 +241,7 @@ def run_ray(ray, size: dict) -> dict:
     return results
 
 
-# --- the mesh side ----------------------------------------------------------------------------------
-
-def guarded(bench, *args) -> dict | str:
-    """bench(*args), or its error as one line."""
-    try:
-        return bench(*args)
-    except Exception as exc:
-        traceback.print_exc()
-        return f"{type(exc).__name__}: {exc}".replace("\n", " ")[:200]
-
-
-def run_mesh(size: dict) -> dict:
-    """core.py's call and kill benchmarks; a failed one is recorded as its error."""
-    results = {}
-    for name, bench in MESH_BENCHES.items():
-        say(f"--- mesh {name}")
-        results[name] = guarded(bench, size)
-    return results
-
-
 # --- the table -----------------------------------------------------------------------------------------
-
-def number(value: float) -> str:
-    return f"{value:,.0f}" if value >= 10 else f"{value:.1f}"
-
-
-def spread(values: list[float], unit: str) -> str:
-    """Median [range] over runs, as in core.py."""
-    if len(values) == 1:
-        return f"{number(values[0])} {unit}"
-    return f"{number(statistics.median(values))} {unit} [{number(min(values))}–{number(max(values))}]"
-
-
-def cell(result: dict | str, values: list[float] | None, unit: str, extra: str = "") -> tuple[str, float | None]:
-    """A table cell, and the median it shows (for the ratio)."""
-    if isinstance(result, str):
-        return "failed (below)", None
-    if not values:
-        return "missing", None
-    return spread(values, unit) + extra, statistics.median(values)
-
 
 def ratio(mesh_value: float | None, ray_value: float | None) -> str:
     """mesh/Ray: above 1 the mesh takes longer, below 1 Ray does."""
@@ -419,7 +379,7 @@ def main() -> int:
             say("--- ray")
             with contextlib.redirect_stdout(sys.stderr):  # Ray prints its workers' deaths to stdout
                 ray_results = guarded(run_ray, ray, size)
-        mesh = run_mesh(size)
+        mesh = run_mesh(MESH_BENCHES, size)
     except KeyboardInterrupt:
         say("rayside: interrupted")
         return 130
