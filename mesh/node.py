@@ -579,12 +579,18 @@ class Node:
                 self.respond(origin, msg.id, {"fenced": {n: i for n, i in outcome.fenced.items() if n in names}})
         # Copies do not queue behind this node's own groups: those may be waiting for
         # copies to land elsewhere, which could be waiting for this one (a deadlock).
+        batch, callbacks = self._copies_of_this_turn()
+        batch.merge(puts, claims, deletes, replies, forgotten)
+        callbacks.append(done)
+        self.stats["replicated"] += len(names)
+
+    def _copies_of_this_turn(self) -> tuple[Batch, list]:
+        """The batch (and its callbacks) that copies and fenced reads of this loop turn
+        share: one commit at the end of the turn, outside this node's own groups."""
         if self._copies is None:
             self._copies = (Batch(), [])
             asyncio.get_running_loop().call_soon(self._flush_copies)
-        self._copies[0].merge(puts, claims, deletes, replies, forgotten)
-        self._copies[1].append(done)
-        self.stats["replicated"] += len(names)
+        return self._copies
 
     def _flush_copies(self) -> None:
         batch, callbacks = self._copies
@@ -609,11 +615,9 @@ class Node:
         older incarnation still running somewhere cannot commit (and so acknowledge)
         anything after this read that the new one would not have."""
         future = asyncio.get_running_loop().create_future()
-        if self._copies is None:
-            self._copies = (Batch(), [])
-            asyncio.get_running_loop().call_soon(self._flush_copies)
-        self._copies[0].add_fence(name, incarnation)
-        self._copies[1].append(lambda outcome: future.done() or future.set_result(outcome))
+        batch, callbacks = self._copies_of_this_turn()
+        batch.add_fence(name, incarnation)
+        callbacks.append(lambda outcome: future.done() or future.set_result(outcome))
         outcome = await future
         if outcome.error is not None:
             raise Unavailable(f"cannot read {name!r}'s state: {outcome.error}")

@@ -275,13 +275,12 @@ class Store:
         with self.env.begin(write=True) as txn:
             for name, inc in batch.fences.items():
                 key = name.encode()
-                if _int(txn.get(key, db=self.fences_db)) < inc:
+                if _fence_of(txn.get(key, db=self.fences_db)) < inc:
                     txn.put(key, msgpack.packb(inc), db=self.fences_db)
                 out.read[name] = (txn.get(key, db=self.agents), self._scan_replies(txn, name))
             for name, rec in batch.claims.items():
                 key = name.encode()
-                stored = _stored_incarnation(txn.get(key, db=self.agents))
-                fence = _int(txn.get(key, db=self.fences_db))
+                stored, fence = self._guards(txn, key)
                 if stored >= rec.incarnation or fence > rec.incarnation:
                     out.fenced[name] = max(stored, fence)
                     continue
@@ -291,14 +290,14 @@ class Store:
                 self._delete_replies(txn, name)
             for name, rec in batch.puts.items():
                 key = name.encode()
-                stored = max(_stored_incarnation(txn.get(key, db=self.agents)), _int(txn.get(key, db=self.fences_db)))
+                stored = max(self._guards(txn, key))
                 if stored > rec.incarnation:
                     out.fenced[name] = stored
                     continue
                 txn.put(key, rec.encode(), db=self.agents)
             for name, inc in batch.deletes.items():
                 key = name.encode()
-                stored = max(_stored_incarnation(txn.get(key, db=self.agents)), _int(txn.get(key, db=self.fences_db)))
+                stored = max(self._guards(txn, key))
                 if stored > inc:
                     out.fenced[name] = stored
                     continue
@@ -320,6 +319,11 @@ class Store:
                 txn.delete(key.encode(), db=self.meta)
         return out
 
+    def _guards(self, txn, key: bytes) -> tuple[int, int]:
+        """The stored record's incarnation and the fence's (-1 for none): a write of an
+        older incarnation than either is refused."""
+        return _stored_incarnation(txn.get(key, db=self.agents)), _fence_of(txn.get(key, db=self.fences_db))
+
     def _delete_replies(self, txn, name: str) -> None:
         prefix = name.encode() + b"\0"
         cur = txn.cursor(db=self.replies_db)
@@ -339,7 +343,7 @@ class Store:
             self.env.close()
 
 
-def _int(raw: bytes | None) -> int:
+def _fence_of(raw: bytes | None) -> int:
     try:
         return -1 if raw is None else int(msgpack.unpackb(raw))
     except Exception:
