@@ -24,6 +24,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
+LIMIT_S = 3600  # for any one benchmark (a full scaling.py takes about 10 minutes)
 # (script, takes --quick, needs root)
 BENCHES = [("core.py", True, False), ("beam.py", True, False), ("rayside.py", True, False),
            ("failover.py", False, True), ("scaling.py", True, False)]
@@ -49,6 +50,27 @@ def command(script: str, quick_flag: bool, quick: bool) -> list[str]:
     return cmd
 
 
+def run(cmd: list[str], limit: float) -> int:
+    """One benchmark, ended with SIGTERM (each one ends what it started on SIGTERM) if it
+    runs past `limit`, and killed if that does not stop it within a minute."""
+    proc = subprocess.Popen(cmd)
+    try:
+        return proc.wait(limit)
+    except subprocess.TimeoutExpired:
+        print(f"== {Path(cmd[1]).name}: still running after {limit:.0f} s: stopping it", flush=True)
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        return 124
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait(60)
+        raise
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -68,7 +90,7 @@ def main() -> int:
         cmd = command(script, quick_flag, args.quick)
         print(f"== {' '.join(cmd[1:])}", flush=True)
         started = time.monotonic()
-        code = subprocess.call(cmd)
+        code = run(cmd, LIMIT_S)
         print(f"== {script}: exit {code} after {time.monotonic() - started:.0f} s", flush=True)
         if code != 0:
             failed.append(script)
