@@ -6,6 +6,7 @@ hosts the name; then, until its deadline:
     reply                        -> done
     error Moved(node)            -> learn the new place, send there at once
     error AgentDown/Unavailable  -> wait until the name is placed again, send there
+                                    (unless the error says {"retry": false}: raised as is)
     the node's link went down    -> same (a killed node is seen at once, see transport)
     no answer for `recheck_s`    -> watch (a WHEREIS long-poll at another node) for the
                                     agent to get a newer incarnation; send there when it
@@ -65,7 +66,7 @@ def new_id_source() -> Callable[[], str]:
 def derived_id(parent: str, n: int) -> str:
     """The id of the n-th call made while handling request `parent` (stable across reruns)."""
     rid = f"{parent}>{n}"
-    if len(rid) > wire.MAX_ID_CHARS:
+    if not wire.fits(rid, wire.MAX_ID_BYTES):
         rid = hashlib.blake2b(parent.encode(), digest_size=16).hexdigest() + f">{n}"
     return rid
 
@@ -166,6 +167,9 @@ class Caller:
 
     def _open(self, node: str, kind: Kind, rid: str, target, body, ttl: float, stream, meta, fail_fast: bool) -> _Pending:
         """Register and send one request."""
+        if type(rid) is not str or not wire.fits(rid, wire.MAX_ID_BYTES):
+            raise BadRequest(f"a request id must be a string of 1..{wire.MAX_ID_BYTES} bytes of UTF-8, "
+                             f"not {rid!r:.60}")
         if self.link_refused(node):
             raise NotAllowed(f"node {node} refused this process's key (not in its config?)")
         if fail_fast and self.link_down(node):
@@ -260,6 +264,8 @@ class Caller:
                         watch = True  # the supervisor may not know yet: watch for a move at once
                     fail_fast, node, inc = where != node, where, newer
                 except (AgentDown, Unavailable) as down:
+                    if down.data.get("retry") is False:
+                        raise  # the agent is where it was; trying again at once would fail the same way
                     node, inc = await self._relocate(name, inc, deadline, None, down)
                     fail_fast = True
                 if p is not None:

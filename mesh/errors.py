@@ -49,7 +49,7 @@ class ProtocolError(MeshError):
 
 
 class StoreError(MeshError):
-    pass
+    disk_full = False  # set when the disk has no room: freeing space mends it
 
 
 class SnapshotCorrupt(StoreError):

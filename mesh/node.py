@@ -646,7 +646,10 @@ class Node:
             if runner.pending_group is group:
                 runner.pending_group = None
             if failed is not None:
-                response = error_response(Unavailable(f"the store could not commit: {failed}"))
+                response = error_response(_store_error(failed))
+            elif runner.name in outcome.failed:
+                response = error_response(BadRequest(f"{runner.name!r}: the store refused its record: "
+                                                     f"{outcome.failed[runner.name]}"))
             elif runner.name in outcome.unreplicated:
                 response = error_response(Unavailable(f"{runner.name!r}: {outcome.unreplicated[runner.name]}"))
             elif runner.name in group.void or runner.superseded:
@@ -660,9 +663,12 @@ class Node:
             frame = wire.response_frame(rid, response)
             for origin in origins:
                 self._respond(origin, frame)
+        if failed is None:
+            self._note_durable(group.batch, outcome)
         if failed is None and leased:
             for runner, effects in group.effects:
                 if runner.name not in fenced and runner.name not in outcome.unreplicated \
+                        and runner.name not in outcome.failed \
                         and runner.name not in group.void and not runner.superseded:
                     self._release(runner, effects)
         for callback in group.callbacks:
@@ -678,11 +684,18 @@ class Node:
                     # The supervisor may still count on it here (the newer incarnation's
                     # START failed, say): tell it, so that the name runs somewhere.
                     self.report_exit(runner, supervision.LOST, f"fenced by incarnation {stored}")
-        if failed is not None:
-            for runner in group.dirty:
-                if self.runners.get(runner.name) is runner and runner.status == RUNNING:
-                    runner.last_state = None  # not durable: a restart reads the store
-                    runner.crash(failed)
+        for runner in group.dirty:
+            # Not kept: the agent goes back to its last committed state and serves on. The
+            # store's trouble is no fault of the agent's, so it is no crash (G5).
+            if failed is None and runner.name not in outcome.failed:
+                continue
+            if self.runners.get(runner.name) is runner and runner.status == RUNNING:
+                self.stats["rollbacks"] += 1
+                err = _store_error(failed) if failed is not None else BadRequest(
+                    f"{runner.name!r}: the store refused its record: {outcome.failed[runner.name]}")
+                if not runner.rollback(err, [r[0] for r in group.batch.replies.get(runner.name, ())]):
+                    runner.last_state = None  # nothing durable to go back to: a restart reads the store
+                    runner.crash(failed or StoreError(outcome.failed[runner.name]), supervision.LOST)
         for name, why in outcome.unreplicated.items():
             runner = self.runners.get(name)
             if runner is not None and runner.status == RUNNING:
@@ -692,6 +705,31 @@ class Node:
                 runner.crash(Unavailable(why), supervision.LOST)
         if self._open:
             self._flush()
+
+    def _note_durable(self, batch: Batch, outcome: Outcome) -> None:
+        """Remember, per runner, the state this commit made durable (what a rollback returns to)."""
+        for part in (batch.claims, batch.puts):
+            for name, record in part.items():
+                runner = self.runners.get(name)
+                if runner is not None and runner.incarnation == record.incarnation \
+                        and name not in outcome.fenced and name not in outcome.failed:
+                    runner.durable = (record.seq, record.state)
+
+    def discard_pending(self, runner: Runner, err: CallError) -> None:
+        """Take a runner's uncommitted work out of the open group: its replies are answered
+        with `err`, its put and its effects are dropped."""
+        group = self._open
+        group.dirty.discard(runner)
+        mine = [item for item in group.replies if item[0] is runner]
+        if mine:
+            group.replies = [item for item in group.replies if item[0] is not runner]
+        group.effects = [item for item in group.effects if item[0] is not runner]
+        runner.pending_group = None
+        frame_of = error_response(err)
+        for _, origins, rid, _ in mine:
+            frame = wire.response_frame(rid, frame_of)
+            for origin in origins:
+                self._respond(origin, frame)
 
     def _release(self, runner: Runner, effects: list) -> None:
         for effect in effects:
@@ -1141,6 +1179,13 @@ class Node:
         body = {"name": name, "kind": kind, "args": args, "restart": restart}
         return await self.caller.request(self.config.supervisor_node, Kind.SPAWN, None, body,
                                          self.timing.call_timeout_s, rid=rid)
+
+
+def _store_error(failed: StoreError) -> CallError:
+    """What a caller hears when the commit its reply waited for failed: Unavailable naming
+    the cause. Safe to repeat with the same request id, but not at once: the caller's
+    library hands it over instead of retrying (a full disk is mended by freeing space)."""
+    return Unavailable(f"the store could not commit: {failed}", {"disk_full": failed.disk_full, "retry": False})
 
 
 class _Waiter:

@@ -53,7 +53,7 @@ class Runner:
         "node", "name", "kind", "args", "agent", "incarnation", "seq", "status", "mailbox",
         "inflight", "window", "unsaved", "forgotten", "last_state", "pending_group", "effects", "stop_reason",
         "task", "started_at", "handled", "restarts", "_current_rid", "_nested", "supervisor",
-        "interrupted", "replicas", "superseded",
+        "interrupted", "replicas", "superseded", "durable", "_rollback_error",
     )
 
     def __init__(self, node: "Node", name: str, kind: str, args: dict, incarnation: int):
@@ -68,6 +68,8 @@ class Runner:
         self.unsaved: list[tuple[str, bytes, float]] = []  # recorded since the last commit
         self.forgotten: list[str] = []                     # aged out since the last commit
         self.last_state: bytes | None = msgpack.packb(None)  # None: not durable, read the store
+        self.durable: tuple[int, bytes] | None = None  # (seq, state) of its last commit
+        self._rollback_error: CallError | None = None    # set while a rollback cancels a handler
         self.pending_group = None
         self.effects: list | None = None
         self.stop_reason: str | None = None
@@ -212,6 +214,13 @@ class Runner:
             result = await coro
         except asyncio.CancelledError:
             self._end_task()
+            if self._rollback_error is not None:  # what it built on was not kept: its callers retry
+                err, self._rollback_error = self._rollback_error, None
+                for env in envs:
+                    if env.msg.kind == Kind.CALL:
+                        self._answer(env, error_response(err))
+                self.run_mailbox()
+                return
             if not self.interrupted:  # cancelled by the handler deadline
                 self._crash(envs, TimeoutError(f"handler ran past {self.node.timing.handler_timeout_s:g}s"), supervision.TIMEOUT)
             else:  # this incarnation was stopped or replaced: its callers try the next one
@@ -329,6 +338,27 @@ class Runner:
         failed: CRASH; a replica host did not answer: LOST, which is no fault of its own)."""
         self.interrupt()
         self._crash([], exc, how)
+
+    def rollback(self, err: CallError, lost_rids: list[str]) -> bool:
+        """Return to the last committed state: a commit that held this agent's changes
+        failed. Whatever was built on them (a handler under way, replies and effects
+        waiting for the next commit) is dropped, and its callers get `err`; the agent serves
+        on from its durable state. False when there is no durable state to return to."""
+        if self.durable is None or self.agent is None:
+            return False
+        self.node.discard_pending(self, err)
+        if self.task is not None and not self.interrupted:
+            self._rollback_error = err
+            self.task.cancel()
+        self.seq, self.last_state = self.durable
+        self.agent.state = msgpack.unpackb(self.last_state, raw=False)
+        for rid in lost_rids:
+            self.window.pop(rid, None)
+        for rid, _, _ in self.unsaved:
+            self.window.pop(rid, None)
+        self.unsaved, self.forgotten, self.effects = [], [], None
+        log.warning("agent %s: back to its last committed state (seq %d): %s", self.name, self.seq, err)
+        return True
 
     def interrupt(self) -> None:
         """Cancel the handler in flight because this incarnation ends; its callers get

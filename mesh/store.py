@@ -14,6 +14,10 @@ produced it and deleted when it ages out of the agent's window, so a large windo
 nothing per commit. A record's replies are written only if the record itself is (a
 fenced, stale incarnation must not leave replies for effects that were never kept).
 
+One agent's bad record never fails the others of its batch: a key LMDB cannot hold
+(over 511 bytes) is refused before the transaction and reported per name in
+`Outcome.failed`. Only a failure of the transaction itself (a full disk) fails them all.
+
 A node hands the store a `Batch` per loop turn; one thread per process commits batches
 one after another, each in one write transaction (fsync on by default), and reports
 back to the loop. The loop never holds a write transaction, and is free while the disk
@@ -25,10 +29,12 @@ become StoreError, SnapshotCorrupt or Fenced.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -84,6 +90,9 @@ def decode_record(name: str, raw: bytes) -> Record:
 
 
 Reply = tuple[str, bytes, float]  # request id, tagged packed response, wall time recorded
+
+
+MAX_KEY_BYTES = 511  # LMDB's default build; Store checks its environment's own figure
 
 
 def reply_key(name: str, rid: str) -> bytes:
@@ -162,9 +171,32 @@ class Batch:
             self.deletes[name] = max(inc, self.deletes.get(name, -1))
 
 
+    def names(self) -> set[str]:
+        return (self.puts.keys() | self.claims.keys() | self.deletes.keys() | self.replies.keys()
+                | self.forgotten.keys() | self.fences.keys())
+
+    def drop(self, name: str) -> None:
+        """Leave everything of `name` out of this batch."""
+        for part in (self.puts, self.claims, self.deletes, self.replies, self.forgotten, self.fences):
+            part.pop(name, None)
+
+    def oversized(self, max_key: int) -> dict[str, str]:
+        """Names whose record or recorded replies would need a key over `max_key` bytes."""
+        bad = {}
+        for name in self.names():
+            size = len(name.encode())
+            longest = max((len(rid.encode()) for rid, _, _ in self.replies.get(name, ())), default=0)
+            longest = max(longest, max((len(rid.encode()) for rid in self.forgotten.get(name, ())), default=0))
+            if size > max_key or (longest and size + 1 + longest > max_key):
+                bad[name] = (f"a store key of {max(size, size + 1 + longest)} bytes exceeds "
+                             f"the store's limit of {max_key}")
+        return bad
+
+
 @dataclass
 class Outcome:
     fenced: dict[str, int] = field(default_factory=dict)   # name -> the stored incarnation
+    failed: dict[str, str] = field(default_factory=dict)   # name -> why its records could not be kept
     error: StoreError | None = None
     unreplicated: dict[str, str] = field(default_factory=dict)  # name -> why a replica host missed it
     read: dict[str, tuple[bytes | None, list]] = field(default_factory=dict)  # fenced names: raw record, replies
@@ -188,6 +220,7 @@ class Store:
             self.meta = self.env.open_db(_META)
             self.replies_db = self.env.open_db(_REPLIES)
             self.fences_db = self.env.open_db(_FENCES)
+            self.max_key = self.env.max_key_size()
         except (lmdb.Error, OSError) as exc:
             raise StoreError(f"cannot open the store at {path}: {exc}") from None
 
@@ -257,18 +290,22 @@ class Store:
     def write(self, batch: Batch) -> Outcome:
         """Apply a batch in one transaction; never raises, reports what happened."""
         self._check_pid()
+        failed = batch.oversized(self.max_key)
+        for name in failed:
+            batch.drop(name)
         for _ in range(8):
             try:
-                return self._write_once(batch)
+                out = self._write_once(batch)
+                out.failed.update(failed)
+                return out
             except lmdb.MapFullError:
                 self._grow()
             except lmdb.MapResizedError:
                 with self._resize_lock:
                     self.env.set_mapsize(0)
-            except lmdb.Error as exc:
-                log.error("commit failed: %s", exc)
-                return Outcome(error=StoreError(f"commit failed: {exc}"))
-        return Outcome(error=StoreError("commit failed: the map could not be grown enough"))
+            except (lmdb.Error, OSError) as exc:
+                return Outcome(failed=failed, error=_commit_error(exc))
+        return Outcome(failed=failed, error=StoreError("commit failed: the map could not be grown enough"))
 
     def _write_once(self, batch: Batch) -> Outcome:
         out = Outcome()
@@ -341,6 +378,23 @@ class Store:
     def close(self) -> None:
         if os.getpid() == self._pid:
             self.env.close()
+
+
+_last_error_log = [0.0, 0]  # when the last commit failure was logged, and how many since
+
+
+def _commit_error(exc: BaseException) -> StoreError:
+    """A failed transaction as a StoreError that says why in words a user acts on."""
+    text = str(exc)
+    full = getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in text
+    err = StoreError(f"commit failed: disk full ({text})" if full else f"commit failed: {text}")
+    err.disk_full = full
+    now = time.monotonic()
+    _last_error_log[1] += 1
+    if now - _last_error_log[0] >= 5.0:  # one line per 5 s, with a count: a full disk fails every commit
+        log.error("%s (%d failed commits since the last report)", err, _last_error_log[1])
+        _last_error_log[0], _last_error_log[1] = now, 0
+    return err
 
 
 def _fence_of(raw: bytes | None) -> int:

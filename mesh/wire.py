@@ -7,9 +7,10 @@ array of eight fields:
 
     version  int   PROTOCOL_VERSION; anything else is refused
     kind     int   one of Kind below
-    id       str   request id (1..128 chars) or nil; replies carry the id they answer
-    target   str   agent name (or nil where the kind needs none)
-    sender   str   who sent it, for errors and logs ("client:…", "node:…", "agent:…")
+    id       str   request id (1..128 bytes of UTF-8) or nil; replies carry the id they answer
+    target   str   agent name, 1..200 bytes (or nil where the kind needs none)
+    sender   str   who the peer says it is, up to 200 bytes: a claim, never trusted
+                   (the node takes the peer's authenticated identity from CURVE)
     ttl_ms   int   how long the sender will wait, relative, or nil
     body     any   the payload; its shape is checked per kind below
     meta     map   small optional flags (str keys) or nil
@@ -33,9 +34,11 @@ import msgpack
 from .errors import ProtocolError
 
 PROTOCOL_VERSION = 1
-MAX_ID_CHARS = 128
+MAX_ID_CHARS = 128      # request ids: limits in bytes of UTF-8, which is what a store key holds
 MAX_NAME_CHARS = 200
 MAX_SENDER_CHARS = 200
+MAX_ID_BYTES, MAX_NAME_BYTES, MAX_SENDER_BYTES = MAX_ID_CHARS, MAX_NAME_CHARS, MAX_SENDER_CHARS
+MAX_ELEMENTS = 100_000  # entries of one array or map, for peers that are not mesh nodes
 MAX_TTL_MS = 24 * 3600 * 1000
 DEFAULT_MAX_BYTES = 8 * 1024 * 1024
 MAX_BATCH = 4096
@@ -120,17 +123,41 @@ def _reject_ext(code: int, data: bytes) -> Any:
     raise ValueError(f"msgpack extension type {code} is not allowed")
 
 
-def decode(frame: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Msg:
+# msgpack decodes its timestamp extension (type -1) itself, without asking ext_hook. Its
+# three encodings begin with these bytes; only a frame holding one of them is searched.
+_TIMESTAMP_HEAD = re.compile(rb"[\xd6\xd7]\xff|\xc7\x0c\xff", re.DOTALL)
+
+
+def _holds_ext(obj: Any) -> bool:
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        t = type(item)
+        if t is list:
+            stack.extend(item)
+        elif t is dict:
+            stack.extend(item.values())
+        elif t is msgpack.Timestamp:
+            return True
+    return False
+
+
+def decode(frame: bytes, max_bytes: int = DEFAULT_MAX_BYTES, max_elements: int | None = None) -> Msg:
     """Decode and validate one frame; raise ProtocolError naming what is wrong.
 
-    A BATCH comes back with `body` a list holding, per element, its Msg or the
-    ProtocolError that element earned (one bad element does not spoil the others)."""
+    `max_elements` bounds the entries of any one array or map (decoding time grows with
+    them, not only with bytes: a million-key map takes a second). A BATCH comes back with
+    `body` a list holding, per element, its Msg or the ProtocolError that element earned
+    (one bad element does not spoil the others)."""
     if len(frame) > max_bytes:
         raise ProtocolError(f"message of {len(frame)} bytes exceeds the limit of {max_bytes}")
+    bound = {} if max_elements is None else {"max_array_len": max_elements, "max_map_len": max_elements}
     try:
-        obj = msgpack.unpackb(frame, raw=False, strict_map_key=True, ext_hook=_reject_ext)
+        obj = msgpack.unpackb(frame, raw=False, strict_map_key=True, ext_hook=_reject_ext, **bound)
     except Exception as exc:  # msgpack raises several types for bad bytes; all mean the same
         raise ProtocolError(f"not a msgpack message: {type(exc).__name__}: {exc}"[:300]) from None
+    if _TIMESTAMP_HEAD.search(frame) is not None and _holds_ext(obj):
+        raise ProtocolError("msgpack extension type -1 (timestamp) is not allowed")
     msg = _envelope(obj)
     if msg.kind == Kind.BATCH:
         msg.body = [_element(e) for e in msg.body]
@@ -151,14 +178,14 @@ def _envelope(obj: Any) -> Msg:
     if type(obj) is not list or len(obj) != 8:
         raise ProtocolError("not a mesh envelope (expected an array of 8 fields)")
     version, kind, rid, target, sender, ttl, body, meta = obj
-    if rid is not None and not (type(rid) is str and 0 < len(rid) <= MAX_ID_CHARS):
-        raise ProtocolError(f"request id must be a string of 1..{MAX_ID_CHARS} chars")
+    if rid is not None and not (type(rid) is str and fits(rid, MAX_ID_BYTES)):
+        raise ProtocolError(f"request id must be a string of 1..{MAX_ID_BYTES} bytes")
     if version != PROTOCOL_VERSION:
         raise ProtocolError(f"unsupported protocol version {version!r} (this node speaks {PROTOCOL_VERSION})", rid)
     k = _KINDS.get(kind) if type(kind) is int else None
     if k is None:
         raise ProtocolError(f"unknown message kind {kind!r}", rid)
-    if sender is not None and not (type(sender) is str and len(sender) <= MAX_SENDER_CHARS):
+    if sender is not None and not (type(sender) is str and (not sender or fits(sender, MAX_SENDER_BYTES))):
         raise ProtocolError("sender must be a short string", rid)
     if ttl is not None and not (type(ttl) is int and 0 <= ttl <= MAX_TTL_MS):
         raise ProtocolError(f"ttl_ms must be an integer in 0..{MAX_TTL_MS}", rid)
@@ -170,8 +197,8 @@ def _envelope(obj: Any) -> Msg:
     if needs_target:
         # a target is only looked up, never stored, so type and length are all it needs;
         # names are checked in full where they are created (SPAWN)
-        if type(target) is not str or not 0 < len(target) <= MAX_NAME_CHARS:
-            raise ProtocolError(f"{k.name} needs a target name of 1..{MAX_NAME_CHARS} chars", rid)
+        if type(target) is not str or not fits(target, MAX_NAME_BYTES):
+            raise ProtocolError(f"{k.name} needs a target name of 1..{MAX_NAME_BYTES} bytes", rid)
     elif target is not None and type(target) is not str:
         raise ProtocolError("target must be a string or nil", rid)
     if check is not None:
@@ -186,6 +213,14 @@ def batch_frame(frames: list[bytes]) -> bytes:
     n = len(frames)
     header = bytes((0xdc, n >> 8, n & 0xff)) if n > 15 else bytes((0x90 | n,))
     return b"".join((_BATCH_HEAD, header, *frames, _NIL))
+
+
+def fits(text: str, max_bytes: int) -> bool:
+    """1..max_bytes bytes of UTF-8 (ASCII, the usual case, is checked without encoding)."""
+    n = len(text)
+    if n == 0 or n > max_bytes:
+        return False
+    return text.isascii() or len(text.encode("utf-8", "surrogatepass")) <= max_bytes
 
 
 def valid_name(name: Any) -> bool:

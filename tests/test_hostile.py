@@ -1,0 +1,163 @@
+"""What one hostile or careless caller can do to the others: nothing (G5).
+
+Each test here names the attack it replays; each failed before the mesh bounded it."""
+
+import asyncio
+
+import msgpack
+import pytest
+
+from harness import Cluster, make_config
+from mesh import wire
+from mesh.errors import BadRequest, ProtocolError, StoreError, Unavailable
+from mesh.store import Batch, Outcome, Record, Store
+
+
+@pytest.fixture
+def cluster_factory(tmp_path):
+    async def make(extra: str = "", limits: str = "") -> Cluster:
+        c = Cluster(make_config(tmp_path, extra, 100, limits), tmp_path)
+        await c.start()
+        return c
+    return make
+
+
+EMOJI_ID = "\U0001F600" * 128  # 128 characters, 512 bytes of UTF-8
+
+
+# --- one call's bad record must not fail the commit group ------------------------------------
+
+def test_request_id_and_target_limits_count_bytes_not_characters():
+    frame = wire.encode(wire.Kind.CALL, EMOJI_ID, "c1", None, 1000, {"op": "get"})
+    with pytest.raises(ProtocolError, match="1..128 bytes"):
+        wire.decode(frame)
+    ok = wire.decode(wire.encode(wire.Kind.CALL, "a" * 128, "c1", None, 1000, None))
+    assert ok.id == "a" * 128
+    with pytest.raises(ProtocolError, match="target name"):
+        wire.decode(wire.encode(wire.Kind.CALL, "r1", "\u00e9" * 101, None, 1000, None))
+
+
+def test_a_record_the_store_cannot_key_fails_alone(tmp_path):
+    """Before: the LMDB key limit (511 bytes) failed the whole transaction."""
+    store = Store(str(tmp_path / "s"), map_size_mb=1)
+    try:
+        b = Batch()
+        b.add_put("good", Record(1, 1, msgpack.packb("kept")))
+        b.add_replies("good", [("r1", b"R\xc0", 1.0)], [])
+        b.add_put("bad", Record(1, 1, msgpack.packb("refused")))
+        b.add_replies("bad", [("x" * 600, b"R\xc0", 1.0)], [])
+        out = store.write(b)
+        assert out.error is None
+        assert set(out.failed) == {"bad"} and "exceeds" in out.failed["bad"]
+        assert msgpack.unpackb(store.get("good").state) == "kept"
+        assert store.get("bad") is None
+        assert [r[0] for r in store.replies("good")] == ["r1"]
+    finally:
+        store.close()
+
+
+async def test_an_oversized_request_id_is_refused_at_once_and_harms_no_one(cluster_factory):
+    """Before: 128 emoji as a request id crashed every agent of its commit group, over
+    and over, until the root supervisor gave up."""
+    c = await cluster_factory()
+    m = c.client()
+    await m.spawn("a", "counter")
+    await m.spawn("b", "counter")
+    other = asyncio.ensure_future(m.call("b", {"op": "add", "n": 1}, request_id="honest-1"))
+    with pytest.raises(BadRequest, match="bytes"):
+        await m.call("a", {"op": "add", "n": 1}, request_id=EMOJI_ID)
+    assert await other == 1
+    assert await m.call("a", {"op": "get"}) == 0
+    assert sum(n.stats["crashes"] for n in c.nodes.values()) == 0
+    await c.close()
+
+
+class FailingCommitter:
+    """Commits for real, except the batches the test marks to fail as a full disk would."""
+
+    def __init__(self, store, loop):
+        self.store, self.loop, self.fail = store, loop, 0
+
+    def submit(self, batch, done):
+        if self.fail and (batch.puts or batch.claims):
+            self.fail -= 1
+            err = StoreError("commit failed: disk full (No space left on device)")
+            err.disk_full = True
+            self.loop.call_soon(done, Outcome(error=err))
+        else:
+            self.loop.call_soon(done, self.store.write(batch))
+
+    def close(self):
+        pass
+
+
+async def test_a_failed_commit_rolls_the_agent_back_without_a_crash(cluster_factory):
+    """Before: every agent of a failed commit crashed and counted against its supervisor's
+    intensity (306 crashes for 20 appends on a full disk); the caller saw CallTimeout."""
+    c = await cluster_factory()
+    m = c.client()
+    placed = await m.spawn("c1", "counter")
+    await m.call("c1", {"op": "add", "n": 5}, request_id="first")
+    node = c.nodes[placed["node"]]
+    node.committer = FailingCommitter(node.store, asyncio.get_running_loop())
+    node.committer.fail = 1
+    with pytest.raises(Unavailable, match="disk full") as failed:
+        await m.call("c1", {"op": "add", "n": 7}, request_id="lost", timeout=0.5)
+    assert failed.value.data.get("disk_full") is True
+    assert node.stats["rollbacks"] == 1 and node.stats["crashes"] == 0
+    runner = node.runners["c1"]
+    assert runner.incarnation == placed["incarnation"] and runner.restarts == 0
+    assert await m.call("c1", {"op": "get"}) == 5                    # back to the committed state
+    assert await m.call("c1", {"op": "add", "n": 7}, request_id="lost") == 12  # the retry runs once
+    assert await m.call("c1", {"op": "add", "n": 7}, request_id="lost") == 12
+    assert msgpack.unpackb(node.store.get("c1").state) == {"value": 12}
+    await c.close()
+
+
+class HeldCommitter:
+    """Holds batches until the test says whether they fail."""
+
+    def __init__(self, store, loop):
+        self.store, self.loop, self.held = store, loop, []
+
+    def submit(self, batch, done):
+        self.held.append((batch, done))
+
+    def settle(self, fail: bool):
+        held, self.held = self.held, []
+        for batch, done in held:
+            if fail:
+                done(Outcome(error=StoreError("commit failed: disk full (No space left on device)")))
+            else:
+                done(self.store.write(batch))
+
+    def close(self):
+        pass
+
+
+async def test_a_rollback_cancels_the_handler_that_built_on_the_lost_state(cluster_factory):
+    """A handler that started on top of a change whose commit then failed ends with the
+    same error; the agent's state is its last committed one, and it serves on."""
+    import kinds
+    c = await cluster_factory()
+    m = c.client()
+    placed = await m.spawn("w", "waiter")
+    node = c.nodes[placed["node"]]
+    held = node.committer = HeldCommitter(node.store, asyncio.get_running_loop())
+    kinds.GATES["open"] = asyncio.Event()
+    kinds.GATES["open"].set()
+    first = asyncio.ensure_future(m.call("w", {"op": "wait", "key": "open"}, request_id="one"))
+    await c.settle()
+    second = asyncio.ensure_future(m.call("w", {"op": "wait", "key": "shut"}, request_id="two"))
+    await c.settle()
+    assert len(held.held) == 1 and not first.done() and not second.done()
+    held.settle(fail=True)
+    for call in (first, second):
+        with pytest.raises(Unavailable, match="disk full"):
+            await call
+    node.committer = FailingCommitter(node.store, asyncio.get_running_loop())
+    assert await m.call("w", {"op": "get"}) is None
+    assert node.runners["w"].status == "running" and node.stats["crashes"] == 0
+    kinds.GATES.clear()
+    kinds.RUNS.clear()
+    await c.close()
