@@ -32,12 +32,20 @@ if TYPE_CHECKING:  # the node implements the services; the behaviour does not im
 
 
 class CallContext:
-    """What a handle_call knows about the call it is answering."""
+    """What a handle_call knows about the call it is answering.
 
-    __slots__ = ("request_id", "sender", "deadline", "_runner", "_stream_to")
+    `sender` is who delivered the call as the mesh authenticated it: "client:NAME",
+    "admin:NAME" or "node:NAME" (a key named in the config) in a secure cluster, and None
+    in a cluster without CURVE, where nothing is authenticated. `claimed_sender` is what
+    the caller wrote about itself ("agent:NAME", "client:HOST:PID"): a claim, for logs,
+    never for decisions."""
 
-    def __init__(self, request_id: str | None, sender: str | None, deadline: float, runner: "Runner", stream_to=None):
+    __slots__ = ("request_id", "sender", "claimed_sender", "deadline", "_runner", "_stream_to")
+
+    def __init__(self, request_id: str | None, sender: str | None, deadline: float, runner: "Runner", stream_to=None,
+                 claimed_sender: str | None = None):
         self.request_id, self.sender, self.deadline = request_id, sender, deadline
+        self.claimed_sender = claimed_sender
         self._runner, self._stream_to = runner, stream_to
 
     def remaining(self) -> float:

@@ -313,7 +313,7 @@ class Node:
             asyncio.get_running_loop().call_soon(self.caller.on_response, frame)
         else:
             if counted:
-                self.peer_limits.answered(origin)
+                self.peer_limits.answered(self._limit_key(origin))
             self.listener.send(origin, frame)
 
     def respond(self, origin: Origin, rid: str, body: Any) -> None:
@@ -347,7 +347,7 @@ class Node:
         bad = type(msg) is ProtocolError
         rid = msg.request_id if bad else msg.id
         if origin is not None and self._limited(origin):
-            problem = self.peer_limits.admit(origin, rid is not None, self.clock.now())
+            problem = self.peer_limits.admit(self._limit_key(origin), rid is not None, self.clock.now())
             if problem is not None:
                 self.stats["over_limit"] += 1
                 if rid is not None:
@@ -367,6 +367,21 @@ class Node:
         except CallError as err:
             if msg.id is not None:
                 self.respond_error(origin, msg.id, err)
+
+    def _limit_key(self, origin: bytes) -> bytes | str:
+        """Whose share a request spends: the authenticated key's (however many connections
+        it opens), or, in a cluster without CURVE, the connection's."""
+        if self.secure:
+            return self.listener.identity(origin) or origin
+        return origin
+
+    def peer(self, origin: Origin) -> str | None:
+        """The authenticated identity behind `origin`, as agents see it in ctx.sender:
+        "role:name" in a secure cluster, this node for its own agents, else None (without
+        CURVE nothing is authenticated)."""
+        if origin is None:
+            return f"node:{self.name}"
+        return self.listener.identity(origin) if self.secure else None
 
     def _limited(self, origin: bytes) -> bool:
         """Rate and open-request limits hold for every peer but authenticated nodes."""
@@ -400,13 +415,13 @@ class Node:
     def _to_agent(self, msg: wire.Msg, origin: Origin) -> None:
         runner = self.runners.get(msg.target) if self.serving() else None
         if runner is not None:
-            runner.deliver(Envelope(msg, origin, self._deadline(msg)))
+            runner.deliver(Envelope(msg, origin, self._deadline(msg), self.peer(origin)))
             return
         err = self._where_else(msg.target)
         if msg.kind == Kind.CALL:
             raise err
         if isinstance(err, Moved):
-            self.forward(Envelope(msg, origin, 0.0))
+            self.forward(Envelope(msg, origin, 0.0, None))
         else:
             self.stats["casts_dropped"] += 1
 
@@ -751,7 +766,8 @@ class Node:
             r = self.runners.get(name) if self.serving() else None
             if ref.cancelled or r is None or r.incarnation != inc:
                 return
-            r.deliver(Envelope(wire.Msg(Kind.INFO, None, name, f"agent:{name}", None, msg), None, self.clock.now()))
+            r.deliver(Envelope(wire.Msg(Kind.INFO, None, name, f"agent:{name}", None, msg), None, self.clock.now(),
+                               f"node:{self.name}"))
             self._schedule_flush()
         ref._timer = self.clock.call_after(delay, fire)
 

@@ -42,10 +42,11 @@ STARTING, RUNNING, CRASHED, STOPPED = "starting", "running", "crashed", "stopped
 class Envelope:
     """A message waiting for or being handled by an agent."""
 
-    __slots__ = ("msg", "origin", "deadline")
+    __slots__ = ("msg", "origin", "deadline", "peer")
 
-    def __init__(self, msg: wire.Msg, origin: "Origin", deadline: float):
+    def __init__(self, msg: wire.Msg, origin: "Origin", deadline: float, peer: str | None = None):
         self.msg, self.origin, self.deadline = msg, origin, deadline
+        self.peer = peer  # the authenticated identity that delivered it (see Node.peer)
 
 
 class Runner:
@@ -160,7 +161,8 @@ class Runner:
         try:
             if msg.kind == Kind.CALL:
                 stream = self.node.streamer(env) if msg.meta and msg.meta.get("stream") else None
-                result = agent.handle_call(msg.body, CallContext(msg.id, msg.sender, env.deadline, self, stream))
+                result = agent.handle_call(msg.body, CallContext(msg.id, env.peer, env.deadline, self, stream,
+                                                                  msg.sender))
             elif msg.kind == Kind.CAST:
                 result = agent.handle_cast(msg.body)
             else:
@@ -190,7 +192,7 @@ class Runner:
         self._current_rid = None
         self.effects = []
         self.handled += len(envs)
-        ctxs = [CallContext(e.msg.id, e.msg.sender, e.deadline, self) for e in envs]
+        ctxs = [CallContext(e.msg.id, e.peer, e.deadline, self, None, e.msg.sender) for e in envs]
         try:
             results = self.agent.handle_call_batch([e.msg.body for e in envs], ctxs)
         except CallError as err:

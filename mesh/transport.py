@@ -168,7 +168,7 @@ class Listener:
         # recv_multipart pays a getsockopt per message.
         route = sock.recv(_NOBLOCK)
         payload = sock.recv(_NOBLOCK, copy=False)
-        if self.secure and route not in self._identities:
+        if self.secure:  # every message: a routing id may pass to another key's connection
             self._remember(route, payload)
         if payload.more:
             _rest_of(sock, payload)
@@ -178,16 +178,18 @@ class Listener:
         return self._on_request(route, payload.buffer)
 
     def _remember(self, route: bytes, payload: zmq.Frame) -> None:
-        """The authenticated "role:name" of a new connection (its ZAP User-Id)."""
-        if len(self._identities) >= IDENTITY_CACHE:
-            self._identities.pop(next(iter(self._identities)))
+        """The authenticated "role:name" of the message just read (its ZAP User-Id)."""
+        identities = self._identities
+        if route not in identities and len(identities) >= IDENTITY_CACHE:
+            identities.pop(next(iter(identities)))
         try:
-            self._identities[route] = payload.get("User-Id")
+            identities[route] = payload.get("User-Id")
         except zmq.ZMQError:
-            self._identities[route] = ""
+            identities[route] = ""
 
     def identity(self, route: bytes) -> str:
-        """Who sent from `route`: "role:name" when secure, else the anonymous local peer."""
+        """Who sent the latest message from `route`, as its connection authenticated it:
+        "role:name" when secure, else the anonymous local peer."""
         if not self.secure:
             return ANONYMOUS
         return self._identities.get(route, "")

@@ -83,3 +83,10 @@ class FailsInit(Agent):
 
 class NotAnAgent:
     pass
+
+
+class Whoami(Agent):
+    """Answers with who the mesh says called it, and who the caller said it was."""
+
+    def handle_call(self, msg, ctx):
+        return {"sender": ctx.sender, "claimed": ctx.claimed_sender}

@@ -161,3 +161,49 @@ async def test_a_rollback_cancels_the_handler_that_built_on_the_lost_state(clust
     kinds.GATES.clear()
     kinds.RUNS.clear()
     await c.close()
+
+
+# --- identities: from the authenticated key, on every message --------------------------------
+
+async def test_an_agent_sees_the_authenticated_sender_not_the_claimed_one(cluster_factory):
+    """Before: ctx.sender was whatever the peer wrote ("node:n1" from a client key)."""
+    c = await cluster_factory()
+    m = c.client()
+    await m.spawn("who", "whoami")
+    placed = await m.whereis("who")
+    for node in c.nodes.values():
+        node.secure = True
+    c.net.identities[m.links[placed["node"]].route] = "client:alice"
+    m.caller.sender = "node:n1"  # a lie
+    assert await m.call("who", {}) == {"sender": "client:alice", "claimed": "node:n1"}
+    await c.close()
+
+
+LIMITS = """
+peer_rate = 1
+peer_burst = 5
+"""
+
+
+async def test_limits_belong_to_the_key_not_the_connection(cluster_factory):
+    """Before: ten connections with one key got ten bursts."""
+    c = await cluster_factory(limits=LIMITS)
+    admin = c.client()
+    await admin.spawn("c1", "counter")
+    node = c.nodes[(await admin.whereis("c1"))["node"]]
+    node.secure = True
+    clients = [c.client() for _ in range(4)]
+    for cl in clients:  # connect each (as an unlimited peer), then name them all mallory
+        await cl.caller.request(node.name, wire.Kind.WHEREIS, "c1", {}, 1.0)
+        c.net.identities[cl.links[node.name].route] = "client:mallory"
+    answered = busy = 0
+    for _ in range(3):
+        for cl in clients:
+            try:
+                await cl.caller.request(node.name, wire.Kind.CALL, "c1", {"op": "get"}, 1.0)
+                answered += 1
+            except Exception as exc:
+                assert type(exc).__name__ == "Busy"
+                busy += 1
+    assert answered <= 5 and busy >= 7
+    await c.close()

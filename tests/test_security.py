@@ -237,3 +237,44 @@ def test_fuzzing_a_live_node_as_stranger_and_as_admitted_peer(secure_mesh):
     assert "handshakes 0" in stranger and "answers 0" in stranger
     admitted = next(line for line in out.splitlines() if "admitted key" in line)
     assert "handshakes 1" in admitted
+
+
+def test_a_routing_id_does_not_keep_the_role_it_first_had(secure_mesh):
+    """Before: a client key that reconnected with a routing id an admin had used got the
+    admin's rights (the role was cached per routing id at its first message)."""
+    import zmq
+    from mesh import wire
+    path, keys = secure_mesh
+    cfg = config_mod.load(str(path))
+    n1 = cfg.nodes[cfg.supervisor_node]
+    ctx = zmq.Context()
+
+    def dealer(key_name):
+        pair = load_keypair(str(keys / f"{key_name}.key_secret"))
+        s = ctx.socket(zmq.DEALER)
+        s.linger = 0
+        s.curve_secretkey, s.curve_publickey = pair.secret, pair.public
+        s.curve_serverkey = n1.public_key.encode()
+        s.routing_id = b"one-route"
+        s.connect(n1.endpoint)
+        return s
+
+    def ask(s, kind, rid, body):
+        s.send(wire.encode(kind, rid, None, "admin:ops", 2000, body))
+        return wire.decode(s.recv()) if s.poll(3000) else None
+
+    try:
+        ops = dealer("ops")
+        assert ask(ops, wire.Kind.STATUS, "s1", None).kind == wire.Kind.REPLY
+        ops.close()
+        answer = None
+        for attempt in range(10):  # until the node has let go of ops's connection and its id
+            alice = dealer("alice")
+            answer = ask(alice, wire.Kind.SPAWN, f"sp{attempt}", {"name": "stolen", "kind": "counter"})
+            alice.close()
+            if answer is not None:
+                break
+        assert answer is not None and answer.kind == wire.Kind.ERROR, answer
+        assert answer.body[0] == "NotAllowed" and "client:alice" in answer.body[1]
+    finally:
+        ctx.destroy(linger=0)
