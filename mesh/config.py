@@ -48,6 +48,10 @@ class Limits:
     peer_rate: float = 500_000.0       # requests per second from one peer (0: unlimited)
     peer_burst: float = 100_000.0
     peer_open_requests: int = 10_000   # requests of one peer awaiting an answer
+    peer_decode_share: float = 0.5     # seconds of decoding one peer may cost per second ...
+    peer_decode_burst_s: float = 2.0   # ... and at once; past it its frames are dropped unread
+    max_elements: int = 100_000        # entries of one array or map from a peer that is no node
+    peer_out_bytes: int = 64 << 20     # answers to one peer queued and not yet taken by it
 
 
 @dataclass(frozen=True)
@@ -316,6 +320,10 @@ def parse(raw: dict, path: str = "<config>") -> Config:
         peer_rate=lim.get("peer_rate", float, Limits.peer_rate, _non_negative),
         peer_burst=lim.get("peer_burst", float, Limits.peer_burst, _positive),
         peer_open_requests=lim.get("peer_open_requests", int, Limits.peer_open_requests, _positive),
+        peer_decode_share=lim.get("peer_decode_share", float, Limits.peer_decode_share, _positive),
+        peer_decode_burst_s=lim.get("peer_decode_burst_s", float, Limits.peer_decode_burst_s, _positive),
+        max_elements=lim.get("max_elements", int, Limits.max_elements, _positive),
+        peer_out_bytes=lim.get("peer_out_bytes", int, Limits.peer_out_bytes, _positive),
     )
     lim.done()
 

@@ -1,4 +1,5 @@
-"""Per-peer limits: request rate (a token bucket) and requests awaiting an answer.
+"""Per-peer limits: request rate (a token bucket), requests awaiting an answer, and the
+time spent decoding a peer's frames.
 
 A peer over a limit gets `Busy` for that request and the rest of the node serves on;
 the mesh's own nodes are not limited. Peers are forgotten when idle (least recently
@@ -28,26 +29,62 @@ class TokenBucket:
         return False
 
 
-class Peer:
-    __slots__ = ("bucket", "open")
+class DecodeBudget:
+    """Seconds of decoding a peer may cost: `share` per second, `burst` at once.
 
-    def __init__(self, bucket: TokenBucket):
-        self.bucket, self.open = bucket, 0
+    Decoding is charged after the fact (its cost is known only then), so a peer may run
+    into debt; while in debt its frames are dropped without being read."""
+
+    __slots__ = ("share", "burst", "seconds", "last")
+
+    def __init__(self, share: float, burst: float, now: float):
+        self.share, self.burst, self.seconds, self.last = share, burst, burst, now
+
+    def allows(self, now: float) -> bool:
+        self.seconds = min(self.burst, self.seconds + (now - self.last) * self.share)
+        self.last = now
+        return self.seconds > 0
+
+    def charge(self, cost: float) -> None:
+        self.seconds -= cost
+
+
+class Peer:
+    __slots__ = ("bucket", "open", "decode")
+
+    def __init__(self, bucket: TokenBucket, decode: DecodeBudget):
+        self.bucket, self.open, self.decode = bucket, 0, decode
 
 
 class PeerLimits:
-    def __init__(self, rate: float, burst: float, max_open: int, max_peers: int = 100_000):
+    def __init__(self, rate: float, burst: float, max_open: int, max_peers: int = 100_000,
+                 decode_share: float = 0.5, decode_burst: float = 2.0):
         self.rate, self.burst, self.max_open, self.max_peers = rate, burst, max_open, max_peers
-        self.peers: OrderedDict[bytes, Peer] = OrderedDict()
+        self.decode_share, self.decode_burst = decode_share, decode_burst
+        self.peers: OrderedDict[bytes | str, Peer] = OrderedDict()
+
+    def _peer(self, key, now: float) -> Peer:
+        peer = self.peers.get(key)
+        if peer is None:
+            peer = self.peers[key] = Peer(TokenBucket(self.rate, self.burst, now),
+                                          DecodeBudget(self.decode_share, self.decode_burst, now))
+            self._evict()
+        else:
+            self.peers.move_to_end(key)
+        return peer
+
+    def may_decode(self, key, now: float) -> bool:
+        """Whether a frame of this peer's is worth reading: False while its decoding debt lasts."""
+        return self._peer(key, now).decode.allows(now)
+
+    def charge_decode(self, key, seconds: float) -> None:
+        peer = self.peers.get(key)
+        if peer is not None:
+            peer.decode.charge(seconds)
 
     def admit(self, route: bytes, needs_answer: bool, now: float) -> str | None:
         """None if the request may go on, else why not. Counts it as open if admitted."""
-        peer = self.peers.get(route)
-        if peer is None:
-            peer = self.peers[route] = Peer(TokenBucket(self.rate, self.burst, now))
-            self._evict()
-        else:
-            self.peers.move_to_end(route)
+        peer = self._peer(route, now)
         if not peer.bucket.take(now):
             return f"over the request rate limit of {self.rate:g}/s"
         if needs_answer:

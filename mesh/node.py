@@ -106,8 +106,11 @@ class Node:
         self.secure = config.secure
         self._unsafe = config.timing.unsafe_reply_before_commit
         self.peer_limits = PeerLimits(config.limits.peer_rate, config.limits.peer_burst,
-                                      config.limits.peer_open_requests)
+                                      config.limits.peer_open_requests,
+                                      decode_share=config.limits.peer_decode_share,
+                                      decode_burst=config.limits.peer_decode_burst_s)
         self._kinds: dict[str, type[Agent]] = {}
+        self._refusals: OrderedDict = OrderedDict()  # (peer, reason) -> [last logged, count since]
         self._open = Group()
         self._in_flight: Group | None = None
         self._flush_scheduled = False
@@ -327,11 +330,16 @@ class Node:
         if frame is None:
             self._dispatch(ProtocolError("a request must be exactly one frame"), origin)
             return 1
-        try:
-            msg = wire.decode(frame, self.limits.max_message_bytes)
-        except ProtocolError as exc:
-            self._dispatch(exc, origin)
-            return 1
+        if origin is None or not self._limited(origin):
+            try:
+                msg = wire.decode(frame, self.limits.max_message_bytes)
+            except ProtocolError as exc:
+                self._dispatch(exc, origin)
+                return 1
+        else:
+            msg = self._decode_from_peer(origin, frame)
+            if msg is None:
+                return 1
         self._schedule_flush()
         if msg.kind == Kind.BATCH and self._permitted(msg, origin):
             for item in msg.body:
@@ -339,6 +347,43 @@ class Node:
             return len(msg.body)
         self._dispatch(msg, origin)
         return 1
+
+    def _decode_from_peer(self, origin: bytes, frame) -> "wire.Msg | None":
+        """Decode a frame of a peer that is no authenticated node, within its budget of
+        decoding time and with its arrays and maps bounded (a million-key map within the
+        size limit takes a second). A peer in debt has its frames dropped unread."""
+        key, now = self._limit_key(origin), self.clock.now()
+        limits = self.peer_limits
+        if not limits.may_decode(key, now):
+            self.stats["over_decode_budget"] += 1
+            self._log_refusal(key, "over its decoding budget: frames dropped unread")
+            return None
+        # only an authenticated node may send large inventories; without CURVE every
+        # peer is a local one (loopback only) and gets the node's bound
+        elements = self.limits.max_elements if self.secure else None
+        started = time.perf_counter()
+        try:
+            msg = wire.decode(frame, self.limits.max_message_bytes, elements)
+        except ProtocolError as exc:
+            limits.charge_decode(key, time.perf_counter() - started)
+            self._dispatch(exc, origin)
+            return None
+        limits.charge_decode(key, time.perf_counter() - started)
+        return msg
+
+    def _log_refusal(self, who, what: str) -> None:
+        """Log a refusal at most once a second per peer and reason, with the count since."""
+        now = self.clock.now()
+        entry = self._refusals.get((who, what))
+        if entry is None:
+            if len(self._refusals) >= 1000:
+                self._refusals.pop(next(iter(self._refusals)))
+            entry = self._refusals[(who, what)] = [now - 2.0, 0]
+        entry[1] += 1
+        if now - entry[0] >= 1.0:
+            log.warning("node %s: peer %s %s (%d times since the last report)", self.name,
+                        who if isinstance(who, str) else who.hex(), what, entry[1])
+            entry[0], entry[1] = now, 0
 
     def _dispatch(self, msg: "wire.Msg | ProtocolError", origin: Origin) -> None:
         """One request: the peer's limits, then its validity and role, then its handler.
@@ -350,6 +395,7 @@ class Node:
             problem = self.peer_limits.admit(self._limit_key(origin), rid is not None, self.clock.now())
             if problem is not None:
                 self.stats["over_limit"] += 1
+                self._log_refusal(self._limit_key(origin), "is over its limits: answered Busy")
                 if rid is not None:
                     self._respond(origin, wire.error(rid, error_to_wire(Busy(problem))), counted=False)
                 return
@@ -392,15 +438,15 @@ class Node:
             return True
         self.stats["not_allowed"] += 1
         who = self.listener.identity(origin) or "an unidentified peer"
-        log.warning("node %s: %s may not send %s", self.name, who, msg.kind.name)
+        self._log_refusal(who, f"may not send {msg.kind.name}")
         if msg.id is not None:
             self.respond_error(origin, msg.id, NotAllowed(f"{who} may not send {msg.kind.name}"))
         return False
 
     def _bad(self, origin: Origin, exc: ProtocolError) -> None:
         self.stats["bad_messages"] += 1
-        if self.stats["bad_messages"] <= 10 or self.stats["bad_messages"] % 1000 == 0:
-            log.warning("node %s: bad message (%d so far): %s", self.name, self.stats["bad_messages"], exc)
+        self._log_refusal(self._limit_key(origin) if origin is not None else "this node",
+                          f"sent a bad message: {str(exc)[:120]}")
         if exc.request_id is not None:
             self.respond_error(origin, exc.request_id, BadRequest(str(exc)))
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from typing import Callable
 
@@ -53,6 +54,7 @@ IDENTITY_CACHE = 100_000    # routes whose authenticated identity a listener rem
 ANONYMOUS = "node:local"    # the identity of every peer when the cluster is not secure
 BATCH_FRAMES = 256          # a loop turn's frames to one peer go out as one BATCH ...
 BATCH_BYTES = 256 * 1024    # ... of at most this many frames and bytes
+TURN_BUDGET_S = 0.02        # a socket's drain yields to the loop after this long
 
 _NOBLOCK = int(zmq.NOBLOCK)  # plain ints: pyzmq's enum flags cost a conversion per call
 _SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
@@ -89,7 +91,10 @@ class _Drain:
             return
         try:
             handled = 0
-            while handled < self.batch:
+            # bounded in messages and in time: one costly frame must not starve the
+            # loop's timers (leases, heartbeats) or the other sockets
+            until = time.perf_counter() + TURN_BUDGET_S
+            while handled < self.batch and time.perf_counter() < until:
                 handled += read(sock) or 1
         except zmq.Again:
             return

@@ -207,3 +207,67 @@ async def test_limits_belong_to_the_key_not_the_connection(cluster_factory):
                 busy += 1
     assert answered <= 5 and busy >= 7
     await c.close()
+
+
+# --- decoding work is bounded per message and per peer --------------------------------------
+
+def test_a_huge_map_from_an_untrusted_peer_is_refused_before_it_is_built():
+    body = {f"k{i}": 1 for i in range(200_000)}
+    frame = wire.encode(wire.Kind.CALL, "r1", "c1", None, 1000, body)
+    with pytest.raises(ProtocolError, match="max_map_len"):
+        wire.decode(frame, max_elements=100_000)
+    assert len(wire.decode(frame).body) == 200_000  # a node's own traffic is not bounded so
+
+
+def test_the_timestamp_extension_is_refused_like_every_other():
+    import datetime
+    body = {"when": msgpack.Timestamp.from_datetime(datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc))}
+    frame = msgpack.packb([wire.PROTOCOL_VERSION, 1, "r1", "c1", None, 1000, body, None])
+    with pytest.raises(ProtocolError, match="timestamp"):
+        wire.decode(frame)
+    # the same bytes inside a string are no extension
+    wire.decode(wire.encode(wire.Kind.CALL, "r1", "c1", None, 1000, {"s": "\xd7\xff"}))
+
+
+
+async def test_a_peer_that_costs_too_much_decoding_is_dropped_unread_and_others_are_not(cluster_factory):
+    """Before: 45 frames that each took a second to decode froze a node for 33 s."""
+    c = await cluster_factory()
+    admin = c.client()
+    await admin.spawn("c1", "counter")
+    node = c.nodes[(await admin.whereis("c1"))["node"]]
+    greedy, polite = c.client(), c.client()
+    for n in c.nodes.values():
+        n.secure = True
+    for who, cl in (("greedy", greedy), ("polite", polite)):
+        await cl.caller.request(node.name, wire.Kind.WHEREIS, "c1", {}, 1.0)  # connects, as a node would
+        c.net.identities[cl.links[node.name].route] = f"client:{who}"
+    node.peer_limits.decode_share = node.peer_limits.decode_burst = 1e-6  # one message's worth
+    await greedy.caller.request(node.name, wire.Kind.CALL, "c1", {"op": "get"}, 1.0)  # its budget is spent
+    late = asyncio.ensure_future(greedy.caller.request(node.name, wire.Kind.CALL, "c1", {"op": "get"}, 1.0))
+    assert await polite.caller.request(node.name, wire.Kind.CALL, "c1", {"op": "get"}, 1.0) == 0
+    await c.settle()
+    assert not late.done() and node.stats["over_decode_budget"] >= 1
+    late.cancel()
+    await c.close()
+
+
+async def test_refusals_are_logged_in_summary_not_one_line_each(cluster_factory, caplog):
+    """Before: ten frames of refused messages wrote 40,960 log lines."""
+    c = await cluster_factory()
+    m = c.client()
+    node = c.nodes[c.cfg.supervisor_node]
+    await m.spawn("x", "counter")  # connects to the supervisor's node
+    for n in c.nodes.values():
+        n.secure = True
+    c.net.identities[m.links[node.name].route] = "client:alice"
+    spawn = [wire.encode(wire.Kind.SPAWN, f"s{i}", None, None, 1000, {"name": f"a{i}", "kind": "counter"})
+             for i in range(wire.MAX_BATCH)]
+    caplog.clear()
+    for _ in range(10):
+        m._send(node.name, wire.batch_frame(spawn))
+    await c.settle()
+    assert node.stats["not_allowed"] == 10 * wire.MAX_BATCH
+    lines = [r for r in caplog.records if "may not send" in r.getMessage()]
+    assert 1 <= len(lines) <= 2
+    await c.close()
