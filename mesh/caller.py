@@ -178,6 +178,7 @@ class Caller:
             frame = wire.encode(kind, rid, target, self.sender, int(ttl * 1000), body, meta)
         except (TypeError, ValueError, OverflowError) as exc:
             raise BadRequest(f"message cannot be sent: {exc}") from None
+        self._check_size(frame)
         p = _Pending(node, stream)
         self._pending.setdefault(rid, []).append(p)
         try:
@@ -186,6 +187,12 @@ class Caller:
             self._close(rid, p)
             raise
         return p
+
+    def _check_size(self, frame: bytes) -> None:
+        """Refuse here what every node would refuse: an answer of BadRequest, not a timeout."""
+        if len(frame) > self.max_bytes:
+            raise BadRequest(f"message of {len(frame):,} bytes is too big: the limit is {self.max_bytes:,} "
+                             f"(limits.max_message_bytes)")
 
     def _close(self, rid: str, p: _Pending) -> None:
         attempts = self._pending.get(rid)
@@ -298,6 +305,7 @@ class Caller:
             frame = wire.encode(kind, None, name, self.sender, None, body)
         except (TypeError, ValueError, OverflowError) as exc:
             raise BadRequest(f"message cannot be sent: {exc}") from None
+        self._check_size(frame)
         self._send(node, frame)
 
     def _follow(self, name: str, moved: Moved) -> tuple[str, int]:

@@ -20,26 +20,57 @@ from .errors import CallError, ConfigError
 CONFIG_HELP = "cluster config file (default: $MESH_CONFIG, then configs/local.toml)"
 
 
+def _usage_exit(message: str) -> None:
+    """A user's mistake (a config, a key file): one line on stderr naming it, exit 2."""
+    click.echo(f"mesh: {message}", err=True)
+    sys.exit(2)
+
+
 def _load(path: str | None) -> config_mod.Config:
     try:
         return config_mod.load(path)
     except ConfigError as exc:
-        raise click.UsageError(f"config error: {exc}") from None
+        _usage_exit(f"config error: {exc}")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (JSON has no NaN or Infinity)")
 
 
 def _json_arg(text: str, what: str) -> Any:
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise click.BadParameter(f"{what} is not valid JSON: {exc.msg} at position {exc.pos}") from None
+    except ValueError as exc:
+        raise click.BadParameter(f"{what} is not valid JSON: {exc}") from None
 
 
 def _to_json(value: Any) -> str:
+    """JSON as the standard defines it: bytes as {"$bytes": base64}; NaN and the
+    infinities, which JSON cannot carry, as the strings "NaN", "Infinity", "-Infinity"
+    (said on stderr), never as the bare words Python's json would print."""
     def default(obj):
         if isinstance(obj, (bytes, bytearray)):
             return {"$bytes": base64.b64encode(obj).decode()}
         return repr(obj)
-    return json.dumps(value, default=default, ensure_ascii=False)
+    try:
+        return json.dumps(value, default=default, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        click.echo("mesh: the answer holds NaN or Infinity, printed as strings", err=True)
+        return json.dumps(_finite(value), default=default, ensure_ascii=False, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and value != value:
+        return "NaN"
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return "Infinity" if value > 0 else "-Infinity"
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _run(coro_fn, cfg: config_mod.Config):
@@ -49,7 +80,7 @@ def _run(coro_fn, cfg: config_mod.Config):
     try:
         client = Client(cfg, key=key)
     except ConfigError as exc:
-        raise click.UsageError(f"key error: {exc}") from None
+        _usage_exit(f"key error: {exc}")
 
     async def go():
         async with client:

@@ -9,7 +9,9 @@ Relative paths are resolved against the config file's folder. See docs/config.md
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,6 +222,8 @@ class _Reader:
         value = self.table[k]
         if typ is float and type(value) is int:
             value = float(value)
+        if type(value) is float and not math.isfinite(value):
+            raise ConfigError(self.path, self.key(k), f"must be a finite number, got {value!r}")
         ok = type(value) is int if typ is int else isinstance(value, typ)
         if not ok or (typ is not bool and type(value) is bool):
             want = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
@@ -245,6 +249,24 @@ class _Reader:
 
 def _positive(v: Any) -> str | None:
     return None if v > 0 else "must be positive"
+
+
+def _between(low: float, high: float) -> Callable[[Any], str | None]:
+    return lambda v: None if low <= v <= high else f"must be between {low:,} and {high:,}, got {v!r}"
+
+
+def _address(v: Any) -> str | None:
+    """An IP address or a host name (RFC 1123), which is what a ZeroMQ endpoint can hold."""
+    import ipaddress
+    try:
+        ipaddress.ip_address(v)
+        return None
+    except ValueError:
+        pass
+    if re.fullmatch(r"(?=.{1,253}\Z)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*", v) \
+            and not re.fullmatch(r"[0-9.]+", v):
+        return None
+    return f"is not an IP address or a host name: {v!r:.60}"
 
 
 def _non_negative(v: Any) -> str | None:
@@ -277,6 +299,8 @@ def load(path: str | os.PathLike | None = None) -> Config:
         raise ConfigError(path, "", "no such file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, "", f"not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, "", f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
     except OSError as exc:
         raise ConfigError(path, "", f"cannot be read: {exc.strerror}") from None
     return parse(raw, path)
@@ -295,8 +319,8 @@ def parse(raw: dict, path: str = "<config>") -> Config:
         heartbeat_s=cluster.get("heartbeat_ms", int, 250, _positive) / 1000,
         liveness=cluster.get("liveness", int, 4, _positive),
         lease_s=cluster.get("lease_ms", int, 750, _positive) / 1000,
-        call_timeout_s=cluster.get("call_timeout_s", float, 5.0, _positive),
-        handler_timeout_s=cluster.get("handler_timeout_s", float, 60.0, _positive),
+        call_timeout_s=cluster.get("call_timeout_s", float, 5.0, _between(0.001, 86_400)),
+        handler_timeout_s=cluster.get("handler_timeout_s", float, 60.0, _between(0.001, 86_400)),
         served_log=cluster.get("served_log", bool, False),
         unsafe_reply_before_commit=cluster.get("unsafe_reply_before_commit", bool, False),
     )
@@ -312,7 +336,7 @@ def parse(raw: dict, path: str = "<config>") -> Config:
 
     lim = _Reader(path, "limits", top.get("limits", dict, {}))
     limits = Limits(
-        max_message_bytes=lim.get("max_message_bytes", int, Limits.max_message_bytes, _positive),
+        max_message_bytes=lim.get("max_message_bytes", int, Limits.max_message_bytes, _between(1024, 1 << 30)),
         mailbox=lim.get("mailbox", int, Limits.mailbox, _positive),
         dedup_window=lim.get("dedup_window", int, Limits.dedup_window, _non_negative),
         dedup_s=lim.get("dedup_s", float, Limits.dedup_s, _positive),
@@ -330,7 +354,7 @@ def parse(raw: dict, path: str = "<config>") -> Config:
     st = _Reader(path, "store", top.get("store", dict, {}))
     store = StoreSettings(
         sync=st.get("sync", bool, True),
-        map_size_mb=st.get("map_size_mb", int, 1024, _positive),
+        map_size_mb=st.get("map_size_mb", int, 1024, _between(1, 1 << 24)),
         replicas=st.get("replicas", int, 0, _non_negative),
     )
     st.done()
@@ -352,7 +376,7 @@ def parse(raw: dict, path: str = "<config>") -> Config:
     hosts: dict[str, Host] = {}
     for hname, table in _tables(path, top.table, "hosts").items():
         r = _Reader(path, f"hosts.{hname}", table)
-        hosts[hname] = Host(hname, r.get("address", str), r.strings("tags"))
+        hosts[hname] = Host(hname, r.get("address", str, ..., _address), r.strings("tags"))
         r.done()
     top.used.add("hosts")
     if not hosts:

@@ -48,6 +48,7 @@ class Child:
     ready: bool = False
     given_up: bool = False
     restarts: int = 0
+    why: str = ""  # what the node said when it could not start
 
 
 @dataclass
@@ -56,6 +57,7 @@ class Launcher:
     nodes: list[str]
     say: Callable[[str], None] = print
     children: dict[str, Child] = field(default_factory=dict)
+    cannot_start: bool = False  # a node said it cannot start as configured: stop, exit 2
     _helpers: list[int] = field(default_factory=list)
 
     def preimport(self) -> None:
@@ -99,6 +101,9 @@ class Launcher:
                         if fd >= 0 and fd not in self._registered:
                             self._poller.register(fd, select.POLLIN)
                             self._registered.add(fd)
+                if self.cannot_start:
+                    self.say("a node cannot start as configured; stopping")
+                    return 2
                 if all(c.given_up for c in self.children.values()):
                     self.say("every node was given up; stopping")
                     return 1
@@ -206,10 +211,17 @@ class Launcher:
         os.close(child.pidfd)
         child.pidfd = -1
         if child.control is not None:
+            self._read_status(child)  # its last words (why it could not start) may be unread
             self._forget_fd(child.control.fileno())
             child.control.close()
             child.control = None
         how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        from .serve import EXIT_CANNOT_START  # imported already, by preimport
+        if code == EXIT_CANNOT_START:
+            child.given_up = self.cannot_start = True
+            self.say(f"node {child.node} cannot start{': ' + child.why if child.why else ''}; not restarting it")
+            self._report_gone(child)
+            return
         self.say(f"node {child.node} (pid {child.pid}) {how}")
         allowed, child.history = supervision.allow_restart(
             child.history, time.monotonic(), self.config.launcher.max_restarts, self.config.launcher.period_s)
@@ -242,6 +254,8 @@ class Launcher:
                 child.ready = True
                 took = (time.monotonic() - child.started_at) * 1000
                 self.say(f"node {child.node} ready (pid {child.pid}, {took:.0f} ms)")
+            elif words[:1] == ["cannot-start"]:
+                child.why = " ".join(words[1:])
             elif words[:1] == ["supervisor-ready"]:
                 self.say("mesh ready")
 

@@ -28,7 +28,7 @@ import msgpack
 from . import supervision, wire
 from .agent import Agent, CallContext, TimerRef
 from .caller import derived_id
-from .errors import AgentCrashed, AgentDown, Busy, CallError, CallTimeout, error_to_wire
+from .errors import AgentCrashed, AgentDown, BadRequest, Busy, CallError, CallTimeout, error_to_wire
 from .wire import Kind
 
 if TYPE_CHECKING:
@@ -274,10 +274,16 @@ class Runner:
                 responses.append(error_response(result))
             else:
                 try:
-                    responses.append(wire.REPLY_TAG + msgpack.packb(result))
+                    response = wire.REPLY_TAG + msgpack.packb(result)
                 except Exception as exc:
                     self._crash(envs, TypeError(f"reply is not serializable: {exc}"), supervision.CRASH)
                     return
+                limit = self.node.limits.max_message_bytes - 1024  # room for the envelope
+                if len(response) > limit:  # the caller could not take it: say so instead
+                    response = error_response(BadRequest(
+                        f"the reply of {self.name!r} is {len(response):,} bytes, over the limit of {limit:,} "
+                        f"(limits.max_message_bytes)"))
+                responses.append(response)
         effects, self.effects = self.effects, None
         if packed != self.last_state or effects:
             self.seq += 1

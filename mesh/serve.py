@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import errno
 import logging
 import os
 import signal
@@ -21,7 +22,10 @@ import sys
 import threading
 import time
 
+import zmq
+
 from .config import Config
+from .errors import StoreError
 from .network import ZmqNetwork
 from .node import Node
 from .security import Authenticator, Security, node_keypair
@@ -87,11 +91,25 @@ def report_gone(config: Config, name: str, boot: str, timeout_s: float = 2.0) ->
         ctx.term()
 
 
+EXIT_CANNOT_START = 78  # EX_CONFIG: this node cannot start here as configured; restarting will not help
+
+
+class CannotStart(Exception):
+    """The node cannot start on this machine as configured (its port is taken, its data
+    directory cannot be written): one line for the user, and no restart."""
+
+
 def run_node(config: Config, name: str, boot: str, previous: dict | None, control: socket.socket | None) -> int:
     """Run one node until it stops; returns the process exit code."""
     fix_mmap_threshold()
     try:
         asyncio.run(_serve(config, name, boot, previous, control))
+    except CannotStart as exc:
+        try:  # the launcher says it, once; without one, the log does
+            control.sendall(f"cannot-start {exc}\n".encode())
+        except (OSError, AttributeError):
+            log.error("node %s cannot start: %s", name, exc)
+        return EXIT_CANNOT_START
     except Exception:
         log.exception("node %s failed", name)
         return 70
@@ -109,7 +127,11 @@ async def _serve(config: Config, name: str, boot: str, previous: dict | None, co
             except OSError:
                 pass
 
-    node = Node(config, name, network, boot=boot, previous=previous, notify=notify)
+    try:
+        node = Node(config, name, network, boot=boot, previous=previous, notify=notify)
+    except StoreError as exc:
+        network.close()
+        raise CannotStart(f"{exc} (check [cluster] data_dir in {config.path})") from None
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -129,7 +151,12 @@ async def _serve(config: Config, name: str, boot: str, previous: dict | None, co
         loop.add_reader(control.fileno(), on_control)
     watchdog = _Watchdog(loop, WATCHDOG_S, name)
     try:
-        await node.start()
+        try:
+            await node.start()
+        except zmq.ZMQError as exc:
+            raise CannotStart(f"cannot listen on {node.endpoint}: {exc.strerror}"
+                              f"{' (another process holds the port)' if exc.errno == errno.EADDRINUSE else ''}"
+                              ) from None
         if name == config.supervisor_node:
             role = SupervisorRole(node)
             node._spawn(role.start())

@@ -125,3 +125,26 @@ def test_shipped_cluster_config_loads_once_its_keys_exist(tmp_path):
     assert cfg.secure and cfg.store.replicas == 1 and len(cfg.hosts) == 3
     assert all(n.public_key for n in cfg.nodes.values())
     assert [role for _, role in cfg.security.clients.values()] == ["admin"]
+
+
+@pytest.mark.parametrize("extra, key, reason", [
+    ("[limits]\nmax_message_bytes = 9223372036854775807", "limits.max_message_bytes", "between"),
+    ("[store]\nmap_size_mb = 9223372036854775807", "store.map_size_mb", "between"),
+    ("[cluster]\ncall_timeout_s = inf", "cluster.call_timeout_s", "finite"),
+    ("[cluster]\nheartbeat_ms = 100\ncall_timeout_s = nan", "cluster.call_timeout_s", "finite"),
+])
+def test_values_that_would_break_the_mesh_are_refused(tmp_path, extra, key, reason):
+    """Before: each of these ended in a traceback or a broken mesh."""
+    with pytest.raises(ConfigError) as err:
+        load(tmp_path, BASE + extra)
+    assert err.value.key == key and reason in err.value.reason
+
+
+def test_a_bad_address_and_a_file_that_is_not_utf8_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="hosts.h1.address: is not an IP address or a host name"):
+        load(tmp_path, BASE.replace('"127.0.0.1"', '"127.0.0.300"'))
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(BASE.encode() + b'\n# caf\xe9\n')
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        config.load(path)
+    assert load(tmp_path, BASE.replace('"127.0.0.1"', '"localhost"')).hosts["h1"].address == "localhost"

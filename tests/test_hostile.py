@@ -271,3 +271,27 @@ async def test_refusals_are_logged_in_summary_not_one_line_each(cluster_factory,
     lines = [r for r in caplog.records if "may not send" in r.getMessage()]
     assert 1 <= len(lines) <= 2
     await c.close()
+
+
+async def test_a_message_over_the_size_limit_is_refused_at_once_not_timed_out(cluster_factory):
+    """Before: 9 MiB of spawn args ended in CallTimeout."""
+    c = await cluster_factory()
+    m = c.client()
+    with pytest.raises(BadRequest, match="too big"):
+        await m.spawn("big", "counter", {"x": "y" * (9 << 20)})
+    await m.spawn("ledger", "ledger")
+    big = "z" * (5 << 20)
+    await m.call("ledger", {"op": "append", "value": big})
+    await m.call("ledger", {"op": "append", "value": big})
+    with pytest.raises(BadRequest, match="over the limit"):  # a reply nobody could take
+        await m.call("ledger", {"op": "read"})
+    await c.close()
+
+
+def test_the_cli_prints_json_as_the_standard_defines_it(capsys):
+    """Before: `mesh call` printed [NaN], which is not JSON."""
+    import json
+    from mesh.cli import _to_json
+    out = _to_json([float("nan"), float("inf"), {"x": -float("inf")}, 1.5])
+    assert json.loads(out) == ["NaN", "Infinity", {"x": "-Infinity"}, 1.5]
+    assert "NaN or Infinity" in capsys.readouterr().err

@@ -66,6 +66,7 @@ def test_cli_contract(runs, cfg):
         (("call", "c1", "not json"), 2, "not valid JSON"),
         (("spawn", "x", "counter", "--args", "[1]"), 2, "JSON object"),
         (("spawn", "x", "counter", "--restart", "sometimes"), 2, "sometimes"),
+        (("call", "c1", '{"n": NaN}'), 2, "NaN"),                             # not JSON
     ]:
         r = cli(cfg, *args)
         assert r.returncode == code, (args, r.stdout, r.stderr)
@@ -85,6 +86,26 @@ def test_usage_and_config_errors_exit_2_without_traceback(tmp_path):
         assert r.returncode == 2, (args, r.stderr)
         assert "Traceback" not in r.stderr
     assert "cluster.heartbeat_ms" in mesh_cmd("status", "-c", str(bad)).stderr
+
+
+def test_a_node_that_cannot_start_stops_mesh_up_with_one_line(tmp_path):
+    """Before: a port already in use, or a data directory that cannot be written, gave a
+    traceback on every restart of the node until the launcher gave up."""
+    import socket
+    cfg = write_config(tmp_path)
+    text = cfg.read_text()
+    port = int(text.split("port = ")[2].split()[0])  # n2's
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        r = mesh_cmd("up", "-c", str(cfg), timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"node n2 cannot start: cannot listen on tcp://127.0.0.1:{port}" in r.stdout
+    assert "Traceback" not in r.stdout + r.stderr and r.stdout.count("node n2 cannot start") == 1
+    (tmp_path / "blocked").write_text("a file where the data directory should be")
+    cfg.write_text(text.replace(f'data_dir = "{tmp_path / "data"}"', f'data_dir = "{tmp_path / "blocked"}"'))
+    r = mesh_cmd("up", "-c", str(cfg), timeout=60)
+    assert r.returncode == 2 and "cannot open the store" in r.stdout and "Traceback" not in r.stdout + r.stderr
 
 
 def test_nothing_listening_is_a_timeout_not_a_hang(cfg):
