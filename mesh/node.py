@@ -111,6 +111,7 @@ class Node:
                                       decode_burst=config.limits.peer_decode_burst_s)
         self._kinds: dict[str, type[Agent]] = {}
         self._refusals: OrderedDict = OrderedDict()  # (peer, reason) -> [last logged, count since]
+        self._stops: OrderedDict[str, int] = OrderedDict()  # name -> the incarnation its latest stop took
         self._open = Group()
         self._in_flight: Group | None = None
         self._flush_scheduled = False
@@ -919,6 +920,9 @@ class Node:
         inc = body["incarnation"]
         if self.stopping:
             raise Unavailable(f"node {self.name} is shutting down")
+        if self._stopped_after(name, inc):
+            raise AlreadyExists(f"{name!r} was stopped after incarnation {inc} was sent",
+                                {"incarnation": self._stops[name]})
         current = self.runners.get(name)
         if current is not None and current.incarnation >= inc:
             raise AlreadyExists(f"{name!r} already runs incarnation {current.incarnation} here",
@@ -995,6 +999,11 @@ class Node:
         if self.runners.get(name) is not runner:
             self.respond_error(origin, rid, AgentDown(f"{name!r} was stopped while starting"))
             return
+        if self._stopped_after(name, runner.incarnation):  # a stop came while it started: it ends here
+            self._drop(runner, lambda: NoSuchAgent(f"{name!r} was stopped"))
+            self.respond_error(origin, rid, AlreadyExists(f"{name!r} was stopped while starting",
+                                                          {"incarnation": self._stops[name]}))
+            return
         runner.status = RUNNING
         self.respond(origin, rid, {"node": self.name, "incarnation": runner.incarnation})
         runner.run_mailbox()
@@ -1007,23 +1016,49 @@ class Node:
         runner.agent = None
 
     def _on_terminate(self, msg: wire.Msg, origin: Origin) -> None:
+        """End the incarnation named, and any older one of the name here. With `forget`
+        (a stop) the record is deleted too, fenced at the stop's incarnation, and every
+        START older than it is refused from then on, also one already under way."""
         name, body = msg.target, msg.body
         runner = self.runners.get(name)
         forget = bool(body.get("forget"))
         hosts = tuple(h for h in body.get("replicas") or () if h in self.config.hosts and h != self.spec.host)
+        if forget:
+            self._note_stop(name, body["incarnation"])
         if runner is None or runner.incarnation > body["incarnation"]:
             if forget:
                 self._open.batch.deletes[name] = body["incarnation"]
                 self._open.replicas[name] = hosts
-                self._open.callbacks.append(lambda outcome: self.respond(origin, msg.id, {"stopped": False}))
+                self._open.callbacks.append(lambda outcome: self._answer_stop(origin, msg.id, outcome, name))
                 self._schedule_flush()
             else:
                 self.respond(origin, msg.id, {"stopped": False})
             return
-        self._spawn(self._terminate(runner, body.get("reason") or "shutdown", forget, origin, msg.id, hosts))
+        self._spawn(self._terminate(runner, body.get("reason") or "shutdown", forget, origin, msg.id, hosts,
+                                    body["incarnation"]))
+
+    def _note_stop(self, name: str, incarnation: int) -> None:
+        """Remember a stop, so that a START older than it that is still under way fails."""
+        self._stops[name] = max(incarnation, self._stops.get(name, -1))
+        self._stops.move_to_end(name)
+        while len(self._stops) > 100_000:
+            self._stops.popitem(last=False)  # the store's fence refuses those STARTs all the same
+
+    def _stopped_after(self, name: str, incarnation: int) -> bool:
+        return self._stops.get(name, -1) > incarnation
+
+    def _answer_stop(self, origin: Origin, rid: str, outcome: Outcome, name: str) -> None:
+        if outcome.error is not None:
+            self.respond_error(origin, rid, Unavailable(f"the stop of {name!r} could not be committed: {outcome.error}"))
+        elif name in outcome.unreplicated:
+            self.respond_error(origin, rid, Unavailable(f"the stop of {name!r}: {outcome.unreplicated[name]}"))
+        elif name in outcome.fenced:
+            self.respond(origin, rid, {"stopped": False})  # a newer incarnation (a new spawn) owns it
+        else:
+            self.respond(origin, rid, {"stopped": True})
 
     async def _terminate(self, runner: Runner, reason: str, forget: bool, origin: Origin, rid: str,
-                         hosts: tuple[str, ...] = ()) -> None:
+                         hosts: tuple[str, ...] = (), stop_at: int | None = None) -> None:
         if runner.task is not None:
             runner.interrupt()
             await asyncio.sleep(0)
@@ -1034,13 +1069,15 @@ class Node:
         runner.agent = None
         if forget:
             self._drop(runner, lambda: NoSuchAgent(f"{runner.name!r} was stopped"))
-            self._open.batch.deletes[runner.name] = runner.incarnation
+            self._open.batch.deletes[runner.name] = max(runner.incarnation, stop_at or -1)
             self._open.replicas[runner.name] = tuple(set(hosts) | set(runner.replicas))
         done = asyncio.get_running_loop().create_future()
         self._open.callbacks.append(lambda outcome: done.done() or done.set_result(outcome))
         self._schedule_flush()
         outcome = await done
-        if outcome.error is not None:
+        if forget:
+            self._answer_stop(origin, rid, outcome, runner.name)
+        elif outcome.error is not None:
             self.respond_error(origin, rid, Unavailable(str(outcome.error)))
         else:
             self.respond(origin, rid, {"stopped": True})

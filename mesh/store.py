@@ -339,7 +339,10 @@ class Store:
                     out.fenced[name] = stored
                     continue
                 txn.delete(key, db=self.agents)
-                txn.delete(key, db=self.fences_db)
+                # the fence stays, at the deleting incarnation: a START older than the stop
+                # that is still under way must not write the name back
+                if _fence_of(txn.get(key, db=self.fences_db)) < inc:
+                    txn.put(key, msgpack.packb(inc), db=self.fences_db)
                 self._delete_replies(txn, name)
             for name, items in batch.replies.items():
                 if name in out.fenced or name in batch.deletes:

@@ -328,6 +328,8 @@ class SupervisorRole:
         name = child.spec.name
         at_least = child.incarnation
         for _attempt in range(5):
+            if child.status in (STOPPING, STOPPED, FAILED) or self.children.get(name) is not child:
+                return None  # stopped meanwhile: a stop outranks every start under way
             node = self._choose_node(child, prefer, avoid)
             if node is None:
                 child.status, child.node = PENDING, None
@@ -800,11 +802,26 @@ class SupervisorRole:
         self._spawn(self._stop_child(child, origin, msg.id))
 
     async def _stop_child(self, child: Child, origin: Origin, rid: str) -> None:
+        """End every incarnation of a dynamic child and delete its state. The stop takes an
+        incarnation number of its own, newer than any START sent (one may be under way): the
+        node ends whatever runs the name below it, deletes the record fenced at it, and refuses
+        every older START from then on. It answers stopped only once that is done."""
+        name = child.spec.name
         node = child.node if child.node and self.nodes[child.node].alive else self._any_node_on_host(child.node)
         copies = {h for hosts in child.holders for h in hosts} | set(child.replicas)
-        await self._terminate_instance(node, child.spec.name, child.incarnation, "stopped", forget=True,
-                                       replicas=tuple(sorted(copies)))
-        self.node.respond(origin, rid, {"name": child.spec.name, "stopped": True})
+        stop_at = self._new_incarnation(child.incarnation)
+        body = {"incarnation": stop_at, "reason": "stopped", "forget": True}
+        if copies:
+            body["replicas"] = sorted(copies)
+        try:
+            answer = await self.node.caller.request(node, Kind.TERMINATE, name, body, self.config.timing.call_timeout_s)
+        except CallError as err:
+            log.warning("supervisor: stopping %s on %s: %s", name, node, err)
+            self.node.respond_error(origin, rid, Unavailable(
+                f"the stop of {name!r} is not confirmed: node {node} did not carry it out ({err}); "
+                f"stop it again when the node is back"))
+            return
+        self.node.respond(origin, rid, {"name": name, "stopped": bool(answer.get("stopped"))})
 
     def _any_node_on_host(self, node: str | None) -> str:
         host = self.config.nodes[node].host if node else self.config.nodes[self.node.name].host

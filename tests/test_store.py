@@ -220,3 +220,19 @@ def test_a_claim_brings_its_own_replies_and_drops_the_others(store):
     b.add_replies("a", [("other", b"R\x03", 3.0)], [])
     assert store.write(b).fenced == {"a": 3}
     assert [r[0] for r in store.replies("a")] == ["kept"]
+
+
+def test_a_delete_leaves_its_fence_so_an_older_start_cannot_write_the_name_back(store):
+    b = Batch()
+    b.add_claim("a", rec(3, state="old"))
+    store.write(b)
+    b = Batch()
+    b.deletes["a"] = 7          # a stop, newer than every incarnation started
+    assert store.write(b).fenced == {}
+    b = Batch()
+    b.add_claim("a", rec(5, state="orphan"))  # a START sent before the stop
+    assert store.write(b).fenced == {"a": 7}
+    assert store.get("a") is None
+    b = Batch()
+    b.add_claim("a", rec(8, state="new spawn"))
+    assert store.write(b).fenced == {}
