@@ -1084,6 +1084,8 @@ class Node:
 
     async def _terminate_agent(self, runner: Runner, reason: str) -> None:
         agent = runner.agent
+        if runner.interrupted:  # its handler was cancelled: it may not have unwound yet
+            runner.discard_unfinished()
         try:
             result = agent.terminate(reason)
             if asyncio.iscoroutine(result):

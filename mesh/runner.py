@@ -223,6 +223,8 @@ class Runner:
                         self._answer(env, error_response(err))
                 self.run_mailbox()
                 return
+            if self.interrupted:
+                self.discard_unfinished()
             if not self.interrupted:  # cancelled by the handler deadline
                 self._crash(envs, TimeoutError(f"handler ran past {self.node.timing.handler_timeout_s:g}s"), supervision.TIMEOUT)
             else:  # this incarnation was stopped or replaced: its callers try the next one
@@ -367,6 +369,13 @@ class Runner:
         self.unsaved, self.forgotten, self.effects = [], [], None
         log.warning("agent %s: back to its last committed state (seq %d): %s", self.name, self.seq, err)
         return True
+
+    def discard_unfinished(self) -> None:
+        """Undo what an interrupted handler changed: the state is the one its last finished
+        message left (a cancelled handler's half-made changes are never committed, just
+        as after a crash, and `terminate` sees the last good state)."""
+        if self.agent is not None and self.last_state is not None:
+            self.agent.state = msgpack.unpackb(self.last_state, raw=False)
 
     def interrupt(self) -> None:
         """Cancel the handler in flight because this incarnation ends; its callers get

@@ -63,3 +63,22 @@ async def _until(predicate, limit: int = 200):
             return
         await asyncio.sleep(0)
     raise AssertionError("the condition never held")
+
+
+async def test_an_orderly_stop_mid_handler_keeps_none_of_the_handlers_changes(cluster_factory):
+    """Before: SIGTERM (node shutdown) cancelled a running handler and then committed the
+    state it had half changed, with no reply recorded: the caller's retry ran it again."""
+    import kinds
+    c = await cluster_factory()
+    m = c.client()
+    placed = await m.spawn("w", "waiter")
+    node = c.nodes[placed["node"]]
+    call = asyncio.ensure_future(m.call("w", {"op": "wait", "key": "never"}, request_id="half"))
+    await c.run(_until(lambda: kinds.RUNS.get("never")))   # it changed its state and waits
+    await node.shutdown()
+    record = node.store.get("w")
+    assert msgpack.unpackb(record.state) is None           # the half-done change is not kept
+    call.cancel()
+    kinds.GATES.clear()
+    kinds.RUNS.clear()
+    await c.close()
