@@ -45,7 +45,8 @@ class Limits:
     max_message_bytes: int = 8 * 1024 * 1024
     mailbox: int = 10_000
     dedup_window: int = 1000           # replies kept per agent for repeated request ids ...
-    dedup_s: float = 300.0             # ... for this long
+    dedup_s: float = 300.0             # ... for this long (agent time)
+    dedup_min_s: float = 60.0          # none goes sooner than this, whatever dedup_window says
     batch: int = 512
     peer_rate: float = 500_000.0       # requests per second from one peer (0: unlimited)
     peer_burst: float = 100_000.0
@@ -53,7 +54,6 @@ class Limits:
     peer_decode_share: float = 0.5     # seconds of decoding one peer may cost per second ...
     peer_decode_burst_s: float = 2.0   # ... and at once; past it its frames are dropped unread
     max_elements: int = 100_000        # entries of one array or map from a peer that is no node
-    peer_out_bytes: int = 64 << 20     # answers to one peer queued and not yet taken by it
 
 
 @dataclass(frozen=True)
@@ -340,6 +340,7 @@ def parse(raw: dict, path: str = "<config>") -> Config:
         mailbox=lim.get("mailbox", int, Limits.mailbox, _positive),
         dedup_window=lim.get("dedup_window", int, Limits.dedup_window, _non_negative),
         dedup_s=lim.get("dedup_s", float, Limits.dedup_s, _positive),
+        dedup_min_s=lim.get("dedup_min_s", float, Limits.dedup_min_s, _non_negative),
         batch=lim.get("batch", int, Limits.batch, _positive),
         peer_rate=lim.get("peer_rate", float, Limits.peer_rate, _non_negative),
         peer_burst=lim.get("peer_burst", float, Limits.peer_burst, _positive),
@@ -347,7 +348,6 @@ def parse(raw: dict, path: str = "<config>") -> Config:
         peer_decode_share=lim.get("peer_decode_share", float, Limits.peer_decode_share, _positive),
         peer_decode_burst_s=lim.get("peer_decode_burst_s", float, Limits.peer_decode_burst_s, _positive),
         max_elements=lim.get("max_elements", int, Limits.max_elements, _positive),
-        peer_out_bytes=lim.get("peer_out_bytes", int, Limits.peer_out_bytes, _positive),
     )
     lim.done()
 

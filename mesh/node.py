@@ -593,7 +593,7 @@ class Node:
                     body["puts"].append(batch.puts[name].to_wire(name))
                 elif name in batch.deletes:
                     body["deletes"].append([name, batch.deletes[name]])
-                body["replies"] += [[name, rid, response, t] for rid, response, t in batch.replies.get(name, ())]
+                body["replies"] += [[name, *reply] for reply in batch.replies.get(name, ())]
                 body["forgotten"] += [[name, rid] for rid in batch.forgotten.get(name, ())]
         hosts = list(per_host)
         results = await asyncio.gather(*(self._replicate_to(h, per_host[h]) for h in hosts), return_exceptions=True)
@@ -943,7 +943,7 @@ class Node:
                 raise AlreadyExists(f"{name!r}: the store holds incarnation {record.incarnation}",
                                     {"incarnation": record.incarnation})
             seq, state = (record.seq, record.state) if record else (0, msgpack.packb(None))
-            window = OrderedDict((rid, (response, t)) for rid, response, t in replies)
+            window = OrderedDict((reply[0], reply[1:]) for reply in replies)
             mailbox, inflight = (old.mailbox, old.inflight) if old is not None else (None, {})
             restarts = old.restarts + 1 if old is not None else 0
         runner = Runner(self, name, body["kind"], body.get("args") or {}, inc)
@@ -952,6 +952,9 @@ class Node:
         runner.replicas = tuple(h for h in body.get("replicas") or () if h in self.config.hosts and h != self.spec.host)
         if window is not None:
             runner.window = window
+        # agent time goes on from the newest reply it recorded (or from the old runner's)
+        runner.resume_time(old.agent_now() if old is not None and old.window is window
+                           else max((entry[1] for entry in runner.window.values()), default=0.0))
         agent = cls()
         agent.name, agent._runner = name, runner
         try:
@@ -973,7 +976,7 @@ class Node:
         group = self._open
         group.batch.add_claim(name, Record(inc, seq, packed))
         # the replies that go with this state, and only those, to this host and its replicas
-        group.batch.add_replies(name, [(rid, r, t) for rid, (r, t) in runner.window.items()], [])
+        group.batch.add_replies(name, [(rid, *entry) for rid, entry in runner.window.items()], [])
         group.replicas[name] = runner.replicas
         runner.pending_group = group
         group.callbacks.append(lambda outcome: self._started(runner, origin, msg.id, outcome))

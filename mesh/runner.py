@@ -54,7 +54,8 @@ class Runner:
         "node", "name", "kind", "args", "agent", "incarnation", "seq", "status", "mailbox",
         "inflight", "window", "unsaved", "forgotten", "last_state", "pending_group", "effects", "stop_reason",
         "task", "started_at", "handled", "restarts", "_current_rid", "_nested", "supervisor",
-        "interrupted", "replicas", "superseded", "durable", "_rollback_error",
+        "interrupted", "replicas", "superseded", "durable", "_rollback_error", "time_base", "time_started",
+        "_running",
     )
 
     def __init__(self, node: "Node", name: str, kind: str, args: dict, incarnation: int):
@@ -65,12 +66,16 @@ class Runner:
         self.status = STARTING
         self.mailbox: deque[Envelope] | None = None
         self.inflight: dict[str, list] = {}
-        self.window: OrderedDict[str, tuple[bytes, float]] = OrderedDict()  # rid -> (response, time)
-        self.unsaved: list[tuple[str, bytes, float]] = []  # recorded since the last commit
+        # rid -> (response, agent time recorded, kept at least until, request digest)
+        self.window: OrderedDict[str, tuple[bytes, float, float, bytes | None]] = OrderedDict()
+        self.unsaved: list[tuple] = []  # replies recorded since the last commit (store.Reply)
+        self.time_base = 0.0            # agent time when this incarnation started ...
+        self.time_started = node.clock.now()  # ... and the node's clock then
         self.forgotten: list[str] = []                     # aged out since the last commit
         self.last_state: bytes | None = msgpack.packb(None)  # None: not durable, read the store
         self.durable: tuple[int, bytes] | None = None  # (seq, state) of its last commit
         self._rollback_error: CallError | None = None    # set while a rollback cancels a handler
+        self._running: list[Envelope] = []                 # the messages of the handler in hand
         self.pending_group = None
         self.effects: list | None = None
         self.stop_reason: str | None = None
@@ -108,11 +113,17 @@ class Runner:
             # reply of a call whose commit failed; the next incarnation's window is the store's
             recorded = self.window.get(rid) if self.status == RUNNING else None
             if recorded is not None:
+                if recorded[3] is not None and recorded[3] != wire.digest(msg.body):
+                    self.node.send_response(self, [env.origin], rid, error_response(_reused(rid)))
+                    return
                 self.node.stats["replayed"] += 1
                 self.node.send_response(self, [env.origin], rid, recorded[0])
                 return
             joined = self.inflight.get(rid)
             if joined is not None:
+                if not self._same_request(rid, msg.body):
+                    self.node.send_response(self, [env.origin], rid, error_response(_reused(rid)))
+                    return
                 joined.append(env.origin)
                 return
         if self.busy or self.mailbox:
@@ -137,7 +148,9 @@ class Runner:
             env = self.mailbox.popleft()
             if env.msg.kind == Kind.CALL and env.msg.id in self.window:
                 self.node.stats["replayed"] += 1  # waited here while an earlier attempt committed
-                self._answer(env, self.window[env.msg.id][0])
+                recorded = self.window[env.msg.id]
+                same = recorded[3] is None or recorded[3] == wire.digest(env.msg.body)
+                self._answer(env, recorded[0] if same else error_response(_reused(env.msg.id)))
                 continue
             if env.msg.kind == Kind.CALL and self.clock.now() > env.deadline:
                 # its caller has given up; running it now would only surprise
@@ -208,6 +221,7 @@ class Runner:
 
     def _start_task(self, envs: list[Envelope], coro, single: bool) -> None:
         self.started_at = self.clock.now()
+        self._running = envs
         self.task = asyncio.ensure_future(self._run_async(envs, coro, single))
         self.node.busy_runners.add(self)
 
@@ -250,6 +264,7 @@ class Runner:
 
     def _end_task(self) -> None:
         self.task = None
+        self._running = []
         self.node.busy_runners.discard(self)
 
     def _finish_batch(self, envs: list[Envelope], results: Any) -> None:
@@ -292,7 +307,7 @@ class Runner:
             self.last_state = packed
             for env, response in zip(envs, responses):
                 if response is not None:
-                    self._record(env.msg.id, response)
+                    self._record(env, response)
             self.node.mark_dirty(self)
             if effects:
                 self.node.queue_effects(self, effects)
@@ -303,25 +318,59 @@ class Runner:
             reason, self.stop_reason = self.stop_reason, None
             self.node.stop_runner(self, reason, supervision.NORMAL if reason == "normal" else supervision.CRASH)
 
-    def _record(self, rid: str, response: bytes) -> None:
-        """Keep the response for a repeat of `rid`: for `dedup_s` seconds, and at most
-        `dedup_window` of them (oldest out first)."""
+    def agent_now(self) -> float:
+        """The agent's own time: how long its incarnations have run, carried over from the
+        replies it recorded. Windows age by it, never by a host's wall clock, so a move to
+        a host whose clock is ahead expires nothing (and downtime only keeps replies longer)."""
+        return self.time_base + (self.clock.now() - self.time_started)
+
+    def resume_time(self, base: float) -> None:
+        self.time_base, self.time_started = base, self.clock.now()
+
+    def _record(self, env: Envelope, response: bytes) -> None:
+        """Keep the response for a repeat of the call's request id.
+
+        A reply is kept for `dedup_s` seconds of agent time. `dedup_window` bounds memory
+        only: past it the oldest replies go, but never one kept less than `dedup_min_s`
+        nor one whose caller may still be waiting for it (its deadline has not passed, or
+        it is not committed yet), so a retry within those bounds is always answered from
+        the record."""
         window, limits = self.window, self.node.limits
         if limits.dedup_window <= 0:
             return
-        now = self.clock.wall()
-        window[rid] = (response, now)
+        now = self.agent_now()
+        until = max(now + limits.dedup_min_s, now + (env.deadline - self.clock.now()))
+        rid = env.msg.id
+        entry = (response, now, until, wire.digest(env.msg.body))
+        window[rid] = entry
         window.move_to_end(rid)
-        self.unsaved.append((rid, response, now))
+        self.unsaved.append((rid, *entry))
         oldest = now - limits.dedup_s
-        while window and (len(window) > limits.dedup_window or next(iter(window.values()))[1] < oldest):
-            self.forgotten.append(window.popitem(last=False)[0])
+        unsaved = None
+        while window:
+            first, (_, t, kept_until, _) = next(iter(window.items()))
+            if t >= oldest and (len(window) <= limits.dedup_window or kept_until > now):
+                break
+            if unsaved is None:
+                unsaved = {r[0] for r in self.unsaved}
+            if first in unsaved:
+                break  # not even committed: its caller has not seen it
+            window.popitem(last=False)
+            self.forgotten.append(first)
 
     def take_replies(self) -> tuple[list, list]:
         """The replies recorded and forgotten since the last commit (for the next one)."""
         unsaved, forgotten = self.unsaved, self.forgotten
         self.unsaved, self.forgotten = [], []
         return unsaved, forgotten
+
+    def _same_request(self, rid: str, body: Any) -> bool:
+        """Whether a repeat of `rid` that arrives while the first is queued or in hand asks
+        for the same thing (compared only in this rare case)."""
+        for env in (*self._running, *(self.mailbox or ())):
+            if env.msg.id == rid:
+                return env.msg.body == body
+        return True
 
     def _answer(self, env: Envelope, response: bytes) -> None:
         origins = self.inflight.pop(env.msg.id, None) or [env.origin]
@@ -364,7 +413,7 @@ class Runner:
         self.agent.state = msgpack.unpackb(self.last_state, raw=False)
         for rid in lost_rids:
             self.window.pop(rid, None)
-        for rid, _, _ in self.unsaved:
+        for rid, *_ in self.unsaved:
             self.window.pop(rid, None)
         self.unsaved, self.forgotten, self.effects = [], [], None
         log.warning("agent %s: back to its last committed state (seq %d): %s", self.name, self.seq, err)
@@ -405,7 +454,9 @@ class Runner:
         if self._current_rid is None:
             return None
         self._nested += 1
-        return derived_id(self._current_rid, self._nested)
+        # scoped by this agent's name: two agents handling requests that share an id must
+        # not make calls that share one
+        return derived_id(f"{self.name}/{self._current_rid}", self._nested)
 
     async def call_out(self, name: str, msg: Any, timeout: float | None) -> Any:
         timeout = timeout if timeout is not None else self.node.timing.call_timeout_s
@@ -432,6 +483,11 @@ class Runner:
 
     async def spawn_out(self, name: str, kind: str, args: dict, restart: str) -> dict:
         return await self.node.spawn_via_supervisor(name, kind, args, restart, self._next_rid())
+
+
+def _reused(rid: str) -> BadRequest:
+    return BadRequest(f"request id {rid!r} was used before for a different request: "
+                      f"a request id names one request (use a new id for a new one)")
 
 
 def error_response(err: CallError) -> bytes:

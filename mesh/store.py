@@ -9,7 +9,7 @@ Every agent has one record, name -> [format, incarnation, seq, state]:
 a fence per agent, name -> incarnation: the incarnation about to start read the record
 under it, so no older one may write after that read (its write would be lost under the
 new incarnation's first record); and the replies it recorded for exactly-once calls, each under its own key
-name\0request-id -> [packed response, wall time], written once with the commit that
+name\0request-id -> [packed response, agent time, kept until, request digest], written once with the commit that
 produced it and deleted when it ages out of the agent's window, so a large window costs
 nothing per commit. A record's replies are written only if the record itself is (a
 fenced, stale incarnation must not leave replies for effects that were never kept).
@@ -89,7 +89,26 @@ def decode_record(name: str, raw: bytes) -> Record:
     return Record(inc, seq, state)
 
 
-Reply = tuple[str, bytes, float]  # request id, tagged packed response, wall time recorded
+# request id, tagged packed response, agent time recorded, agent time it is kept at least
+# until, digest of the request (None in records older than digests). Agent time is the
+# agent's own running time (see Runner.agent_now): it moves with the agent between hosts.
+Reply = tuple[str, bytes, float, float, "bytes | None"]
+
+
+def _reply(rid: str, fields: Any) -> Reply:
+    """A reply from its stored or sent fields: [response, t] (older stores) or
+    [response, t, until, digest]; ValueError if it is neither."""
+    if isinstance(fields, (list, tuple)) and len(fields) == 2:
+        response, t = fields
+        until, digest = t, None
+    elif isinstance(fields, (list, tuple)) and len(fields) == 4:
+        response, t, until, digest = fields
+    else:
+        raise ValueError("a recorded reply is [response, time] or [response, time, until, digest]")
+    if not (isinstance(rid, str) and isinstance(response, bytes) and isinstance(t, (int, float))
+            and isinstance(until, (int, float)) and (digest is None or isinstance(digest, bytes))):
+        raise ValueError("a recorded reply has fields of the wrong types")
+    return rid, response, float(t), float(until), digest
 
 
 MAX_KEY_BYTES = 511  # LMDB's default build; Store checks its environment's own figure
@@ -103,10 +122,9 @@ def replies_from_wire(items: Any) -> list[Reply]:
     """Recorded replies sent by another node; ValueError if they are not."""
     out = []
     for item in items or ():
-        if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
-                and isinstance(item[1], bytes) and isinstance(item[2], (int, float))):
-            raise ValueError("a recorded reply is [request id, response, time]")
-        out.append((item[0], item[1], float(item[2])))
+        if not (isinstance(item, list) and item):
+            raise ValueError("a recorded reply is [request id, response, time, until, digest]")
+        out.append(_reply(item[0], item[1:]))
     return out
 
 
@@ -185,7 +203,7 @@ class Batch:
         bad = {}
         for name in self.names():
             size = len(name.encode())
-            longest = max((len(rid.encode()) for rid, _, _ in self.replies.get(name, ())), default=0)
+            longest = max((len(r[0].encode()) for r in self.replies.get(name, ())), default=0)
             longest = max(longest, max((len(rid.encode()) for rid in self.forgotten.get(name, ())), default=0))
             if size > max_key or (longest and size + 1 + longest > max_key):
                 bad[name] = (f"a store key of {max(size, size + 1 + longest)} bytes exceeds "
@@ -259,8 +277,7 @@ class Store:
                 if not key.startswith(prefix):
                     break
                 try:
-                    response, t = msgpack.unpackb(value)
-                    out.append((key[len(prefix):].decode(), response, float(t)))
+                    out.append(_reply(key[len(prefix):].decode(), msgpack.unpackb(value)))
                 except Exception:
                     log.error("an unreadable recorded reply of %r is skipped", name)
         return sorted(out, key=lambda r: r[2])
@@ -347,8 +364,8 @@ class Store:
             for name, items in batch.replies.items():
                 if name in out.fenced or name in batch.deletes:
                     continue
-                for rid, response, t in items:
-                    txn.put(reply_key(name, rid), msgpack.packb([response, t]), db=self.replies_db)
+                for rid, *fields in items:
+                    txn.put(reply_key(name, rid), msgpack.packb(fields), db=self.replies_db)
             for name, rids in batch.forgotten.items():
                 if name not in out.fenced:
                     for rid in rids:

@@ -25,6 +25,7 @@ See docs/protocol.md for the kinds and their bodies.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from enum import IntEnum
 from typing import Any, Callable
@@ -213,6 +214,11 @@ def batch_frame(frames: list[bytes]) -> bytes:
     n = len(frames)
     header = bytes((0xdc, n >> 8, n & 0xff)) if n > 15 else bytes((0x90 | n,))
     return b"".join((_BATCH_HEAD, header, *frames, _NIL))
+
+
+def digest(body: Any) -> bytes:
+    """A short fingerprint of a request's body: a repeated request id must ask the same."""
+    return hashlib.blake2b(msgpack.packb(body), digest_size=12).digest()
 
 
 def fits(text: str, max_bytes: int) -> bool:

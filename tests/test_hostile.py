@@ -43,9 +43,9 @@ def test_a_record_the_store_cannot_key_fails_alone(tmp_path):
     try:
         b = Batch()
         b.add_put("good", Record(1, 1, msgpack.packb("kept")))
-        b.add_replies("good", [("r1", b"R\xc0", 1.0)], [])
+        b.add_replies("good", [("r1", b"R\xc0", 1.0, 61.0, None)], [])
         b.add_put("bad", Record(1, 1, msgpack.packb("refused")))
-        b.add_replies("bad", [("x" * 600, b"R\xc0", 1.0)], [])
+        b.add_replies("bad", [("x" * 600, b"R\xc0", 1.0, 61.0, None)], [])
         out = store.write(b)
         assert out.error is None
         assert set(out.failed) == {"bad"} and "exceeds" in out.failed["bad"]

@@ -82,3 +82,87 @@ async def test_an_orderly_stop_mid_handler_keeps_none_of_the_handlers_changes(cl
     kinds.GATES.clear()
     kinds.RUNS.clear()
     await c.close()
+
+
+class HeldCommitter:
+    def __init__(self, store):
+        self.store, self.held = store, []
+
+    def submit(self, batch, done):
+        self.held.append((batch, done))
+
+    def release(self):
+        held, self.held = self.held, []
+        for batch, done in held:
+            done(self.store.write(batch))
+
+    def close(self):
+        pass
+
+
+async def test_a_commit_group_larger_than_the_window_keeps_every_reply_it_records(cluster_factory):
+    """Before: with more changing calls in one commit group than dedup_window (8 here),
+    the group trimmed its own replies before they were committed, and the callers'
+    retries ran again (113 values appended twice in a run with the shipped window of 32)."""
+    c = await cluster_factory()
+    m = c.client()
+    placed = await m.spawn("l1", "ledger")
+    node = c.nodes[placed["node"]]
+    held = node.committer = HeldCommitter(node.store)
+    calls = [asyncio.ensure_future(m.call("l1", {"op": "append", "value": i}, request_id=f"r{i}"))
+             for i in range(20)]
+    await c.settle()
+    held.release()
+    await c.settle()
+    held.submit = lambda batch, done: done(node.store.write(batch))  # commits at once from now on
+    assert sorted(await asyncio.gather(*calls)) == list(range(20))
+    retries = [await m.call("l1", {"op": "append", "value": i}, request_id=f"r{i}") for i in range(20)]
+    assert sorted(retries) == list(range(20))
+    assert len(await m.call("l1", {"op": "read"})) == 20
+    await c.close()
+
+
+async def test_a_reply_window_survives_a_move_to_a_host_whose_clock_is_ahead(cluster_factory):
+    """Before: replies were stamped with the wall clock of the host that ran the agent, so
+    after a move to a host ten minutes ahead a retry of a recent id ran again."""
+    c = await cluster_factory(limits="dedup_s = 300")
+    m = c.client()
+    placed = await m.spawn("l1", "ledger")
+    assert await m.call("l1", {"op": "append", "value": "once"}, request_id="pay-1") == 0
+    import time
+    for n in c.nodes.values():
+        n.clock.wall = lambda: time.time() + 600      # every clock but the one that recorded it
+    await c.restart(placed["node"])  # kill -9, and the launcher starts it again at once
+    assert await c.run(m.call("l1", {"op": "append", "value": "next"}, request_id="pay-2")) == 1
+    assert await m.call("l1", {"op": "append", "value": "once"}, request_id="pay-1") == 0
+    assert await m.call("l1", {"op": "read"}) == ["once", "next"]
+    await c.close()
+
+
+async def test_one_request_id_for_two_different_requests_is_refused(cluster_factory):
+    """Before: two callers who chose the same id for different requests got each other's
+    reply, and the second write, acknowledged, never happened."""
+    from mesh.errors import BadRequest
+    c = await cluster_factory()
+    m = c.client()
+    await m.spawn("l1", "ledger")
+    assert await m.call("l1", {"op": "append", "value": "alice"}, request_id="same") == 0
+    with pytest.raises(BadRequest, match="different request"):
+        await m.call("l1", {"op": "append", "value": "bob"}, request_id="same")
+    assert await m.call("l1", {"op": "append", "value": "alice"}, request_id="same") == 0
+    assert await m.call("l1", {"op": "read"}) == ["alice"]
+    await c.close()
+
+
+async def test_calls_that_two_agents_make_for_requests_of_one_id_do_not_collide(cluster_factory):
+    """Before: agents derived the ids of their own calls from the request's (`outer>n`),
+    so two relays handling requests that happened to share an id made one call twice."""
+    c = await cluster_factory()
+    m = c.client()
+    for name in ("a", "b"):
+        await m.spawn(name, "relay")
+    await m.spawn("c1", "counter")
+    await m.call("a", {"to": "c1", "msg": {"op": "add", "n": 1}}, request_id="shared")
+    await m.call("b", {"to": "c1", "msg": {"op": "add", "n": 1}}, request_id="shared")
+    assert await m.call("c1", {"op": "get"}) == 2
+    await c.close()

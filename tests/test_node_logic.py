@@ -110,14 +110,17 @@ async def test_recorded_replies_survive_a_node_kill(cluster_factory):
     await c.close()
 
 
-async def test_dedup_window_is_bounded(cluster_factory):
-    c = await cluster_factory()  # dedup_window = 8
+async def test_dedup_window_is_bounded_but_never_below_its_minimum_age(cluster_factory):
+    c = await cluster_factory(limits="dedup_min_s = 10")  # dedup_window = 8
     m = c.client()
     await m.spawn("l1", "ledger")
     for i in range(12):
         await m.call("l1", {"op": "append", "value": i}, request_id=f"r{i}")
+    assert await m.call("l1", {"op": "append", "value": 0}, request_id="r0") == 0  # 12 > 8, all young
+    await c.advance(11)
+    await m.call("l1", {"op": "append", "value": 12}, request_id="r12")  # now the window is trimmed to 8
     assert await m.call("l1", {"op": "append", "value": 11}, request_id="r11") == 11
-    assert await m.call("l1", {"op": "append", "value": 0}, request_id="r0") == 12  # forgotten
+    assert await m.call("l1", {"op": "append", "value": 0}, request_id="r0") == 13  # forgotten
     await c.close()
 
 

@@ -180,17 +180,17 @@ async def test_committer_thread_commits_in_order_and_reports_on_the_loop(tmp_pat
 def test_recorded_replies_live_beside_the_record_and_share_its_fate(store):
     b = Batch()
     b.add_put("a", rec(2))
-    b.add_replies("a", [("r1", b"R\x01", 1.0), ("r2", b"R\x02", 2.0)], [])
+    b.add_replies("a", [("r1", b"R\x01", 1.0, 61.0, b"d1"), ("r2", b"R\x02", 2.0, 62.0, None)], [])
     store.write(b)
-    assert store.replies("a") == [("r1", b"R\x01", 1.0), ("r2", b"R\x02", 2.0)]
+    assert store.replies("a") == [("r1", b"R\x01", 1.0, 61.0, b"d1"), ("r2", b"R\x02", 2.0, 62.0, None)]
     b = Batch()
     b.add_put("a", rec(2, 2))
-    b.add_replies("a", [("r3", b"R\x03", 3.0)], ["r1"])
+    b.add_replies("a", [("r3", b"R\x03", 3.0, 63.0, None)], ["r1"])
     store.write(b)
     assert [r[0] for r in store.replies("a")] == ["r2", "r3"]
     b = Batch()  # a stale incarnation's replies are fenced with its record
     b.add_put("a", rec(1, 9))
-    b.add_replies("a", [("stale", b"R\x00", 4.0)], [])
+    b.add_replies("a", [("stale", b"R\x00", 4.0, 64.0, None)], [])
     assert store.write(b).fenced == {"a": 2}
     assert [r[0] for r in store.replies("a")] == ["r2", "r3"]
     b = Batch()
@@ -236,3 +236,10 @@ def test_a_delete_leaves_its_fence_so_an_older_start_cannot_write_the_name_back(
     b = Batch()
     b.add_claim("a", rec(8, state="new spawn"))
     assert store.write(b).fenced == {}
+
+
+def test_replies_recorded_by_an_older_release_still_read(store):
+    """[response, wall time] values, from before replies carried a keep-until and a digest."""
+    with store.env.begin(write=True) as txn:
+        txn.put(b"a\0old", msgpack.packb([b"R\x01", 1700000000.0]), db=store.replies_db)
+    assert store.replies("a") == [("old", b"R\x01", 1700000000.0, 1700000000.0, None)]
