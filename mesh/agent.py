@@ -151,6 +151,8 @@ class Agent:
         depends on its restart type: 'normal' is a normal exit, anything else abnormal."""
         self._runner.request_stop(reason)
 
-    async def spawn(self, name: str, kind: str, args: dict | None = None, restart: str = "permanent") -> dict:
-        """Start another agent under the dynamic supervisor; returns {name, node, incarnation}."""
-        return await self._runner.spawn_out(name, kind, args or {}, restart)
+    async def spawn(self, name: str, kind: str, args: dict | None = None, restart: str = "permanent",
+                    supervisor: str | None = None) -> dict:
+        """Start another agent under a dynamic supervisor (`supervisor`, default the
+        config's [supervisor] dynamic one); returns {name, node, incarnation}."""
+        return await self._runner.spawn_out(name, kind, args or {}, restart, supervisor)

@@ -141,8 +141,9 @@ def _with_restarts(cfg: config_mod.Config, max_restarts: int | None) -> config_m
 @click.argument("kind")
 @click.option("--args", "args_json", default="{}", help="JSON object passed to the agent's init")
 @click.option("--restart", type=click.Choice(["permanent", "transient", "temporary"]), default="permanent")
-def spawn(config_path, key, name, kind, args_json, restart):
-    """Start agent NAME of KIND under the dynamic supervisor."""
+@click.option("--supervisor", default=None, help="the dynamic supervisor to start it under (default: [supervisor] dynamic)")
+def spawn(config_path, key, name, kind, args_json, restart, supervisor):
+    """Start agent NAME of KIND under a dynamic supervisor."""
     args = _json_arg(args_json, "--args")
     if not isinstance(args, dict):
         raise click.BadParameter("--args must be a JSON object")
@@ -151,7 +152,7 @@ def spawn(config_path, key, name, kind, args_json, restart):
         allowed = ", ".join(sorted(cfg.kinds)) or "none"
         click.echo(f"mesh: NotAllowed: kind {kind!r} is not in the config's allow-list ({allowed})", err=True)
         sys.exit(1)
-    result = _run(lambda c: c.spawn(name, kind, args, restart), cfg)
+    result = _run(lambda c: c.spawn(name, kind, args, restart, supervisor), cfg)
     click.echo(_to_json(result))
 
 

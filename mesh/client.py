@@ -188,8 +188,9 @@ class SyncClient:
     def cast(self, name: str, msg: Any) -> None:
         self._run(self._client.cast(name, msg))
 
-    def spawn(self, name: str, kind: str, args: dict | None = None, restart: str = "permanent") -> dict:
-        return self._run(self._client.spawn(name, kind, args, restart))
+    def spawn(self, name: str, kind: str, args: dict | None = None, restart: str = "permanent",
+              supervisor: str | None = None) -> dict:
+        return self._run(self._client.spawn(name, kind, args, restart, supervisor))
 
     def stop(self, name: str) -> dict:
         return self._run(self._client.stop(name))

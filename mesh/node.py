@@ -1137,8 +1137,11 @@ class Node:
                 self.respond(origin, msg.id, result)
         self._spawn(forward())
 
-    async def spawn_via_supervisor(self, name: str, kind: str, args: dict, restart: str, rid: str | None) -> dict:
+    async def spawn_via_supervisor(self, name: str, kind: str, args: dict, restart: str, rid: str | None,
+                                   supervisor: str | None = None) -> dict:
         body = {"name": name, "kind": kind, "args": args, "restart": restart}
+        if supervisor:
+            body["supervisor"] = supervisor
         return await self.caller.request(self.config.supervisor_node, Kind.SPAWN, None, body,
                                          self.timing.call_timeout_s, rid=rid)
 

@@ -383,8 +383,8 @@ class Runner:
         if self.effects is not None:
             self.effects.append(("stop",))
 
-    async def spawn_out(self, name: str, kind: str, args: dict, restart: str) -> dict:
-        return await self.node.spawn_via_supervisor(name, kind, args, restart, self._next_rid())
+    async def spawn_out(self, name: str, kind: str, args: dict, restart: str, supervisor: str | None = None) -> dict:
+        return await self.node.spawn_via_supervisor(name, kind, args, restart, self._next_rid(), supervisor)
 
 
 def error_response(err: CallError) -> bytes:

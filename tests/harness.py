@@ -41,6 +41,7 @@ lifecycle = "kinds:Lifecycle"
 failsinit = "kinds:FailsInit"
 notagent = "kinds:NotAnAgent"
 missing = "kinds_that_do_not_exist:Nothing"
+spawner = "kinds:Spawner"
 
 [hosts.h1]
 address = "127.0.0.1"

@@ -83,3 +83,10 @@ class FailsInit(Agent):
 
 class NotAnAgent:
     pass
+
+
+class Spawner(Agent):
+    """Spawns other agents from inside a handler: {"name", "kind", "supervisor"?}."""
+
+    async def handle_call(self, msg, ctx):
+        return await self.spawn(msg["name"], msg["kind"], supervisor=msg.get("supervisor"))

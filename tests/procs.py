@@ -65,7 +65,10 @@ node = "n1"
 dynamic = "sessions"
 
 [tree.root]
-children = ["sessions", "stats"]
+children = ["sessions", "jobs", "stats"]
+
+[tree.jobs]
+dynamic = true
 
 [tree.stats]
 strategy = "one_for_all"

@@ -463,6 +463,26 @@ async def test_stop_forgets_the_agent_and_its_state(cluster_factory):
     await c.close()
 
 
+JOBS = """
+[tree.jobs]
+dynamic = true
+"""
+
+
+async def test_spawn_names_a_dynamic_supervisor_from_a_client_and_from_an_agent(cluster_factory):
+    c = await cluster_factory(JOBS)
+    m = c.client()
+    await m.spawn("j1", "counter", supervisor="jobs")
+    await m.spawn("sp", "spawner")
+    await m.call("sp", {"name": "j2", "kind": "counter", "supervisor": "jobs"})
+    await m.call("sp", {"name": "s1", "kind": "counter"})
+    parents = {a["name"]: a["supervisor"] for a in (await m.status())["agents"]}
+    assert parents == {"j1": "jobs", "j2": "jobs", "sp": "sessions", "s1": "sessions"}
+    with pytest.raises(BadRequest, match="'root' is not a dynamic supervisor"):
+        await m.call("sp", {"name": "x", "kind": "counter", "supervisor": "root"})
+    await c.close()
+
+
 async def test_callers_are_redirected_to_where_the_agent_lives(cluster_factory):
     c = await cluster_factory()
     m = c.client()

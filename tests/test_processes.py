@@ -46,11 +46,14 @@ def test_cli_contract(runs, cfg):
     first = cli(cfg, "call", "c1", '{"op": "add"}', "--request-id", "once")
     again = cli(cfg, "call", "c1", '{"op": "add"}', "--request-id", "once")
     assert first.stdout == again.stdout == "9\n"
+    r = cli(cfg, "spawn", "j1", "counter", "--supervisor", "jobs")
+    assert r.returncode == 0, r.stderr
 
     st = json.loads(cli(cfg, "status", "--json").stdout)
     assert [n["name"] for n in st["nodes"]] == ["n1", "n2", "n3"] and all(n["alive"] for n in st["nodes"])
     agents = {a["name"]: a for a in st["agents"]}
-    assert set(agents) == {"c1", "hits", "misses"}
+    assert set(agents) == {"c1", "j1", "hits", "misses"}
+    assert agents["j1"]["supervisor"] == "jobs" and agents["c1"]["supervisor"] == "sessions"
     assert {"kind", "node", "incarnation", "restarts", "mailbox"} <= set(agents["c1"])
     table = cli(cfg, "status").stdout
     assert "NODE" in table and "c1" in table and "supervisor" in table
@@ -66,6 +69,7 @@ def test_cli_contract(runs, cfg):
         (("call", "c1", "not json"), 2, "not valid JSON"),
         (("spawn", "x", "counter", "--args", "[1]"), 2, "JSON object"),
         (("spawn", "x", "counter", "--restart", "sometimes"), 2, "sometimes"),
+        (("spawn", "x", "counter", "--supervisor", "stats"), 1, "'stats' is not a dynamic supervisor"),
     ]:
         r = cli(cfg, *args)
         assert r.returncode == code, (args, r.stdout, r.stderr)
@@ -199,6 +203,8 @@ def test_sync_client(runs, cfg):
     runs("up", "-c", str(cfg))
     with mesh.connect_sync(cfg) as m:
         m.spawn("s1", "ledger")
+        m.spawn("j1", "counter", supervisor="jobs")
+        assert {a["name"]: a["supervisor"] for a in m.status()["agents"]}["j1"] == "jobs"
         assert m.call("s1", {"op": "append", "value": 1}) == 0
         m.cast("s1", {"op": "noop"})
         with pytest.raises(NoSuchAgent):
