@@ -982,7 +982,7 @@ class Node:
 
     def report_exit(self, runner: Runner, how: str, reason: str) -> None:
         body = {"name": runner.name, "incarnation": runner.incarnation, "how": how,
-                "reason": reason, "node": self.name}
+                "reason": reason if isinstance(reason, str) else repr(reason)[:500], "node": self.name}
         try:
             self.send(self.config.supervisor_node, wire.encode(Kind.EXIT, None, None, f"node:{self.name}", None, body))
         except CallError as err:

@@ -282,7 +282,7 @@ class Runner:
                 self._answer(env, response)
         if self.stop_reason is not None:
             reason, self.stop_reason = self.stop_reason, None
-            self.node.stop_runner(self, reason, supervision.NORMAL if reason == "normal" else supervision.CRASH)
+            self.node.stop_runner(self, reason, supervision.stop_exit(reason))
 
     def _record(self, rid: str, response: bytes) -> None:
         """Keep the response for a repeat of `rid`: for `dedup_s` seconds, and at most

@@ -70,6 +70,16 @@ class SupervisorSpec:
     dynamic: bool = False
 
 
+def stop_exit(reason) -> str:
+    """How an agent that stopped itself with `reason` exited. As in OTP, "normal",
+    "shutdown" and ("shutdown", anything) are normal exits; any other reason is abnormal."""
+    if reason in ("normal", "shutdown"):
+        return NORMAL
+    if isinstance(reason, (tuple, list)) and len(reason) == 2 and reason[0] == "shutdown":
+        return NORMAL
+    return CRASH
+
+
 def should_restart(restart: str, how: str) -> bool:
     """Whether a child that ended `how` is restarted under restart type `restart`."""
     if how == LOST:

@@ -358,6 +358,22 @@ async def test_restart_types(cluster_factory):
     await c.close()
 
 
+async def test_shutdown_reasons_are_normal_exits_for_transient_agents(cluster_factory):
+    c = await cluster_factory()
+    m = c.client()
+    for name, reason in (("t1", "shutdown"), ("t2", ["shutdown", "job done"])):
+        await m.spawn(name, "lifecycle", restart="transient")
+        assert await m.call(name, {"op": "stop", "reason": reason}) == "stopping"
+    await m.spawn("p1", "lifecycle", restart="permanent")
+    await m.call("p1", {"op": "stop", "reason": "shutdown"})
+    await c.settle()
+    for name in ("t1", "t2"):
+        with pytest.raises(NoSuchAgent):
+            await m.call(name, {"op": "events"})
+    assert await m.call("p1", {"op": "events"}) == ["init", "terminate shutdown", "init"]
+    await c.close()
+
+
 async def test_unserializable_state_or_reply_is_a_crash(cluster_factory):
     c = await cluster_factory()
     m = c.client()

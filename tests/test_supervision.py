@@ -17,6 +17,14 @@ def test_should_restart(restart, how, expected):
     assert sv.should_restart(restart, how) is expected
 
 
+@pytest.mark.parametrize("reason, how", [
+    ("normal", sv.NORMAL), ("shutdown", sv.NORMAL), (("shutdown", "done"), sv.NORMAL), (["shutdown", 3], sv.NORMAL),
+    ("broken", sv.CRASH), (("shutdown",), sv.CRASH), (("other", "x"), sv.CRASH), ("Shutdown", sv.CRASH),
+])
+def test_stop_reasons_that_are_normal_exits(reason, how):
+    assert sv.stop_exit(reason) == how
+
+
 def test_strategies_pick_the_children_to_restart():
     kids = ["a", "b", "c", "d"]
     assert sv.to_restart("one_for_one", kids, "b") == ["b"]
