@@ -32,6 +32,7 @@ import msgpack
 
 from . import supervision as sv
 from . import wire
+from .clock import Backoff
 from .errors import (AgentCrashed, AgentDown, AlreadyExists, BadRequest, CallError, CallTimeout, NoSuchAgent,
                      NotAllowed, Unavailable)
 from .node import Node, Origin
@@ -188,11 +189,15 @@ class SupervisorRole:
         inventories = self._inventories
 
         async def ask(name: str) -> None:
+            backoff = Backoff(self.clock)
             while self.clock.now() < deadline and name not in inventories:
                 try:
                     body = await self.node.caller.request(name, Kind.INVENTORY, None, None,
                                                           max(0.05, min(self.config.timing.heartbeat_s, deadline - self.clock.now())))
-                except CallError:
+                except CallTimeout:
+                    continue
+                except CallError:  # its link is down: each try would fail at once
+                    await backoff.wait(deadline, self.node.caller.link_up())
                     continue
                 view = self.nodes[name]
                 if name not in inventories:

@@ -1,5 +1,6 @@
 """The real thing: `mesh up` process trees, the CLI, kill -9, clean stops."""
 
+import asyncio
 import json
 import os
 import signal
@@ -8,7 +9,9 @@ import time
 import pytest
 
 import mesh
+from mesh.config import load
 from mesh.errors import AgentCrashed, NoSuchAgent
+from mesh.wire import Kind
 from procs import MeshRun, alive, mesh_cmd, wait_gone, write_config
 
 
@@ -28,6 +31,10 @@ def runs():
 @pytest.fixture
 def cfg(tmp_path):
     return write_config(tmp_path)
+
+
+def cfg_nodes(cfg):
+    return list(load(cfg).nodes)
 
 
 def cli(cfg, *args, timeout=30):
@@ -112,6 +119,31 @@ async def test_kill_9_of_a_node_its_agents_answer_again_with_state(runs, cfg):
         run.wait_for(rf"node {victim} restarted", start=mark)
         assert run.pids[victim] != old_pid and not alive(old_pid)
         assert took < 5
+
+
+@pytest.mark.async_timeout(90)
+async def test_a_call_while_every_node_is_down_waits_without_spinning_and_succeeds_soon_after(runs, cfg):
+    run = runs("up", "-c", str(cfg))
+    async with mesh.connect(cfg) as m:
+        await m.spawn("c1", "counter")
+        await m.call("c1", {"op": "add", "n": 4})
+        for node in cfg_nodes(cfg):  # a connection to every node, each known up
+            await m.caller.request(node, Kind.WHEREIS, "c1", {}, 5)
+        node_pids = list(run.pids.values())
+        assert run.stop() == 0
+        assert wait_gone(node_pids, 10) == []
+        wall0, cpu0 = time.monotonic(), time.process_time()
+        call = asyncio.ensure_future(m.call("c1", {"op": "get"}, timeout=30))
+        await asyncio.sleep(1.5)  # the outage's length (no event is awaited): the call retries meanwhile
+        assert not call.done()
+        await asyncio.to_thread(runs, "up", "-c", str(cfg))
+        back = time.monotonic()
+        assert await call == 4
+        done = time.monotonic()
+        cpu, wall = time.process_time() - cpu0, done - wall0
+        # spinning took a whole core; waiting with backoff takes a few percent of one
+        assert cpu < 0.25 * wall + 0.3, (cpu, wall)
+        assert done - back < 3, done - back  # recovery is noticed at once, not at the deadline
 
 
 async def test_supervisor_node_killed_agents_keep_serving_and_come_back(runs, cfg):
