@@ -128,6 +128,7 @@ class SupervisorRole:
         self.replica_use: Counter = Counter()  # host -> children it holds copies for
         self._registry_scheduled = False
         self.tree_failed = False
+        self._forgetting: dict[str, asyncio.Future] = {}  # name -> done once its state is deleted
 
     # --- boot ------------------------------------------------------------------------------------
 
@@ -503,6 +504,8 @@ class SupervisorRole:
                 self._forget_dynamic(child)
             self.table.remove(name)
             self._schedule_registry()
+            if child.spec.restart != "permanent":  # gone for good: so is its state
+                self._forget_state(child, incarnation, f"exited for good ({how})")
             return
         async with sup.lock:
             if sup.failed or child.incarnation != incarnation or child.status in (STOPPED, STOPPING, FAILED):
@@ -766,6 +769,9 @@ class SupervisorRole:
 
     async def _spawn_child(self, child: Child, origin: Origin, rid: str) -> None:
         spec = child.spec
+        forgetting = self._forgetting.get(spec.name)
+        if forgetting is not None:  # an earlier agent of this name exited for good: its state goes first
+            await asyncio.shield(forgetting)
         key = _DYNAMIC_PREFIX + spec.name
         record = {"name": spec.name, "kind": spec.kind, "args": spec.args, "restart": spec.restart, "parent": child.parent}
         outcome = await self.node.commit_meta({key: msgpack.packb(record)})
@@ -790,6 +796,26 @@ class SupervisorRole:
             if child.spec.name in sup.children:
                 sup.children.remove(child.spec.name)
         self._spawn(self.node.commit_meta({}, [_DYNAMIC_PREFIX + child.spec.name, _PLACE_PREFIX + child.spec.name]))
+
+    def _forget_state(self, child: Child, incarnation: int, reason: str) -> None:
+        """Delete the state (and its copies) of an incarnation that exited for good, so a
+        later spawn of the name, of any kind, starts from nothing. A spawn of the name
+        waits for this (see _spawn_child); the delete is fenced by incarnation, so it never
+        removes a newer incarnation's record."""
+        name = child.spec.name
+        node = child.node if child.node and self.nodes[child.node].alive else self._any_node_on_host(child.node)
+        copies = tuple(sorted({h for hosts in child.holders for h in hosts} | set(child.replicas)))
+        done = asyncio.get_running_loop().create_future()
+        self._forgetting[name] = done
+
+        async def forget() -> None:
+            try:
+                await self._terminate_instance(node, name, incarnation, reason, forget=True, replicas=copies)
+            finally:
+                if self._forgetting.get(name) is done:
+                    del self._forgetting[name]
+                done.set_result(None)
+        self._spawn(forget())
 
     def _on_stop(self, msg: wire.Msg, origin: Origin) -> None:
         name = msg.target

@@ -358,6 +358,38 @@ async def test_restart_types(cluster_factory):
     await c.close()
 
 
+async def test_an_agent_gone_for_good_leaves_no_state_for_a_later_one_of_its_name(cluster_factory):
+    c = await cluster_factory()
+    m = c.client()
+    await m.spawn("t1", "lifecycle", restart="transient")
+    await m.call("t1", {"op": "stop"})             # a normal exit: not restarted
+    await m.spawn("t2", "counter", restart="temporary")
+    await m.call("t2", {"op": "add", "n": 5})
+    with pytest.raises(AgentCrashed):               # a crash: temporary, not restarted
+        await m.call("t2", {"op": "crash"})
+    await c.settle()
+    assert c.stores["h1"].get("t1") is None and c.stores["h1"].get("t2") is None
+    await m.spawn("t1", "counter")                  # another kind under the same name
+    assert await m.call("t1", {"op": "get"}) == 0
+    await m.spawn("t2", "counter")
+    assert await m.call("t2", {"op": "get"}) == 0
+    await c.close()
+
+
+async def test_a_spawn_right_after_an_exit_for_good_starts_from_nothing(cluster_factory):
+    c = await cluster_factory()
+    m = c.client()
+    await m.spawn("t", "counter", restart="temporary")
+    await m.call("t", {"op": "add", "n": 5})
+    with pytest.raises(AgentCrashed):
+        await m.call("t", {"op": "crash"})
+    while "t" in c.role.children:                   # the exit reaches the supervisor
+        await asyncio.sleep(0)
+    await m.spawn("t", "counter")                   # while the delete may be on its way
+    assert await m.call("t", {"op": "get"}) == 0
+    await c.close()
+
+
 async def test_shutdown_reasons_are_normal_exits_for_transient_agents(cluster_factory):
     c = await cluster_factory()
     m = c.client()
