@@ -211,7 +211,7 @@ def status(config_path, key, as_json):
     click.echo()
     click.echo(_table(["AGENT", "KIND", "NODE", "INCARNATION", "RESTARTS", "MAILBOX", "STATUS"],
                       [[a["name"], a["kind"], a["node"] or "-", a["incarnation"], a["restarts"],
-                        a["mailbox"], a["status"]] for a in st["agents"]]))
+                        a["mailbox"], _agent_status(a)] for a in st["agents"]]))
     if st.get("failed"):
         click.echo("\nthe root supervisor gave up: no agent is restarted until the supervisor restarts")
 
@@ -286,6 +286,12 @@ def _all_keys(config_path: str | None) -> None:
         create_keypair(keys_dir, name)
         click.echo(f"{name}: created in {keys_dir}")
     click.echo("copy each node's NAME.key_secret to its host only; every host needs all the NAME.key files")
+
+
+def _agent_status(agent: dict) -> str:
+    if agent["status"] == "backoff":  # a crash loop, slowed down
+        return f"backoff {agent.get('restart_in_s', 0):g}s ({agent.get('streak', 0)} in a row)"
+    return agent["status"]
 
 
 def _table(header: list[str], rows: list[list]) -> str:

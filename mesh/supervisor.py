@@ -50,9 +50,9 @@ _DYNAMIC_PREFIX = "sup/child/"
 _PLACE_PREFIX = "sup/place/"
 _EPOCH_KEY = "sup/epoch"
 
-# child status
-PENDING, STARTING, RUNNING, STOPPING, STOPPED, FAILED = (
-    "pending", "starting", "running", "stopping", "stopped", "failed")
+# child status (BACKOFF: it exited and waits out its restart backoff)
+PENDING, STARTING, RUNNING, STOPPING, STOPPED, FAILED, BACKOFF = (
+    "pending", "starting", "running", "stopping", "stopped", "failed", "backoff")
 
 
 @dataclass
@@ -68,6 +68,9 @@ class Child:
     last_exit: str = ""
     next_try: float = 0.0   # when a start that the environment refused is tried again
     backoff: float = 0.0
+    started_at: float = float("-inf")  # when its latest START was sent
+    streak: int = 0                     # restarts in a row, each soon after the one before
+    restart_at: float = 0.0             # in BACKOFF: when it is restarted
     home: str | None = None            # the host of its latest incarnation (its state is there)
     replicas: tuple[str, ...] = ()     # the hosts that hold copies of that state
     # The host sets (home first, then replicas) of every incarnation that may have
@@ -362,6 +365,7 @@ class SupervisorRole:
                 child.status, child.node = PENDING, None
                 return Unavailable(f"{name!r} cannot start now: its placement could not be recorded")
             child.status, child.node, child.incarnation = STARTING, node, inc
+            child.started_at = self.clock.now()
             self.table.set(name, None, inc)
             body = {"kind": child.spec.kind, "args": child.spec.args, "incarnation": inc, "supervisor": child.parent,
                     "replicas": list(replicas), "sources": sources}
@@ -507,18 +511,42 @@ class SupervisorRole:
             if child.spec.restart != "permanent":  # gone for good: so is its state
                 self._forget_state(child, incarnation, f"exited for good ({how})")
             return
+        delay = 0.0
         async with sup.lock:
-            if sup.failed or child.incarnation != incarnation or child.status in (STOPPED, STOPPING, FAILED):
+            if sup.failed or child.incarnation != incarnation or child.status in (STOPPED, STOPPING, FAILED, BACKOFF):
                 return  # handled already (a sibling's restart, a stop, or a failed supervisor)
-            allowed, sup.history = sv.allow_restart(sup.history, self.clock.now(), sup.spec.intensity, sup.spec.period_s)
+            now = self.clock.now()
+            allowed, sup.history = sv.allow_restart(sup.history, now, sup.spec.intensity, sup.spec.period_s)
             if not allowed:
                 log.error("supervisor: %s restarted more than %d times in %gs: it gives up",
                           sup.spec.name, sup.spec.intensity, sup.spec.period_s)
                 await self._fail(sup)
             else:
-                await self._restart(sup, sv.to_restart(sup.spec.strategy, sup.children, name), exited=name)
+                delay, child.streak = sv.restart_backoff(child.streak, now - child.started_at,
+                                                         sup.spec.backoff_s, sup.spec.backoff_max_s)
+                if delay <= 0:
+                    await self._restart(sup, sv.to_restart(sup.spec.strategy, sup.children, name), exited=name)
+                else:
+                    log.warning("supervisor: %s crashed %d times in a row: restarting it in %.2fs",
+                                name, child.streak, delay)
+                    child.status, child.restart_at = BACKOFF, now + delay
         if sup.failed:
             await self._escalate(sup)
+        elif delay > 0:
+            await self._sleep(delay)
+            async with sup.lock:
+                if sup.failed or child.incarnation != incarnation or child.status != BACKOFF:
+                    return  # stopped, restarted with a sibling, or its supervisor gave up meanwhile
+                await self._restart(sup, sv.to_restart(sup.spec.strategy, sup.children, name), exited=name)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Wait on the supervisor's clock (a fake one in tests)."""
+        done = asyncio.get_running_loop().create_future()
+        timer = self.clock.call_after(seconds, lambda: done.done() or done.set_result(None))
+        try:
+            await done
+        finally:
+            timer.cancel()
 
     async def _restart(self, sup: Sup, names: list[str], exited: str) -> None:
         """Terminate `names` (but the exited one) in reverse order, then start them in order."""
@@ -867,9 +895,12 @@ class SupervisorRole:
                           "agents": len(inv["agents"]) if inv else 0,
                           "supervisor": name == self.node.name,
                           "stats": (inv or {}).get("stats", {})})
+        now = self.clock.now()
         agents = [{"name": n, "kind": c.spec.kind, "node": c.node if c.status == RUNNING else None,
                    "status": c.status, "incarnation": c.incarnation, "restarts": c.restarts,
-                   "mailbox": mailbox.get(n, 0), "supervisor": c.parent}
+                   "mailbox": mailbox.get(n, 0), "supervisor": c.parent,
+                   **({"restart_in_s": round(max(0.0, c.restart_at - now), 3), "streak": c.streak}
+                      if c.status == BACKOFF else {})}
                   for n, c in sorted(self.children.items())]
         self.node.respond(origin, rid, {"nodes": nodes, "agents": agents, "ready": self.ready,
                                         "failed": self.tree_failed, "epoch": self.epoch})

@@ -90,3 +90,22 @@ class Spawner(Agent):
 
     async def handle_call(self, msg, ctx):
         return await self.spawn(msg["name"], msg["kind"], supervisor=msg.get("supervisor"))
+
+
+BROKEN: set[str] = set()   # names whose init fails while listed
+STARTS: dict[str, int] = {}
+
+
+class Flaky(Agent):
+    """A counter whose init fails while its name is in BROKEN; counts its starts."""
+
+    def init(self, args, state):
+        STARTS[self.name] = STARTS.get(self.name, 0) + 1
+        if self.name in BROKEN:
+            raise RuntimeError("init refuses while broken")
+        return state or {"value": 0}
+
+    def handle_call(self, msg, ctx):
+        if msg.get("op") == "crash":
+            raise RuntimeError("asked to crash")
+        return self.state["value"]

@@ -26,6 +26,8 @@ def cluster_factory(tmp_path):
     yield make
     kinds.GATES.clear()
     kinds.RUNS.clear()
+    kinds.BROKEN.clear()
+    kinds.STARTS.clear()
 
 
 async def closing(cluster):
@@ -390,6 +392,36 @@ async def test_a_spawn_right_after_an_exit_for_good_starts_from_nothing(cluster_
     await c.close()
 
 
+LOOPS = """
+[tree.jobs]
+dynamic = true
+intensity = 100
+period_s = 10
+backoff_s = 0.1
+backoff_max_s = 1.0
+"""
+
+
+async def test_a_crash_loop_is_slowed_by_backoff_shown_in_status_and_recovers(cluster_factory):
+    c = await cluster_factory(LOOPS)
+    m = c.client()
+    await m.spawn("f", "flaky", supervisor="jobs")
+    kinds.BROKEN.add("f")
+    kinds.STARTS["f"] = 0
+    with pytest.raises(AgentCrashed):
+        await m.call("f", {"op": "crash"})
+    await c.advance(5.0)
+    # waits 0, 0.1, 0.2, 0.4, 0.8, then 1.0 each: about 9 starts in 5 s (without backoff, 100 at once)
+    assert 6 <= kinds.STARTS["f"] <= 11, kinds.STARTS["f"]
+    status = await m.status()
+    agent = next(a for a in status["agents"] if a["name"] == "f")
+    assert agent["status"] == "backoff" and 0 < agent["restart_in_s"] <= 1.0 and agent["streak"] >= 6
+    assert not status["failed"]
+    kinds.BROKEN.discard("f")
+    assert await c.run(m.call("f", {"op": "get"}), limit_s=1.5) == 0
+    await c.close()
+
+
 async def test_shutdown_reasons_are_normal_exits_for_transient_agents(cluster_factory):
     c = await cluster_factory()
     m = c.client()
@@ -414,7 +446,8 @@ async def test_unserializable_state_or_reply_is_a_crash(cluster_factory):
         await m.call("lc", {"op": "bad_state"})
     with pytest.raises(AgentCrashed, match="reply is not serializable"):
         await m.call("lc", {"op": "bad_reply"})
-    assert (await m.call("lc", {"op": "events"})) == ["init", "init", "init"]
+    # the second crash in a row is restarted after its backoff (0.1 s)
+    assert (await c.run(m.call("lc", {"op": "events"}))) == ["init", "init", "init"]
     await c.close()
 
 
