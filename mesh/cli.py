@@ -213,7 +213,7 @@ def status(config_path, key, as_json):
                       [[a["name"], a["kind"], a["node"] or "-", a["incarnation"], a["restarts"],
                         a["mailbox"], _agent_status(a)] for a in st["agents"]]))
     if st.get("failed"):
-        click.echo("\nthe root supervisor gave up: no agent is restarted until the supervisor restarts")
+        click.echo(f"\nTHE TREE FAILED: {st.get('failure') or 'the root supervisor gave up'}")
 
 
 @main.command()

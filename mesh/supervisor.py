@@ -34,7 +34,7 @@ from . import supervision as sv
 from . import wire
 from .clock import Backoff
 from .errors import (AgentCrashed, AgentDown, AlreadyExists, BadRequest, CallError, CallTimeout, NoSuchAgent,
-                     NotAllowed, Unavailable)
+                     NotAllowed, SupervisorDown, Unavailable)
 from .node import Node, Origin
 from .registry import Table
 from .supervision import ChildSpec, SupervisorSpec
@@ -131,6 +131,7 @@ class SupervisorRole:
         self.replica_use: Counter = Counter()  # host -> children it holds copies for
         self._registry_scheduled = False
         self.tree_failed = False
+        self.failure: str | None = None  # why the tree failed: names the supervisors that gave up
         self._forgetting: dict[str, asyncio.Future] = {}  # name -> done once its state is deleted
 
     # --- boot ------------------------------------------------------------------------------------
@@ -324,8 +325,8 @@ class SupervisorRole:
 
     async def _start_child(self, child: Child, prefer: str | None = None, avoid: str | None = None) -> CallError | None:
         """Start one incarnation of `child`; returns the error if it could not be started."""
-        if child.busy:
-            return None
+        if child.busy or self.tree_failed:
+            return None  # a start is under way already; or nothing starts in a failed tree
         child.busy = True
         try:
             async with self._start_slots:
@@ -564,8 +565,9 @@ class SupervisorRole:
             elif name in self.sups:
                 await self._start_sup(self.sups[name])
 
-    async def _stop_member(self, name: str, reason: str) -> None:
-        """Terminate a child, or a whole sub-tree, without forgetting state."""
+    async def _stop_member(self, name: str, reason: str, final: str = STOPPED) -> None:
+        """Terminate a child, or a whole sub-tree, without forgetting state; its status
+        ends as `final` (FAILED when its supervisor gave up)."""
         child = self.children.get(name)
         if child is not None:
             if child.status in (RUNNING, STARTING) and child.node is not None:
@@ -573,11 +575,11 @@ class SupervisorRole:
                 self.table.set(name, None, child.incarnation)
                 self._schedule_registry()
                 await self._terminate_instance(child.node, name, child.incarnation, reason)
-            child.status = STOPPED
+            child.status = final
             return
         sup = self.sups[name]
         for member in reversed(sup.children):
-            await self._stop_member(member, reason)
+            await self._stop_member(member, reason, final)
 
     async def _start_sup(self, sup: Sup) -> None:
         sup.failed, sup.history = False, ()
@@ -593,16 +595,14 @@ class SupervisorRole:
     async def _fail(self, sup: Sup) -> None:
         sup.failed = True
         for name in reversed(sup.children):
-            await self._stop_member(name, f"supervisor {sup.spec.name} gave up")
+            await self._stop_member(name, f"supervisor {sup.spec.name} gave up", FAILED)
 
-    async def _escalate(self, sup: Sup) -> None:
+    async def _escalate(self, sup: Sup, chain: tuple[str, ...] = ()) -> None:
+        chain = chain + (sup.spec.name,)
         if sup.parent is None:
-            self.tree_failed = True
-            log.critical("supervisor: the root supervisor gave up; no agent is restarted any more "
-                         "until the supervisor is restarted")
-            for child in self.children.values():
-                if child.status != STOPPED:
-                    child.status = FAILED
+            self._tree_failed(" then ".join(repr(n) for n in chain) + " gave up (more restarts than their "
+                              "intensity allows): nothing in the tree runs or is restarted until the "
+                              "supervisor role restarts")
             return
         parent = self.sups[sup.parent]
         async with parent.lock:
@@ -613,7 +613,21 @@ class SupervisorRole:
                 await self._restart(parent, sv.to_restart(parent.spec.strategy, parent.children, sup.spec.name),
                                     exited=sup.spec.name)
         if parent.failed:
-            await self._escalate(parent)
+            await self._escalate(parent, chain)
+
+    def _tree_failed(self, why: str) -> None:
+        """The root gave up (or the tree could not start): refuse spawns, restart nothing,
+        and have every node answer callers of the stopped agents with SupervisorDown."""
+        self.tree_failed, self.failure = True, f"supervisor {why}"
+        log.critical("supervisor: the tree failed: %s", self.failure)
+        for child in self.children.values():
+            if child.status != STOPPED:
+                child.status = FAILED
+            if child.status == FAILED and self.table.lookup(child.spec.name) is not None:
+                self.table.set(child.spec.name, None, max(child.incarnation, 0))
+        self.table.fail(self.failure)
+        self._schedule_registry()
+        self.node.notify(f"tree-failed {self.failure}")
 
     # --- nodes --------------------------------------------------------------------------------------
 
@@ -780,6 +794,8 @@ class SupervisorRole:
         parent = body.get("supervisor") or self.config.dynamic_supervisor
         if not self.ready:
             raise Unavailable("the supervisor is still learning what runs where")
+        if self.tree_failed:
+            raise SupervisorDown(f"cannot spawn {name!r}: {self.failure}")
         if name in self.children or name in self.sups:
             existing = self.children.get(name)
             raise AlreadyExists(f"an agent named {name!r} exists already" +
@@ -903,7 +919,7 @@ class SupervisorRole:
                       if c.status == BACKOFF else {})}
                   for n, c in sorted(self.children.items())]
         self.node.respond(origin, rid, {"nodes": nodes, "agents": agents, "ready": self.ready,
-                                        "failed": self.tree_failed, "epoch": self.epoch})
+                                        "failed": self.tree_failed, "failure": self.failure, "epoch": self.epoch})
 
     # --- plumbing ---------------------------------------------------------------------------------
 

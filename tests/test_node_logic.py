@@ -9,7 +9,7 @@ import kinds
 from harness import Cluster, make_config
 from mesh import wire
 from mesh.errors import (AgentCrashed, AgentDown, AlreadyExists, BadRequest, Busy, CallTimeout,
-                         NoSuchAgent, NotAllowed)
+                         NoSuchAgent, NotAllowed, SupervisorDown)
 from mesh.store import Batch, Committer, Record
 from mesh.wire import Kind
 
@@ -335,6 +335,30 @@ async def test_too_many_restarts_escalate_to_the_parent(cluster_factory):
     assert await m.call("p2", {"op": "get"}) == 5
     status = await m.status()
     assert not status["failed"]
+    await c.close()
+
+
+async def test_a_failed_tree_refuses_spawns_restarts_nothing_and_callers_hear_why_at_once(cluster_factory):
+    c = await cluster_factory(STATIC.replace('children = ["sessions", "pair", "chain"]',
+                                             'children = ["sessions", "pair", "chain"]\nintensity = 0'))
+    m = c.client()
+    await m.spawn("d1", "counter")
+    await m.call("p2", {"op": "add", "n": 5})
+    for _ in range(2):  # 'pair' allows one restart; the root none
+        with pytest.raises(AgentCrashed):
+            await m.call("p1", {"op": "crash"})
+    await c.settle()
+    status = await m.status()
+    assert status["failed"] and "'pair' then 'root' gave up" in status["failure"]
+    assert {a["status"] for a in status["agents"]} == {"failed"}
+    with pytest.raises(SupervisorDown, match="cannot spawn 'x': supervisor 'pair' then 'root' gave up"):
+        await m.spawn("x", "counter")
+    for name in ("p2", "c1", "d1"):  # at once, not after the call's deadline
+        with pytest.raises(SupervisorDown, match=f"'{name}' is stopped: supervisor 'pair' then 'root' gave up"):
+            await asyncio.wait_for(m.call(name, {"op": "get"}), 5)
+    await c.advance(2.0)  # nothing is restarted
+    assert {a["status"] for a in (await m.status())["agents"]} == {"failed"}
+    assert not any(r.status == "running" for n in c.nodes.values() for r in n.runners.values())
     await c.close()
 
 
