@@ -131,6 +131,8 @@ class SupervisorRole:
         self.replica_use: Counter = Counter()  # host -> children it holds copies for
         self._registry_scheduled = False
         self.tree_failed = False
+        self.booting = False   # the tree is being started in order (see _boot)
+        self.stopping = False  # the whole mesh stops in order (see stop_tree)
         self.failure: str | None = None  # why the tree failed: names the supervisors that gave up
         self._forgetting: dict[str, asyncio.Future] = {}  # name -> done once its state is deleted
 
@@ -214,14 +216,55 @@ class SupervisorRole:
         self._inventories = {}
         self.ready = True
         self.ready_event.set()
-        self.node.notify("supervisor-ready")
         for view in self.nodes.values():
             if view.alive:
                 self._send_snapshot(view.name)
         early, self._early_exits = self._early_exits, []
         for msg in early:
             self._on_exit(msg, None)
+        await self._boot()
+        if not self.tree_failed:
+            self.node.notify("supervisor-ready")
         self._place_pending()
+
+    async def _boot(self) -> None:
+        """Start what does not run yet as OTP starts a tree: each supervisor's children one
+        after another in declared order, depth first (a dynamic supervisor's persisted
+        children together, at its place). A static child whose init fails fails the
+        tree's start: what started is stopped again in reverse order, and the tree has
+        failed. A start the environment refuses (no node may run it now) is tried again
+        later and does not hold the others back."""
+        self.booting = True
+        try:
+            why = await self._boot_sup(self.sups["root"])
+        finally:
+            self.booting = False
+        if why is not None:
+            root = self.sups["root"]
+            async with root.lock:
+                await self._fail(root)
+            self._tree_failed(why)
+
+    async def _boot_sup(self, sup: Sup) -> str | None:
+        for name in list(sup.children):
+            if name in self.sups:
+                sub = self.sups[name]
+                if sub.spec.dynamic:
+                    await asyncio.gather(*(self._start_or_crash(self.children[n]) for n in list(sub.children)
+                                           if self.children[n].status == PENDING))
+                    continue
+                why = await self._boot_sup(sub)
+                if why is not None:
+                    return why
+                continue
+            child = self.children[name]
+            if child.status != PENDING:
+                continue  # it runs already (adopted), or is on its way
+            err = await self._start_child(child)
+            if err is not None and self._crashed_on_start(child, err):
+                child.status = FAILED
+                return f"{sup.spec.name!r} could not start {name!r} ({type(err).__name__}: {str(err)[:200]}): the tree did not start"
+        return None
 
     def _reconcile(self, inventories: dict[str, list]) -> None:
         seen: dict[str, list[tuple[int, str, str]]] = {}
@@ -297,7 +340,7 @@ class SupervisorRole:
     def _place_pending(self) -> None:
         """Start every child that should run and is not (after boot, when a node returns,
         and on every heartbeat tick for starts the environment refused earlier)."""
-        if not self.ready or self.tree_failed:
+        if not self.ready or self.tree_failed or self.booting or self.stopping:
             return
         now = self.clock.now()
         for child in list(self.children.values()):
@@ -484,6 +527,8 @@ class SupervisorRole:
     # --- exits and strategies -----------------------------------------------------------------
 
     def _on_exit(self, msg: wire.Msg, origin: Origin) -> None:
+        if self.stopping:
+            return  # the mesh stops: nothing is restarted
         if not self.ready:
             self._early_exits.append(msg)
             return
@@ -629,6 +674,27 @@ class SupervisorRole:
         self._schedule_registry()
         self.node.notify(f"tree-failed {self.failure}")
 
+    async def stop_tree(self, timeout_s: float) -> None:
+        """The whole mesh stops in order: terminate every agent in reverse start order,
+        supervisor by supervisor (a dynamic supervisor's children together), as OTP stops
+        a tree; nothing is restarted meanwhile. Their state stays; the next boot starts
+        them again."""
+        self.stopping = True
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._stop_tree_sup(self.sups["root"])
+        except TimeoutError:
+            log.warning("supervisor: the tree did not stop in order within %gs", timeout_s)
+
+    async def _stop_tree_sup(self, sup: Sup) -> None:
+        for name in reversed(sup.children):
+            if name in self.sups and self.sups[name].spec.dynamic:
+                await asyncio.gather(*(self._stop_member(n, "shutdown") for n in list(self.sups[name].children)))
+            elif name in self.sups:
+                await self._stop_tree_sup(self.sups[name])
+            else:
+                await self._stop_member(name, "shutdown")
+
     # --- nodes --------------------------------------------------------------------------------------
 
     def _on_hello(self, msg: wire.Msg, origin: Origin) -> None:
@@ -740,6 +806,8 @@ class SupervisorRole:
     def _node_lost(self, name: str, prefer: str | None = None, avoid: str | None = None) -> None:
         """Move the agents of a node that died (prefer: it came back at once; avoid: it
         went silent, so its host is suspect too)."""
+        if self.stopping:
+            return
         for child in self.children.values():
             if child.node == name and child.status in (RUNNING, STARTING):
                 self._spawn(self._move(child, prefer=prefer, avoid=avoid))

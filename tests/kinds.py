@@ -1,6 +1,7 @@
 """Agent kinds used only by the tests (allowed by the test configs as kinds:Name)."""
 
 import asyncio
+import time
 
 from mesh import Agent, BadRequest
 
@@ -109,3 +110,25 @@ class Flaky(Agent):
         if msg.get("op") == "crash":
             raise RuntimeError("asked to crash")
         return self.state["value"]
+
+
+def _note(path: str, line: str) -> None:
+    with open(path, "a") as f:  # one short write with O_APPEND: whole lines across processes
+        f.write(line + "\n")
+
+
+class Recorder(Agent):
+    """Notes its init (which takes args["init_s"]) and terminate in the file args["path"]."""
+
+    def init(self, args, state):
+        self._path = args["path"]
+        _note(self._path, f"begin {self.name}")
+        time.sleep(args.get("init_s", 0))
+        _note(self._path, f"end {self.name}")
+        return state or {}
+
+    def handle_call(self, msg, ctx):
+        return self.name
+
+    def terminate(self, reason):
+        _note(self._path, f"terminate {self.name} {reason}")

@@ -48,6 +48,8 @@ conversation = "nodes.conversation:ConversationAgent"
 embedder = "nodes.embedder:EmbeddingAgent"
 waiter = "kinds:Waiter"
 lifecycle = "kinds:Lifecycle"
+recorder = "kinds:Recorder"
+failsinit = "kinds:FailsInit"
 
 [llm]
 base_url = "{llm_url}"

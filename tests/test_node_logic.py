@@ -317,6 +317,45 @@ async def test_strategies_one_for_all_and_rest_for_one(cluster_factory):
     await c.close()
 
 
+def record_requests(monkeypatch, kinds_seen):
+    """Every START/TERMINATE a caller sends: ("begin"/"end", kind, name), in order."""
+    from mesh.caller import Caller
+    events, request = [], Caller.request
+
+    async def recorded(self, node, kind, target, *args, **kw):
+        if kind not in kinds_seen:
+            return await request(self, node, kind, target, *args, **kw)
+        events.append(("begin", kind.name, target))
+        try:
+            return await request(self, node, kind, target, *args, **kw)
+        finally:
+            events.append(("end", kind.name, target))
+    monkeypatch.setattr(Caller, "request", recorded)
+    return events
+
+
+def one_after_another(events, kind, names):
+    return events == [e for n in names for e in (("begin", kind, n), ("end", kind, n))]
+
+
+async def test_the_tree_starts_in_declared_order_and_stops_in_reverse_one_by_one(cluster_factory, monkeypatch):
+    events = record_requests(monkeypatch, {Kind.START, Kind.TERMINATE})
+    c = await cluster_factory(STATIC)
+    m = c.client()
+    await m.spawn("d1", "counter")
+    for name in ("p1", "c3"):
+        await m.call(name, {"op": "get"})
+    static = [e for e in events if e[2] != "d1"]  # a spawn may go on beside the boot
+    assert one_after_another(static, "START", ["p1", "p2", "c1", "c2", "c3"]), events
+    del events[:]
+    await c.role.stop_tree(5.0)
+    # root's children reversed: chain (c3, c2, c1), pair (p2, p1), then sessions (d1)
+    assert one_after_another(events, "TERMINATE", ["c3", "c2", "c1", "p2", "p1", "d1"]), events
+    await c.settle()
+    assert not any(r.status == "running" for n in c.nodes.values() for r in n.runners.values())
+    await c.close()
+
+
 async def test_too_many_restarts_escalate_to_the_parent(cluster_factory):
     c = await cluster_factory(STATIC)
     m = c.client()

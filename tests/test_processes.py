@@ -189,6 +189,33 @@ def test_sigterm_stops_everything_in_order_and_state_survives(runs, cfg):
     assert run2.stop() == 0
 
 
+def test_the_tree_starts_one_by_one_in_order_and_stops_in_reverse(runs, cfg):
+    notes = cfg.parent / "notes.txt"
+    text = cfg.read_text().replace('children = ["sessions", "jobs", "stats"]',
+                                   'children = ["sessions", "jobs", "stats", "order", "z"]')
+    text = text.replace('[nodes.n1]\nhost = "local"', '[nodes.n1]\nhost = "local"\ntags = ["first"]')
+    text += '\n[tree.order]\nchildren = ["a", "b"]\n'
+    for name, placement in (("a", 'placement = { tags = ["first"] }'), ("b", ""), ("z", "")):
+        text += f'\n[agents.{name}]\nkind = "recorder"\nargs = {{ path = "{notes}", init_s = 0.2 }}\n{placement}\n'
+    cfg.write_text(text)
+    run = runs("up", "-c", str(cfg))
+    assert json.loads(cli(cfg, "call", "a", "{}").stdout) == "a"  # on n1, which stops first in any case
+    assert run.stop() == 0
+    assert notes.read_text().splitlines() == [
+        "begin a", "end a", "begin b", "end b", "begin z", "end z",   # one init at a time, in declared order
+        "terminate z shutdown", "terminate b shutdown", "terminate a shutdown"]  # reverse, supervisor by supervisor
+
+
+def test_mesh_up_exits_non_zero_when_its_tree_cannot_start(runs, cfg):
+    cfg.write_text(cfg.read_text().replace('children = ["hits", "misses"]', 'children = ["hits", "bad", "misses"]')
+                   + '\n[agents.bad]\nkind = "failsinit"\n')
+    run = runs("up", "-c", str(cfg), wait_for=None)
+    run.wait_for(r"mesh failed: supervisor 'stats' could not start 'bad' \(AgentCrashed: bad: init failed: "
+                 r"ValueError: init refuses\): the tree did not start")
+    assert run.proc.wait(30) == 1
+    assert not any("mesh ready" in line for line in run.lines)
+
+
 def test_nodes_stop_when_their_launcher_is_killed(runs, cfg):
     run = runs("up", "-c", str(cfg))
     node_pids = list(run.pids.values())
