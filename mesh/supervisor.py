@@ -222,10 +222,8 @@ class SupervisorRole:
         early, self._early_exits = self._early_exits, []
         for msg in early:
             self._on_exit(msg, None)
-        await self._boot()
-        if not self.tree_failed:
-            self.node.notify("supervisor-ready")
-        self._place_pending()
+        self.booting = True  # set now: the periodic placement (armed next) waits for the boot
+        self._spawn(self._boot())
 
     async def _boot(self) -> None:
         """Start what does not run yet as OTP starts a tree: each supervisor's children one
@@ -234,7 +232,6 @@ class SupervisorRole:
         tree's start: what started is stopped again in reverse order, and the tree has
         failed. A start the environment refuses (no node may run it now) is tried again
         later and does not hold the others back."""
-        self.booting = True
         try:
             why = await self._boot_sup(self.sups["root"])
         finally:
@@ -244,6 +241,9 @@ class SupervisorRole:
             async with root.lock:
                 await self._fail(root)
             self._tree_failed(why)
+        else:
+            self.node.notify("supervisor-ready")
+        self._place_pending()
 
     async def _boot_sup(self, sup: Sup) -> str | None:
         for name in list(sup.children):
