@@ -441,16 +441,28 @@ async def test_an_agent_gone_for_good_leaves_no_state_for_a_later_one_of_its_nam
     await c.close()
 
 
-async def test_a_spawn_right_after_an_exit_for_good_starts_from_nothing(cluster_factory):
+async def test_a_spawn_right_after_an_exit_for_good_waits_for_the_delete(cluster_factory, monkeypatch):
+    from mesh.caller import Caller
+    gate, request = asyncio.Event(), Caller.request
+
+    async def held(self, node, kind, target, *args, **kw):  # the delete is slow to arrive
+        if kind == Kind.TERMINATE and target == "t":
+            await gate.wait()
+        return await request(self, node, kind, target, *args, **kw)
+    monkeypatch.setattr(Caller, "request", held)
     c = await cluster_factory()
     m = c.client()
     await m.spawn("t", "counter", restart="temporary")
     await m.call("t", {"op": "add", "n": 5})
     with pytest.raises(AgentCrashed):
         await m.call("t", {"op": "crash"})
-    while "t" in c.role.children:                   # the exit reaches the supervisor
-        await asyncio.sleep(0)
-    await m.spawn("t", "counter")                   # while the delete may be on its way
+    await c.settle()
+    assert "t" not in c.role.children               # gone for good; its delete is held
+    spawn = asyncio.ensure_future(m.spawn("t", "counter"))
+    await c.settle()
+    assert not spawn.done()                         # it waits for the delete
+    gate.set()
+    await spawn
     assert await m.call("t", {"op": "get"}) == 0
     await c.close()
 
