@@ -154,11 +154,15 @@ class Agent:
         Timers live in memory like OTP's: they do not survive a restart (re-arm them in init)."""
         return self._runner.send_after(delay_s, msg)
 
-    def stop(self, reason: str = "normal") -> None:
-        """End this incarnation after the current message. Whether it is restarted
-        depends on its restart type: 'normal' is a normal exit, anything else abnormal."""
+    def stop(self, reason: str | tuple = "normal") -> None:
+        """End this incarnation after the current message; `terminate` gets `reason`.
+        Whether it is restarted depends on its restart type. As in OTP, "normal",
+        "shutdown" and ("shutdown", detail) are normal exits (a transient agent stays
+        stopped, a permanent one is restarted); anything else is abnormal (a crash)."""
         self._runner.request_stop(reason)
 
-    async def spawn(self, name: str, kind: str, args: dict | None = None, restart: str = "permanent") -> dict:
-        """Start another agent under the dynamic supervisor; returns {name, node, incarnation}."""
-        return await self._runner.spawn_out(name, kind, args or {}, restart)
+    async def spawn(self, name: str, kind: str, args: dict | None = None, restart: str = "permanent",
+                    supervisor: str | None = None) -> dict:
+        """Start another agent under a dynamic supervisor (`supervisor`, default the
+        config's [supervisor] dynamic one); returns {name, node, incarnation}."""
+        return await self._runner.spawn_out(name, kind, args or {}, restart, supervisor)

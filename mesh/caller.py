@@ -31,7 +31,7 @@ import os
 from typing import Any, Callable, Protocol
 
 from . import wire
-from .clock import Clock
+from .clock import Backoff, Clock
 from .errors import (AgentDown, BadRequest, CallError, CallTimeout, Moved, NoSuchAgent, NotAllowed,
                      ProtocolError, Unavailable, error_from_wire)
 from .wire import Kind
@@ -104,6 +104,7 @@ class Caller:
         self.new_id = new_id_source()
         # request id -> the sends waiting for it (a caller may repeat an id concurrently)
         self._pending: dict[str, list[_Pending]] = {}
+        self._link_up: asyncio.Future | None = None  # done when the next link comes up
         self.bad_responses = 0
 
     # --- incoming ---------------------------------------------------------------------------
@@ -140,8 +141,16 @@ class Caller:
             else:
                 p.settle(False, error_from_wire(msg.body))
 
+    def link_up(self) -> asyncio.Future:
+        """A future done when a connection to some node next comes up (a retry's wake-up)."""
+        if self._link_up is None or self._link_up.done():
+            self._link_up = asyncio.get_running_loop().create_future()
+        return self._link_up
+
     def on_link_state(self, node: str, up: bool | None) -> None:
         if up:
+            if self._link_up is not None and not self._link_up.done():
+                self._link_up.set_result(node)
             return
         err = (NotAllowed(f"node {node} refused this process's key (not in its config?)") if up is None
                else LinkDown(f"lost the connection to node {node}"))
@@ -342,8 +351,11 @@ class ClientResolver:
         return live[next(self._rr) % len(live)]
 
     async def locate(self, caller: Caller, name: str, after: int, deadline: float, avoid: str | None) -> tuple[str, int]:
-        """Ask live nodes where `name` runs with an incarnation newer than `after`."""
+        """Ask live nodes where `name` runs with an incarnation newer than `after`. A node
+        that cannot answer is avoided next time, after a wait with backoff (cut short when
+        a link comes up): when every link is down each attempt fails at once."""
         self.cache.pop(name, None)
+        backoff = Backoff(self.clock)
         while True:
             remaining = deadline - self.clock.now()
             if remaining <= 0:
@@ -355,8 +367,10 @@ class ClientResolver:
                                             wait + 0.5 if remaining > wait + 0.5 else remaining)
             except NoSuchAgent:
                 raise
-            except (AgentDown, Unavailable, CallTimeout):
+            except (AgentDown, Unavailable, CallTimeout) as err:
                 avoid = node
+                if not isinstance(err, CallTimeout):  # a timeout has waited its share already
+                    await backoff.wait(deadline, caller.link_up())
                 continue
             if not isinstance(body, dict) or not isinstance(body.get("node"), str):
                 continue  # not placed yet; ask again

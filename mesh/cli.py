@@ -172,8 +172,9 @@ def _with_restarts(cfg: config_mod.Config, max_restarts: int | None) -> config_m
 @click.argument("kind")
 @click.option("--args", "args_json", default="{}", help="JSON object passed to the agent's init")
 @click.option("--restart", type=click.Choice(["permanent", "transient", "temporary"]), default="permanent")
-def spawn(config_path, key, name, kind, args_json, restart):
-    """Start agent NAME of KIND under the dynamic supervisor."""
+@click.option("--supervisor", default=None, help="the dynamic supervisor to start it under (default: [supervisor] dynamic)")
+def spawn(config_path, key, name, kind, args_json, restart, supervisor):
+    """Start agent NAME of KIND under a dynamic supervisor."""
     args = _json_arg(args_json, "--args")
     if not isinstance(args, dict):
         raise click.BadParameter("--args must be a JSON object")
@@ -182,7 +183,7 @@ def spawn(config_path, key, name, kind, args_json, restart):
         allowed = ", ".join(sorted(cfg.kinds)) or "none"
         click.echo(f"mesh: NotAllowed: kind {kind!r} is not in the config's allow-list ({allowed})", err=True)
         sys.exit(1)
-    result = _run(lambda c: c.spawn(name, kind, args, restart), cfg)
+    result = _run(lambda c: c.spawn(name, kind, args, restart, supervisor), cfg)
     click.echo(_to_json(result))
 
 
@@ -241,9 +242,9 @@ def status(config_path, key, as_json):
     click.echo()
     click.echo(_table(["AGENT", "KIND", "NODE", "INCARNATION", "RESTARTS", "MAILBOX", "STATUS"],
                       [[a["name"], a["kind"], a["node"] or "-", a["incarnation"], a["restarts"],
-                        a["mailbox"], a["status"]] for a in st["agents"]]))
+                        a["mailbox"], _agent_status(a)] for a in st["agents"]]))
     if st.get("failed"):
-        click.echo("\nthe root supervisor gave up: no agent is restarted until the supervisor restarts")
+        click.echo(f"\nTHE TREE FAILED: {st.get('failure') or 'the root supervisor gave up'}")
 
 
 @main.command()
@@ -316,6 +317,12 @@ def _all_keys(config_path: str | None) -> None:
         create_keypair(keys_dir, name)
         click.echo(f"{name}: created in {keys_dir}")
     click.echo("copy each node's NAME.key_secret to its host only; every host needs all the NAME.key files")
+
+
+def _agent_status(agent: dict) -> str:
+    if agent["status"] == "backoff":  # a crash loop, slowed down
+        return f"backoff {agent.get('restart_in_s', 0):g}s ({agent.get('streak', 0)} in a row)"
+    return agent["status"]
 
 
 def _table(header: list[str], rows: list[list]) -> str:

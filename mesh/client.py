@@ -21,7 +21,7 @@ import threading
 from typing import Any, Callable
 
 from .caller import Caller, ClientResolver
-from .clock import Clock
+from .clock import Backoff, Clock
 from .config import Config, load
 from .errors import AgentDown, CallError, CallTimeout, Unavailable
 from .network import ZmqNetwork
@@ -124,6 +124,7 @@ class Client:
         deadline = self.clock.now() + timeout
         rid = self.caller.new_id()
         node = self.config.supervisor_node
+        backoff = Backoff(self.clock)
         while True:
             remaining = deadline - self.clock.now()
             if remaining <= 0:
@@ -134,7 +135,8 @@ class Client:
                 if remaining < 0.2:
                     raise err
                 node = self.resolver.any_node(avoid=node)
-                await asyncio.sleep(0.05)  # the supervisor is (re)starting: a short pause, then again
+                # the supervisor is (re)starting, or no node is reachable: wait, then again
+                await backoff.wait(deadline - 0.1, self.caller.link_up())
 
     async def spawn(self, name: str, kind: str, args: dict | None = None, restart: str = "permanent",
                     supervisor: str | None = None, timeout: float | None = None) -> dict:
@@ -188,8 +190,9 @@ class SyncClient:
     def cast(self, name: str, msg: Any) -> None:
         self._run(self._client.cast(name, msg))
 
-    def spawn(self, name: str, kind: str, args: dict | None = None, restart: str = "permanent") -> dict:
-        return self._run(self._client.spawn(name, kind, args, restart))
+    def spawn(self, name: str, kind: str, args: dict | None = None, restart: str = "permanent",
+              supervisor: str | None = None) -> dict:
+        return self._run(self._client.spawn(name, kind, args, restart, supervisor))
 
     def stop(self, name: str) -> dict:
         return self._run(self._client.stop(name))

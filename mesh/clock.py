@@ -3,6 +3,11 @@
 Every timer in the mesh goes through a Clock: `call_after` is relative (seconds from
 now), `call_at` absolute (on this clock's monotonic scale). Wall-clock time is never
 used for deadlines; `wall()` exists only for records that people read.
+
+`Backoff` is the wait between the attempts of a retry loop: every loop that tries
+again after a failure waits on one, so a loop whose every attempt fails at once (all
+links known down) sleeps instead of spinning, and wakes early when something that may
+help happens (a link comes up).
 """
 
 from __future__ import annotations
@@ -10,8 +15,12 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import random
 import time
 from typing import Callable, Protocol
+
+RETRY_BASE_S = 0.02   # the first wait of a retry loop
+RETRY_CAP_S = 0.5     # the longest: a recovery is noticed within this, or at once when it wakes the wait
 
 
 class Timer(Protocol):
@@ -32,6 +41,45 @@ class Clock:
 
     def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
         return self.call_after(when - self.now(), callback)
+
+
+class Backoff:
+    """Exponential waits with jitter for one retry loop, capped, never past a deadline.
+
+    The n-th wait is drawn from the upper half of min(cap_s, base_s * 2**n): never zero
+    (the loop yields and sleeps), and callers that failed together do not retry in step."""
+
+    def __init__(self, clock: Clock, base_s: float = RETRY_BASE_S, cap_s: float = RETRY_CAP_S,
+                 rand: Callable[[], float] = random.random):
+        self.clock, self.base_s, self.cap_s, self.rand = clock, base_s, cap_s, rand
+        self.attempts = 0
+
+    def next_delay(self) -> float:
+        step = min(self.cap_s, self.base_s * 2 ** min(self.attempts, 32))
+        self.attempts += 1
+        return step / 2 + self.rand() * step / 2
+
+    def reset(self) -> None:
+        self.attempts = 0
+
+    async def wait(self, deadline: float | None = None, wake: asyncio.Future | None = None) -> None:
+        """Sleep the next delay (at most until `deadline`), or until `wake` is done."""
+        delay = self.next_delay()
+        if deadline is not None:
+            delay = min(delay, max(0.0, deadline - self.clock.now()))
+        done = asyncio.get_running_loop().create_future()
+        def end(_=None) -> None:
+            if not done.done():
+                done.set_result(None)
+        timer = self.clock.call_after(delay, end)
+        if wake is not None:
+            wake.add_done_callback(end)
+        try:
+            await done
+        finally:
+            timer.cancel()
+            if wake is not None:
+                wake.remove_done_callback(end)
 
 
 class _FakeTimer:

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import tomllib
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -416,6 +417,10 @@ def parse(raw: dict, path: str = "<config>") -> Config:
         children = r.strings("children")
         if dynamic and (children or strategy != "one_for_one"):
             raise ConfigError(path, f"tree.{sname}", "a dynamic supervisor is one_for_one and lists no children")
+        backoff_s = r.get("backoff_s", float, 0.1, _non_negative)
+        backoff_max_s = r.get("backoff_max_s", float, max(5.0, backoff_s), _non_negative)
+        if backoff_max_s < backoff_s:
+            raise ConfigError(path, f"tree.{sname}.backoff_max_s", f"must be at least backoff_s ({backoff_s:g})")
         tree[sname] = SupervisorSpec(
             name=sname,
             strategy=strategy,
@@ -423,6 +428,8 @@ def parse(raw: dict, path: str = "<config>") -> Config:
             period_s=r.get("period_s", float, 5.0, _positive),
             children=children,
             dynamic=dynamic,
+            backoff_s=backoff_s,
+            backoff_max_s=backoff_max_s,
         )
         r.done()
     top.used.add("tree")
@@ -535,8 +542,7 @@ def _complete_tree(path: str, tree: dict[str, SupervisorSpec], agents: dict[str,
         tree[dynamic_name] = SupervisorSpec(dynamic_name, intensity=100, period_s=10.0, dynamic=True)
         if "root" in tree:  # a root written by hand gets the implicit dynamic supervisor first
             root = tree["root"]
-            tree["root"] = SupervisorSpec(root.name, root.strategy, root.intensity, root.period_s,
-                                          (dynamic_name,) + root.children, root.dynamic)
+            tree["root"] = dataclasses.replace(root, children=(dynamic_name,) + root.children)
     elif not tree[dynamic_name].dynamic:
         raise ConfigError(path, f"tree.{dynamic_name}", "is the dynamic supervisor, so it needs dynamic = true")
     listed: dict[str, str] = {}

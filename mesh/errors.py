@@ -16,6 +16,7 @@
         ├── NotAllowed       a kind or an operation that the config does not allow
         ├── BadRequest       the request itself is malformed
         ├── Unavailable      the mesh cannot serve it now (store or supervisor down); retryable
+        ├── SupervisorDown   the supervision tree gave up (too many restarts): names the supervisor
         ├── LLMError         a language-model API failed: status and a short reason
         └── Moved            the agent lives on another node (used inside the caller, carries where)
 
@@ -112,6 +113,12 @@ class Unavailable(CallError):
     retryable = True
 
 
+class SupervisorDown(CallError):
+    """The root supervisor gave up (more restarts than its intensity allows): no agent
+    of the tree runs, none is spawned or restarted, until the supervisor role restarts.
+    The message names the supervisors that gave up. Not retryable."""
+
+
 class Moved(CallError):
     retryable = True
 
@@ -143,6 +150,7 @@ _CALL_ERRORS = {
         NotAllowed,
         BadRequest,
         Unavailable,
+        SupervisorDown,
         Moved,
         LLMError,
     )

@@ -59,6 +59,8 @@ class Launcher:
     children: dict[str, Child] = field(default_factory=dict)
     cannot_start: bool = False  # a node said it cannot start as configured: stop, exit 2
     _helpers: list[int] = field(default_factory=list)
+    mesh_ready: bool = False     # the supervisor started the tree (once)
+    start_failed: str = ""       # the tree could not start: `mesh up` exits 1
 
     def preimport(self) -> None:
         """Import what nodes need, so a forked child starts with it loaded."""
@@ -106,6 +108,9 @@ class Launcher:
                     return 2
                 if all(c.given_up for c in self.children.values()):
                     self.say("every node was given up; stopping")
+                    return 1
+                if self.start_failed:
+                    self.say("the supervision tree could not start; stopping")
                     return 1
                 self._reap_helpers()
                 for fd, _ in self._poller.poll(1000):
@@ -257,16 +262,29 @@ class Launcher:
             elif words[:1] == ["cannot-start"]:
                 child.why = " ".join(words[1:])
             elif words[:1] == ["supervisor-ready"]:
+                self.mesh_ready = True
                 self.say("mesh ready")
+            elif words[:1] == ["tree-failed"]:
+                why = " ".join(words[1:])
+                self.say(f"mesh failed: {why}")
+                if not self.mesh_ready:  # OTP fails the start of a tree that cannot start
+                    self.start_failed = why
 
     def stop(self) -> None:
-        """Stop every node: the supervisor's first, then the rest; kill what will not stop."""
+        """Stop every node: the supervisor's first, then the rest; kill what will not stop.
+
+        When this launcher runs every node of the config, the whole mesh stops: the
+        supervisor's node is told so ("stop-tree" on its control socket) and terminates
+        the agents in reverse start order, supervisor by supervisor, before it stops."""
         live = [c for c in self.children.values() if c.pidfd >= 0]
         if not live:
             return
         first = [c for c in live if c.node == self.config.supervisor_node]
+        whole_mesh = set(self.nodes) == set(self.config.nodes)
         for group in (first, [c for c in live if c not in first]):
             for child in group:
+                if whole_mesh and child in first and child.control is not None and _tell(child.control, b"stop-tree\n"):
+                    continue
                 _signal_group(child.pid, signal.SIGTERM)
             self._wait_all(group, STOP_GRACE_S)
         for child in live:
@@ -293,6 +311,14 @@ class Launcher:
                     if child.control is not None:
                         child.control.close()
                         child.control = None
+
+
+def _tell(control: socket.socket, line: bytes) -> bool:
+    try:
+        control.sendall(line)
+        return True
+    except OSError:
+        return False
 
 
 def _signal_group(pid: int, sig: int) -> None:

@@ -34,7 +34,7 @@ from .clock import Clock
 from .config import Config, NodeSpec
 from .errors import (AgentCrashed, AgentDown, AlreadyExists, BadRequest, Busy, CallError, CallTimeout,
                      Moved, NoSuchAgent, NotAllowed, ProtocolError, SnapshotCorrupt, StoreError,
-                     Unavailable, error_to_wire)
+                     SupervisorDown, Unavailable, error_to_wire)
 from .lease import Lease
 from .served import ServedLog
 from .limits import PeerLimits
@@ -481,6 +481,8 @@ class Node:
             return Unavailable(f"node {self.name} has not synced its registry yet")
         if entry.node is not None and entry.node != self.name:
             return Moved(f"{name!r} lives on node {entry.node}", {"node": entry.node, "incarnation": entry.incarnation})
+        if self.replica.failed is not None:
+            return SupervisorDown(f"{name!r} is stopped: {self.replica.failed}")
         return AgentDown(f"{name!r} is not running right now")
 
     def forward(self, env: Envelope) -> None:
@@ -1124,7 +1126,7 @@ class Node:
 
     def report_exit(self, runner: Runner, how: str, reason: str) -> None:
         body = {"name": runner.name, "incarnation": runner.incarnation, "how": how,
-                "reason": reason, "node": self.name}
+                "reason": reason if isinstance(reason, str) else repr(reason)[:500], "node": self.name}
         try:
             self.send(self.config.supervisor_node, wire.encode(Kind.EXIT, None, None, f"node:{self.name}", None, body))
         except CallError as err:
@@ -1150,7 +1152,8 @@ class Node:
         if not ok:
             self._say_hello()
             return
-        names = [u[0] for u in msg.body.get("updates") or ()] if "updates" in msg.body else None
+        names = ([u[0] for u in msg.body.get("updates") or ()]
+                 if "updates" in msg.body and "failed" not in msg.body else None)  # a failed tree: every name
         self._registry_changed(names)
 
     def _registry_changed(self, names: list[str] | None) -> None:
@@ -1163,6 +1166,8 @@ class Node:
             if runner is not None and runner.status in (STOPPED, CRASHED) and self.replica.synced:
                 if entry is None:
                     self._drop(runner, lambda: NoSuchAgent(f"no agent named {name!r}"))
+                elif entry.node is None and self.replica.failed is not None:
+                    self._drop(runner, lambda: SupervisorDown(f"{name!r} is stopped: {self.replica.failed}"))
                 elif entry.node is not None and entry.node != self.name:
                     self._drop(runner, lambda e=entry: Moved(f"{name!r} lives on node {e.node}",
                                                              {"node": e.node, "incarnation": e.incarnation}))
@@ -1279,8 +1284,11 @@ class Node:
                 self.respond(origin, msg.id, result)
         self._spawn(forward())
 
-    async def spawn_via_supervisor(self, name: str, kind: str, args: dict, restart: str, rid: str | None) -> dict:
+    async def spawn_via_supervisor(self, name: str, kind: str, args: dict, restart: str, rid: str | None,
+                                   supervisor: str | None = None) -> dict:
         body = {"name": name, "kind": kind, "args": args, "restart": restart}
+        if supervisor:
+            body["supervisor"] = supervisor
         return await self.caller.request(self.config.supervisor_node, Kind.SPAWN, None, body,
                                          self.timing.call_timeout_s, rid=rid)
 
@@ -1305,6 +1313,8 @@ class _Waiter:
         placed = node._placed(name)
         if placed is None and node.replica.synced:
             err: CallError | None = NoSuchAgent(f"no agent named {name!r}")
+        elif placed is not None and placed[0] is None and node.replica.failed is not None:
+            err = SupervisorDown(f"{name!r} is stopped: {node.replica.failed}")
         elif placed is not None and placed[0] is not None and placed[1] > self.after:
             err = None
         else:

@@ -8,7 +8,9 @@ itself and asks for a snapshot (the zguide's Clone pattern): the snapshot comes 
 chunks stamped with the sequence it reflects, and updates after it apply on top.
 
 An entry whose node is None is a name that exists but is not running right now
-(restarting, or waiting for a node that its placement allows).
+(restarting, or waiting for a node that its placement allows). Once the root
+supervisor gave up, every message says why (`failed`): such a name will not run again
+until the supervisor restarts, and nodes answer its callers so at once.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Replica:
         self.epoch: str | None = None
         self.seq = -1
         self.synced = False
+        self.failed: str | None = None  # why the supervision tree gave up, if it did
         self._loading: dict[str, Entry] | None = None
         self._loading_seq = -1
 
@@ -47,6 +50,7 @@ class Replica:
                 self._loading[name] = Entry(node, inc)
             if body.get("last"):
                 self.entries, self.seq, self.synced = self._loading, seq, True
+                self.failed = body.get("failed")
                 self._loading = None
             return True
         if epoch != self.epoch or not self.synced:
@@ -64,6 +68,7 @@ class Replica:
             else:
                 self.entries[name] = Entry(node, inc)
         self.seq = seq
+        self.failed = body.get("failed", self.failed)
         return True
 
 
@@ -83,6 +88,12 @@ class Table:
         self.seq = 0
         self.running: Counter = Counter()  # node -> names it runs, kept as entries change
         self._changes: dict[str, tuple] = {}
+        self.failed: str | None = None
+        self._failed_changed = False
+
+    def fail(self, why: str) -> None:
+        """The tree gave up: every message from now on says so."""
+        self.failed, self._failed_changed = why, True
 
     def set(self, name: str, node: str | None, incarnation: int) -> None:
         entry = Entry(node, incarnation)
@@ -108,19 +119,23 @@ class Table:
 
     def take_updates(self) -> dict | None:
         """The REGISTRY body for the changes since last time, or None if nothing changed."""
-        if not self._changes:
+        if not self._changes and not self._failed_changed:
             return None
         self.seq += 1
         body = {"epoch": self.epoch, "seq": self.seq, "updates": list(self._changes.values())}
-        self._changes = {}
+        if self.failed is not None:
+            body["failed"] = self.failed
+        self._changes, self._failed_changed = {}, False
         return body
 
     def snapshot(self) -> Iterable[dict]:
         """REGISTRY bodies carrying the whole table as of the current sequence."""
         items = [(n, e.node, e.incarnation) for n, e in self.entries.items()]
+        failed = {"failed": self.failed} if self.failed is not None else {}
         if not items:
-            yield {"epoch": self.epoch, "seq": self.seq, "snapshot": [], "last": True}
+            yield {"epoch": self.epoch, "seq": self.seq, "snapshot": [], "last": True, **failed}
             return
         for i in range(0, len(items), SNAPSHOT_CHUNK):
             chunk = items[i:i + SNAPSHOT_CHUNK]
-            yield {"epoch": self.epoch, "seq": self.seq, "snapshot": chunk, "last": i + SNAPSHOT_CHUNK >= len(items)}
+            last = i + SNAPSHOT_CHUNK >= len(items)
+            yield {"epoch": self.epoch, "seq": self.seq, "snapshot": chunk, "last": last, **(failed if last else {})}

@@ -316,7 +316,7 @@ class Runner:
                 self._answer(env, response)
         if self.stop_reason is not None:
             reason, self.stop_reason = self.stop_reason, None
-            self.node.stop_runner(self, reason, supervision.NORMAL if reason == "normal" else supervision.CRASH)
+            self.node.stop_runner(self, reason, supervision.stop_exit(reason))
 
     def agent_now(self) -> float:
         """The agent's own time: how long its incarnations have run, carried over from the
@@ -481,8 +481,8 @@ class Runner:
         if self.effects is not None:
             self.effects.append(("stop",))
 
-    async def spawn_out(self, name: str, kind: str, args: dict, restart: str) -> dict:
-        return await self.node.spawn_via_supervisor(name, kind, args, restart, self._next_rid())
+    async def spawn_out(self, name: str, kind: str, args: dict, restart: str, supervisor: str | None = None) -> dict:
+        return await self.node.spawn_via_supervisor(name, kind, args, restart, self._next_rid(), supervisor)
 
 
 def _reused(rid: str) -> BadRequest:

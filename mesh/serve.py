@@ -3,6 +3,9 @@ node), serve until told to stop, then stop in order.
 
 A node stops in order on SIGTERM or SIGINT, and when its launcher goes away (the
 control socket it got from the launcher reads EOF), so no node outlives its launcher.
+When a launcher stops the whole mesh it tells the supervisor's node ("stop-tree" on
+that socket), which first terminates every agent in reverse start order, supervisor by
+supervisor, then stops itself.
 A watchdog thread kills the process if its loop stops turning for `WATCHDOG_S`
 (a handler that never returns): the launcher then restarts it and the supervisor
 puts its agents back.
@@ -34,6 +37,7 @@ from .supervisor import SupervisorRole
 log = logging.getLogger("mesh.serve")
 
 WATCHDOG_S = 30.0
+STOP_TREE_S = 6.0  # an orderly stop of the whole tree, within the launcher's grace (10 s)
 MMAP_THRESHOLD = 1 << 20
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
@@ -133,6 +137,7 @@ async def _serve(config: Config, name: str, boot: str, previous: dict | None, co
         network.close()
         raise CannotStart(f"{exc} (check [cluster] data_dir in {config.path})") from None
     stop = asyncio.Event()
+    whole_mesh = []  # the launcher said the whole mesh stops: the supervisor stops the tree first
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if control is not None:
@@ -148,8 +153,12 @@ async def _serve(config: Config, name: str, boot: str, previous: dict | None, co
             if not data:  # the launcher is gone
                 loop.remove_reader(control.fileno())
                 stop.set()
+            elif b"stop-tree" in data.split(b"\n"):
+                whole_mesh.append(True)
+                stop.set()
         loop.add_reader(control.fileno(), on_control)
     watchdog = _Watchdog(loop, WATCHDOG_S, name)
+    role = None
     try:
         try:
             await node.start()
@@ -163,6 +172,8 @@ async def _serve(config: Config, name: str, boot: str, previous: dict | None, co
         await stop.wait()
     finally:
         watchdog.stop()
+        if role is not None and whole_mesh:
+            await role.stop_tree(STOP_TREE_S)
         await node.shutdown()
         network.close()
 

@@ -21,6 +21,13 @@ Restart intensity: more than `intensity` restarts within `period_s` seconds make
 supervisor give up: it terminates its children and exits itself, and its parent
 decides (escalation). Losing a node is not a restart of its agents: they are moved,
 with their state, and count against nobody's intensity.
+
+Restart backoff: a child's first restart is immediate, as in OTP; when it crashes
+again soon after (before it ran `backoff_max_s`), each further restart waits twice as
+long as the one before, from `backoff_s` up to `backoff_max_s` (`backoff_s = 0`: never
+wait). Exits count against the intensity when they happen, not when the delayed
+restart does, so a fast crash loop escalates exactly as in OTP, and a slow one costs
+one start per `backoff_max_s`.
 """
 
 from __future__ import annotations
@@ -68,6 +75,18 @@ class SupervisorSpec:
     period_s: float = 5.0
     children: tuple[str, ...] = ()
     dynamic: bool = False
+    backoff_s: float = 0.1       # the first delayed restart; 0 switches backoff off
+    backoff_max_s: float = 5.0   # the longest wait, and the run that resets the streak
+
+
+def stop_exit(reason) -> str:
+    """How an agent that stopped itself with `reason` exited. As in OTP, "normal",
+    "shutdown" and ("shutdown", anything) are normal exits; any other reason is abnormal."""
+    if reason in ("normal", "shutdown"):
+        return NORMAL
+    if isinstance(reason, (tuple, list)) and len(reason) == 2 and reason[0] == "shutdown":
+        return NORMAL
+    return CRASH
 
 
 def should_restart(restart: str, how: str) -> bool:
@@ -101,6 +120,18 @@ def allow_restart(history: Iterable[float], now: float, intensity: int, period_s
     """
     recent = tuple(t for t in history if now - t < period_s) + (now,)
     return len(recent) <= intensity, recent
+
+
+def restart_backoff(streak: int, ran_s: float, backoff_s: float, backoff_max_s: float) -> tuple[float, int]:
+    """The wait before restarting a child that exited after running `ran_s` seconds,
+    and its new streak (restarts in a row, each soon after the one before; `streak`
+    is the count before this exit). An incarnation that ran `backoff_max_s` or longer
+    starts a new streak. Streak 1 restarts at once; streak n waits
+    min(backoff_max_s, backoff_s * 2**(n-2))."""
+    streak = 1 if ran_s >= backoff_max_s else streak + 1
+    if backoff_s <= 0 or streak <= 1:
+        return 0.0, streak
+    return min(backoff_max_s, backoff_s * 2 ** min(streak - 2, 62)), streak
 
 
 def liveness_expired(last_heard: float, now: float, heartbeat_s: float, liveness: int) -> bool:

@@ -32,8 +32,9 @@ import msgpack
 
 from . import supervision as sv
 from . import wire
+from .clock import Backoff
 from .errors import (AgentCrashed, AgentDown, AlreadyExists, BadRequest, CallError, CallTimeout, NoSuchAgent,
-                     NotAllowed, Unavailable)
+                     NotAllowed, SupervisorDown, Unavailable)
 from .node import Node, Origin
 from .registry import Table
 from .supervision import ChildSpec, SupervisorSpec
@@ -49,9 +50,9 @@ _DYNAMIC_PREFIX = "sup/child/"
 _PLACE_PREFIX = "sup/place/"
 _EPOCH_KEY = "sup/epoch"
 
-# child status
-PENDING, STARTING, RUNNING, STOPPING, STOPPED, FAILED = (
-    "pending", "starting", "running", "stopping", "stopped", "failed")
+# child status (BACKOFF: it exited and waits out its restart backoff)
+PENDING, STARTING, RUNNING, STOPPING, STOPPED, FAILED, BACKOFF = (
+    "pending", "starting", "running", "stopping", "stopped", "failed", "backoff")
 
 
 @dataclass
@@ -67,6 +68,9 @@ class Child:
     last_exit: str = ""
     next_try: float = 0.0   # when a start that the environment refused is tried again
     backoff: float = 0.0
+    started_at: float = float("-inf")  # when its latest START was sent
+    streak: int = 0                     # restarts in a row, each soon after the one before
+    restart_at: float = 0.0             # in BACKOFF: when it is restarted
     home: str | None = None            # the host of its latest incarnation (its state is there)
     replicas: tuple[str, ...] = ()     # the hosts that hold copies of that state
     # The host sets (home first, then replicas) of every incarnation that may have
@@ -127,6 +131,10 @@ class SupervisorRole:
         self.replica_use: Counter = Counter()  # host -> children it holds copies for
         self._registry_scheduled = False
         self.tree_failed = False
+        self.booting = False   # the tree is being started in order (see _boot)
+        self.stopping = False  # the whole mesh stops in order (see stop_tree)
+        self.failure: str | None = None  # why the tree failed: names the supervisors that gave up
+        self._forgetting: dict[str, asyncio.Future] = {}  # name -> done once its state is deleted
 
     # --- boot ------------------------------------------------------------------------------------
 
@@ -188,11 +196,15 @@ class SupervisorRole:
         inventories = self._inventories
 
         async def ask(name: str) -> None:
+            backoff = Backoff(self.clock)
             while self.clock.now() < deadline and name not in inventories:
                 try:
                     body = await self.node.caller.request(name, Kind.INVENTORY, None, None,
                                                           max(0.05, min(self.config.timing.heartbeat_s, deadline - self.clock.now())))
-                except CallError:
+                except CallTimeout:
+                    continue
+                except CallError:  # its link is down: each try would fail at once
+                    await backoff.wait(deadline, self.node.caller.link_up())
                     continue
                 view = self.nodes[name]
                 if name not in inventories:
@@ -204,14 +216,55 @@ class SupervisorRole:
         self._inventories = {}
         self.ready = True
         self.ready_event.set()
-        self.node.notify("supervisor-ready")
         for view in self.nodes.values():
             if view.alive:
                 self._send_snapshot(view.name)
         early, self._early_exits = self._early_exits, []
         for msg in early:
             self._on_exit(msg, None)
+        self.booting = True  # set now: the periodic placement (armed next) waits for the boot
+        self._spawn(self._boot())
+
+    async def _boot(self) -> None:
+        """Start what does not run yet as OTP starts a tree: each supervisor's children one
+        after another in declared order, depth first (a dynamic supervisor's persisted
+        children together, at its place). A static child whose init fails fails the
+        tree's start: what started is stopped again in reverse order, and the tree has
+        failed. A start the environment refuses (no node may run it now) is tried again
+        later and does not hold the others back."""
+        try:
+            why = await self._boot_sup(self.sups["root"])
+        finally:
+            self.booting = False
+        if why is not None:
+            root = self.sups["root"]
+            async with root.lock:
+                await self._fail(root)
+            self._tree_failed(why)
+        else:
+            self.node.notify("supervisor-ready")
         self._place_pending()
+
+    async def _boot_sup(self, sup: Sup) -> str | None:
+        for name in list(sup.children):
+            if name in self.sups:
+                sub = self.sups[name]
+                if sub.spec.dynamic:
+                    await asyncio.gather(*(self._start_or_crash(self.children[n]) for n in list(sub.children)
+                                           if self.children[n].status == PENDING))
+                    continue
+                why = await self._boot_sup(sub)
+                if why is not None:
+                    return why
+                continue
+            child = self.children[name]
+            if child.status != PENDING:
+                continue  # it runs already (adopted), or is on its way
+            err = await self._start_child(child)
+            if err is not None and self._crashed_on_start(child, err):
+                child.status = FAILED
+                return f"{sup.spec.name!r} could not start {name!r} ({type(err).__name__}: {str(err)[:200]}): the tree did not start"
+        return None
 
     def _reconcile(self, inventories: dict[str, list]) -> None:
         seen: dict[str, list[tuple[int, str, str]]] = {}
@@ -287,7 +340,7 @@ class SupervisorRole:
     def _place_pending(self) -> None:
         """Start every child that should run and is not (after boot, when a node returns,
         and on every heartbeat tick for starts the environment refused earlier)."""
-        if not self.ready or self.tree_failed:
+        if not self.ready or self.tree_failed or self.booting or self.stopping:
             return
         now = self.clock.now()
         for child in list(self.children.values()):
@@ -315,8 +368,8 @@ class SupervisorRole:
 
     async def _start_child(self, child: Child, prefer: str | None = None, avoid: str | None = None) -> CallError | None:
         """Start one incarnation of `child`; returns the error if it could not be started."""
-        if child.busy:
-            return None
+        if child.busy or self.tree_failed:
+            return None  # a start is under way already; or nothing starts in a failed tree
         child.busy = True
         try:
             async with self._start_slots:
@@ -358,6 +411,7 @@ class SupervisorRole:
                 child.status, child.node = PENDING, None
                 return Unavailable(f"{name!r} cannot start now: its placement could not be recorded")
             child.status, child.node, child.incarnation = STARTING, node, inc
+            child.started_at = self.clock.now()
             self.table.set(name, None, inc)
             body = {"kind": child.spec.kind, "args": child.spec.args, "incarnation": inc, "supervisor": child.parent,
                     "replicas": list(replicas), "sources": sources}
@@ -475,6 +529,8 @@ class SupervisorRole:
     # --- exits and strategies -----------------------------------------------------------------
 
     def _on_exit(self, msg: wire.Msg, origin: Origin) -> None:
+        if self.stopping:
+            return  # the mesh stops: nothing is restarted
         if not self.ready:
             self._early_exits.append(msg)
             return
@@ -500,19 +556,45 @@ class SupervisorRole:
                 self._forget_dynamic(child)
             self.table.remove(name)
             self._schedule_registry()
+            if child.spec.restart != "permanent":  # gone for good: so is its state
+                self._forget_state(child, incarnation, f"exited for good ({how})")
             return
+        delay = 0.0
         async with sup.lock:
-            if sup.failed or child.incarnation != incarnation or child.status in (STOPPED, STOPPING, FAILED):
+            if sup.failed or child.incarnation != incarnation or child.status in (STOPPED, STOPPING, FAILED, BACKOFF):
                 return  # handled already (a sibling's restart, a stop, or a failed supervisor)
-            allowed, sup.history = sv.allow_restart(sup.history, self.clock.now(), sup.spec.intensity, sup.spec.period_s)
+            now = self.clock.now()
+            allowed, sup.history = sv.allow_restart(sup.history, now, sup.spec.intensity, sup.spec.period_s)
             if not allowed:
                 log.error("supervisor: %s restarted more than %d times in %gs: it gives up",
                           sup.spec.name, sup.spec.intensity, sup.spec.period_s)
                 await self._fail(sup)
             else:
-                await self._restart(sup, sv.to_restart(sup.spec.strategy, sup.children, name), exited=name)
+                delay, child.streak = sv.restart_backoff(child.streak, now - child.started_at,
+                                                         sup.spec.backoff_s, sup.spec.backoff_max_s)
+                if delay <= 0:
+                    await self._restart(sup, sv.to_restart(sup.spec.strategy, sup.children, name), exited=name)
+                else:
+                    log.warning("supervisor: %s crashed %d times in a row: restarting it in %.2fs",
+                                name, child.streak, delay)
+                    child.status, child.restart_at = BACKOFF, now + delay
         if sup.failed:
             await self._escalate(sup)
+        elif delay > 0:
+            await self._sleep(delay)
+            async with sup.lock:
+                if sup.failed or child.incarnation != incarnation or child.status != BACKOFF:
+                    return  # stopped, restarted with a sibling, or its supervisor gave up meanwhile
+                await self._restart(sup, sv.to_restart(sup.spec.strategy, sup.children, name), exited=name)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Wait on the supervisor's clock (a fake one in tests)."""
+        done = asyncio.get_running_loop().create_future()
+        timer = self.clock.call_after(seconds, lambda: done.done() or done.set_result(None))
+        try:
+            await done
+        finally:
+            timer.cancel()
 
     async def _restart(self, sup: Sup, names: list[str], exited: str) -> None:
         """Terminate `names` (but the exited one) in reverse order, then start them in order."""
@@ -530,8 +612,9 @@ class SupervisorRole:
             elif name in self.sups:
                 await self._start_sup(self.sups[name])
 
-    async def _stop_member(self, name: str, reason: str) -> None:
-        """Terminate a child, or a whole sub-tree, without forgetting state."""
+    async def _stop_member(self, name: str, reason: str, final: str = STOPPED) -> None:
+        """Terminate a child, or a whole sub-tree, without forgetting state; its status
+        ends as `final` (FAILED when its supervisor gave up)."""
         child = self.children.get(name)
         if child is not None:
             if child.status in (RUNNING, STARTING) and child.node is not None:
@@ -539,11 +622,11 @@ class SupervisorRole:
                 self.table.set(name, None, child.incarnation)
                 self._schedule_registry()
                 await self._terminate_instance(child.node, name, child.incarnation, reason)
-            child.status = STOPPED
+            child.status = final
             return
         sup = self.sups[name]
         for member in reversed(sup.children):
-            await self._stop_member(member, reason)
+            await self._stop_member(member, reason, final)
 
     async def _start_sup(self, sup: Sup) -> None:
         sup.failed, sup.history = False, ()
@@ -559,16 +642,14 @@ class SupervisorRole:
     async def _fail(self, sup: Sup) -> None:
         sup.failed = True
         for name in reversed(sup.children):
-            await self._stop_member(name, f"supervisor {sup.spec.name} gave up")
+            await self._stop_member(name, f"supervisor {sup.spec.name} gave up", FAILED)
 
-    async def _escalate(self, sup: Sup) -> None:
+    async def _escalate(self, sup: Sup, chain: tuple[str, ...] = ()) -> None:
+        chain = chain + (sup.spec.name,)
         if sup.parent is None:
-            self.tree_failed = True
-            log.critical("supervisor: the root supervisor gave up; no agent is restarted any more "
-                         "until the supervisor is restarted")
-            for child in self.children.values():
-                if child.status != STOPPED:
-                    child.status = FAILED
+            self._tree_failed(" then ".join(repr(n) for n in chain) + " gave up (more restarts than their "
+                              "intensity allows): nothing in the tree runs or is restarted until the "
+                              "supervisor role restarts")
             return
         parent = self.sups[sup.parent]
         async with parent.lock:
@@ -579,7 +660,42 @@ class SupervisorRole:
                 await self._restart(parent, sv.to_restart(parent.spec.strategy, parent.children, sup.spec.name),
                                     exited=sup.spec.name)
         if parent.failed:
-            await self._escalate(parent)
+            await self._escalate(parent, chain)
+
+    def _tree_failed(self, why: str) -> None:
+        """The root gave up (or the tree could not start): refuse spawns, restart nothing,
+        and have every node answer callers of the stopped agents with SupervisorDown."""
+        self.tree_failed, self.failure = True, f"supervisor {why}"
+        log.critical("supervisor: the tree failed: %s", self.failure)
+        for child in self.children.values():
+            if child.status != STOPPED:
+                child.status = FAILED
+            if child.status == FAILED and self.table.lookup(child.spec.name) is not None:
+                self.table.set(child.spec.name, None, max(child.incarnation, 0))
+        self.table.fail(self.failure)
+        self._schedule_registry()
+        self.node.notify(f"tree-failed {self.failure}")
+
+    async def stop_tree(self, timeout_s: float) -> None:
+        """The whole mesh stops in order: terminate every agent in reverse start order,
+        supervisor by supervisor (a dynamic supervisor's children together), as OTP stops
+        a tree; nothing is restarted meanwhile. Their state stays; the next boot starts
+        them again."""
+        self.stopping = True
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._stop_tree_sup(self.sups["root"])
+        except TimeoutError:
+            log.warning("supervisor: the tree did not stop in order within %gs", timeout_s)
+
+    async def _stop_tree_sup(self, sup: Sup) -> None:
+        for name in reversed(sup.children):
+            if name in self.sups and self.sups[name].spec.dynamic:
+                await asyncio.gather(*(self._stop_member(n, "shutdown") for n in list(self.sups[name].children)))
+            elif name in self.sups:
+                await self._stop_tree_sup(self.sups[name])
+            else:
+                await self._stop_member(name, "shutdown")
 
     # --- nodes --------------------------------------------------------------------------------------
 
@@ -692,6 +808,8 @@ class SupervisorRole:
     def _node_lost(self, name: str, prefer: str | None = None, avoid: str | None = None) -> None:
         """Move the agents of a node that died (prefer: it came back at once; avoid: it
         went silent, so its host is suspect too)."""
+        if self.stopping:
+            return
         for child in self.children.values():
             if child.node == name and child.status in (RUNNING, STARTING):
                 self._spawn(self._move(child, prefer=prefer, avoid=avoid))
@@ -746,6 +864,8 @@ class SupervisorRole:
         parent = body.get("supervisor") or self.config.dynamic_supervisor
         if not self.ready:
             raise Unavailable("the supervisor is still learning what runs where")
+        if self.tree_failed:
+            raise SupervisorDown(f"cannot spawn {name!r}: {self.failure}")
         if name in self.children or name in self.sups:
             existing = self.children.get(name)
             raise AlreadyExists(f"an agent named {name!r} exists already" +
@@ -763,6 +883,9 @@ class SupervisorRole:
 
     async def _spawn_child(self, child: Child, origin: Origin, rid: str) -> None:
         spec = child.spec
+        forgetting = self._forgetting.get(spec.name)
+        if forgetting is not None:  # an earlier agent of this name exited for good: its state goes first
+            await asyncio.shield(forgetting)
         key = _DYNAMIC_PREFIX + spec.name
         record = {"name": spec.name, "kind": spec.kind, "args": spec.args, "restart": spec.restart, "parent": child.parent}
         outcome = await self.node.commit_meta({key: msgpack.packb(record)})
@@ -787,6 +910,26 @@ class SupervisorRole:
             if child.spec.name in sup.children:
                 sup.children.remove(child.spec.name)
         self._spawn(self.node.commit_meta({}, [_DYNAMIC_PREFIX + child.spec.name, _PLACE_PREFIX + child.spec.name]))
+
+    def _forget_state(self, child: Child, incarnation: int, reason: str) -> None:
+        """Delete the state (and its copies) of an incarnation that exited for good, so a
+        later spawn of the name, of any kind, starts from nothing. A spawn of the name
+        waits for this (see _spawn_child); the delete is fenced by incarnation, so it never
+        removes a newer incarnation's record."""
+        name = child.spec.name
+        node = child.node if child.node and self.nodes[child.node].alive else self._any_node_on_host(child.node)
+        copies = tuple(sorted({h for hosts in child.holders for h in hosts} | set(child.replicas)))
+        done = asyncio.get_running_loop().create_future()
+        self._forgetting[name] = done
+
+        async def forget() -> None:
+            try:
+                await self._terminate_instance(node, name, incarnation, reason, forget=True, replicas=copies)
+            finally:
+                if self._forgetting.get(name) is done:
+                    del self._forgetting[name]
+                done.set_result(None)
+        self._spawn(forget())
 
     def _on_stop(self, msg: wire.Msg, origin: Origin) -> None:
         name = msg.target
@@ -853,12 +996,15 @@ class SupervisorRole:
                           "agents": len(inv["agents"]) if inv else 0,
                           "supervisor": name == self.node.name,
                           "stats": (inv or {}).get("stats", {})})
+        now = self.clock.now()
         agents = [{"name": n, "kind": c.spec.kind, "node": c.node if c.status == RUNNING else None,
                    "status": c.status, "incarnation": c.incarnation, "restarts": c.restarts,
-                   "mailbox": mailbox.get(n, 0), "supervisor": c.parent}
+                   "mailbox": mailbox.get(n, 0), "supervisor": c.parent,
+                   **({"restart_in_s": round(max(0.0, c.restart_at - now), 3), "streak": c.streak}
+                      if c.status == BACKOFF else {})}
                   for n, c in sorted(self.children.items())]
         self.node.respond(origin, rid, {"nodes": nodes, "agents": agents, "ready": self.ready,
-                                        "failed": self.tree_failed, "epoch": self.epoch})
+                                        "failed": self.tree_failed, "failure": self.failure, "epoch": self.epoch})
 
     # --- plumbing ---------------------------------------------------------------------------------
 

@@ -64,7 +64,7 @@ class Kind(IntEnum):
     START = 22      # id, target; supervisor -> node: {kind, args, incarnation}
     TERMINATE = 23  # id, target; supervisor -> node: {incarnation, reason, forget}
     EXIT = 24       # node -> supervisor: {name, incarnation, reason, how}
-    REGISTRY = 25   # supervisor -> node: {seq, updates} or {seq, snapshot, last}
+    REGISTRY = 25   # supervisor -> node: {seq, updates} or {seq, snapshot, last}; failed: why the tree gave up
     GOODBYE = 26    # id; node -> supervisor: {node, boot}
     INVENTORY = 27  # id; supervisor -> node: -> its agents and counters
     REPLICATE = 28  # id; node -> node on a replica host: {puts, claims, deletes} -> {fenced}
@@ -315,7 +315,7 @@ _SPECS: dict[Kind, tuple[bool, bool, Callable[[Any], str | None] | None]] = {
     )),
     Kind.REGISTRY: (False, False, _fields(
         {"seq": int},
-        {"updates": list, "snapshot": list, "last": bool, "epoch": str},
+        {"updates": list, "snapshot": list, "last": bool, "epoch": str, "failed": str},
     )),
     Kind.GOODBYE: (True, False, _fields({"node": str, "boot": str})),
     Kind.INVENTORY: (True, False, None),

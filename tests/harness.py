@@ -42,6 +42,8 @@ whoami = "kinds:Whoami"
 failsinit = "kinds:FailsInit"
 notagent = "kinds:NotAnAgent"
 missing = "kinds_that_do_not_exist:Nothing"
+spawner = "kinds:Spawner"
+flaky = "kinds:Flaky"
 
 [hosts.h1]
 address = "127.0.0.1"

@@ -1,6 +1,7 @@
 """Agent kinds used only by the tests (allowed by the test configs as kinds:Name)."""
 
 import asyncio
+import time
 
 from mesh import Agent, BadRequest
 
@@ -90,3 +91,51 @@ class Whoami(Agent):
 
     def handle_call(self, msg, ctx):
         return {"sender": ctx.sender, "claimed": ctx.claimed_sender}
+
+
+class Spawner(Agent):
+    """Spawns other agents from inside a handler: {"name", "kind", "supervisor"?}."""
+
+    async def handle_call(self, msg, ctx):
+        return await self.spawn(msg["name"], msg["kind"], supervisor=msg.get("supervisor"))
+
+
+BROKEN: set[str] = set()   # names whose init fails while listed
+STARTS: dict[str, int] = {}
+
+
+class Flaky(Agent):
+    """A counter whose init fails while its name is in BROKEN; counts its starts."""
+
+    def init(self, args, state):
+        STARTS[self.name] = STARTS.get(self.name, 0) + 1
+        if self.name in BROKEN:
+            raise RuntimeError("init refuses while broken")
+        return state or {"value": 0}
+
+    def handle_call(self, msg, ctx):
+        if msg.get("op") == "crash":
+            raise RuntimeError("asked to crash")
+        return self.state["value"]
+
+
+def _note(path: str, line: str) -> None:
+    with open(path, "a") as f:  # one short write with O_APPEND: whole lines across processes
+        f.write(line + "\n")
+
+
+class Recorder(Agent):
+    """Notes its init (which takes args["init_s"]) and terminate in the file args["path"]."""
+
+    def init(self, args, state):
+        self._path = args["path"]
+        _note(self._path, f"begin {self.name}")
+        time.sleep(args.get("init_s", 0))
+        _note(self._path, f"end {self.name}")
+        return state or {}
+
+    def handle_call(self, msg, ctx):
+        return self.name
+
+    def terminate(self, reason):
+        _note(self._path, f"terminate {self.name} {reason}")

@@ -48,6 +48,8 @@ conversation = "nodes.conversation:ConversationAgent"
 embedder = "nodes.embedder:EmbeddingAgent"
 waiter = "kinds:Waiter"
 lifecycle = "kinds:Lifecycle"
+recorder = "kinds:Recorder"
+failsinit = "kinds:FailsInit"
 
 [llm]
 base_url = "{llm_url}"
@@ -65,7 +67,10 @@ node = "n1"
 dynamic = "sessions"
 
 [tree.root]
-children = ["sessions", "stats"]
+children = ["sessions", "jobs", "stats"]
+
+[tree.jobs]
+dynamic = true
 
 [tree.stats]
 strategy = "one_for_all"

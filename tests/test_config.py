@@ -53,6 +53,14 @@ def test_defaults_add_root_and_dynamic_supervisor(tmp_path):
     assert cfg.resolve_kind("os:system") is None
 
 
+def test_restart_backoff_per_supervisor(tmp_path):
+    cfg = load(tmp_path, BASE + "\n[tree.s]\nbackoff_s = 0\n[tree.t]\nbackoff_s = 0.5\nbackoff_max_s = 30\n"
+                              "[tree.root]\nchildren = ['s', 't']\n")
+    assert (cfg.tree["s"].backoff_s, cfg.tree["t"].backoff_s, cfg.tree["t"].backoff_max_s) == (0.0, 0.5, 30.0)
+    assert (cfg.tree["root"].backoff_s, cfg.tree["root"].backoff_max_s) == (0.1, 5.0)
+    assert cfg.tree["root"].children == ("dynamic", "s", "t")  # the implicit dynamic one keeps its place
+
+
 @pytest.mark.parametrize("extra, key, reason", [
     ("[cluster]\nhearbeat_ms = 5\n", "cluster.hearbeat_ms", "unknown key"),
     ("[cluster]\nheartbeat_ms = 'fast'\n", "cluster.heartbeat_ms", "must be int"),
@@ -74,6 +82,8 @@ def test_defaults_add_root_and_dynamic_supervisor(tmp_path):
     ("[tree.s]\nstrategy = 'all_for_one'\n", "tree.s.strategy", "must be one of"),
     ("[tree.s]\ndynamic = true\nchildren = ['a']\n[agents.a]\nkind = 'counter'\n", "tree.s", "dynamic supervisor"),
     ("[kinds2]\n", "kinds2", "unknown key"),
+    ("[tree.s]\nbackoff_s = -1\n", "tree.s.backoff_s", "must not be negative"),
+    ("[tree.s]\nbackoff_s = 2\nbackoff_max_s = 1\n", "tree.s.backoff_max_s", "must be at least backoff_s"),
 ])
 def test_mistakes_name_file_key_and_reason(tmp_path, extra, key, reason):
     with pytest.raises(ConfigError) as err:

@@ -9,7 +9,7 @@ import kinds
 from harness import Cluster, make_config
 from mesh import wire
 from mesh.errors import (AgentCrashed, AgentDown, AlreadyExists, BadRequest, Busy, CallTimeout,
-                         NoSuchAgent, NotAllowed)
+                         NoSuchAgent, NotAllowed, SupervisorDown)
 from mesh.store import Batch, Committer, Record
 from mesh.wire import Kind
 
@@ -26,6 +26,8 @@ def cluster_factory(tmp_path):
     yield make
     kinds.GATES.clear()
     kinds.RUNS.clear()
+    kinds.BROKEN.clear()
+    kinds.STARTS.clear()
 
 
 async def closing(cluster):
@@ -318,6 +320,45 @@ async def test_strategies_one_for_all_and_rest_for_one(cluster_factory):
     await c.close()
 
 
+def record_requests(monkeypatch, kinds_seen):
+    """Every START/TERMINATE a caller sends: ("begin"/"end", kind, name), in order."""
+    from mesh.caller import Caller
+    events, request = [], Caller.request
+
+    async def recorded(self, node, kind, target, *args, **kw):
+        if kind not in kinds_seen:
+            return await request(self, node, kind, target, *args, **kw)
+        events.append(("begin", kind.name, target))
+        try:
+            return await request(self, node, kind, target, *args, **kw)
+        finally:
+            events.append(("end", kind.name, target))
+    monkeypatch.setattr(Caller, "request", recorded)
+    return events
+
+
+def one_after_another(events, kind, names):
+    return events == [e for n in names for e in (("begin", kind, n), ("end", kind, n))]
+
+
+async def test_the_tree_starts_in_declared_order_and_stops_in_reverse_one_by_one(cluster_factory, monkeypatch):
+    events = record_requests(monkeypatch, {Kind.START, Kind.TERMINATE})
+    c = await cluster_factory(STATIC)
+    m = c.client()
+    await m.spawn("d1", "counter")
+    for name in ("p1", "c3"):
+        await m.call(name, {"op": "get"})
+    static = [e for e in events if e[2] != "d1"]  # a spawn may go on beside the boot
+    assert one_after_another(static, "START", ["p1", "p2", "c1", "c2", "c3"]), events
+    del events[:]
+    await c.role.stop_tree(5.0)
+    # root's children reversed: chain (c3, c2, c1), pair (p2, p1), then sessions (d1)
+    assert one_after_another(events, "TERMINATE", ["c3", "c2", "c1", "p2", "p1", "d1"]), events
+    await c.settle()
+    assert not any(r.status == "running" for n in c.nodes.values() for r in n.runners.values())
+    await c.close()
+
+
 async def test_too_many_restarts_escalate_to_the_parent(cluster_factory):
     c = await cluster_factory(STATIC)
     m = c.client()
@@ -336,6 +377,30 @@ async def test_too_many_restarts_escalate_to_the_parent(cluster_factory):
     assert await m.call("p2", {"op": "get"}) == 5
     status = await m.status()
     assert not status["failed"]
+    await c.close()
+
+
+async def test_a_failed_tree_refuses_spawns_restarts_nothing_and_callers_hear_why_at_once(cluster_factory):
+    c = await cluster_factory(STATIC.replace('children = ["sessions", "pair", "chain"]',
+                                             'children = ["sessions", "pair", "chain"]\nintensity = 0'))
+    m = c.client()
+    await m.spawn("d1", "counter")
+    await m.call("p2", {"op": "add", "n": 5})
+    for _ in range(2):  # 'pair' allows one restart; the root none
+        with pytest.raises(AgentCrashed):
+            await m.call("p1", {"op": "crash"})
+    await c.settle()
+    status = await m.status()
+    assert status["failed"] and "'pair' then 'root' gave up" in status["failure"]
+    assert {a["status"] for a in status["agents"]} == {"failed"}
+    with pytest.raises(SupervisorDown, match="cannot spawn 'x': supervisor 'pair' then 'root' gave up"):
+        await m.spawn("x", "counter")
+    for name in ("p2", "c1", "d1"):  # at once, not after the call's deadline
+        with pytest.raises(SupervisorDown, match=f"'{name}' is stopped: supervisor 'pair' then 'root' gave up"):
+            await asyncio.wait_for(m.call(name, {"op": "get"}), 5)
+    await c.advance(2.0)  # nothing is restarted
+    assert {a["status"] for a in (await m.status())["agents"]} == {"failed"}
+    assert not any(r.status == "running" for n in c.nodes.values() for r in n.runners.values())
     await c.close()
 
 
@@ -361,6 +426,96 @@ async def test_restart_types(cluster_factory):
     await c.close()
 
 
+async def test_an_agent_gone_for_good_leaves_no_state_for_a_later_one_of_its_name(cluster_factory):
+    c = await cluster_factory()
+    m = c.client()
+    await m.spawn("t1", "lifecycle", restart="transient")
+    await m.call("t1", {"op": "stop"})             # a normal exit: not restarted
+    await m.spawn("t2", "counter", restart="temporary")
+    await m.call("t2", {"op": "add", "n": 5})
+    with pytest.raises(AgentCrashed):               # a crash: temporary, not restarted
+        await m.call("t2", {"op": "crash"})
+    await c.settle()
+    assert c.stores["h1"].get("t1") is None and c.stores["h1"].get("t2") is None
+    await m.spawn("t1", "counter")                  # another kind under the same name
+    assert await m.call("t1", {"op": "get"}) == 0
+    await m.spawn("t2", "counter")
+    assert await m.call("t2", {"op": "get"}) == 0
+    await c.close()
+
+
+async def test_a_spawn_right_after_an_exit_for_good_waits_for_the_delete(cluster_factory, monkeypatch):
+    from mesh.caller import Caller
+    gate, request = asyncio.Event(), Caller.request
+
+    async def held(self, node, kind, target, *args, **kw):  # the delete is slow to arrive
+        if kind == Kind.TERMINATE and target == "t":
+            await gate.wait()
+        return await request(self, node, kind, target, *args, **kw)
+    monkeypatch.setattr(Caller, "request", held)
+    c = await cluster_factory()
+    m = c.client()
+    await m.spawn("t", "counter", restart="temporary")
+    await m.call("t", {"op": "add", "n": 5})
+    with pytest.raises(AgentCrashed):
+        await m.call("t", {"op": "crash"})
+    await c.settle()
+    assert "t" not in c.role.children               # gone for good; its delete is held
+    spawn = asyncio.ensure_future(m.spawn("t", "counter"))
+    await c.settle()
+    assert not spawn.done()                         # it waits for the delete
+    gate.set()
+    await spawn
+    assert await m.call("t", {"op": "get"}) == 0
+    await c.close()
+
+
+LOOPS = """
+[tree.jobs]
+dynamic = true
+intensity = 100
+period_s = 10
+backoff_s = 0.1
+backoff_max_s = 1.0
+"""
+
+
+async def test_a_crash_loop_is_slowed_by_backoff_shown_in_status_and_recovers(cluster_factory):
+    c = await cluster_factory(LOOPS)
+    m = c.client()
+    await m.spawn("f", "flaky", supervisor="jobs")
+    kinds.BROKEN.add("f")
+    kinds.STARTS["f"] = 0
+    with pytest.raises(AgentCrashed):
+        await m.call("f", {"op": "crash"})
+    await c.advance(5.0)
+    # waits 0, 0.1, 0.2, 0.4, 0.8, then 1.0 each: about 9 starts in 5 s (without backoff, 100 at once)
+    assert 6 <= kinds.STARTS["f"] <= 11, kinds.STARTS["f"]
+    status = await m.status()
+    agent = next(a for a in status["agents"] if a["name"] == "f")
+    assert agent["status"] == "backoff" and 0 < agent["restart_in_s"] <= 1.0 and agent["streak"] >= 6
+    assert not status["failed"]
+    kinds.BROKEN.discard("f")
+    assert await c.run(m.call("f", {"op": "get"}), limit_s=1.5) == 0
+    await c.close()
+
+
+async def test_shutdown_reasons_are_normal_exits_for_transient_agents(cluster_factory):
+    c = await cluster_factory()
+    m = c.client()
+    for name, reason in (("t1", "shutdown"), ("t2", ["shutdown", "job done"])):
+        await m.spawn(name, "lifecycle", restart="transient")
+        assert await m.call(name, {"op": "stop", "reason": reason}) == "stopping"
+    await m.spawn("p1", "lifecycle", restart="permanent")
+    await m.call("p1", {"op": "stop", "reason": "shutdown"})
+    await c.settle()
+    for name in ("t1", "t2"):
+        with pytest.raises(NoSuchAgent):
+            await m.call(name, {"op": "events"})
+    assert await m.call("p1", {"op": "events"}) == ["init", "terminate shutdown", "init"]
+    await c.close()
+
+
 async def test_unserializable_state_or_reply_is_a_crash(cluster_factory):
     c = await cluster_factory()
     m = c.client()
@@ -369,7 +524,8 @@ async def test_unserializable_state_or_reply_is_a_crash(cluster_factory):
         await m.call("lc", {"op": "bad_state"})
     with pytest.raises(AgentCrashed, match="reply is not serializable"):
         await m.call("lc", {"op": "bad_reply"})
-    assert (await m.call("lc", {"op": "events"})) == ["init", "init", "init"]
+    # the second crash in a row is restarted after its backoff (0.1 s)
+    assert (await c.run(m.call("lc", {"op": "events"}))) == ["init", "init", "init"]
     await c.close()
 
 
@@ -463,6 +619,26 @@ async def test_stop_forgets_the_agent_and_its_state(cluster_factory):
         await m.stop("p1")
     with pytest.raises(NoSuchAgent):
         await m.stop("ghost")
+    await c.close()
+
+
+JOBS = """
+[tree.jobs]
+dynamic = true
+"""
+
+
+async def test_spawn_names_a_dynamic_supervisor_from_a_client_and_from_an_agent(cluster_factory):
+    c = await cluster_factory(JOBS)
+    m = c.client()
+    await m.spawn("j1", "counter", supervisor="jobs")
+    await m.spawn("sp", "spawner")
+    await m.call("sp", {"name": "j2", "kind": "counter", "supervisor": "jobs"})
+    await m.call("sp", {"name": "s1", "kind": "counter"})
+    parents = {a["name"]: a["supervisor"] for a in (await m.status())["agents"]}
+    assert parents == {"j1": "jobs", "j2": "jobs", "sp": "sessions", "s1": "sessions"}
+    with pytest.raises(BadRequest, match="'root' is not a dynamic supervisor"):
+        await m.call("sp", {"name": "x", "kind": "counter", "supervisor": "root"})
     await c.close()
 
 

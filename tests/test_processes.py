@@ -1,5 +1,6 @@
 """The real thing: `mesh up` process trees, the CLI, kill -9, clean stops."""
 
+import asyncio
 import json
 import os
 import signal
@@ -8,7 +9,9 @@ import time
 import pytest
 
 import mesh
+from mesh.config import load
 from mesh.errors import AgentCrashed, NoSuchAgent
+from mesh.wire import Kind
 from procs import MeshRun, alive, mesh_cmd, wait_gone, write_config
 
 
@@ -30,6 +33,10 @@ def cfg(tmp_path):
     return write_config(tmp_path)
 
 
+def cfg_nodes(cfg):
+    return list(load(cfg).nodes)
+
+
 def cli(cfg, *args, timeout=30):
     return mesh_cmd(*args[:1], "-c", str(cfg), *args[1:], timeout=timeout)
 
@@ -46,11 +53,14 @@ def test_cli_contract(runs, cfg):
     first = cli(cfg, "call", "c1", '{"op": "add"}', "--request-id", "once")
     again = cli(cfg, "call", "c1", '{"op": "add"}', "--request-id", "once")
     assert first.stdout == again.stdout == "9\n"
+    r = cli(cfg, "spawn", "j1", "counter", "--supervisor", "jobs")
+    assert r.returncode == 0, r.stderr
 
     st = json.loads(cli(cfg, "status", "--json").stdout)
     assert [n["name"] for n in st["nodes"]] == ["n1", "n2", "n3"] and all(n["alive"] for n in st["nodes"])
     agents = {a["name"]: a for a in st["agents"]}
-    assert set(agents) == {"c1", "hits", "misses"}
+    assert set(agents) == {"c1", "j1", "hits", "misses"}
+    assert agents["j1"]["supervisor"] == "jobs" and agents["c1"]["supervisor"] == "sessions"
     assert {"kind", "node", "incarnation", "restarts", "mailbox"} <= set(agents["c1"])
     table = cli(cfg, "status").stdout
     assert "NODE" in table and "c1" in table and "supervisor" in table
@@ -67,6 +77,7 @@ def test_cli_contract(runs, cfg):
         (("spawn", "x", "counter", "--args", "[1]"), 2, "JSON object"),
         (("spawn", "x", "counter", "--restart", "sometimes"), 2, "sometimes"),
         (("call", "c1", '{"n": NaN}'), 2, "NaN"),                             # not JSON
+        (("spawn", "x", "counter", "--supervisor", "stats"), 1, "'stats' is not a dynamic supervisor"),
     ]:
         r = cli(cfg, *args)
         assert r.returncode == code, (args, r.stdout, r.stderr)
@@ -131,6 +142,31 @@ async def test_kill_9_of_a_node_its_agents_answer_again_with_state(runs, cfg):
         assert took < 5
 
 
+@pytest.mark.async_timeout(90)
+async def test_a_call_while_every_node_is_down_waits_without_spinning_and_succeeds_soon_after(runs, cfg):
+    run = runs("up", "-c", str(cfg))
+    async with mesh.connect(cfg) as m:
+        await m.spawn("c1", "counter")
+        await m.call("c1", {"op": "add", "n": 4})
+        for node in cfg_nodes(cfg):  # a connection to every node, each known up
+            await m.caller.request(node, Kind.WHEREIS, "c1", {}, 5)
+        node_pids = list(run.pids.values())
+        assert run.stop() == 0
+        assert wait_gone(node_pids, 10) == []
+        wall0, cpu0 = time.monotonic(), time.process_time()
+        call = asyncio.ensure_future(m.call("c1", {"op": "get"}, timeout=30))
+        await asyncio.sleep(1.5)  # the outage's length (no event is awaited): the call retries meanwhile
+        assert not call.done()
+        await asyncio.to_thread(runs, "up", "-c", str(cfg))
+        back = time.monotonic()
+        assert await call == 4
+        done = time.monotonic()
+        cpu, wall = time.process_time() - cpu0, done - wall0
+        # spinning took a whole core; waiting with backoff takes a few percent of one
+        assert cpu < 0.25 * wall + 0.3, (cpu, wall)
+        assert done - back < 3, done - back  # recovery is noticed at once, not at the deadline
+
+
 async def test_supervisor_node_killed_agents_keep_serving_and_come_back(runs, cfg):
     run = runs("up", "-c", str(cfg))
     async with mesh.connect(cfg) as m:
@@ -172,6 +208,33 @@ def test_sigterm_stops_everything_in_order_and_state_survives(runs, cfg):
     run2 = runs("up", "-c", str(cfg))
     assert json.loads(cli(cfg, "call", "hits", '{"op": "add"}').stdout) == 42
     assert run2.stop() == 0
+
+
+def test_the_tree_starts_one_by_one_in_order_and_stops_in_reverse(runs, cfg):
+    notes = cfg.parent / "notes.txt"
+    text = cfg.read_text().replace('children = ["sessions", "jobs", "stats"]',
+                                   'children = ["sessions", "jobs", "stats", "order", "z"]')
+    text = text.replace('[nodes.n1]\nhost = "local"', '[nodes.n1]\nhost = "local"\ntags = ["first"]')
+    text += '\n[tree.order]\nchildren = ["a", "b"]\n'
+    for name, placement in (("a", 'placement = { tags = ["first"] }'), ("b", ""), ("z", "")):
+        text += f'\n[agents.{name}]\nkind = "recorder"\nargs = {{ path = "{notes}", init_s = 0.2 }}\n{placement}\n'
+    cfg.write_text(text)
+    run = runs("up", "-c", str(cfg))
+    assert json.loads(cli(cfg, "call", "a", "{}").stdout) == "a"  # on n1, which stops first in any case
+    assert run.stop() == 0
+    assert notes.read_text().splitlines() == [
+        "begin a", "end a", "begin b", "end b", "begin z", "end z",   # one init at a time, in declared order
+        "terminate z shutdown", "terminate b shutdown", "terminate a shutdown"]  # reverse, supervisor by supervisor
+
+
+def test_mesh_up_exits_non_zero_when_its_tree_cannot_start(runs, cfg):
+    cfg.write_text(cfg.read_text().replace('children = ["hits", "misses"]', 'children = ["hits", "bad", "misses"]')
+                   + '\n[agents.bad]\nkind = "failsinit"\n')
+    run = runs("up", "-c", str(cfg), wait_for=None)
+    run.wait_for(r"mesh failed: supervisor 'stats' could not start 'bad' \(AgentCrashed: bad: init failed: "
+                 r"ValueError: init refuses\): the tree did not start")
+    assert run.proc.wait(30) == 1
+    assert not any("mesh ready" in line for line in run.lines)
 
 
 def test_nodes_stop_when_their_launcher_is_killed(runs, cfg):
@@ -220,6 +283,8 @@ def test_sync_client(runs, cfg):
     runs("up", "-c", str(cfg))
     with mesh.connect_sync(cfg) as m:
         m.spawn("s1", "ledger")
+        m.spawn("j1", "counter", supervisor="jobs")
+        assert {a["name"]: a["supervisor"] for a in m.status()["agents"]}["j1"] == "jobs"
         assert m.call("s1", {"op": "append", "value": 1}) == 0
         m.cast("s1", {"op": "noop"})
         with pytest.raises(NoSuchAgent):
