@@ -942,7 +942,17 @@ class SupervisorRole:
         self.table.remove(name)
         self._schedule_registry()
         child.status = STOPPED
-        self._spawn(self._stop_child(child, origin, msg.id))
+        done = asyncio.get_running_loop().create_future()
+        self._forgetting[name] = done  # a spawn of the name waits until its state is gone
+
+        async def stop() -> None:
+            try:
+                await self._stop_child(child, origin, msg.id)
+            finally:
+                if self._forgetting.get(name) is done:
+                    del self._forgetting[name]
+                done.set_result(None)
+        self._spawn(stop())
 
     async def _stop_child(self, child: Child, origin: Origin, rid: str) -> None:
         """End every incarnation of a dynamic child and delete its state. The stop takes an

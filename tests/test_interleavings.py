@@ -166,3 +166,23 @@ async def test_calls_that_two_agents_make_for_requests_of_one_id_do_not_collide(
     await m.call("b", {"to": "c1", "msg": {"op": "add", "n": 1}}, request_id="shared")
     assert await m.call("c1", {"op": "get"}) == 2
     await c.close()
+
+
+async def test_a_spawn_right_after_a_stop_starts_from_nothing(cluster_factory):
+    """The stop's delete may still be on its way when a spawn of the same name comes:
+    the spawn waits for it, so it never starts from the stopped agent's state."""
+    c = await cluster_factory()
+    m = c.client()
+    placed = await m.spawn("s", "counter")
+    await m.call("s", {"op": "add", "n": 5})
+    held, release = hold(c.nodes[placed["node"]], Kind.TERMINATE)
+    stop = asyncio.ensure_future(m.stop("s"))
+    await c.run(_until(lambda: held))
+    spawn = asyncio.ensure_future(m.spawn("s", "counter"))
+    await c.settle()
+    assert not spawn.done()        # it waits for the stop
+    release()
+    assert (await stop)["stopped"] is True
+    await spawn
+    assert await m.call("s", {"op": "get"}) == 0
+    await c.close()
