@@ -1,13 +1,20 @@
 #!/usr/bin/env python3
 """The chaos checker: decides from the record alone whether anything was lost.
 
-    python3 scripts/chaos/check.py RUN_DIR         # reads RUN_DIR/history.jsonl, final.json, data/
+    python3 scripts/chaos/check.py RUN_DIR                  # reads RUN_DIR/history.jsonl, final.json, data/
+    python3 scripts/chaos/check.py RUN_DIR --judge kill,stop  # judge only these kinds' availability goals
 
 The history holds one JSON object per line:
+    {"e": "run", "t": T, "faults": [...], "skipped": {KIND: WHY}, "judged": [...]}   (first line)
     {"e": "invoke", "op": ID, "t": T, "agent": A, "kind": "append"|"add"|"say", "value": V}
     {"e": "ok", "op": ID, "t": T, "result": R}
     {"e": "fail", "op": ID, "t": T, "error": "..."}          (an attempt failed; it may be retried)
-    {"e": "fault", "t": T, "fault": "...", "target": "..."}
+    {"e": "fault", "id": N, "t": T, "fault": KIND, "target": "...", "injected": true}
+                                                            (T: when it really came into force)
+    {"e": "fault", "id": N, "t": T, "fault": KIND, "injected": false, "error": "..."}
+    {"e": "heal", "id": N, "t": T, ...}                     (T: when the heal took effect)
+    {"e": "heal_failed", "id": N, "error": "..."}
+    {"e": "in_force", "text": "..."}                        (the machine still showed a fault after the run)
 An operation is retried with the same request id until it is acknowledged or the run
 ends. final.json holds every agent's final state (ledger values, counter value,
 conversation history).
@@ -20,11 +27,27 @@ Verdict rules:
   counter       acknowledged increments <= value <= acknowledged + unacknowledged
   conversation  every acknowledged turn is in the history exactly once, in order
   served        no name was answered for by two incarnations at once (the nodes' records)
+  healed        every injected fault has its heal in the history, and none was seen after
+  availability  per fault kind, the longest time any agent could not be served while a
+                fault of that kind was the only one in force is within its goal (GOALS),
+                for the kinds judged
 Exit status 1 on any violation.
+
+Counts of faults are of the history's fault lines: attempted (every line) and injected
+(those with "injected": true); nothing else is counted.
+
+An agent "could not be served" from the moment an operation on it was waiting and the
+agent had answered nothing since, until it answered one again (any operation, any
+client); an operation never answered stretches the window to the end of the history.
+Such a window belongs to a fault kind when exactly one injected fault was in force at
+some time during it (from its start to its heal); windows during two or more faults are
+reported as overlapping, and windows during none as "no fault".
 """
 
 from __future__ import annotations
 
+import argparse
+import heapq
 import json
 import sys
 from collections import Counter, defaultdict
@@ -33,6 +56,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from mesh.served import overlaps  # noqa: E402
+
+# The longest an agent may go unserved while one fault of a kind is in force (seconds).
+GOALS = {"kill": 0.5, "stop": 2.0, "cut": 2.0, "host": 3.0, "disk": 3.0}
+SHORT = 0.05  # windows shorter than this are not attributed to faults (they are ordinary latency)
 
 
 @dataclass
@@ -48,22 +75,104 @@ class Op:
 
 
 @dataclass
+class Fault:
+    id: object
+    kind: str
+    target: str | None
+    injected: bool
+    start: float
+    end: float | None = None
+    error: str | None = None
+
+    def describe(self, t0: float) -> str:
+        end = f"{self.end - t0:.2f}" if self.end is not None else "never healed"
+        return f"#{self.id} {self.kind} on {self.target} ({self.start - t0:.2f}-{end} s)"
+
+
+@dataclass
+class Window:
+    agent: str
+    start: float
+    end: float
+    faults: list = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+
+@dataclass
+class History:
+    ops: dict
+    faults: dict
+    failed: int
+    header: dict
+    in_force: list
+    t0: float
+    t_end: float
+
+
+@dataclass
 class Report:
     operations: int = 0
     acknowledged: int = 0
     unacknowledged: int = 0
     failed_attempts: int = 0
-    faults: Counter = field(default_factory=Counter)
+    attempted: Counter = field(default_factory=Counter)
+    injected: Counter = field(default_factory=Counter)
+    skipped: dict = field(default_factory=dict)
+    in_force: list = field(default_factory=list)
     lost: list = field(default_factory=list)
     duplicated: list = field(default_factory=list)
     phantom: list = field(default_factory=list)
     misordered: list = field(default_factory=list)
     overlaps: list = field(default_factory=list)
-    unavailable: dict = field(default_factory=dict)  # agent -> longest wait for an answer (s)
+    unavailable: dict = field(default_factory=dict)  # agent -> longest wait of one operation (s)
+    worst: dict = field(default_factory=dict)        # fault kind, "overlapping" or "no fault" -> Window
+    judged: set = field(default_factory=lambda: set(GOALS))
+    missed: list = field(default_factory=list)
+    t0: float = 0.0
+
+    @property
+    def faults(self) -> Counter:
+        """Injected faults per kind."""
+        return +self.injected
 
     @property
     def ok(self) -> bool:
-        return not (self.lost or self.duplicated or self.phantom or self.misordered or self.overlaps)
+        return not (self.lost or self.duplicated or self.phantom or self.misordered or self.overlaps
+                    or self.in_force or self.missed)
+
+    def fault_line(self) -> str:
+        kinds = ", ".join(f"{k} {self.injected[k]} of {self.attempted[k]}" for k in sorted(self.attempted))
+        return (f"faults       {sum(self.injected.values())} injected of {sum(self.attempted.values())} attempted"
+                f" ({kinds or 'none'})")
+
+    def availability_lines(self) -> list[str]:
+        out = ["availability longest time an agent could not be served, one fault in force (goal)"]
+        kinds = sorted((set(self.attempted) | set(self.worst)) - {"overlapping", "no fault"})
+        for kind in [*kinds, "overlapping", "no fault"]:
+            w = self.worst.get(kind)
+            figure = f"{w.seconds:6.2f} s" if w else f"  <{SHORT:.2f} s"
+            if kind in ("overlapping", "no fault"):
+                goal = "(not judged)"
+                if kind == "overlapping" and not w:
+                    figure = "     -  "
+            elif not self.injected[kind]:
+                figure, goal = "     -  ", "(none injected: not measured)"
+            elif kind not in GOALS:
+                goal = "(no goal)"
+            elif kind not in self.judged:
+                goal = f"(goal {GOALS[kind]:g} s: not judged)"
+            else:
+                goal = f"(goal {GOALS[kind]:g} s: {'met' if not w or w.seconds <= GOALS[kind] else 'MISSED'})"
+            where = ""
+            if w:
+                where = f"  {w.agent} {w.start - self.t0:.2f}-{w.end - self.t0:.2f} s"
+                if w.faults:
+                    where += ", " + " + ".join(f"#{f.id} {f.kind} on {f.target}" for f in w.faults)
+            out.append(f"  {kind:<11} {figure} {goal}{where}")
+        return out
 
     def lines(self) -> list[str]:
         worst = sorted(self.unavailable.items(), key=lambda kv: -kv[1])[:5]
@@ -71,32 +180,50 @@ class Report:
             f"verdict      {'PASS' if self.ok else 'FAIL'}",
             f"operations   {self.operations} ({self.acknowledged} acknowledged, "
             f"{self.unacknowledged} never acknowledged, {self.failed_attempts} failed attempts retried)",
-            f"faults       {sum(self.faults.values())} ({', '.join(f'{k} {v}' for k, v in sorted(self.faults.items())) or 'none'})",
+            self.fault_line(),
+        ]
+        if self.skipped:
+            out.append("skipped      " + "; ".join(f"{k} ({why})" for k, why in sorted(self.skipped.items()))
+                       + ": cannot be injected here, left out with --skip-missing")
+        out += [
+            f"in force     {len(self.in_force)} at the end",
             f"lost         {len(self.lost)}",
             f"duplicated   {len(self.duplicated)}",
             f"phantom      {len(self.phantom)}",
             f"misordered   {len(self.misordered)}",
             f"served twice {len(self.overlaps)}",
+            f"goals missed {len(self.missed)}",
             "longest wait " + (", ".join(f"{a} {s:.2f}s" for a, s in worst) or "-"),
+            *self.availability_lines(),
         ]
-        for label, items in (("LOST", self.lost), ("DUPLICATED", self.duplicated), ("PHANTOM", self.phantom),
+        for label, items in (("IN FORCE", self.in_force), ("MISSED", self.missed), ("LOST", self.lost),
+                             ("DUPLICATED", self.duplicated), ("PHANTOM", self.phantom),
                              ("MISORDERED", self.misordered), ("SERVED TWICE", self.overlaps)):
             out += [f"  {label}: {item}" for item in items[:10]]
         return out
 
 
-def read_history(path: Path) -> tuple[dict[str, Op], Counter, int]:
+def read_history(path: Path) -> History:
     ops: dict[str, Op] = {}
-    faults: Counter = Counter()
+    faults: dict = {}
+    in_force: list = []
+    header: dict = {}
     failed = 0
+    t0 = t_end = None
+    legacy = 0
     with open(path) as f:
         for line in f:
             try:
                 e = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short when the run was killed
-            kind = e.get("e")
-            if kind == "invoke":
+            kind, t = e.get("e"), e.get("t")
+            if isinstance(t, (int, float)):
+                t0 = t if t0 is None else min(t0, t)
+                t_end = t if t_end is None else max(t_end, t)
+            if kind == "run":
+                header = e
+            elif kind == "invoke":
                 ops.setdefault(e["op"], Op(e["op"], e["agent"], e["kind"], e.get("value"), e["t"]))
             elif kind == "ok" and e["op"] in ops and ops[e["op"]].acked is None:
                 ops[e["op"]].acked, ops[e["op"]].result = e["t"], e.get("result")
@@ -104,16 +231,85 @@ def read_history(path: Path) -> tuple[dict[str, Op], Counter, int]:
                 ops[e["op"]].failures += 1
                 failed += 1
             elif kind == "fault":
-                faults[e["fault"]] += 1
-    return ops, faults, failed
+                if "id" not in e:  # an older history: its faults were written before being tried
+                    legacy += 1
+                fid = e.get("id", f"old{legacy}")
+                faults[fid] = Fault(fid, e["fault"], e.get("target"), bool(e.get("injected", True)), e["t"],
+                                    error=e.get("error"))
+            elif kind == "heal":
+                fid = e.get("id")
+                if fid is None:  # older history: the earliest fault of that kind and target still open
+                    fid = next((k for k, x in faults.items() if x.kind == e.get("fault") and x.end is None
+                                and x.target == e.get("target")), None)
+                if fid in faults:
+                    faults[fid].end = e["t"]
+            elif kind == "heal_failed" and e.get("id") in faults:
+                faults[e["id"]].error = e.get("error")
+            elif kind == "in_force":
+                in_force.append(e.get("text", "?"))
+    return History(ops, faults, failed, header, in_force, t0 or 0.0, t_end or 0.0)
 
 
-def check(run_dir: Path) -> Report:
-    ops, faults, failed = read_history(run_dir / "history.jsonl")
+def unserved_windows(ops: list[Op], t_end: float) -> list[Window]:
+    """An agent's windows without an answer while an operation on it waited (see the docstring)."""
+    events = [(op.invoked, 0, i) for i, op in enumerate(ops)]
+    events += [(op.acked, 1, i) for i, op in enumerate(ops) if op.acked is not None]
+    events.sort()
+    waiting: list[tuple[float, int]] = []  # (invoked, index): a heap, answered ones dropped lazily
+    answered: set[int] = set()
+    last_answer = float("-inf")
+    out = []
+    for t, what, i in events:
+        if what == 0:
+            heapq.heappush(waiting, (t, i))
+            continue
+        while waiting and waiting[0][1] in answered:
+            heapq.heappop(waiting)
+        start = max(last_answer, waiting[0][0] if waiting else t)
+        out.append(Window(ops[i].agent, start, t))
+        answered.add(i)
+        last_answer = t
+    while waiting and waiting[0][1] in answered:
+        heapq.heappop(waiting)
+    if waiting:
+        out.append(Window(ops[0].agent, max(last_answer, waiting[0][0]), max(t_end, waiting[0][0])))
+    return out
+
+
+def availability(r: Report, h: History, by_agent: dict[str, list[Op]]) -> None:
+    faults = sorted((f for f in h.faults.values() if f.injected), key=lambda f: f.start)
+    for agent_ops in by_agent.values():
+        for w in unserved_windows(agent_ops, h.t_end):
+            if w.seconds < SHORT:
+                continue
+            w.faults = [f for f in faults if f.start < w.end and (f.end if f.end is not None else h.t_end) > w.start]
+            key = "no fault" if not w.faults else w.faults[0].kind if len(w.faults) == 1 else "overlapping"
+            if key not in r.worst or w.seconds > r.worst[key].seconds:
+                r.worst[key] = w
+    for kind in sorted(r.judged):
+        w = r.worst.get(kind)
+        if kind in GOALS and w is not None and w.seconds > GOALS[kind]:
+            f = w.faults[0]
+            r.missed.append(f"{kind}: {w.agent} could not be served for {w.seconds:.2f} s "
+                            f"({w.start - h.t0:.2f}-{w.end - h.t0:.2f} s after the start; goal {GOALS[kind]:g} s) "
+                            f"during {f.describe(h.t0)}")
+
+
+def check(run_dir: Path, judged=None) -> Report:
+    h = read_history(run_dir / "history.jsonl")
     final = json.loads((run_dir / "final.json").read_text())
-    r = Report(operations=len(ops), failed_attempts=failed, faults=faults)
+    if judged is None:
+        judged = h.header.get("judged", list(GOALS))
+    r = Report(operations=len(h.ops), failed_attempts=h.failed, skipped=dict(h.header.get("skipped", {})),
+               judged=set(judged), t0=h.header.get("t", h.t0))
+    for f in h.faults.values():
+        r.attempted[f.kind] += 1
+        r.injected[f.kind] += f.injected
+        if f.injected and f.end is None:
+            r.in_force.append(f"{f.describe(r.t0)}: no heal in the history" + (f" ({f.error})" if f.error else ""))
+    r.in_force += h.in_force
     by_agent: dict[str, list[Op]] = defaultdict(list)
-    for op in ops.values():
+    for op in h.ops.values():
         by_agent[op.agent].append(op)
         if op.acked is None:
             r.unacknowledged += 1
@@ -121,6 +317,7 @@ def check(run_dir: Path) -> Report:
             r.acknowledged += 1
             wait = op.acked - op.invoked
             r.unavailable[op.agent] = max(r.unavailable.get(op.agent, 0.0), wait)
+    availability(r, h, by_agent)
     for agent, agent_ops in by_agent.items():
         state = final.get(agent)
         if state is None:
@@ -195,10 +392,15 @@ def _check_conversation(r: Report, agent: str, ops: list[Op], history: list) -> 
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1 or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    report = check(Path(argv[0]))
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir")
+    p.add_argument("--judge", default=None,
+                   help="comma-separated fault kinds whose availability goal decides the verdict "
+                        "(default: what the run was told; 'none' for none)")
+    a = p.parse_args(argv)
+    judged = None if a.judge is None else [k for k in a.judge.split(",") if k and k != "none"]
+    report = check(Path(a.run_dir), judged)
     print("\n".join(report.lines()))
     return 0 if report.ok else 1
 

@@ -16,6 +16,17 @@ violation. Everything it starts is ended, also on Ctrl-C.
 
 --faults chooses among: kill stop supervisor llm disk, and with --hosts also
 cut loss host. The disk fault mounts a small tmpfs for the data (root only).
+
+Before it starts anything it asks which of those faults cannot be injected on this
+machine (no --hosts, no root, no nft ...): it names them and refuses to start, unless
+--skip-missing, which leaves them out and says so in the report. Faults are counted as
+attempted and as injected; only injected ones count as faults. A fault still in force
+at the end (not healed, or seen on the machine) fails the run.
+
+Availability: per fault kind, the longest time any agent could not be served while a
+fault of that kind was the only one in force; a judged kind whose goal is missed fails
+the run (goals in check.py; --judge chooses the kinds, default every kind with a goal,
+and the report says "not judged" of the others).
 """
 
 from __future__ import annotations
@@ -166,6 +177,19 @@ class Env:
             f.write("\n".join(old.lines) + "\n--- host killed ---\n")
         self._start_host(host, f"node n{host[1]} ready")
 
+    def mark(self, node: str) -> tuple:
+        run = self._run_of(node)
+        return run, run.mark()
+
+    async def back(self, node: str, mark: tuple, timeout: float) -> str | None:
+        """Wait until `node` reports ready again after `mark`; None, or what went wrong."""
+        run, start = mark
+        try:
+            await asyncio.to_thread(run.wait_for, rf"node {node} ready \(pid", timeout, start)
+        except meshrun.NoSuchLine:
+            return f"{node} not ready again within {timeout:g} s"
+        return None
+
     def node_names(self) -> list[str]:
         return ["n1", "n2", "n3"]
 
@@ -199,25 +223,47 @@ class Env:
 
 async def chaos(args) -> int:
     out = Path(args.out or ROOT / "var" / "chaos" / time.strftime("%Y%m%d-%H%M%S"))
-    out.mkdir(parents=True, exist_ok=True)
     faults = args.faults.split(",") if args.faults else list(nemesis_mod.HOSTS if args.hosts else nemesis_mod.ONE_HOST)
     unknown = set(faults) - set(nemesis_mod.HOSTS)
     if unknown:
         print(f"chaos: unknown faults {sorted(unknown)}", file=sys.stderr)
         return 2
-    if ("disk" in faults or args.hosts) and os.geteuid() != 0:
-        print("chaos: the disk fault and --hosts need root (leave them out with --faults)", file=sys.stderr)
+    judged = list(check.GOALS) if args.judge is None else [k for k in args.judge.split(",") if k and k != "none"]
+    if set(judged) - set(check.GOALS):
+        print(f"chaos: --judge: no goal for {sorted(set(judged) - set(check.GOALS))} "
+              f"(goals: {', '.join(f'{k} {v:g} s' for k, v in check.GOALS.items())})", file=sys.stderr)
         return 2
+    root = os.geteuid() == 0
+    skipped = nemesis_mod.missing(faults, args.hosts, root)
+    if skipped:
+        for kind, why in skipped.items():
+            print(f"chaos: fault {kind} cannot be injected here: {why}", file=sys.stderr)
+        if not args.skip_missing:
+            print("chaos: not started (leave those faults out with --faults, or run with --skip-missing)",
+                  file=sys.stderr)
+            return 2
+        faults = [f for f in faults if f not in skipped]
+        if not faults:
+            print("chaos: no fault left to inject", file=sys.stderr)
+            return 2
+    if args.hosts and not root:
+        print("chaos: --hosts needs root", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
     seconds = args.minutes * 60 if args.minutes else args.seconds
     history = History(out / "history.jsonl")
+    history.write(e="run", faults=faults, skipped=skipped, judged=judged, seed=args.seed, seconds=seconds,
+                  hosts=args.hosts)
     env = None
     try:
         env = Env(out, args.hosts, args.unsafe, "disk" in faults)
     except BaseException:
         history.close()
         raise
-    print(f"chaos: {seconds:g} s, seed {args.seed}, faults {', '.join(faults)}, "
+    print(f"chaos: {seconds:g} s, seed {args.seed}, faults {', '.join(faults)}"
+          f"{' (skipped: ' + ', '.join(skipped) + ')' if skipped else ''}, "
           f"{'three namespaced hosts' if args.hosts else 'one host'}; record in {out}")
+    nemesis = None
     try:
         env.start()
         async with env.client() as m:
@@ -239,15 +285,23 @@ async def chaos(args) -> int:
             while time.monotonic() - t0 < seconds:
                 await asyncio.sleep(min(10, seconds - (time.monotonic() - t0)))
                 print(f"  {time.monotonic() - t0:5.0f} s: {work.counts['ok']} acknowledged, "
-                      f"{work.counts['retried']} retried attempts, {nemesis.injected} faults", flush=True)
+                      f"{work.counts['retried']} retried attempts, "
+                      f"{nemesis.injected} of {len(nemesis.log)} faults injected", flush=True)
             stop.set()
             await faulting  # every fault healed
             await runner    # operations in flight acknowledged (or given up after --settle)
             final = await work.final_states()
         (out / "final.json").write_text(json.dumps(final))
     finally:
+        if nemesis is not None:
+            await nemesis.cancel()  # heals whatever an interruption left in force
+            for text in nemesis.still_in_force():
+                history.write(e="in_force", text=text)
         history.close()
         env.stop()
+    if nemesis is not None:
+        counts = ", ".join(f"{k} {i} of {a}" for k, (a, i) in nemesis.counts().items())
+        print(f"chaos: faults injected/attempted: {counts or 'none'}")
     report = check.check(out)
     text = "\n".join(report.lines())
     (out / "report.txt").write_text(text + "\n")
@@ -270,6 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--conversations", type=int, default=2)
     p.add_argument("--settle", type=float, default=30.0, help="seconds operations in flight get after the faults end")
     p.add_argument("--unsafe", action="store_true", help="plant a bug: replies before commits (the checker must FAIL)")
+    p.add_argument("--skip-missing", action="store_true",
+                   help="leave out faults that cannot be injected here (else the run refuses to start)")
+    p.add_argument("--judge", default=None,
+                   help="comma-separated fault kinds whose availability goal decides the verdict "
+                        "(default: every kind with a goal; 'none' for none)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill or timeout clean up as Ctrl-C does
