@@ -17,7 +17,7 @@ class Recorder:
 
     def __init__(self, tmp_path, **header):
         self.dir = tmp_path
-        self.lines = [{"e": "run", "t": T0, "faults": [], "skipped": {}, "judged": list(check.GOALS), **header}]
+        self.lines = [{"e": "run", "t": T0, "faults": [], "skipped": {}, "judged": list(check.JUDGED), **header}]
         self.ops = []  # [agent, invoked, acked or None]
 
     def op(self, agent, invoked, acked=None):
@@ -28,12 +28,13 @@ class Recorder:
         self.ops = [o for o in self.ops if not (o[0] == agent and o[1] < end and (o[2] is None or o[2] > start))]
         self.op(agent, start, end)
 
-    def fault(self, fid, kind, start, end=None, injected=True, target="n2"):
+    def fault(self, fid, kind, start, end=None, injected=True, target="n2", supervisor=False):
         if not injected:
             self.lines.append({"e": "fault", "id": fid, "fault": kind, "target": None, "injected": False,
                                "error": "RuntimeError: no", "t": T0 + start})
             return
-        self.lines.append({"e": "fault", "id": fid, "fault": kind, "target": target, "injected": True, "t": T0 + start})
+        self.lines.append({"e": "fault", "id": fid, "fault": kind, "target": target, "injected": True, "t": T0 + start,
+                           "supervisor": supervisor})
         if end is not None:
             self.lines.append({"e": "heal", "id": fid, "fault": kind, "target": target, "t": T0 + end})
 
@@ -174,3 +175,51 @@ def test_an_unserved_window_starts_at_the_last_answer_not_at_the_oldest_wait():
            check.Op("c", "x", "add", 1, invoked=3.0, acked=4.0)]
     windows = check.unserved_windows(ops, t_end=10.0)
     assert [(w.start, w.end) for w in windows] == [(0.0, 2.0), (2.0, 4.0), (4.0, 10.0)]
+
+
+def test_a_window_is_counted_from_the_fault_when_the_agent_was_already_waiting(tmp_path):
+    rec = Recorder(tmp_path)
+    busy(rec, "counter-1", 0, 10)
+    rec.gap("counter-1", 4.0, 5.4)        # a slow call from 4.0; the kill comes at 5.0
+    rec.fault(1, "kill", 5.0, 5.05)
+    r = rec.check()
+    w = r.worst["kill"]
+    assert round(w.seconds, 2) == 0.4 and round(w.start - T0, 2) == 5.0
+    kill = next(line for line in r.lines() if line.startswith("  kill "))
+    assert "(goal 0.5 s: met) longest fault 0.05 s" in kill
+
+
+def test_a_window_through_two_faults_counts_for_the_first_until_the_second_began(tmp_path):
+    rec = Recorder(tmp_path)
+    busy(rec, "ledger-4", 0, 15)
+    rec.fault(1, "stop", 5.0, 7.0, target="n1")
+    rec.fault(2, "cut", 8.0, 9.0, target="h1")
+    rec.gap("ledger-4", 5.0, 9.5)  # not served again until after the cut
+    r = rec.check()
+    assert round(r.worst["stop"].seconds, 2) == 3.0  # 5.0 until the cut began at 8.0
+    assert "cut" not in r.worst                      # never the only fault of a window
+    assert round(r.worst["overlapping"].seconds, 2) == 4.5
+    [miss] = r.missed
+    assert miss.startswith("stop: ledger-4 could not be served for 3.00 s (5.00-8.00 s after the start")
+    assert miss.endswith("until #2 cut began")
+
+
+def test_a_fault_on_the_supervisors_node_is_judged_on_its_own_row(tmp_path):
+    rec = Recorder(tmp_path)
+    busy(rec, "counter-1", 0, 20)
+    busy(rec, "counter-2", 0, 20)
+    rec.fault(1, "stop", 2.0, 3.0, target="n2")
+    rec.gap("counter-1", 2.0, 3.2)
+    rec.fault(2, "stop", 6.0, 10.0, target="n1", supervisor=True)
+    rec.gap("counter-2", 6.0, 10.3)
+    r = rec.check()
+    assert dict(r.attempted) == {"stop": 2} and dict(r.injected) == {"stop": 2}  # counted by kind
+    assert round(r.worst["stop"].seconds, 2) == 1.2 and round(r.worst["stop:supervisor"].seconds, 2) == 4.3
+    assert [m.split(":", 2)[:2] for m in r.missed] == [["stop", "supervisor"]]
+    rows = {line.split()[0]: line for line in r.lines() if line.startswith("  stop")}
+    assert "(goal 2 s: met)" in rows["stop"] and "(goal 2 s: MISSED)" in rows["stop:supervisor"]
+    assert "#2 stop on n1" in rows["stop:supervisor"]
+    judged = rec.check(judged=["stop"])  # what a run that judges only what the runtime meets asks
+    assert judged.ok
+    rows = {line.split()[0]: line for line in judged.lines() if line.startswith("  stop")}
+    assert "(goal 2 s: not judged)" in rows["stop:supervisor"] and "(goal 2 s: met)" in rows["stop"]

@@ -34,6 +34,7 @@ class Events:
 class FakeEnv:
     def __init__(self, disk_dir=None, pids=None):
         self.disk_dir, self.pids, self.hosts = disk_dir, pids or {}, None
+        self.supervisor_node, self.supervisor_host = "n1", "h1"
 
     def node_names(self):
         return sorted(self.pids)
@@ -168,6 +169,7 @@ async def test_a_stopped_node_is_continued_when_the_fault_ends_early(tmp_path):
         [fault] = nem.log
         assert fault.injected and fault.end is not None and nem.in_force() == []
         assert nem.still_in_force() == []
+        assert nem.history.of("fault")[0]["supervisor"] is True  # n1 is the supervisor's node
     finally:
         proc.kill()
         proc.wait(5)

@@ -9,7 +9,7 @@ The history holds one JSON object per line:
     {"e": "invoke", "op": ID, "t": T, "agent": A, "kind": "append"|"add"|"say", "value": V}
     {"e": "ok", "op": ID, "t": T, "result": R}
     {"e": "fail", "op": ID, "t": T, "error": "..."}          (an attempt failed; it may be retried)
-    {"e": "fault", "id": N, "t": T, "fault": KIND, "target": "...", "injected": true}
+    {"e": "fault", "id": N, "t": T, "fault": KIND, "target": "...", "injected": true, "supervisor": B}
                                                             (T: when it really came into force)
     {"e": "fault", "id": N, "t": T, "fault": KIND, "injected": false, "error": "..."}
     {"e": "heal", "id": N, "t": T, ...}                     (T: when the heal took effect)
@@ -30,7 +30,8 @@ Verdict rules:
   healed        every injected fault has its heal in the history, and none was seen after
   availability  per fault kind, the longest time any agent could not be served while a
                 fault of that kind was the only one in force is within its goal (GOALS),
-                for the kinds judged
+                for the kinds judged (a kill, stop or cut of the supervisor's node or
+                host is judged on its own, as KIND:supervisor)
 Exit status 1 on any violation.
 
 Counts of faults are of the history's fault lines: attempted (every line) and injected
@@ -39,9 +40,15 @@ Counts of faults are of the history's fault lines: attempted (every line) and in
 An agent "could not be served" from the moment an operation on it was waiting and the
 agent had answered nothing since, until it answered one again (any operation, any
 client); an operation never answered stretches the window to the end of the history.
-Such a window belongs to a fault kind when exactly one injected fault was in force at
-some time during it (from its start to its heal); windows during two or more faults are
-reported as overlapping, and windows during none as "no fault".
+A fault meets a window when it was in force (from its start to its heal) at some time
+during it. A window counts for the kind of the first fault it meets, from the later of
+its own start and that fault's start, until the window ends or the next fault it meets
+begins: the time the agent went unserved with that fault the only one since. A window
+that meets two or more faults (at once, or one after the other) is also reported whole
+as "overlapping"; windows that meet none as "no fault".
+A goal can only be missed by a fault that lasts longer than the goal (stop, cut, disk,
+loss, llm last as long as --duration draws; kill and supervisor until the node is ready
+again; host until it is restarted): the report gives each kind's longest fault.
 """
 
 from __future__ import annotations
@@ -59,6 +66,13 @@ from mesh.served import overlaps  # noqa: E402
 
 # The longest an agent may go unserved while one fault of a kind is in force (seconds).
 GOALS = {"kill": 0.5, "stop": 2.0, "cut": 2.0, "host": 3.0, "disk": 3.0}
+# A kill, stop or cut aimed at the supervisor's node or host is its own row, KIND:supervisor,
+# with the kind's goal: the runtime has one supervisor, and those faults take it away.
+JUDGED = [*GOALS, "kill:supervisor", "stop:supervisor", "cut:supervisor"]
+
+
+def goal(key: str) -> float | None:
+    return GOALS.get(key.split(":")[0])
 SHORT = 0.05  # windows shorter than this are not attributed to faults (they are ordinary latency)
 
 
@@ -83,6 +97,12 @@ class Fault:
     start: float
     end: float | None = None
     error: str | None = None
+    on_supervisor: bool = False
+
+    @property
+    def key(self) -> str:
+        """Its row in the availability verdicts."""
+        return f"{self.kind}:supervisor" if self.on_supervisor and self.kind != "supervisor" else self.kind
 
     def describe(self, t0: float) -> str:
         end = f"{self.end - t0:.2f}" if self.end is not None else "never healed"
@@ -95,6 +115,7 @@ class Window:
     start: float
     end: float
     faults: list = field(default_factory=list)
+    then: list = field(default_factory=list)  # faults that began while it went on (not counted to it)
 
     @property
     def seconds(self) -> float:
@@ -129,7 +150,9 @@ class Report:
     overlaps: list = field(default_factory=list)
     unavailable: dict = field(default_factory=dict)  # agent -> longest wait of one operation (s)
     worst: dict = field(default_factory=dict)        # fault kind, "overlapping" or "no fault" -> Window
-    judged: set = field(default_factory=lambda: set(GOALS))
+    longest: dict = field(default_factory=dict)      # fault kind -> longest injected fault (s)
+    measured: Counter = field(default_factory=Counter)  # availability row -> injected faults
+    judged: set = field(default_factory=lambda: set(JUDGED))
     missed: list = field(default_factory=list)
     t0: float = 0.0
 
@@ -150,28 +173,32 @@ class Report:
 
     def availability_lines(self) -> list[str]:
         out = ["availability longest time an agent could not be served, one fault in force (goal)"]
-        kinds = sorted((set(self.attempted) | set(self.worst)) - {"overlapping", "no fault"})
-        for kind in [*kinds, "overlapping", "no fault"]:
+        rows = sorted((set(self.attempted) | set(self.measured) | set(self.worst)) - {"overlapping", "no fault"})
+        for kind in [*rows, "overlapping", "no fault"]:
             w = self.worst.get(kind)
             figure = f"{w.seconds:6.2f} s" if w else f"  <{SHORT:.2f} s"
             if kind in ("overlapping", "no fault"):
-                goal = "(not judged)"
+                verdict = "(not judged)"
                 if kind == "overlapping" and not w:
                     figure = "     -  "
-            elif not self.injected[kind]:
-                figure, goal = "     -  ", "(none injected: not measured)"
-            elif kind not in GOALS:
-                goal = "(no goal)"
+            elif not self.measured[kind]:
+                figure, verdict = "     -  ", "(none injected: not measured)"
+            elif goal(kind) is None:
+                verdict = "(no goal)"
             elif kind not in self.judged:
-                goal = f"(goal {GOALS[kind]:g} s: not judged)"
+                verdict = f"(goal {goal(kind):g} s: not judged)"
             else:
-                goal = f"(goal {GOALS[kind]:g} s: {'met' if not w or w.seconds <= GOALS[kind] else 'MISSED'})"
+                verdict = f"(goal {goal(kind):g} s: {'met' if not w or w.seconds <= goal(kind) else 'MISSED'})"
+            if kind in self.longest:
+                verdict += f" longest fault {self.longest[kind]:.2f} s"
             where = ""
             if w:
                 where = f"  {w.agent} {w.start - self.t0:.2f}-{w.end - self.t0:.2f} s"
                 if w.faults:
                     where += ", " + " + ".join(f"#{f.id} {f.kind} on {f.target}" for f in w.faults)
-            out.append(f"  {kind:<11} {figure} {goal}{where}")
+                if w.then:
+                    where += f" (unserved on into #{w.then[0].id} {w.then[0].kind})"
+            out.append(f"  {kind:<15} {figure} {verdict}{where}")
         return out
 
     def lines(self) -> list[str]:
@@ -235,7 +262,7 @@ def read_history(path: Path) -> History:
                     legacy += 1
                 fid = e.get("id", f"old{legacy}")
                 faults[fid] = Fault(fid, e["fault"], e.get("target"), bool(e.get("injected", True)), e["t"],
-                                    error=e.get("error"))
+                                    error=e.get("error"), on_supervisor=bool(e.get("supervisor")))
             elif kind == "heal":
                 fid = e.get("id")
                 if fid is None:  # older history: the earliest fault of that kind and target still open
@@ -282,29 +309,70 @@ def availability(r: Report, h: History, by_agent: dict[str, list[Op]]) -> None:
         for w in unserved_windows(agent_ops, h.t_end):
             if w.seconds < SHORT:
                 continue
-            w.faults = [f for f in faults if f.start < w.end and (f.end if f.end is not None else h.t_end) > w.start]
-            key = "no fault" if not w.faults else w.faults[0].kind if len(w.faults) == 1 else "overlapping"
-            if key not in r.worst or w.seconds > r.worst[key].seconds:
-                r.worst[key] = w
+            met = [f for f in faults if f.start < w.end and (f.end if f.end is not None else h.t_end) > w.start]
+            candidates = []
+            if not met:
+                candidates.append(("no fault", w))
+            else:
+                # what came before the first fault was not its doing; what came after the
+                # next one began is not its doing alone
+                first, start = met[0], max(w.start, met[0].start)
+                solo_end = min(w.end, met[1].start) if len(met) > 1 else w.end
+                candidates.append((first.key, Window(w.agent, start, solo_end, [first], met[1:])))
+                if len(met) > 1:
+                    candidates.append(("overlapping", Window(w.agent, start, w.end, met)))
+            for key, c in candidates:
+                if c.seconds >= SHORT and (key not in r.worst or c.seconds > r.worst[key].seconds):
+                    r.worst[key] = c
     for kind in sorted(r.judged):
         w = r.worst.get(kind)
-        if kind in GOALS and w is not None and w.seconds > GOALS[kind]:
+        if goal(kind) is not None and w is not None and w.seconds > goal(kind):
             f = w.faults[0]
             r.missed.append(f"{kind}: {w.agent} could not be served for {w.seconds:.2f} s "
-                            f"({w.start - h.t0:.2f}-{w.end - h.t0:.2f} s after the start; goal {GOALS[kind]:g} s) "
-                            f"during {f.describe(h.t0)}")
+                            f"({w.start - h.t0:.2f}-{w.end - h.t0:.2f} s after the start; goal {goal(kind):g} s) "
+                            f"during {f.describe(h.t0)}"
+                            + (f", until #{w.then[0].id} {w.then[0].kind} began" if w.then else ""))
+
+
+def each_fault(run_dir: Path) -> list[str]:
+    """One line per injected fault: how long it lasted, and the agent it kept unserved longest
+    (counted as for its kind, see the docstring)."""
+    h = read_history(run_dir / "history.jsonl")
+    faults = sorted((f for f in h.faults.values() if f.injected), key=lambda f: f.start)
+    worst: dict = {}
+    by_agent: dict[str, list[Op]] = defaultdict(list)
+    for op in h.ops.values():
+        by_agent[op.agent].append(op)
+    for agent_ops in by_agent.values():
+        for w in unserved_windows(agent_ops, h.t_end):
+            met = [f for f in faults if f.start < w.end and (f.end if f.end is not None else h.t_end) > w.start]
+            if met:
+                solo = Window(w.agent, max(w.start, met[0].start), min(w.end, met[1].start) if len(met) > 1 else w.end)
+                if solo.seconds > worst.get(met[0].id, Window("", 0, 0)).seconds:
+                    worst[met[0].id] = solo
+    out = []
+    for f in faults:
+        w = worst.get(f.id)
+        lasted = (f.end if f.end is not None else h.t_end) - f.start
+        out.append(f"#{f.id:<4} {f.key:<15} {str(f.target):<9.9} {f.start - h.t0:8.2f} s  lasted {lasted:5.2f} s  "
+                   + (f"unserved {w.seconds:5.2f} s  {w.agent}" if w else "unserved  -"))
+    return out
 
 
 def check(run_dir: Path, judged=None) -> Report:
     h = read_history(run_dir / "history.jsonl")
     final = json.loads((run_dir / "final.json").read_text())
     if judged is None:
-        judged = h.header.get("judged", list(GOALS))
+        judged = h.header.get("judged", JUDGED)
     r = Report(operations=len(h.ops), failed_attempts=h.failed, skipped=dict(h.header.get("skipped", {})),
                judged=set(judged), t0=h.header.get("t", h.t0))
     for f in h.faults.values():
         r.attempted[f.kind] += 1
         r.injected[f.kind] += f.injected
+        if f.injected:
+            lasted = (f.end if f.end is not None else h.t_end) - f.start
+            r.longest[f.key] = max(r.longest.get(f.key, 0.0), lasted)
+            r.measured[f.key] += 1
         if f.injected and f.end is None:
             r.in_force.append(f"{f.describe(r.t0)}: no heal in the history" + (f" ({f.error})" if f.error else ""))
     r.in_force += h.in_force
@@ -398,10 +466,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--judge", default=None,
                    help="comma-separated fault kinds whose availability goal decides the verdict "
                         "(default: what the run was told; 'none' for none)")
+    p.add_argument("--each", action="store_true", help="also list every injected fault and its longest unserved agent")
     a = p.parse_args(argv)
     judged = None if a.judge is None else [k for k in a.judge.split(",") if k and k != "none"]
     report = check(Path(a.run_dir), judged)
     print("\n".join(report.lines()))
+    if a.each:
+        print("\n".join(each_fault(Path(a.run_dir))))
     return 0 if report.ok else 1
 
 

@@ -173,7 +173,11 @@ class Nemesis:
 
     def _started(self, fault: Fault, target: str) -> None:
         fault.target, fault.injected, fault.start = target, True, time.time()
-        self.history.write(e="fault", id=fault.id, fault=fault.kind, target=target, injected=True, t=fault.start)
+        # a fault aimed at the supervisor's node or host takes the supervisor away too
+        sup = (fault.kind in ("kill", "stop", "supervisor") and target == getattr(self.env, "supervisor_node", None)
+               or fault.kind in NEEDS_HOSTS and target == getattr(self.env, "supervisor_host", None))
+        self.history.write(e="fault", id=fault.id, fault=fault.kind, target=target, injected=True, t=fault.start,
+                           supervisor=sup)
 
     def _healed(self, fault: Fault, heal) -> None:
         """Run `heal` (a plain function: it also runs while the task is being cancelled)."""
@@ -247,7 +251,8 @@ class Nemesis:
         if os.statvfs(folder).f_bavail > 0:
             filler.unlink(missing_ok=True)
             raise RuntimeError(f"{folder} still has room after filling it")
-        await self._held(fault, str(folder), duration, lambda: filler.unlink(missing_ok=True))
+        target = getattr(self.env, "disk_host", None) or str(folder)
+        await self._held(fault, target, duration, lambda: filler.unlink(missing_ok=True))
 
     def _hosts(self):
         if self.env.hosts is None:

@@ -124,7 +124,7 @@ class Env:
     """The mesh under test: its processes, its hosts (or none), its stand-in model API."""
 
     def __init__(self, out: Path, use_hosts: bool, unsafe: bool, disk: bool):
-        self.out, self.use_hosts, self.disk_dir = out, use_hosts, None
+        self.out, self.use_hosts, self.disk_dir, self.disk_host = out, use_hosts, None, None
         self.standin = None
         self.runs: dict[str, meshrun.MeshRun] = {}
         self.hosts = None
@@ -151,7 +151,8 @@ class Env:
                 f'[nodes.n{i}]\nhost = "local"\nport = {p}\n' for i, p in enumerate(ports, 1))
             self.supervisor_host = "local"
         if disk:  # the store only: the served records beside it must outlive the mount
-            self.disk_dir = data / ("local" if not use_hosts else "h2") / "store"
+            self.disk_host = "local" if not use_hosts else "h2"
+            self.disk_dir = data / self.disk_host / "store"
             self.disk_dir.mkdir(parents=True, exist_ok=True)
             subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(self.disk_dir)], check=True)
         self.config = out / "chaos.toml"
@@ -228,9 +229,9 @@ async def chaos(args) -> int:
     if unknown:
         print(f"chaos: unknown faults {sorted(unknown)}", file=sys.stderr)
         return 2
-    judged = list(check.GOALS) if args.judge is None else [k for k in args.judge.split(",") if k and k != "none"]
-    if set(judged) - set(check.GOALS):
-        print(f"chaos: --judge: no goal for {sorted(set(judged) - set(check.GOALS))} "
+    judged = list(check.JUDGED) if args.judge is None else [k for k in args.judge.split(",") if k and k != "none"]
+    if set(judged) - set(check.JUDGED):
+        print(f"chaos: --judge: no goal for {sorted(set(judged) - set(check.JUDGED))} "
               f"(goals: {', '.join(f'{k} {v:g} s' for k, v in check.GOALS.items())})", file=sys.stderr)
         return 2
     root = os.geteuid() == 0
@@ -277,7 +278,9 @@ async def chaos(args) -> int:
                 agents[f"talk-{i}"] = "conversation"
             work = Workload(m, history, agents, args.clients, args.seed)
             every = tuple(float(x) for x in args.every.split(","))
-            nemesis = nemesis_mod.Nemesis(env, faults, args.seed, history, interval=every, concurrent=args.concurrent)
+            duration = tuple(float(x) for x in args.duration.split(","))  # straddles the goals (2-3 s)
+            nemesis = nemesis_mod.Nemesis(env, faults, args.seed, history, interval=every, duration=duration,
+                                          concurrent=args.concurrent)
             stop = asyncio.Event()
             runner = asyncio.ensure_future(work.run(stop, settle_s=args.settle))
             faulting = asyncio.ensure_future(nemesis.run(stop))
@@ -319,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hosts", action="store_true", help="three hosts as network namespaces, replicas = 1 (root)")
     p.add_argument("--concurrent", type=int, default=1, help="faults that may be active at once")
     p.add_argument("--every", default="1.5,4", help="seconds between faults: MIN,MAX (drawn uniformly)")
+    p.add_argument("--duration", default="0.5,5",
+                   help="seconds a stop, cut, loss, disk or llm fault lasts, and a host stays down: MIN,MAX")
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--agents", type=int, default=12, help="ledgers and counters")
     p.add_argument("--conversations", type=int, default=2)
@@ -328,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="leave out faults that cannot be injected here (else the run refuses to start)")
     p.add_argument("--judge", default=None,
                    help="comma-separated fault kinds whose availability goal decides the verdict "
-                        "(default: every kind with a goal; 'none' for none)")
+                        "(default: every kind with a goal, also KIND:supervisor for kill, stop and cut "
+                        "of the supervisor's node or host; 'none' for none)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill or timeout clean up as Ctrl-C does
