@@ -19,6 +19,13 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import hosts as hosts_tool  # noqa: E402
 
 
+# The availability goals these short runs judge: those the runtime meets on every fault here,
+# the disk goal on three hosts (on one host there is no other disk to move to). The others
+# (kill 0.5 s, stop and cut 2 s, host 3 s) are measured and printed as "not judged": a few
+# faults miss them (docs/chaos.md says which and why).
+JUDGE = "disk"
+
+
 def chaos(tmp_path, *args, timeout=240):
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "chaos" / "run.py"), "--out", str(tmp_path / "run"),
                         *args], capture_output=True, text=True, env=env(), timeout=timeout, cwd=ROOT)
@@ -43,7 +50,8 @@ def assert_counts_match_the_history(tmp_path, report):
 
 
 def test_the_checker_catches_a_planted_bug(tmp_path):
-    r, report = chaos(tmp_path, "--unsafe", "--faults", "kill", "--seconds", "20", "--every", "0.5,1.5", "--seed", "3")
+    r, report = chaos(tmp_path, "--unsafe", "--faults", "kill", "--seconds", "20", "--every", "0.5,1.5", "--seed", "3",
+                      "--judge", "none")
     assert r.returncode == 1, report
     assert "verdict      FAIL" in report
     lost = int(next(line.split()[1] for line in report.splitlines() if line.startswith("lost")))
@@ -53,7 +61,7 @@ def test_the_checker_catches_a_planted_bug(tmp_path):
 def test_one_host_under_every_fault_loses_nothing(tmp_path):
     # cut needs namespaced hosts: left out, and the report says so
     r, report = chaos(tmp_path, "--faults", "kill,stop,supervisor,llm,disk,cut", "--skip-missing",
-                      "--seconds", "40", "--seed", "11")
+                      "--seconds", "40", "--seed", "11", "--judge", "none")
     assert r.returncode == 0, report
     assert "verdict      PASS" in report and "lost         0" in report and "duplicated   0" in report
     assert re.search(r"^skipped      .*cut \(needs --hosts", report, re.M), report
@@ -61,6 +69,7 @@ def test_one_host_under_every_fault_loses_nothing(tmp_path):
     assert "cut" not in {e["fault"] for e in faults}
     if os.geteuid() == 0:
         assert any(e["fault"] == "disk" and e["injected"] for e in faults), report
+    assert re.search(r"^  stop .*\(goal 2 s: not judged\)", report, re.M), report
 
 
 @pytest.mark.netns
@@ -68,6 +77,9 @@ def test_three_hosts_under_every_fault_lose_nothing(tmp_path):
     why = hosts_tool.available()
     if why:
         pytest.skip(f"needs network namespaces: {why}")
-    r, report = chaos(tmp_path, "--hosts", "--seconds", "40", "--seed", "12")
+    r, report = chaos(tmp_path, "--hosts", "--seconds", "40", "--seed", "12", "--judge", JUDGE)
     assert r.returncode == 0, report
-    assert "verdict      PASS" in report and "served twice 0" in report
+    assert "verdict      PASS" in report and "served twice 0" in report and "goals missed 0" in report
+    faults = assert_counts_match_the_history(tmp_path, report)
+    assert {e["fault"] for e in faults if e["injected"]} >= {"cut", "host", "loss"} or "skipped" in report, report
+    assert re.search(r"^  kill .*\(goal 0.5 s: not judged\)", report, re.M), report

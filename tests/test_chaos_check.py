@@ -223,3 +223,14 @@ def test_a_fault_on_the_supervisors_node_is_judged_on_its_own_row(tmp_path):
     assert judged.ok
     rows = {line.split()[0]: line for line in judged.lines() if line.startswith("  stop")}
     assert "(goal 2 s: not judged)" in rows["stop:supervisor"] and "(goal 2 s: met)" in rows["stop"]
+
+
+def test_a_window_that_begins_just_after_the_heal_is_still_the_faults(tmp_path):
+    rec = Recorder(tmp_path)
+    busy(rec, "counter-1", 0, 20)
+    rec.fault(1, "kill", 5.0, 5.1)            # the node is ready again at 5.1 ...
+    rec.gap("counter-1", 5.3, 6.5)            # ... its agent is not served from 5.3 to 6.5
+    rec.gap("counter-1", 12.0, 12.2)          # long after: ordinary latency
+    r = rec.check()
+    assert round(r.worst["kill"].seconds, 2) == 1.2 and round(r.worst["no fault"].seconds, 2) == 0.2
+    assert r.missed and r.missed[0].startswith("kill: counter-1 could not be served for 1.20 s")

@@ -41,7 +41,9 @@ An agent "could not be served" from the moment an operation on it was waiting an
 agent had answered nothing since, until it answered one again (any operation, any
 client); an operation never answered stretches the window to the end of the history.
 A fault meets a window when it was in force (from its start to its heal) at some time
-during it. A window counts for the kind of the first fault it meets, from the later of
+during it, or was healed less than AFTER (1 s) before the window began: a node ready
+again, or a link up, is not yet the agents served again (the supervisor's view, leases
+and restarts take their time, and that time is the fault's doing). A window counts for the kind of the first fault it meets, from the later of
 its own start and that fault's start, until the window ends or the next fault it meets
 begins: the time the agent went unserved with that fault the only one since. A window
 that meets two or more faults (at once, or one after the other) is also reported whole
@@ -74,6 +76,12 @@ JUDGED = [*GOALS, "kill:supervisor", "stop:supervisor", "cut:supervisor"]
 def goal(key: str) -> float | None:
     return GOALS.get(key.split(":")[0])
 SHORT = 0.05  # windows shorter than this are not attributed to faults (they are ordinary latency)
+AFTER = 1.0   # a fault still meets windows that begin this long after its heal (the mesh's own recovery)
+
+
+def meeting(faults: list, w: "Window", t_end: float) -> list:
+    """The faults (sorted by start) that meet window `w`: in force, or healed less than AFTER before it began."""
+    return [f for f in faults if f.start < w.end and (f.end if f.end is not None else t_end) + AFTER > w.start]
 
 
 @dataclass
@@ -309,7 +317,7 @@ def availability(r: Report, h: History, by_agent: dict[str, list[Op]]) -> None:
         for w in unserved_windows(agent_ops, h.t_end):
             if w.seconds < SHORT:
                 continue
-            met = [f for f in faults if f.start < w.end and (f.end if f.end is not None else h.t_end) > w.start]
+            met = meeting(faults, w, h.t_end)
             candidates = []
             if not met:
                 candidates.append(("no fault", w))
@@ -345,7 +353,7 @@ def each_fault(run_dir: Path) -> list[str]:
         by_agent[op.agent].append(op)
     for agent_ops in by_agent.values():
         for w in unserved_windows(agent_ops, h.t_end):
-            met = [f for f in faults if f.start < w.end and (f.end if f.end is not None else h.t_end) > w.start]
+            met = meeting(faults, w, h.t_end)
             if met:
                 solo = Window(w.agent, max(w.start, met[0].start), min(w.end, met[1].start) if len(met) > 1 else w.end)
                 if solo.seconds > worst.get(met[0].id, Window("", 0, 0)).seconds:
