@@ -4,10 +4,8 @@ not held up by one stuck agent; a run that refuses to start when a fault cannot 
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

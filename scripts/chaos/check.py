@@ -43,14 +43,14 @@ client); an operation never answered stretches the window to the end of the hist
 A fault meets a window when it was in force (from its start to its heal) at some time
 during it, or was healed less than AFTER (1 s) before the window began: a node ready
 again, or a link up, is not yet the agents served again (the supervisor's view, leases
-and restarts take their time, and that time is the fault's doing). A window counts for the kind of the first fault it meets, from the later of
-its own start and that fault's start, until the window ends or the next fault it meets
-begins: the time the agent went unserved with that fault the only one since. A window
-that meets two or more faults (at once, or one after the other) is also reported whole
-as "overlapping"; windows that meet none as "no fault".
-A goal can only be missed by a fault that lasts longer than the goal (stop, cut, disk,
-loss, llm last as long as --duration draws; kill and supervisor until the node is ready
-again; host until it is restarted): the report gives each kind's longest fault.
+and restarts take their time, and that time is the fault's doing). A window counts for
+the kind of the first fault it meets, from the later of its own start and that fault's
+start, until the window ends or the next fault it meets begins: the time the agent went
+unserved with that fault the only one since. A window that meets two or more faults (at
+once, or one after the other) is also reported whole as "overlapping"; windows that
+meet none as "no fault". The report gives each kind's longest fault (stop, cut, loss,
+disk and llm last as long as --duration draws; a kill until the node is ready again; a
+host until it is started again): a goal met only by faults shorter than it says little.
 """
 
 from __future__ import annotations
@@ -436,7 +436,8 @@ def _check_ledger(r: Report, agent: str, ops: list[Op], values: list) -> None:
     later_min_ack = float("inf")
     for op in reversed(acked):
         if later_min_ack < op.invoked:
-            r.misordered.append(f"{agent}: {json.dumps(op.value)} is placed after an append acknowledged before it was sent")
+            r.misordered.append(f"{agent}: {json.dumps(op.value)} is placed after an append acknowledged "
+                                "before it was sent")
         later_min_ack = min(later_min_ack, op.acked)
 
 

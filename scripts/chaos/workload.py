@@ -4,8 +4,9 @@ Each client task picks an agent, invokes one operation with a fresh request id, 
 retries it with the same id after any error or timeout until it is acknowledged (or
 the run is over). A client waits a short while (`patience`) for each operation; one
 still unanswered then goes on by itself while the client works on other agents, so an
-agent that is stuck delays only the operations on it. Every invocation, every failed attempt and every acknowledgement is
-written to the history with its time; the checker reads nothing else.
+agent that is stuck delays only the operations on it. Every invocation, every failed
+attempt and every acknowledgement is written to the history with its time; the checker
+reads nothing else.
 """
 
 from __future__ import annotations
