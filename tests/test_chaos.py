@@ -81,5 +81,5 @@ def test_three_hosts_under_every_fault_lose_nothing(tmp_path):
     assert r.returncode == 0, report
     assert "verdict      PASS" in report and "served twice 0" in report and "goals missed 0" in report
     faults = assert_counts_match_the_history(tmp_path, report)
-    assert {e["fault"] for e in faults if e["injected"]} >= {"cut", "host", "loss"} or "skipped" in report, report
+    assert {e["fault"] for e in faults if e["injected"]} & {"cut", "host", "loss"}, report  # faults of hosts too
     assert re.search(r"^  kill .*\(goal 0.5 s: not judged\)", report, re.M), report
