@@ -1,10 +1,13 @@
 """The chaos suite's short runs: break the mesh on purpose, then let the checker decide.
 
 A planted bug (replies before commits) must be caught; the real code must pass, on one
-host and on three namespaced hosts. Longer runs: scripts/chaos/run.py --minutes N.
+host and on three namespaced hosts, and its report must count exactly the faults its
+history shows injected. Longer runs: scripts/chaos/run.py --minutes N.
 """
 
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -16,6 +19,13 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import hosts as hosts_tool  # noqa: E402
 
 
+# The availability goals these short runs judge: those the runtime meets on every fault here,
+# the disk goal on three hosts (on one host there is no other disk to move to). The others
+# (kill 0.5 s, stop and cut 2 s, host 3 s) are measured and printed as "not judged": a few
+# faults miss them (docs/chaos.md says which and why).
+JUDGE = "disk"
+
+
 def chaos(tmp_path, *args, timeout=240):
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "chaos" / "run.py"), "--out", str(tmp_path / "run"),
                         *args], capture_output=True, text=True, env=env(), timeout=timeout, cwd=ROOT)
@@ -23,8 +33,25 @@ def chaos(tmp_path, *args, timeout=240):
     return r, report.read_text() if report.exists() else r.stdout + r.stderr
 
 
+def assert_counts_match_the_history(tmp_path, report):
+    """The report's fault line is the history's injected and attempted faults, per kind."""
+    events = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    faults = [e for e in events if e["e"] == "fault"]
+    kinds = sorted({e["fault"] for e in faults})
+    per_kind = ", ".join(f"{k} {sum(e['injected'] for e in faults if e['fault'] == k)} of "
+                         f"{sum(e['fault'] == k for e in faults)}" for k in kinds)
+    expected = (f"faults       {sum(e['injected'] for e in faults)} injected of {len(faults)} attempted"
+                f" ({per_kind or 'none'})")
+    assert expected in report.splitlines(), report
+    healed = {e["id"] for e in events if e["e"] == "heal"}
+    assert all(e["id"] in healed for e in faults if e["injected"]), report
+    assert "in force     0 at the end" in report
+    return faults
+
+
 def test_the_checker_catches_a_planted_bug(tmp_path):
-    r, report = chaos(tmp_path, "--unsafe", "--faults", "kill", "--seconds", "20", "--every", "0.5,1.5", "--seed", "3")
+    r, report = chaos(tmp_path, "--unsafe", "--faults", "kill", "--seconds", "20", "--every", "0.5,1.5", "--seed", "3",
+                      "--judge", "none")
     assert r.returncode == 1, report
     assert "verdict      FAIL" in report
     lost = int(next(line.split()[1] for line in report.splitlines() if line.startswith("lost")))
@@ -32,10 +59,17 @@ def test_the_checker_catches_a_planted_bug(tmp_path):
 
 
 def test_one_host_under_every_fault_loses_nothing(tmp_path):
-    faults = "kill,stop,supervisor,llm" + (",disk" if os.geteuid() == 0 else "")
-    r, report = chaos(tmp_path, "--faults", faults, "--seconds", "40", "--seed", "11")
+    # cut needs namespaced hosts: left out, and the report says so
+    r, report = chaos(tmp_path, "--faults", "kill,stop,supervisor,llm,disk,cut", "--skip-missing",
+                      "--seconds", "40", "--seed", "11", "--judge", "none")
     assert r.returncode == 0, report
     assert "verdict      PASS" in report and "lost         0" in report and "duplicated   0" in report
+    assert re.search(r"^skipped      .*cut \(needs --hosts", report, re.M), report
+    faults = assert_counts_match_the_history(tmp_path, report)
+    assert "cut" not in {e["fault"] for e in faults}
+    if os.geteuid() == 0:
+        assert any(e["fault"] == "disk" and e["injected"] for e in faults), report
+    assert re.search(r"^  stop .*\(goal 2 s: not judged\)", report, re.M), report
 
 
 @pytest.mark.netns
@@ -43,6 +77,9 @@ def test_three_hosts_under_every_fault_lose_nothing(tmp_path):
     why = hosts_tool.available()
     if why:
         pytest.skip(f"needs network namespaces: {why}")
-    r, report = chaos(tmp_path, "--hosts", "--seconds", "40", "--seed", "12")
+    r, report = chaos(tmp_path, "--hosts", "--skip-missing", "--seconds", "40", "--seed", "12", "--judge", JUDGE)
     assert r.returncode == 0, report
-    assert "verdict      PASS" in report and "served twice 0" in report
+    assert "verdict      PASS" in report and "served twice 0" in report and "goals missed 0" in report
+    faults = assert_counts_match_the_history(tmp_path, report)
+    assert {e["fault"] for e in faults if e["injected"]} & {"cut", "host", "loss"}, report  # faults of hosts too
+    assert re.search(r"^  kill .*\(goal 0.5 s: not judged\)", report, re.M), report

@@ -1,13 +1,20 @@
 #!/usr/bin/env python3
 """The chaos checker: decides from the record alone whether anything was lost.
 
-    python3 scripts/chaos/check.py RUN_DIR         # reads RUN_DIR/history.jsonl, final.json, data/
+    python3 scripts/chaos/check.py RUN_DIR                  # reads RUN_DIR/history.jsonl, final.json, data/
+    python3 scripts/chaos/check.py RUN_DIR --judge kill,stop  # judge only these kinds' availability goals
 
 The history holds one JSON object per line:
+    {"e": "run", "t": T, "faults": [...], "skipped": {KIND: WHY}, "judged": [...]}   (first line)
     {"e": "invoke", "op": ID, "t": T, "agent": A, "kind": "append"|"add"|"say", "value": V}
     {"e": "ok", "op": ID, "t": T, "result": R}
     {"e": "fail", "op": ID, "t": T, "error": "..."}          (an attempt failed; it may be retried)
-    {"e": "fault", "t": T, "fault": "...", "target": "..."}
+    {"e": "fault", "id": N, "t": T, "fault": KIND, "target": "...", "injected": true, "supervisor": B}
+                                                            (T: when it really came into force)
+    {"e": "fault", "id": N, "t": T, "fault": KIND, "injected": false, "error": "..."}
+    {"e": "heal", "id": N, "t": T, ...}                     (T: when the heal took effect)
+    {"e": "heal_failed", "id": N, "error": "..."}
+    {"e": "in_force", "text": "..."}                        (the machine still showed a fault after the run)
 An operation is retried with the same request id until it is acknowledged or the run
 ends. final.json holds every agent's final state (ledger values, counter value,
 conversation history).
@@ -20,11 +27,36 @@ Verdict rules:
   counter       acknowledged increments <= value <= acknowledged + unacknowledged
   conversation  every acknowledged turn is in the history exactly once, in order
   served        no name was answered for by two incarnations at once (the nodes' records)
+  healed        every injected fault has its heal in the history, and none was seen after
+  availability  per fault kind, the longest time any agent could not be served while a
+                fault of that kind was the only one in force is within its goal (GOALS),
+                for the kinds judged (a kill, stop or cut of the supervisor's node or
+                host is judged on its own, as KIND:supervisor)
 Exit status 1 on any violation.
+
+Counts of faults are of the history's fault lines: attempted (every line) and injected
+(those with "injected": true); nothing else is counted.
+
+An agent "could not be served" from the moment an operation on it was waiting and the
+agent had answered nothing since, until it answered one again (any operation, any
+client); an operation never answered stretches the window to the end of the history.
+A fault meets a window when it was in force (from its start to its heal) at some time
+during it, or was healed less than AFTER (1 s) before the window began: a node ready
+again, or a link up, is not yet the agents served again (the supervisor's view, leases
+and restarts take their time, and that time is the fault's doing). A window counts for
+the kind of the first fault it meets, from the later of its own start and that fault's
+start, until the window ends or the next fault it meets begins: the time the agent went
+unserved with that fault the only one since. A window that meets two or more faults (at
+once, or one after the other) is also reported whole as "overlapping"; windows that
+meet none as "no fault". The report gives each kind's longest fault (stop, cut, loss,
+disk and llm last as long as --duration draws; a kill until the node is ready again; a
+host until it is started again): a goal met only by faults shorter than it says little.
 """
 
 from __future__ import annotations
 
+import argparse
+import heapq
 import json
 import sys
 from collections import Counter, defaultdict
@@ -33,6 +65,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from mesh.served import overlaps  # noqa: E402
+
+# The longest an agent may go unserved while one fault of a kind is in force (seconds).
+GOALS = {"kill": 0.5, "stop": 2.0, "cut": 2.0, "host": 3.0, "disk": 3.0}
+# A kill, stop or cut aimed at the supervisor's node or host is its own row, KIND:supervisor,
+# with the kind's goal: the runtime has one supervisor, and those faults take it away.
+JUDGED = [*GOALS, "kill:supervisor", "stop:supervisor", "cut:supervisor"]
+
+
+def goal(key: str) -> float | None:
+    return GOALS.get(key.split(":")[0])
+SHORT = 0.05  # windows shorter than this are not attributed to faults (they are ordinary latency)
+AFTER = 1.0   # a fault still meets windows that begin this long after its heal (the mesh's own recovery)
+
+
+def meeting(faults: list, w: "Window", t_end: float) -> list:
+    """The faults (sorted by start) that meet window `w`: in force, or healed less than AFTER before it began."""
+    return [f for f in faults if f.start < w.end and (f.end if f.end is not None else t_end) + AFTER > w.start]
 
 
 @dataclass
@@ -48,22 +97,117 @@ class Op:
 
 
 @dataclass
+class Fault:
+    id: object
+    kind: str
+    target: str | None
+    injected: bool
+    start: float
+    end: float | None = None
+    error: str | None = None
+    on_supervisor: bool = False
+
+    @property
+    def key(self) -> str:
+        """Its row in the availability verdicts."""
+        return f"{self.kind}:supervisor" if self.on_supervisor and self.kind != "supervisor" else self.kind
+
+    def describe(self, t0: float) -> str:
+        end = f"{self.end - t0:.2f}" if self.end is not None else "never healed"
+        return f"#{self.id} {self.kind} on {self.target} ({self.start - t0:.2f}-{end} s)"
+
+
+@dataclass
+class Window:
+    agent: str
+    start: float
+    end: float
+    faults: list = field(default_factory=list)
+    then: list = field(default_factory=list)  # faults that began while it went on (not counted to it)
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+
+@dataclass
+class History:
+    ops: dict
+    faults: dict
+    failed: int
+    header: dict
+    in_force: list
+    t0: float
+    t_end: float
+
+
+@dataclass
 class Report:
     operations: int = 0
     acknowledged: int = 0
     unacknowledged: int = 0
     failed_attempts: int = 0
-    faults: Counter = field(default_factory=Counter)
+    attempted: Counter = field(default_factory=Counter)
+    injected: Counter = field(default_factory=Counter)
+    skipped: dict = field(default_factory=dict)
+    in_force: list = field(default_factory=list)
     lost: list = field(default_factory=list)
     duplicated: list = field(default_factory=list)
     phantom: list = field(default_factory=list)
     misordered: list = field(default_factory=list)
     overlaps: list = field(default_factory=list)
-    unavailable: dict = field(default_factory=dict)  # agent -> longest wait for an answer (s)
+    unavailable: dict = field(default_factory=dict)  # agent -> longest wait of one operation (s)
+    worst: dict = field(default_factory=dict)        # fault kind, "overlapping" or "no fault" -> Window
+    longest: dict = field(default_factory=dict)      # fault kind -> longest injected fault (s)
+    measured: Counter = field(default_factory=Counter)  # availability row -> injected faults
+    judged: set = field(default_factory=lambda: set(JUDGED))
+    missed: list = field(default_factory=list)
+    t0: float = 0.0
+
+    @property
+    def faults(self) -> Counter:
+        """Injected faults per kind."""
+        return +self.injected
 
     @property
     def ok(self) -> bool:
-        return not (self.lost or self.duplicated or self.phantom or self.misordered or self.overlaps)
+        return not (self.lost or self.duplicated or self.phantom or self.misordered or self.overlaps
+                    or self.in_force or self.missed)
+
+    def fault_line(self) -> str:
+        kinds = ", ".join(f"{k} {self.injected[k]} of {self.attempted[k]}" for k in sorted(self.attempted))
+        return (f"faults       {sum(self.injected.values())} injected of {sum(self.attempted.values())} attempted"
+                f" ({kinds or 'none'})")
+
+    def availability_lines(self) -> list[str]:
+        out = ["availability longest time an agent could not be served, one fault in force (goal)"]
+        rows = sorted((set(self.attempted) | set(self.measured) | set(self.worst)) - {"overlapping", "no fault"})
+        for kind in [*rows, "overlapping", "no fault"]:
+            w = self.worst.get(kind)
+            figure = f"{w.seconds:6.2f} s" if w else f"  <{SHORT:.2f} s"
+            if kind in ("overlapping", "no fault"):
+                verdict = "(not judged)"
+                if kind == "overlapping" and not w:
+                    figure = "     -  "
+            elif not self.measured[kind]:
+                figure, verdict = "     -  ", "(none injected: not measured)"
+            elif goal(kind) is None:
+                verdict = "(no goal)"
+            elif kind not in self.judged:
+                verdict = f"(goal {goal(kind):g} s: not judged)"
+            else:
+                verdict = f"(goal {goal(kind):g} s: {'met' if not w or w.seconds <= goal(kind) else 'MISSED'})"
+            if kind in self.longest:
+                verdict += f" longest fault {self.longest[kind]:.2f} s"
+            where = ""
+            if w:
+                where = f"  {w.agent} {w.start - self.t0:.2f}-{w.end - self.t0:.2f} s"
+                if w.faults:
+                    where += ", " + " + ".join(f"#{f.id} {f.kind} on {f.target}" for f in w.faults)
+                if w.then:
+                    where += f" (unserved on into #{w.then[0].id} {w.then[0].kind})"
+            out.append(f"  {kind:<15} {figure} {verdict}{where}")
+        return out
 
     def lines(self) -> list[str]:
         worst = sorted(self.unavailable.items(), key=lambda kv: -kv[1])[:5]
@@ -71,32 +215,50 @@ class Report:
             f"verdict      {'PASS' if self.ok else 'FAIL'}",
             f"operations   {self.operations} ({self.acknowledged} acknowledged, "
             f"{self.unacknowledged} never acknowledged, {self.failed_attempts} failed attempts retried)",
-            f"faults       {sum(self.faults.values())} ({', '.join(f'{k} {v}' for k, v in sorted(self.faults.items())) or 'none'})",
+            self.fault_line(),
+        ]
+        if self.skipped:
+            out.append("skipped      " + "; ".join(f"{k} ({why})" for k, why in sorted(self.skipped.items()))
+                       + ": cannot be injected here, left out with --skip-missing")
+        out += [
+            f"in force     {len(self.in_force)} at the end",
             f"lost         {len(self.lost)}",
             f"duplicated   {len(self.duplicated)}",
             f"phantom      {len(self.phantom)}",
             f"misordered   {len(self.misordered)}",
             f"served twice {len(self.overlaps)}",
+            f"goals missed {len(self.missed)}",
             "longest wait " + (", ".join(f"{a} {s:.2f}s" for a, s in worst) or "-"),
+            *self.availability_lines(),
         ]
-        for label, items in (("LOST", self.lost), ("DUPLICATED", self.duplicated), ("PHANTOM", self.phantom),
+        for label, items in (("IN FORCE", self.in_force), ("MISSED", self.missed), ("LOST", self.lost),
+                             ("DUPLICATED", self.duplicated), ("PHANTOM", self.phantom),
                              ("MISORDERED", self.misordered), ("SERVED TWICE", self.overlaps)):
             out += [f"  {label}: {item}" for item in items[:10]]
         return out
 
 
-def read_history(path: Path) -> tuple[dict[str, Op], Counter, int]:
+def read_history(path: Path) -> History:
     ops: dict[str, Op] = {}
-    faults: Counter = Counter()
+    faults: dict = {}
+    in_force: list = []
+    header: dict = {}
     failed = 0
+    t0 = t_end = None
+    legacy = 0
     with open(path) as f:
         for line in f:
             try:
                 e = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short when the run was killed
-            kind = e.get("e")
-            if kind == "invoke":
+            kind, t = e.get("e"), e.get("t")
+            if isinstance(t, (int, float)):
+                t0 = t if t0 is None else min(t0, t)
+                t_end = t if t_end is None else max(t_end, t)
+            if kind == "run":
+                header = e
+            elif kind == "invoke":
                 ops.setdefault(e["op"], Op(e["op"], e["agent"], e["kind"], e.get("value"), e["t"]))
             elif kind == "ok" and e["op"] in ops and ops[e["op"]].acked is None:
                 ops[e["op"]].acked, ops[e["op"]].result = e["t"], e.get("result")
@@ -104,16 +266,126 @@ def read_history(path: Path) -> tuple[dict[str, Op], Counter, int]:
                 ops[e["op"]].failures += 1
                 failed += 1
             elif kind == "fault":
-                faults[e["fault"]] += 1
-    return ops, faults, failed
+                if "id" not in e:  # an older history: its faults were written before being tried
+                    legacy += 1
+                fid = e.get("id", f"old{legacy}")
+                faults[fid] = Fault(fid, e["fault"], e.get("target"), bool(e.get("injected", True)), e["t"],
+                                    error=e.get("error"), on_supervisor=bool(e.get("supervisor")))
+            elif kind == "heal":
+                fid = e.get("id")
+                if fid is None:  # older history: the earliest fault of that kind and target still open
+                    fid = next((k for k, x in faults.items() if x.kind == e.get("fault") and x.end is None
+                                and x.target == e.get("target")), None)
+                if fid in faults:
+                    faults[fid].end = e["t"]
+            elif kind == "heal_failed" and e.get("id") in faults:
+                faults[e["id"]].error = e.get("error")
+            elif kind == "in_force":
+                in_force.append(e.get("text", "?"))
+    return History(ops, faults, failed, header, in_force, t0 or 0.0, t_end or 0.0)
 
 
-def check(run_dir: Path) -> Report:
-    ops, faults, failed = read_history(run_dir / "history.jsonl")
-    final = json.loads((run_dir / "final.json").read_text())
-    r = Report(operations=len(ops), failed_attempts=failed, faults=faults)
+def unserved_windows(ops: list[Op], t_end: float) -> list[Window]:
+    """An agent's windows without an answer while an operation on it waited (see the docstring)."""
+    events = [(op.invoked, 0, i) for i, op in enumerate(ops)]
+    events += [(op.acked, 1, i) for i, op in enumerate(ops) if op.acked is not None]
+    events.sort()
+    waiting: list[tuple[float, int]] = []  # (invoked, index): a heap, answered ones dropped lazily
+    answered: set[int] = set()
+    last_answer = float("-inf")
+    out = []
+    for t, what, i in events:
+        if what == 0:
+            heapq.heappush(waiting, (t, i))
+            continue
+        while waiting and waiting[0][1] in answered:
+            heapq.heappop(waiting)
+        start = max(last_answer, waiting[0][0] if waiting else t)
+        out.append(Window(ops[i].agent, start, t))
+        answered.add(i)
+        last_answer = t
+    while waiting and waiting[0][1] in answered:
+        heapq.heappop(waiting)
+    if waiting:
+        out.append(Window(ops[0].agent, max(last_answer, waiting[0][0]), max(t_end, waiting[0][0])))
+    return out
+
+
+def availability(r: Report, h: History, by_agent: dict[str, list[Op]]) -> None:
+    faults = sorted((f for f in h.faults.values() if f.injected), key=lambda f: f.start)
+    for agent_ops in by_agent.values():
+        for w in unserved_windows(agent_ops, h.t_end):
+            if w.seconds < SHORT:
+                continue
+            met = meeting(faults, w, h.t_end)
+            candidates = []
+            if not met:
+                candidates.append(("no fault", w))
+            else:
+                # what came before the first fault was not its doing; what came after the
+                # next one began is not its doing alone
+                first, start = met[0], max(w.start, met[0].start)
+                solo_end = min(w.end, met[1].start) if len(met) > 1 else w.end
+                candidates.append((first.key, Window(w.agent, start, solo_end, [first], met[1:])))
+                if len(met) > 1:
+                    candidates.append(("overlapping", Window(w.agent, start, w.end, met)))
+            for key, c in candidates:
+                if c.seconds >= SHORT and (key not in r.worst or c.seconds > r.worst[key].seconds):
+                    r.worst[key] = c
+    for kind in sorted(r.judged):
+        w = r.worst.get(kind)
+        if goal(kind) is not None and w is not None and w.seconds > goal(kind):
+            f = w.faults[0]
+            r.missed.append(f"{kind}: {w.agent} could not be served for {w.seconds:.2f} s "
+                            f"({w.start - h.t0:.2f}-{w.end - h.t0:.2f} s after the start; goal {goal(kind):g} s) "
+                            f"during {f.describe(h.t0)}"
+                            + (f", until #{w.then[0].id} {w.then[0].kind} began" if w.then else ""))
+
+
+def each_fault(run_dir: Path) -> list[str]:
+    """One line per injected fault: how long it lasted, and the agent it kept unserved longest
+    (counted as for its kind, see the docstring)."""
+    h = read_history(run_dir / "history.jsonl")
+    faults = sorted((f for f in h.faults.values() if f.injected), key=lambda f: f.start)
+    worst: dict = {}
     by_agent: dict[str, list[Op]] = defaultdict(list)
-    for op in ops.values():
+    for op in h.ops.values():
+        by_agent[op.agent].append(op)
+    for agent_ops in by_agent.values():
+        for w in unserved_windows(agent_ops, h.t_end):
+            met = meeting(faults, w, h.t_end)
+            if met:
+                solo = Window(w.agent, max(w.start, met[0].start), min(w.end, met[1].start) if len(met) > 1 else w.end)
+                if solo.seconds > worst.get(met[0].id, Window("", 0, 0)).seconds:
+                    worst[met[0].id] = solo
+    out = []
+    for f in faults:
+        w = worst.get(f.id)
+        lasted = (f.end if f.end is not None else h.t_end) - f.start
+        out.append(f"#{f.id:<4} {f.key:<15} {str(f.target):<9.9} {f.start - h.t0:8.2f} s  lasted {lasted:5.2f} s  "
+                   + (f"unserved {w.seconds:5.2f} s  {w.agent}" if w else "unserved  -"))
+    return out
+
+
+def check(run_dir: Path, judged=None) -> Report:
+    h = read_history(run_dir / "history.jsonl")
+    final = json.loads((run_dir / "final.json").read_text())
+    if judged is None:
+        judged = h.header.get("judged", JUDGED)
+    r = Report(operations=len(h.ops), failed_attempts=h.failed, skipped=dict(h.header.get("skipped", {})),
+               judged=set(judged), t0=h.header.get("t", h.t0))
+    for f in h.faults.values():
+        r.attempted[f.kind] += 1
+        r.injected[f.kind] += f.injected
+        if f.injected:
+            lasted = (f.end if f.end is not None else h.t_end) - f.start
+            r.longest[f.key] = max(r.longest.get(f.key, 0.0), lasted)
+            r.measured[f.key] += 1
+        if f.injected and f.end is None:
+            r.in_force.append(f"{f.describe(r.t0)}: no heal in the history" + (f" ({f.error})" if f.error else ""))
+    r.in_force += h.in_force
+    by_agent: dict[str, list[Op]] = defaultdict(list)
+    for op in h.ops.values():
         by_agent[op.agent].append(op)
         if op.acked is None:
             r.unacknowledged += 1
@@ -121,6 +393,7 @@ def check(run_dir: Path) -> Report:
             r.acknowledged += 1
             wait = op.acked - op.invoked
             r.unavailable[op.agent] = max(r.unavailable.get(op.agent, 0.0), wait)
+    availability(r, h, by_agent)
     for agent, agent_ops in by_agent.items():
         state = final.get(agent)
         if state is None:
@@ -163,7 +436,8 @@ def _check_ledger(r: Report, agent: str, ops: list[Op], values: list) -> None:
     later_min_ack = float("inf")
     for op in reversed(acked):
         if later_min_ack < op.invoked:
-            r.misordered.append(f"{agent}: {json.dumps(op.value)} is placed after an append acknowledged before it was sent")
+            r.misordered.append(f"{agent}: {json.dumps(op.value)} is placed after an append acknowledged "
+                                "before it was sent")
         later_min_ack = min(later_min_ack, op.acked)
 
 
@@ -195,11 +469,19 @@ def _check_conversation(r: Report, agent: str, ops: list[Op], history: list) -> 
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1 or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    report = check(Path(argv[0]))
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir")
+    p.add_argument("--judge", default=None,
+                   help="comma-separated fault kinds whose availability goal decides the verdict "
+                        "(default: what the run was told; 'none' for none)")
+    p.add_argument("--each", action="store_true", help="also list every injected fault and its longest unserved agent")
+    a = p.parse_args(argv)
+    judged = None if a.judge is None else [k for k in a.judge.split(",") if k and k != "none"]
+    report = check(Path(a.run_dir), judged)
     print("\n".join(report.lines()))
+    if a.each:
+        print("\n".join(each_fault(Path(a.run_dir))))
     return 0 if report.ok else 1
 
 

@@ -16,6 +16,17 @@ violation. Everything it starts is ended, also on Ctrl-C.
 
 --faults chooses among: kill stop supervisor llm disk, and with --hosts also
 cut loss host. The disk fault mounts a small tmpfs for the data (root only).
+
+Before it starts anything it asks which of those faults cannot be injected on this
+machine (no --hosts, no root, no nft ...): it names them and refuses to start, unless
+--skip-missing, which leaves them out and says so in the report. Faults are counted as
+attempted and as injected; only injected ones count as faults. A fault still in force
+at the end (not healed, or seen on the machine) fails the run.
+
+Availability: per fault kind, the longest time any agent could not be served while a
+fault of that kind was the only one in force; a judged kind whose goal is missed fails
+the run (goals in check.py; --judge chooses the kinds, default every kind with a goal,
+but disk only with --hosts; the report says "not judged" of the others).
 """
 
 from __future__ import annotations
@@ -113,7 +124,7 @@ class Env:
     """The mesh under test: its processes, its hosts (or none), its stand-in model API."""
 
     def __init__(self, out: Path, use_hosts: bool, unsafe: bool, disk: bool):
-        self.out, self.use_hosts, self.disk_dir = out, use_hosts, None
+        self.out, self.use_hosts, self.disk_dir, self.disk_host = out, use_hosts, None, None
         self.standin = None
         self.runs: dict[str, meshrun.MeshRun] = {}
         self.hosts = None
@@ -140,7 +151,8 @@ class Env:
                 f'[nodes.n{i}]\nhost = "local"\nport = {p}\n' for i, p in enumerate(ports, 1))
             self.supervisor_host = "local"
         if disk:  # the store only: the served records beside it must outlive the mount
-            self.disk_dir = data / ("local" if not use_hosts else "h2") / "store"
+            self.disk_host = "local" if not use_hosts else "h2"
+            self.disk_dir = data / self.disk_host / "store"
             self.disk_dir.mkdir(parents=True, exist_ok=True)
             subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(self.disk_dir)], check=True)
         self.config = out / "chaos.toml"
@@ -165,6 +177,19 @@ class Env:
         with open(self.out / f"mesh-{host}.log", "a") as f:
             f.write("\n".join(old.lines) + "\n--- host killed ---\n")
         self._start_host(host, f"node n{host[1]} ready")
+
+    def mark(self, node: str) -> tuple:
+        run = self._run_of(node)
+        return run, run.mark()
+
+    async def back(self, node: str, mark: tuple, timeout: float) -> str | None:
+        """Wait until `node` reports ready again after `mark`; None, or what went wrong."""
+        run, start = mark
+        try:
+            await asyncio.to_thread(run.wait_for, rf"node {node} ready \(pid", timeout, start)
+        except meshrun.NoSuchLine:
+            return f"{node} not ready again within {timeout:g} s"
+        return None
 
     def node_names(self) -> list[str]:
         return ["n1", "n2", "n3"]
@@ -199,25 +224,49 @@ class Env:
 
 async def chaos(args) -> int:
     out = Path(args.out or ROOT / "var" / "chaos" / time.strftime("%Y%m%d-%H%M%S"))
-    out.mkdir(parents=True, exist_ok=True)
     faults = args.faults.split(",") if args.faults else list(nemesis_mod.HOSTS if args.hosts else nemesis_mod.ONE_HOST)
     unknown = set(faults) - set(nemesis_mod.HOSTS)
     if unknown:
         print(f"chaos: unknown faults {sorted(unknown)}", file=sys.stderr)
         return 2
-    if ("disk" in faults or args.hosts) and os.geteuid() != 0:
-        print("chaos: the disk fault and --hosts need root (leave them out with --faults)", file=sys.stderr)
+    judged = list(check.JUDGED) if args.judge is None else [k for k in args.judge.split(",") if k and k != "none"]
+    if args.judge is None and not args.hosts:
+        judged.remove("disk")  # one host has one disk: no other host can take over while it is full
+    if set(judged) - set(check.JUDGED):
+        print(f"chaos: --judge: no goal for {sorted(set(judged) - set(check.JUDGED))} "
+              f"(goals: {', '.join(f'{k} {v:g} s' for k, v in check.GOALS.items())})", file=sys.stderr)
         return 2
+    root = os.geteuid() == 0
+    skipped = nemesis_mod.missing(faults, args.hosts, root)
+    if skipped:
+        for kind, why in skipped.items():
+            print(f"chaos: fault {kind} cannot be injected here: {why}", file=sys.stderr)
+        if not args.skip_missing:
+            print("chaos: not started (leave those faults out with --faults, or run with --skip-missing)",
+                  file=sys.stderr)
+            return 2
+        faults = [f for f in faults if f not in skipped]
+        if not faults:
+            print("chaos: no fault left to inject", file=sys.stderr)
+            return 2
+    if args.hosts and not root:
+        print("chaos: --hosts needs root", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
     seconds = args.minutes * 60 if args.minutes else args.seconds
     history = History(out / "history.jsonl")
+    history.write(e="run", faults=faults, skipped=skipped, judged=judged, seed=args.seed, seconds=seconds,
+                  hosts=args.hosts)
     env = None
     try:
         env = Env(out, args.hosts, args.unsafe, "disk" in faults)
     except BaseException:
         history.close()
         raise
-    print(f"chaos: {seconds:g} s, seed {args.seed}, faults {', '.join(faults)}, "
+    print(f"chaos: {seconds:g} s, seed {args.seed}, faults {', '.join(faults)}"
+          f"{' (skipped: ' + ', '.join(skipped) + ')' if skipped else ''}, "
           f"{'three namespaced hosts' if args.hosts else 'one host'}; record in {out}")
+    nemesis = None
     try:
         env.start()
         async with env.client() as m:
@@ -231,7 +280,9 @@ async def chaos(args) -> int:
                 agents[f"talk-{i}"] = "conversation"
             work = Workload(m, history, agents, args.clients, args.seed)
             every = tuple(float(x) for x in args.every.split(","))
-            nemesis = nemesis_mod.Nemesis(env, faults, args.seed, history, interval=every, concurrent=args.concurrent)
+            duration = tuple(float(x) for x in args.duration.split(","))  # straddles the goals (2-3 s)
+            nemesis = nemesis_mod.Nemesis(env, faults, args.seed, history, interval=every, duration=duration,
+                                          concurrent=args.concurrent)
             stop = asyncio.Event()
             runner = asyncio.ensure_future(work.run(stop, settle_s=args.settle))
             faulting = asyncio.ensure_future(nemesis.run(stop))
@@ -239,15 +290,23 @@ async def chaos(args) -> int:
             while time.monotonic() - t0 < seconds:
                 await asyncio.sleep(min(10, seconds - (time.monotonic() - t0)))
                 print(f"  {time.monotonic() - t0:5.0f} s: {work.counts['ok']} acknowledged, "
-                      f"{work.counts['retried']} retried attempts, {nemesis.injected} faults", flush=True)
+                      f"{work.counts['retried']} retried attempts, "
+                      f"{nemesis.injected} of {len(nemesis.log)} faults injected", flush=True)
             stop.set()
             await faulting  # every fault healed
             await runner    # operations in flight acknowledged (or given up after --settle)
             final = await work.final_states()
         (out / "final.json").write_text(json.dumps(final))
     finally:
+        if nemesis is not None:
+            await nemesis.cancel()  # heals whatever an interruption left in force
+            for text in nemesis.still_in_force():
+                history.write(e="in_force", text=text)
         history.close()
         env.stop()
+    if nemesis is not None:
+        counts = ", ".join(f"{k} {i} of {a}" for k, (a, i) in nemesis.counts().items())
+        print(f"chaos: faults injected/attempted: {counts or 'none'}")
     report = check.check(out)
     text = "\n".join(report.lines())
     (out / "report.txt").write_text(text + "\n")
@@ -265,11 +324,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hosts", action="store_true", help="three hosts as network namespaces, replicas = 1 (root)")
     p.add_argument("--concurrent", type=int, default=1, help="faults that may be active at once")
     p.add_argument("--every", default="1.5,4", help="seconds between faults: MIN,MAX (drawn uniformly)")
+    p.add_argument("--duration", default="0.5,5",
+                   help="seconds a stop, cut, loss, disk or llm fault lasts, and a host stays down: MIN,MAX")
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--agents", type=int, default=12, help="ledgers and counters")
     p.add_argument("--conversations", type=int, default=2)
     p.add_argument("--settle", type=float, default=30.0, help="seconds operations in flight get after the faults end")
     p.add_argument("--unsafe", action="store_true", help="plant a bug: replies before commits (the checker must FAIL)")
+    p.add_argument("--skip-missing", action="store_true",
+                   help="leave out faults that cannot be injected here (else the run refuses to start)")
+    p.add_argument("--judge", default=None,
+                   help="comma-separated fault kinds whose availability goal decides the verdict "
+                        "(default: every kind with a goal, also KIND:supervisor for kill, stop and cut "
+                        "of the supervisor's node or host; 'none' for none)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill or timeout clean up as Ctrl-C does

@@ -2,8 +2,11 @@
 
 Each client task picks an agent, invokes one operation with a fresh request id, and
 retries it with the same id after any error or timeout until it is acknowledged (or
-the run is over). Every invocation, every failed attempt and every acknowledgement is
-written to the history with its time; the checker reads nothing else.
+the run is over). A client waits a short while (`patience`) for each operation; one
+still unanswered then goes on by itself while the client works on other agents, so an
+agent that is stuck delays only the operations on it. Every invocation, every failed
+attempt and every acknowledgement is written to the history with its time; the checker
+reads nothing else.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ class History:
         self.f = open(path, "a", buffering=1)
 
     def write(self, **event) -> None:
-        event["t"] = time.time()
+        event.setdefault("t", time.time())
         self.f.write(json.dumps(event, default=str) + "\n")
 
     def close(self) -> None:
@@ -33,10 +36,17 @@ class History:
 
 class Workload:
     def __init__(self, client, history: History, agents: dict[str, str], clients: int, seed: int,
-                 call_timeout: float = 3.0):
-        """agents: name -> "ledger" | "counter" | "conversation"."""
+                 call_timeout: float = 3.0, patience: float = 0.25):
+        """agents: name -> "ledger" | "counter" | "conversation".
+
+        A client waits `patience` seconds for an operation; one still unanswered by then
+        goes on (retrying) on its own, and the client carries on with other agents. It
+        never has two operations in flight on one agent, so a stuck agent holds at most
+        one operation per client and never the client itself.
+        """
         self.client, self.history, self.agents = client, history, agents
         self.clients, self.rng, self.call_timeout = clients, random.Random(seed), call_timeout
+        self.patience = patience
         self.counts = {"ok": 0, "retried": 0, "pending": 0}
         self._n = 0
 
@@ -48,9 +58,25 @@ class Workload:
     async def _client(self, i: int, stop: asyncio.Event, settle_s: float) -> None:
         rng = random.Random(self.rng.random())
         names = sorted(self.agents)
-        while not stop.is_set():
-            name = rng.choice(names)
-            await self._operation(f"c{i}", name, self.agents[name], stop, settle_s)
+        waiting: dict[str, asyncio.Task] = {}  # agent -> this client's operation on it, still in flight
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                free = [n for n in names if n not in waiting]
+                if not free:  # every agent holds one of ours: wait for any to finish
+                    await asyncio.wait([*waiting.values(), stopped],
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                name = rng.choice(free)
+                task = asyncio.ensure_future(self._operation(f"c{i}", name, self.agents[name], stop, settle_s))
+                waiting[name] = task
+                task.add_done_callback(lambda t, name=name: waiting.pop(name) if waiting.get(name) is t else None)
+                await asyncio.wait([task], timeout=self.patience)
+            await asyncio.gather(*waiting.values())
+        finally:
+            stopped.cancel()
+            for task in list(waiting.values()):
+                task.cancel()
 
     async def _operation(self, client: str, name: str, kind: str, stop: asyncio.Event, settle_s: float) -> None:
         self._n += 1
