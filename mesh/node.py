@@ -635,16 +635,20 @@ class Node:
         except (ValueError, TypeError) as exc:
             raise BadRequest(f"bad replicated records: {exc}") from None
         names = set(puts) | set(claims) | set(deletes)
+        stale: dict[str, int] = {}
 
         def done(outcome: Outcome) -> None:
             if outcome.error is not None:
                 self.respond_error(origin, msg.id, Unavailable(f"replica commit failed: {outcome.error}"))
             else:
-                self.respond(origin, msg.id, {"fenced": {n: i for n, i in outcome.fenced.items() if n in names}})
+                fenced = {n: i for n, i in outcome.fenced.items() if n in names}
+                for n, i in stale.items():  # beaten in this very batch by a newer incarnation's copy
+                    fenced[n] = max(i, fenced.get(n, -1))
+                self.respond(origin, msg.id, {"fenced": fenced})
         # Copies do not queue behind this node's own groups: those may be waiting for
         # copies to land elsewhere, which could be waiting for this one (a deadlock).
         batch, callbacks = self._copies_of_this_turn()
-        batch.merge(puts, claims, deletes, replies, forgotten)
+        stale.update(batch.merge(puts, claims, deletes, replies, forgotten))
         callbacks.append(done)
         self.stats["replicated"] += len(names)
 

@@ -18,6 +18,7 @@ reports the exit to the supervisor, which decides whether and how to restart.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections import OrderedDict, deque
 from types import CoroutineType
@@ -202,7 +203,12 @@ class Runner:
                 self._answer(env, error_response(CallTimeout(f"call to {self.name!r} expired in its mailbox")))
             else:
                 envs.append(env)
-        self._current_rid = None
+        # the calls a batch handler makes get ids derived from the whole batch's: a re-run of
+        # the same batch repeats none of them (a batch that forms otherwise is a new request)
+        rids = sorted(e.msg.id for e in envs)
+        self._current_rid = rids[0] if len(rids) == 1 else "batch:" + hashlib.blake2b(
+            "\0".join(rids).encode(), digest_size=12).hexdigest()
+        self._nested = 0
         self.effects = []
         self.handled += len(envs)
         ctxs = [CallContext(e.msg.id, e.peer, e.deadline, self, None, e.msg.sender) for e in envs]

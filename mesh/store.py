@@ -171,22 +171,38 @@ class Batch:
             self.puts[name] = record
 
     def merge(self, puts: dict[str, Record], claims: dict[str, Record], deletes: dict[str, int],
-              replies: dict[str, list[Reply]] | None = None, forgotten: dict[str, list[str]] | None = None) -> None:
+              replies: dict[str, list[Reply]] | None = None,
+              forgotten: dict[str, list[str]] | None = None) -> dict[str, int]:
         """Records another node replicated here; where this batch has the name too, the
-        newer record wins (the store fences the older incarnation anyway)."""
-        for name, items in (replies or {}).items():
-            self.add_replies(name, items, [])
-        for name, rids in (forgotten or {}).items():
-            self.add_replies(name, [], rids)
+        newer record wins. Returns the names whose copy lost to a newer incarnation's in
+        this batch, with that incarnation: fenced, as the store would have said, and
+        their replies are not kept (they answer for effects that were not)."""
+        stale: dict[str, int] = {}
+
+        def newest_incarnation(name: str) -> int:
+            return max((r.incarnation for r in (self.puts.get(name), self.claims.get(name)) if r is not None),
+                       default=-1)
         for name, rec in puts.items():
             if rec.newer_than(self.puts.get(name)) and rec.newer_than(self.claims.get(name)):
                 self.puts[name] = rec
+            elif newest_incarnation(name) > rec.incarnation:
+                stale[name] = newest_incarnation(name)
         for name, rec in claims.items():
             if rec.newer_than(self.claims.get(name)):
                 self.claims[name] = rec
-                self.puts.pop(name, None)
+                if name in self.puts and not self.puts[name].newer_than(rec):
+                    self.puts.pop(name)  # the claim is written first: an older put must not follow it
+            elif newest_incarnation(name) > rec.incarnation:
+                stale[name] = newest_incarnation(name)
         for name, inc in deletes.items():
             self.deletes[name] = max(inc, self.deletes.get(name, -1))
+        for name, items in (replies or {}).items():
+            if name not in stale:
+                self.add_replies(name, items, [])
+        for name, rids in (forgotten or {}).items():
+            if name not in stale:
+                self.add_replies(name, [], rids)
+        return stale
 
 
     def names(self) -> set[str]:

@@ -243,3 +243,15 @@ def test_replies_recorded_by_an_older_release_still_read(store):
     with store.env.begin(write=True) as txn:
         txn.put(b"a\0old", msgpack.packb([b"R\x01", 1700000000.0]), db=store.replies_db)
     assert store.replies("a") == [("old", b"R\x01", 1700000000.0, 1700000000.0, None)]
+
+
+def test_a_copy_beaten_in_its_batch_by_a_newer_incarnation_is_reported_and_leaves_no_replies(store):
+    """Before: merge dropped the older incarnation's copy without a word and still wrote
+    its recorded replies, which then answered retries for effects that were not kept."""
+    b = Batch()
+    assert b.merge({"a": rec(5, 3, "new")}, {}, {}) == {}
+    stale = b.merge({"a": rec(4, 9, "old")}, {}, {}, {"a": [("r-old", b"R\x01", 1.0, 61.0, None)]})
+    assert stale == {"a": 5}
+    out = store.write(b)
+    assert out.fenced == {} and msgpack.unpackb(store.get("a").state) == "new"
+    assert store.replies("a") == []
