@@ -55,6 +55,7 @@ class Limits:
     peer_decode_share: float = 0.5     # seconds of decoding one peer may cost per second ...
     peer_decode_burst_s: float = 2.0   # ... and at once; past it its frames are dropped unread
     max_elements: int = 100_000        # entries of one array or map from a peer that is no node
+    peer_out_bytes: int = 64 << 20     # answers queued for a peer that does not read them
 
 
 @dataclass(frozen=True)
@@ -349,6 +350,7 @@ def parse(raw: dict, path: str = "<config>") -> Config:
         peer_decode_share=lim.get("peer_decode_share", float, Limits.peer_decode_share, _positive),
         peer_decode_burst_s=lim.get("peer_decode_burst_s", float, Limits.peer_decode_burst_s, _positive),
         max_elements=lim.get("max_elements", int, Limits.max_elements, _positive),
+        peer_out_bytes=lim.get("peer_out_bytes", int, Limits.peer_out_bytes, _non_negative),
     )
     lim.done()
 

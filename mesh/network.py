@@ -19,9 +19,11 @@ class ZmqNetwork:
     """Sockets of one process on one ZeroMQ context. With `security`, every socket is
     CURVE; with `authenticator` too, the listener admits only the keys it knows."""
 
-    def __init__(self, max_bytes: int, batch: int = 512, security=None, authenticator=None):
+    def __init__(self, max_bytes: int, batch: int = 512, security=None, authenticator=None,
+                 out_limit: int = transport.OUT_LIMIT):
         self.ctx = transport.new_context()
         self.max_bytes, self.batch, self.security = max_bytes, batch, security
+        self.out_limit = out_limit
         self._make_auth = authenticator
         self.auth = None
 
@@ -31,7 +33,8 @@ class ZmqNetwork:
                 raise RuntimeError("a secure listener needs an authenticator: CURVE alone lets any key in")
             self.auth = self._make_auth(self.ctx)  # ZAP must be up before the socket binds
             self.auth.start()
-        return transport.Listener(self.ctx, endpoint, on_request, self.max_bytes, self.batch, self.security)
+        return transport.Listener(self.ctx, endpoint, on_request, self.max_bytes, self.batch, self.security,
+                                  self.out_limit)
 
     def link(self, endpoint: str, on_response: Callable[[bytes], None],
              on_state: Callable[[bool | None], None] | None = None, owner: str | None = None) -> transport.Link:
@@ -53,6 +56,9 @@ class _MemListener:
 
     def identity(self, route: bytes) -> str:
         return self.net.identities.get(route, transport.ANONYMOUS)
+
+    def check_partial(self) -> None:
+        pass  # no unfinished messages on the in-memory network
 
     def send(self, route: bytes, frame: bytes) -> None:
         link = self.net._routes.get(route)

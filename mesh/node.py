@@ -174,6 +174,8 @@ class Node:
     def _tick(self) -> None:
         now = self.clock.now()
         self.serving()
+        if self.listener is not None:
+            self.listener.check_partial()
         for runner in list(self.busy_runners):
             runner.check_deadline(now)
         if not self._hello_acked or not self.replica.synced:

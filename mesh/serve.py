@@ -68,11 +68,33 @@ def configure_logging(level: str | None = None) -> None:
 
 def node_network(config: Config, name: str) -> ZmqNetwork:
     """A node's sockets: CURVE with a ZAP authenticator when the cluster is secure."""
+    limits = config.limits
     if not config.secure:
-        return ZmqNetwork(config.limits.max_message_bytes, config.limits.batch)
+        return ZmqNetwork(limits.max_message_bytes, limits.batch, out_limit=limits.peer_out_bytes)
     keys = node_keypair(config, name)
-    return ZmqNetwork(config.limits.max_message_bytes, config.limits.batch, Security(config, keys),
-                      authenticator=lambda ctx: Authenticator(ctx, config))
+    return ZmqNetwork(limits.max_message_bytes, limits.batch, Security(config, keys),
+                      authenticator=lambda ctx: Authenticator(ctx, config), out_limit=limits.peer_out_bytes)
+
+
+MIN_FILES = 1024  # descriptors a node wants: one per connection, plus the store's and its own
+
+
+def raise_file_limit() -> None:
+    """Raise this process's descriptor limit to its hard limit. With too few, a flood of
+    connections makes ZeroMQ's accept fail with EMFILE and its I/O thread spin, and
+    legitimate handshakes go unanswered: a limit too low to serve is said at start."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 65536),
+                                                        hard))
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        except (ValueError, OSError):
+            pass
+    if soft < MIN_FILES:
+        log.warning("this process may open only %d files (ulimit -n); a node wants at least %d, one per "
+                    "connection: raise the hard limit (ulimit -Hn, or LimitNOFILE= under systemd)", soft, MIN_FILES)
 
 
 def report_gone(config: Config, name: str, boot: str, timeout_s: float = 2.0) -> int:
@@ -106,6 +128,7 @@ class CannotStart(Exception):
 def run_node(config: Config, name: str, boot: str, previous: dict | None, control: socket.socket | None) -> int:
     """Run one node until it stops; returns the process exit code."""
     fix_mmap_threshold()
+    raise_file_limit()
     try:
         asyncio.run(_serve(config, name, boot, previous, control))
     except CannotStart as exc:

@@ -21,7 +21,10 @@ zmq errors end here: a failed send returns False or raises a mesh error.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import socket
+import struct
 import time
 from collections import deque
 from typing import Callable
@@ -55,6 +58,12 @@ ANONYMOUS = "node:local"    # the identity of every peer when the cluster is not
 BATCH_FRAMES = 256          # a loop turn's frames to one peer go out as one BATCH ...
 BATCH_BYTES = 256 * 1024    # ... of at most this many frames and bytes
 TURN_BUDGET_S = 0.02        # a socket's drain yields to the loop after this long
+HANDSHAKE_IVL_MS = 3000     # a connection that has not finished its handshake by then is closed
+OUT_LIMIT = 64 << 20        # answers queued for one peer that does not read them (bytes)
+LOOK_EVERY = 256 << 10      # bytes sent to a peer between looks at its connection's send queue
+_SIOCOUTQ = 0x5411          # Linux: bytes in a TCP socket's send queue
+_TCPI_BYTES_RECEIVED = 128  # Linux: offset of tcpi_bytes_received in struct tcp_info (4.1+)
+PARTIAL_LIMIT = 64 << 20    # bytes a connection may hold unread or unfinished before it is cut
 
 _NOBLOCK = int(zmq.NOBLOCK)  # plain ints: pyzmq's enum flags cost a conversion per call
 _SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
@@ -146,10 +155,12 @@ class Listener:
     """The node's bound ROUTER. `on_request(route, frame)`; frame is None if malformed."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str, on_request: Callable[[bytes, bytes | None], None],
-                 max_bytes: int, batch: int = 512, security=None):
+                 max_bytes: int, batch: int = 512, security=None, out_limit: int = OUT_LIMIT):
         self.sock = ctx.socket(zmq.ROUTER)
         s = self.sock
         s.setsockopt(zmq.LINGER, 0)
+        # connections that never finish their handshake hold a descriptor each: not for long
+        s.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
         s.setsockopt(zmq.ROUTER_MANDATORY, 1)
         s.setsockopt(zmq.SNDHWM, HWM)
         s.setsockopt(zmq.RCVHWM, HWM)
@@ -160,10 +171,19 @@ class Listener:
         s.bind(endpoint)
         self.endpoint = endpoint
         self.secure = security is not None
-        self.sent = self.dropped = 0
+        self.sent = self.dropped = self.unread_dropped = 0
         self._identities: dict[bytes, str] = {}
+        self.out_limit = out_limit
+        self._out = _Backlogs(out_limit)
         self._on_request = on_request
         self._drain = _Drain(s, self._read, batch)
+        # the connections' descriptors (from the monitor), to bound what a peer may leave
+        # unfinished: a message whose last frame never comes grows inside ZeroMQ unseen
+        self._monitor = s.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self._monitor_drain = _Drain(self._monitor, self._read_event, 64)
+        self._conns: dict[int, list[int]] = {}  # fd -> [bytes of whole messages read from it, messages]
+        self.partial_limit = max(PARTIAL_LIMIT, 4 * max_bytes)
+        self.cut = 0
         self._outboxes: dict[bytes, _Outbox] = {}
         self._flush_scheduled = False
 
@@ -175,6 +195,14 @@ class Listener:
         payload = sock.recv(_NOBLOCK, copy=False)
         if self.secure:  # every message: a routing id may pass to another key's connection
             self._remember(route, payload)
+        if self._out.learn(route, payload):  # it does not read its answers: nor do we read its requests
+            _rest_of(sock, payload)
+            self.unread_dropped += 1
+            return 1
+        conn = self._conns.get(self._out.fds.get(route, -1))
+        if conn is not None:
+            conn[0] += len(payload)
+            conn[1] += 1
         if payload.more:
             _rest_of(sock, payload)
             return self._on_request(route, None)
@@ -220,6 +248,10 @@ class Listener:
         self._drain.poke()
 
     def _send_now(self, route: bytes, frame: bytes) -> None:
+        if not self._out.may_send(route, len(frame)):
+            self.dropped += 1
+            self.unread_dropped += 1
+            return
         try:
             self.sock.send(route, _SNDMORE_NOBLOCK)
             self.sock.send(frame, _NOBLOCK)
@@ -228,11 +260,139 @@ class Listener:
             self.dropped += 1
             log.debug("reply to a peer dropped: %s", exc.strerror)
 
+    def _read_event(self, sock: zmq.Socket) -> None:
+        try:
+            event = parse_monitor_message(sock.recv_multipart(_NOBLOCK))
+        except (ValueError, KeyError, struct.error):  # a malformed event would be a libzmq bug
+            return
+        fd = int(event["value"])
+        if event["event"] == zmq.EVENT_ACCEPTED:
+            self._conns.setdefault(fd, [0, 0])
+        else:
+            self._conns.pop(fd, None)
+
+    def check_partial(self) -> None:
+        """Cut connections that hold too much unfinished: bytes received from the peer that
+        never became a whole message. Called a few times a second by the node."""
+        for fd, (delivered, messages) in list(self._conns.items()):
+            received = _bytes_received(fd)
+            if received is None:
+                self._conns.pop(fd, None)
+                continue
+            # framing, CURVE boxes and the handshake cost a little per message and once
+            unfinished = received - delivered - 64 * messages - 64 * 1024
+            if unfinished > self.partial_limit:
+                self.cut += 1
+                log.warning("cut a connection holding %d bytes of an unfinished message (limit %d)",
+                            unfinished, self.partial_limit)
+                self._conns.pop(fd, None)
+                try:
+                    sock = socket.socket(fileno=fd)
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)  # ZeroMQ sees it close and frees what it held
+                    finally:
+                        sock.detach()
+                except OSError:
+                    pass
+
     def close(self) -> None:
         if not self.sock.closed:
             self.flush()
         self._drain.close()
+        self._monitor_drain.close()
+        try:
+            self.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._monitor.close(0)
         self.sock.close(0)
+
+
+def _bytes_received(fd: int) -> int | None:
+    """tcpi_bytes_received of a TCP connection (Linux), None if it is gone or not TCP."""
+    try:
+        sock = socket.socket(fileno=fd)
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+        finally:
+            sock.detach()
+    except OSError:
+        return None
+    return struct.unpack_from("Q", info, _TCPI_BYTES_RECEIVED)[0] if len(info) >= _TCPI_BYTES_RECEIVED + 8 else None
+
+
+class _Backlogs:
+    """How far each peer has fallen behind in reading its answers, so a peer that never
+    reads cannot make the node queue answers without bound (ZeroMQ bounds its queues in
+    messages, not bytes, and an answer may be megabytes).
+
+    Answers go into ZeroMQ's queue and from there into the connection's kernel send
+    queue. While that kernel queue is at least half full, the peer is not keeping up, and
+    what is sent meanwhile waits in ZeroMQ: it is counted, and past `limit` bytes answers
+    to that peer are dropped (counted) and its requests left unread, until its kernel
+    queue drains. The connection's descriptor comes with each message (ZMQ_SRCFD)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.fds: dict[bytes, int] = {}
+        self.sndbuf: dict[int, int] = {}
+        self.behind: dict[bytes, list[int]] = {}  # route -> [bytes since the last look, bytes queued unread]
+
+    def learn(self, route: bytes, payload: zmq.Frame) -> bool:
+        """Note the connection of `route`; True when its requests are to be left unread."""
+        if route not in self.fds:
+            if len(self.fds) >= IDENTITY_CACHE:
+                self.fds.pop(next(iter(self.fds)))
+            try:
+                self.fds[route] = payload.get(zmq.SRCFD)
+            except zmq.ZMQError:
+                self.fds[route] = -1
+        entry = self.behind.get(route)
+        if entry is None or entry[1] <= self.limit:
+            return False
+        if not self._not_reading(route):
+            entry[1] = 0  # it caught up
+            return False
+        return True
+
+    def may_send(self, route: bytes, size: int) -> bool:
+        if self.limit <= 0:
+            return True
+        entry = self.behind.get(route)
+        if entry is None:
+            if len(self.behind) >= IDENTITY_CACHE:
+                self.behind.pop(next(iter(self.behind)))
+            entry = self.behind[route] = [0, 0]
+        entry[0] += size
+        if entry[0] < LOOK_EVERY and not entry[1]:
+            return True
+        looked, entry[0] = entry[0], 0
+        if not self._not_reading(route):
+            entry[1] = 0
+            return True
+        entry[1] += looked
+        if entry[1] > self.limit:
+            entry[1] -= size  # this one is not queued
+            return False
+        return True
+
+    def _not_reading(self, route: bytes) -> bool:
+        fd = self.fds.get(route, -1)
+        if fd < 0:
+            return False
+        try:
+            queued = struct.unpack("i", fcntl.ioctl(fd, _SIOCOUTQ, b"\0\0\0\0"))[0]
+            size = self.sndbuf.get(fd)
+            if size is None:
+                sock = socket.socket(fileno=fd)
+                try:
+                    size = self.sndbuf[fd] = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+                finally:
+                    sock.detach()
+        except OSError:  # closed meanwhile, or not a TCP socket (ipc, inproc)
+            self.fds.pop(route, None)
+            return False
+        return queued * 2 >= size
 
 
 class Link:

@@ -295,3 +295,106 @@ def test_the_cli_prints_json_as_the_standard_defines_it(capsys):
     out = _to_json([float("nan"), float("inf"), {"x": -float("inf")}, 1.5])
     assert json.loads(out) == ["NaN", "Infinity", {"x": "-Infinity"}, 1.5]
     assert "NaN or Infinity" in capsys.readouterr().err
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+async def test_a_peer_that_never_reads_its_answers_cannot_grow_the_node():
+    """Before: 300 reads of a 1 MB ledger, never read back, grew a node by 287 MiB
+    (ZeroMQ bounds its queues in messages, not bytes)."""
+    import zmq
+    from mesh import transport
+    from mesh.demo import free_ports
+    port = free_ports(1)[0]
+    ctx = zmq.Context()
+    answer = b"x" * (1 << 20)
+    seen = {"requests": 0}
+
+    def on_request(route, frame):
+        seen["requests"] += 1
+        listener.send(route, answer)
+        return 1
+    listener = transport.Listener(ctx, f"tcp://127.0.0.1:{port}", on_request, 8 << 20, out_limit=8 << 20)
+    slow = ctx.socket(zmq.DEALER)
+    honest = ctx.socket(zmq.DEALER)
+    try:
+        slow.setsockopt(zmq.RCVHWM, 1)
+        slow.setsockopt(zmq.RCVBUF, 1 << 16)
+        slow.linger = honest.linger = 0
+        slow.connect(f"tcp://127.0.0.1:{port}")
+        honest.connect(f"tcp://127.0.0.1:{port}")
+        before = _rss()
+        for _ in range(300):
+            slow.send(b"read")
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 20
+        while seen["requests"] + listener.unread_dropped < 300 and loop.time() < until:
+            await asyncio.sleep(0.01)  # the listener works in this loop: give it turns
+        assert listener.unread_dropped > 0
+        assert _rss() - before < 96 << 20       # not 300 MiB
+        for _ in range(5):                      # another peer is served in full meanwhile
+            honest.send(b"read")
+        got = 0
+        while got < 5 and loop.time() < until:
+            if honest.poll(0):
+                honest.recv()
+                got += 1
+            else:
+                await asyncio.sleep(0.01)
+        assert got == 5
+    finally:
+        listener.close()
+        slow.close(0)
+        honest.close(0)
+        ctx.term()
+
+
+def _raw_zmtp_peer(port: int):
+    """A peer that speaks ZMTP 3.0 itself (NULL mechanism), so it can send frames with
+    "more" set and never the last one: libzmq's own sockets hold such frames back."""
+    import socket
+    import struct
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"\xff" + b"\0" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\0") + b"\x00" + b"\0" * 31)
+    greeting = b""
+    while len(greeting) < 64:
+        greeting += s.recv(64 - len(greeting))
+    ready = b"\x05READY" + b"\x0bSocket-Type" + struct.pack(">I", 6) + b"DEALER"
+    s.sendall(b"\x04" + bytes([len(ready)]) + ready)
+    return s
+
+
+async def test_a_message_that_never_ends_costs_its_peer_the_connection():
+    """Before: 200 frames of 1 MiB with "more" set and no last frame grew a node by
+    191 MiB and on (ZMQ_MAXMSGSIZE bounds one frame, not a message)."""
+    import struct
+    import zmq
+    from mesh import transport
+    from mesh.demo import free_ports
+    port = free_ports(1)[0]
+    ctx = zmq.Context()
+    listener = transport.Listener(ctx, f"tcp://127.0.0.1:{port}", lambda route, frame: 1, 1 << 20)
+    listener.partial_limit = 8 << 20
+    raw = _raw_zmtp_peer(port)
+    try:
+        frame = b"\x03" + struct.pack(">Q", 1 << 20) + b"x" * (1 << 20)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 20
+        sent = 0
+        raw.settimeout(5)
+        while listener.cut == 0 and loop.time() < until and sent < 64:
+            try:
+                raw.sendall(frame)  # one more unfinished megabyte (ZeroMQ reads it at once)
+                sent += 1
+            except OSError:
+                break
+            listener.check_partial()
+            await asyncio.sleep(0.01)
+        assert listener.cut == 1 and sent < 64
+    finally:
+        raw.close()
+        listener.close()
+        ctx.term()
