@@ -650,6 +650,12 @@ class Node:
         # Copies do not queue behind this node's own groups: those may be waiting for
         # copies to land elsewhere, which could be waiting for this one (a deadlock).
         batch, callbacks = self._copies_of_this_turn()
+        if batch.holds_another_incarnation({**puts, **claims}):
+            # Two incarnations' copies of one name never share a transaction: merged, the
+            # older one's record would be dropped and its replies kept, beside a record
+            # without its effects. Committed one after the other, the store fences it.
+            self._flush_copies()
+            batch, callbacks = self._copies_of_this_turn()
         stale.update(batch.merge(puts, claims, deletes, replies, forgotten))
         callbacks.append(done)
         self.stats["replicated"] += len(names)
@@ -663,6 +669,8 @@ class Node:
         return self._copies
 
     def _flush_copies(self) -> None:
+        if self._copies is None:
+            return  # flushed early already (see _on_replicate)
         batch, callbacks = self._copies
         self._copies = None
         self.committer.submit(batch, lambda outcome: [cb(outcome) for cb in callbacks])

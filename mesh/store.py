@@ -170,13 +170,23 @@ class Batch:
         else:
             self.puts[name] = record
 
+    def holds_another_incarnation(self, records: dict[str, Record]) -> bool:
+        """Whether this batch holds a record of one of these names by another incarnation."""
+        for name, rec in records.items():
+            for mine in (self.puts.get(name), self.claims.get(name)):
+                if mine is not None and mine.incarnation != rec.incarnation:
+                    return True
+        return False
+
     def merge(self, puts: dict[str, Record], claims: dict[str, Record], deletes: dict[str, int],
               replies: dict[str, list[Reply]] | None = None,
               forgotten: dict[str, list[str]] | None = None) -> dict[str, int]:
         """Records another node replicated here; where this batch has the name too, the
         newer record wins. Returns the names whose copy lost to a newer incarnation's in
         this batch, with that incarnation: fenced, as the store would have said, and
-        their replies are not kept (they answer for effects that were not)."""
+        their replies are not kept (they answer for effects that were not). A node never
+        merges two incarnations' copies of one name into one batch (holds_another_incarnation):
+        an older copy merged first would lose its record to the newer and keep its replies."""
         stale: dict[str, int] = {}
 
         def newest_incarnation(name: str) -> int:

@@ -186,3 +186,32 @@ async def test_a_spawn_right_after_a_stop_starts_from_nothing(cluster_factory):
     await spawn
     assert await m.call("s", {"op": "get"}) == 0
     await c.close()
+
+
+async def test_two_incarnations_copies_arriving_in_one_turn_leave_no_orphaned_reply(cluster_factory):
+    """Seen in a three-host chaos run: a replica host got, in one loop turn, an older
+    incarnation's copy (an append whose reply was never sent, with its recorded reply) and
+    the newer incarnation's first record. Merged into one batch, the older record lost to
+    the newer and its reply stayed: a later incarnation read a state without the append and
+    a window with its reply, and answered a retry of that id with another value's index."""
+    from mesh import wire
+    from mesh.store import Batch
+    c = await cluster_factory()
+    node = c.nodes["n2"]
+    fence = Batch()
+    fence.add_fence("x", 5)          # the newer incarnation read its state here
+    node.store.write(fence)
+    answers = {}
+    node.respond = lambda origin, rid, body: answers.__setitem__(rid, body)
+    older = wire.Msg(Kind.REPLICATE, "rep-old", None, "node:n3", None, {
+        "puts": [["x", 4, 11, msgpack.packb(["a", "b", "x"])]],
+        "replies": [["x", "append-x", b"R\x02", 1.0, 61.0, None]]})
+    newer = wire.Msg(Kind.REPLICATE, "rep-new", None, "node:n3", None, {
+        "claims": [["x", 5, 10, msgpack.packb(["a", "b"])]]})
+    node._on_replicate(older, None)
+    node._on_replicate(newer, None)  # the same loop turn
+    await c.run(_until(lambda: len(answers) == 2, 2000))
+    assert node.store.replies("x") == []
+    assert answers["rep-old"]["fenced"] == {"x": 5}     # its sender learns it did not land
+    assert msgpack.unpackb(node.store.get("x").state) == ["a", "b"]
+    await c.close()
