@@ -139,3 +139,17 @@ class Recorder(Agent):
 
     def terminate(self, reason):
         _note(self._path, f"terminate {self.name} {reason}")
+
+
+class Stamper(Agent):
+    """Appends a fresh random token to the ledger msg["to"]; crashes after the append on
+    its first run per key (RUNS), so that a retry runs the handler again."""
+
+    async def handle_call(self, msg, ctx):
+        import os
+        index = await self.call(msg["to"], {"op": "append", "value": os.urandom(4).hex()})
+        key = f"stamp:{ctx.request_id}"
+        RUNS[key] = RUNS.get(key, 0) + 1
+        if RUNS[key] == 1:
+            raise RuntimeError("crash after the nested call")
+        return index

@@ -215,3 +215,20 @@ async def test_two_incarnations_copies_arriving_in_one_turn_leave_no_orphaned_re
     assert answers["rep-old"]["fenced"] == {"x": 5}     # its sender learns it did not land
     assert msgpack.unpackb(node.store.get("x").state) == ["a", "b"]
     await c.close()
+
+
+async def test_a_handler_run_again_gets_its_nested_calls_recorded_reply_even_if_it_asks_otherwise(cluster_factory):
+    """A handler need not be deterministic: run again after a crash, it may make its
+    nested call with another body. That call's derived id still gets the recorded reply
+    (the nested effect happens once), not the 'different request' refusal a client gets."""
+    import kinds
+    c = await cluster_factory()
+    m = c.client()
+    await m.spawn("l1", "ledger")
+    await m.spawn("s1", "stamper")
+    with pytest.raises(AgentCrashed):
+        await m.call("s1", {"to": "l1"}, request_id="stamp-1")
+    assert await m.call("s1", {"to": "l1"}, request_id="stamp-1") == 0
+    assert len(await m.call("l1", {"op": "read"})) == 1
+    kinds.RUNS.clear()
+    await c.close()
