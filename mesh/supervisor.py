@@ -362,6 +362,7 @@ class SupervisorRole:
             try:
                 await self.node.caller.request(node, Kind.START, name, body, self.config.timing.call_timeout_s)
             except AlreadyExists as err:
+                log.info("supervisor: starting %s on %s as %d: %s", name, node, inc, err)
                 at_least = int(err.data.get("incarnation", at_least))
                 continue
             except (Unavailable, CallTimeout, AgentDown) as err:  # that node cannot take it now
@@ -384,7 +385,7 @@ class SupervisorRole:
             self._placed(child, host, replicas)
             self.table.set(name, node, inc)
             self._schedule_registry()
-            log.debug("supervisor: %s runs on %s as incarnation %d (replicas %s)", name, node, inc, replicas)
+            log.info("supervisor: %s runs on %s as incarnation %d (replicas %s)", name, node, inc, replicas)
             return None
         child.status = PENDING
         return Unavailable(f"could not start {name!r} after several attempts")
@@ -699,6 +700,8 @@ class SupervisorRole:
             # A start is under way: its answer decides, and a failed one is tried again.
             # Marking it pending now would disown an incarnation that may be running.
             return
+        log.info("supervisor: moving %s (incarnation %d, %s on %s)", child.spec.name, child.incarnation,
+                 child.status, child.node)
         child.status = PENDING
         child.restarts += 1
         self.table.set(child.spec.name, None, child.incarnation)
