@@ -766,7 +766,14 @@ class SupervisorRole:
         spec = child.spec
         key = _DYNAMIC_PREFIX + spec.name
         record = {"name": spec.name, "kind": spec.kind, "args": spec.args, "restart": spec.restart, "parent": child.parent}
-        outcome = await self.node.commit_meta({key: msgpack.packb(record)})
+        # Its own start follows the commit: nothing else (a placement pass, a node's hello)
+        # may start it meanwhile, or this start would find one under way, call itself
+        # failed and forget a child whose incarnation runs on (issue 21).
+        child.busy = True
+        try:
+            outcome = await self.node.commit_meta({key: msgpack.packb(record)})
+        finally:
+            child.busy = False
         err: CallError | None = Unavailable(str(outcome.error)) if outcome.error else None
         if err is None:
             err = await self._start_child(child)
