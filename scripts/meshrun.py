@@ -40,7 +40,7 @@ class MeshRun:
     """One `mesh up` (or `mesh node`) process tree."""
 
     READY = re.compile(r"node (\S+) ready \(pid (\d+)")
-    started: list["MeshRun"] = []  # every run started in this process, for keep_all_evidence()
+    started: list["MeshRun"] | None = None  # when a list: every run started since (tests set it)
 
     def __init__(self, *args: str, prefix: list[str] | None = None, env: dict | None = None):
         self.args, self.prefix, self.env = args, prefix or [], env
@@ -54,7 +54,8 @@ class MeshRun:
         self._kept = False
 
     def start(self, wait_for: str | None = "mesh ready", timeout: float = 30) -> "MeshRun":
-        MeshRun.started.append(self)
+        if MeshRun.started is not None:
+            MeshRun.started.append(self)
         self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "mesh.cli", *self.args], stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, env=self.env or env(), cwd=ROOT,
                                      start_new_session=True)

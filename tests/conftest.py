@@ -45,7 +45,7 @@ def pytest_configure(config):
 def pytest_runtest_setup(item):
     meshrun = _meshrun()
     if meshrun is not None:
-        meshrun.MeshRun.started.clear()
+        meshrun.MeshRun.started = []  # the runs this test starts (none kept past it)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -74,6 +74,6 @@ def pytest_runtest_teardown(item, nextitem):
     never stopped it) is ended here, by its pids, and kept."""
     yield
     meshrun = _meshrun()
-    for run in list(meshrun.MeshRun.started) if meshrun is not None else ():
+    for run in list(meshrun.MeshRun.started or ()) if meshrun is not None else ():
         if run.evidence is not None and not run._kept:
             run.kill_all()
