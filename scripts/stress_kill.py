@@ -11,7 +11,8 @@ agents, read every agent back, and check each value against what was acknowledge
 varies per trial, drawn from --seed: a quiet kill (the benchmark's own), a kill while new
 agents are being spawned and given their first add, a kill while adds are in flight, or
 both; and per round, how many burner processes spin (--burners at most, each busy --duty
-of every 100 ms) to take the CPU from the mesh as Ray's own processes did on two cores.
+of every 100 ms; started for the round and killed at its end) to take the CPU from the
+mesh as Ray's own processes did on two cores.
 
 A value below the sum of the adds acknowledged is a lost write; above the sum of every
 add sent (acknowledged or not), a doubled one. Either is a violation: the run stops there,
@@ -218,18 +219,18 @@ def burn(until: float, duty: float) -> None:
 
 
 class Burners:
-    """Up to MAX_BURNERS burner processes; set(k) lets k of them run (the rest SIGSTOPped)."""
+    """Up to MAX_BURNERS burner processes, for one round (never stopped, so that each can
+    see its deadline and its parent's exit)."""
 
     def __init__(self, count: int, duty: float, until: float):
-        self.procs = [subprocess.Popen([sys.executable, __file__, "--burn", f"{until:.0f}", str(duty)],
-                                       start_new_session=True) for _ in range(min(count, MAX_BURNERS))]
-
-    def set(self, k: int) -> None:
-        for i, p in enumerate(self.procs):
-            try:
-                os.kill(p.pid, signal.SIGCONT if i < k else signal.SIGSTOP)
-            except ProcessLookupError:
-                pass
+        self.procs: list[subprocess.Popen] = []
+        try:
+            for _ in range(min(count, MAX_BURNERS)):
+                self.procs.append(subprocess.Popen([sys.executable, __file__, "--burn", f"{until:.0f}", str(duty)],
+                                                   start_new_session=True))
+        except BaseException:
+            self.end()
+            raise
 
     def end(self) -> None:
         for p in self.procs:
@@ -285,12 +286,13 @@ def main() -> int:
     stats = {"kills": 0, "violations": 0, "rounds": 0, "spawn_errors": 0, "add_errors": 0, "read_errors": 0,
              "stuck_kept": False, "t0": t0}
     load0 = os.getloadavg()[0]
-    burners = Burners(args.burners, args.duty, time.time() + args.minutes * 60 + 120)
+    until = time.time() + args.minutes * 60 + 120  # a burner ends by itself then at the latest
     failure = stuck = None
+    code = 0
     try:
         while time.monotonic() < stop_at:
-            burners.set(rng.randint(0, len(burners.procs)))
             stats["rounds"] += 1
+            burners = Burners(rng.randint(0, args.burners), args.duty, until)
             try:
                 with Mesh(3, label="stress-kill") as mh:
                     asyncio.run(one_round(mh, rng, stats, stop_at))
@@ -300,10 +302,11 @@ def main() -> int:
                 break
             except Stuck as exc:
                 stuck = exc
-    except KeyboardInterrupt:
+            finally:
+                burners.end()
+    except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C, SIGTERM: what ran is still reported
         say("stress: interrupted")
-    finally:
-        burners.end()
+        code = 143 if isinstance(exc, SystemExit) else 130
     minutes = (time.monotonic() - t0) / 60
     kills, violations = stats["kills"], stats["violations"]
     rate = 1000 * violations / kills if kills else float("nan")
@@ -326,7 +329,7 @@ def main() -> int:
         for note in getattr(failure, "__notes__", ()):
             print(f"            {note}")
         return 1
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -220,7 +220,7 @@ class Mesh:
         """SIGTERM the launcher (it stops its nodes), then kill by pid whatever is left.
         After an error, the mesh's last lines of output go to stderr (they often tell why),
         and its output, config and data are kept; the error's message says where."""
-        failed = exc_type is not None and exc_type is not KeyboardInterrupt
+        failed = exc_type is not None and not issubclass(exc_type, (KeyboardInterrupt, SystemExit))
         if failed:
             with self.cond:
                 tail = self.lines[-12:]
