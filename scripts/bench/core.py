@@ -180,8 +180,8 @@ class Mesh:
             self.seen.add(self.proc.pid)
             threading.Thread(target=self._read, daemon=True).start()
             self.wait_for("mesh ready", timeout=30)
-        except BaseException:
-            self.__exit__()
+        except BaseException as exc:  # a mesh that never got ready keeps its evidence too
+            self.__exit__(type(exc), exc, exc.__traceback__)
             raise
         return self
 
