@@ -1010,6 +1010,7 @@ class Node:
                                     {"incarnation": outcome.fenced[name]})
             else:
                 err = Unavailable(f"{name!r}: {outcome.unreplicated[name]}")
+            log.info("node %s: %s incarnation %d not started: %s", self.name, name, runner.incarnation, err)
             if self.runners.get(name) is runner:
                 del self.runners[name]
             runner.fail_queued(lambda: AgentDown(f"{name!r} failed to start"))

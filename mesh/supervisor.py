@@ -418,6 +418,7 @@ class SupervisorRole:
             try:
                 await self.node.caller.request(node, Kind.START, name, body, self.config.timing.call_timeout_s)
             except AlreadyExists as err:
+                log.info("supervisor: starting %s on %s as %d: %s", name, node, inc, err)
                 at_least = int(err.data.get("incarnation", at_least))
                 continue
             except (Unavailable, CallTimeout, AgentDown) as err:  # that node cannot take it now
@@ -440,7 +441,7 @@ class SupervisorRole:
             self._placed(child, host, replicas)
             self.table.set(name, node, inc)
             self._schedule_registry()
-            log.debug("supervisor: %s runs on %s as incarnation %d (replicas %s)", name, node, inc, replicas)
+            log.info("supervisor: %s runs on %s as incarnation %d (replicas %s)", name, node, inc, replicas)
             return None
         child.status = PENDING
         return Unavailable(f"could not start {name!r} after several attempts")
@@ -819,6 +820,8 @@ class SupervisorRole:
             # A start is under way: its answer decides, and a failed one is tried again.
             # Marking it pending now would disown an incarnation that may be running.
             return
+        log.info("supervisor: moving %s (incarnation %d, %s on %s)", child.spec.name, child.incarnation,
+                 child.status, child.node)
         child.status = PENDING
         child.restarts += 1
         self.table.set(child.spec.name, None, child.incarnation)
@@ -888,7 +891,14 @@ class SupervisorRole:
             await asyncio.shield(forgetting)
         key = _DYNAMIC_PREFIX + spec.name
         record = {"name": spec.name, "kind": spec.kind, "args": spec.args, "restart": spec.restart, "parent": child.parent}
-        outcome = await self.node.commit_meta({key: msgpack.packb(record)})
+        # Its own start follows the commit: nothing else (a placement pass, a node's hello)
+        # may start it meanwhile, or this start would find one under way, call itself
+        # failed and forget a child whose incarnation runs on (issue 21).
+        child.busy = True
+        try:
+            outcome = await self.node.commit_meta({key: msgpack.packb(record)})
+        finally:
+            child.busy = False
         err: CallError | None = Unavailable(str(outcome.error)) if outcome.error else None
         if err is None:
             err = await self._start_child(child)

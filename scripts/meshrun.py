@@ -3,6 +3,9 @@ their output, and end every pid they ever showed.
 
 Every pid a run saw (the launcher's, and each node's from its "ready" lines) is killed
 at the end if still alive. Waits are on output lines and on pidfds, each with a deadline.
+A run asked to keep its evidence (after a failed check) keeps its output, config and data
+once its processes are gone (scripts/evidence.py); the meshes log at INFO unless MESH_LOG
+says otherwise.
 """
 
 from __future__ import annotations
@@ -17,13 +20,15 @@ import threading
 import time
 from pathlib import Path
 
+import evidence
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def env(extra_path: list[str] | None = None) -> dict:
     e = dict(os.environ)
     e["PYTHONPATH"] = os.pathsep.join([*(extra_path or []), str(ROOT), e.get("PYTHONPATH", "")])
-    e.setdefault("MESH_LOG", "WARNING")
+    e.setdefault("MESH_LOG", evidence.LOG_LEVEL)
     return e
 
 
@@ -35,6 +40,7 @@ class MeshRun:
     """One `mesh up` (or `mesh node`) process tree."""
 
     READY = re.compile(r"node (\S+) ready \(pid (\d+)")
+    started: list["MeshRun"] | None = None  # when a list: every run started since (tests set it)
 
     def __init__(self, *args: str, prefix: list[str] | None = None, env: dict | None = None):
         self.args, self.prefix, self.env = args, prefix or [], env
@@ -43,8 +49,13 @@ class MeshRun:
         self.seen: set[int] = set()
         self._cond = threading.Condition()
         self.proc: subprocess.Popen | None = None
+        self.evidence: Path | None = None   # where this run's evidence goes, once asked for
+        self._why = ""
+        self._kept = False
 
     def start(self, wait_for: str | None = "mesh ready", timeout: float = 30) -> "MeshRun":
+        if MeshRun.started is not None:
+            MeshRun.started.append(self)
         self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "mesh.cli", *self.args], stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, env=self.env or env(), cwd=ROOT,
                                      start_new_session=True)
@@ -119,6 +130,36 @@ class MeshRun:
             self.proc.wait(10)
         if self.proc and self.proc.stdout:
             self.proc.stdout.close()
+        if self.evidence is not None and not self._kept:
+            self._keep()
+
+    @property
+    def config(self) -> str | None:
+        """The config file this run was given (-c/--config), if any."""
+        for flag in ("-c", "--config"):
+            if flag in self.args[:-1]:
+                return self.args[self.args.index(flag) + 1]
+        return None
+
+    def keep_evidence(self, why: str, label: str = "mesh") -> Path:
+        """Keep this run's output, config and data: now if its processes are gone, else
+        when stop() or kill_all() has ended them. Returns the folder (the same each time)."""
+        if self.evidence is None:
+            self.evidence, self._why = evidence.new_folder(label), why
+        if self.proc is not None and self.proc.poll() is not None and not any(alive(p) for p in self.seen):
+            self._keep()
+        return self.evidence
+
+    def _keep(self) -> None:
+        self._kept = True
+        with self._cond:
+            lines = list(self.lines)
+        evidence.keep(self.evidence, lines, self.config, self._why)
+
+
+def keep_all_evidence(runs: list[MeshRun], why: str, label: str = "mesh") -> list[Path]:
+    """keep_evidence() for each run; the folders, for a failure message."""
+    return [run.keep_evidence(why, label) for run in runs]
 
 
 def alive(pid: int) -> bool:

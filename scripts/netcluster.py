@@ -145,8 +145,16 @@ class NetCluster:
             self.stop()
             raise
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type=None, exc=None, tb=None) -> None:
+        """Stop everything; after an error, keep every node's output, the config and the
+        data first (scripts/evidence.py), and say where in the error's message."""
+        kept = None
+        if exc is not None and not isinstance(exc, KeyboardInterrupt):
+            import evidence
+            kept = {run.keep_evidence(f"{exc_type.__name__}: {exc}", "netcluster") for run in self.runs.values()}
         self.stop()
+        for where in sorted(kept or ()):
+            evidence.note(exc, where)
 
 
 def available() -> str | None:

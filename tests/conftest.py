@@ -37,3 +37,43 @@ async def _bounded(coro, limit: float):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "async_timeout(seconds): bound an async test in time")
+
+
+# --- evidence of failed process-level tests ------------------------------------------------------
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    meshrun = _meshrun()
+    if meshrun is not None:
+        meshrun.MeshRun.started = []  # the runs this test starts (none kept past it)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test that failed keeps the output, config and data of every mesh it started
+    (scripts/evidence.py), once the mesh's processes are ended; its report says where."""
+    outcome = yield
+    rep = outcome.get_result()
+    meshrun = _meshrun()
+    if not rep.failed or meshrun is None or not meshrun.MeshRun.started:
+        return
+    label = item.name.replace("[", "-").rstrip("]")
+    kept = meshrun.keep_all_evidence(list(meshrun.MeshRun.started), f"{item.nodeid} failed ({rep.when})", label)
+    rep.sections.append(("mesh evidence", "the meshes' output, config and data are kept in:\n"
+                         + "\n".join(f"  {p}" for p in dict.fromkeys(kept))))
+
+
+def _meshrun():
+    import sys
+    return sys.modules.get("meshrun")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """A mesh whose evidence is still to be kept once its processes end (a fixture that
+    never stopped it) is ended here, by its pids, and kept."""
+    yield
+    meshrun = _meshrun()
+    for run in list(meshrun.MeshRun.started or ()) if meshrun is not None else ():
+        if run.evidence is not None and not run._kept:
+            run.kill_all()

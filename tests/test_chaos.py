@@ -30,7 +30,9 @@ def chaos(tmp_path, *args, timeout=240):
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "chaos" / "run.py"), "--out", str(tmp_path / "run"),
                         *args], capture_output=True, text=True, env=env(), timeout=timeout, cwd=ROOT)
     report = (tmp_path / "run" / "report.txt")
-    return r, report.read_text() if report.exists() else r.stdout + r.stderr
+    text = report.read_text() if report.exists() else r.stdout + r.stderr
+    # the run's folder holds the mesh's logs, config and data: a failure message names it
+    return r, f"{text}\n(the run's logs, config and data are in {tmp_path / 'run'})"
 
 
 def assert_counts_match_the_history(tmp_path, report):

@@ -3,6 +3,7 @@
 import asyncio
 import json
 import re
+import shutil
 import time
 
 import pytest
@@ -145,9 +146,14 @@ async def test_a_thousand_concurrent_conversations_in_one_node(mesh_up, quiet):
 
 
 def test_demo_end_to_end():
-    r = mesh_cmd("demo", "--users", "3", "--turns", "5", timeout=120)
-    assert r.returncode == 0, r.stdout + r.stderr
+    r = mesh_cmd("demo", "--users", "3", "--turns", "5", "--keep", timeout=120)
     out = r.stdout
-    assert re.search(r"turns lost\s+0", out) and re.search(r"turns doubled\s+0", out)
-    assert "kill -9 node" in out and "all conversations intact" in out
-    assert "Traceback" not in r.stderr
+    # the demo's folder (config, data, logs) is kept for a failure, and named in its message
+    folder = re.search(r"data in (\S+)", out + r.stderr)
+    where = f"\n(the demo's config and data are kept in {folder.group(1)})" if folder else ""
+    assert r.returncode == 0, r.stdout + r.stderr + where
+    assert re.search(r"turns lost\s+0", out) and re.search(r"turns doubled\s+0", out), out + where
+    assert "kill -9 node" in out and "all conversations intact" in out, out + where
+    assert "Traceback" not in r.stderr, r.stderr + where
+    if folder:
+        shutil.rmtree(folder.group(1), ignore_errors=True)

@@ -42,6 +42,9 @@ import zmq  # noqa: E402
 import mesh  # noqa: E402
 from mesh import config as mesh_config, wire  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "scripts"))
+import evidence  # noqa: E402
+
 DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- core:begin (written by scripts/bench/core.py --write) -->", "<!-- core:end -->"
 SCRIPT = "python3 scripts/bench/core.py"
@@ -133,24 +136,30 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
-def _env() -> dict:
+def _env(log: str | None = None) -> dict:
+    """The mesh's environment; its log level explains a lost write (see scripts/evidence.py)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    env.setdefault("MESH_LOG", "WARNING")
+    env.setdefault("MESH_LOG", log or evidence.LOG_LEVEL)
     return env
 
 
 # --- a real mesh ------------------------------------------------------------------------------
 
 class Mesh:
-    """`mesh up` of a generated config in a temp dir; every pid it showed is ended on exit."""
+    """`mesh up` of a generated config in a temp dir; every pid it showed is ended on exit.
+    After an error, its output, config and data folder are kept (scripts/evidence.py) and
+    the error's message says where."""
 
     READY = re.compile(r"node (\S+) ready \(pid (\d+)")
 
     limits = ""  # extra [limits] of every mesh of this run (--dedup-window)
 
-    def __init__(self, nodes: int, kinds: dict[str, str] | None = None):
-        """`kinds`: kinds to allow besides the counter, short name -> "module:Class"."""
+    def __init__(self, nodes: int, kinds: dict[str, str] | None = None, log: str | None = None, label: str = "bench"):
+        """`kinds`: kinds to allow besides the counter, short name -> "module:Class";
+        `log`: the mesh's log level unless MESH_LOG sets one; `label` names kept evidence."""
+        self.log, self.label = log, label
+        self.kept: Path | None = None
         self.tmp = Path(tempfile.mkdtemp(prefix="mesh-bench-"))
         ports = free_ports(nodes)
         tables = "".join(f'[nodes.n{i + 1}]\nhost = "local"\nport = {p}\n\n' for i, p in enumerate(ports))
@@ -167,12 +176,12 @@ class Mesh:
         try:
             self.proc = subprocess.Popen([sys.executable, "-m", "mesh.cli", "up", "-c", str(self.config)],
                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                         env=_env(), cwd=ROOT, start_new_session=True)
+                                         env=_env(self.log), cwd=ROOT, start_new_session=True)
             self.seen.add(self.proc.pid)
             threading.Thread(target=self._read, daemon=True).start()
             self.wait_for("mesh ready", timeout=30)
-        except BaseException:
-            self.__exit__()
+        except BaseException as exc:  # a mesh that never got ready keeps its evidence too
+            self.__exit__(type(exc), exc, exc.__traceback__)
             raise
         return self
 
@@ -207,10 +216,12 @@ class Mesh:
                     raise TimeoutError(f"mesh: no line matching {pattern!r} within {timeout}s; last lines:\n{tail}")
                 self.cond.wait(min(left, 0.5))
 
-    def __exit__(self, exc_type=None, *exc) -> None:
+    def __exit__(self, exc_type=None, exc=None, tb=None) -> None:
         """SIGTERM the launcher (it stops its nodes), then kill by pid whatever is left.
-        After an error, the mesh's last lines of output go to stderr: they often tell why."""
-        if exc_type is not None and exc_type is not KeyboardInterrupt:
+        After an error, the mesh's last lines of output go to stderr (they often tell why),
+        and its output, config and data are kept; the error's message says where."""
+        failed = exc_type is not None and not issubclass(exc_type, (KeyboardInterrupt, SystemExit))
+        if failed:
             with self.cond:
                 tail = self.lines[-12:]
             say("mesh output before the error:\n  " + "\n  ".join(line[:300] for line in tail))
@@ -231,7 +242,21 @@ class Mesh:
             if self.proc.poll() is None:
                 self.proc.wait(10)
             self.proc.stdout.close()
+        if failed:  # an error may bring files of its own to keep (a client's history, say)
+            self.keep(f"{exc_type.__name__}: {exc}", exc, getattr(exc, "evidence_files", None))
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def keep(self, why: str, exc: BaseException | None = None, extra: dict[str, str] | None = None) -> Path:
+        """Keep this mesh's output, config and data (once), and `extra` files (name -> text);
+        note where on `exc`. Call it once the mesh is stopped (as __exit__ does)."""
+        if self.kept is None:
+            with self.cond:
+                lines = list(self.lines)
+            self.kept = evidence.keep(evidence.new_folder(self.label), lines, self.config, why, extra)
+            say(f"mesh evidence kept in {self.kept}")
+        if exc is not None:
+            evidence.note(exc, self.kept)
+        return self.kept
 
 
 def _ours(pid: int, marker: str) -> bool:
@@ -335,7 +360,7 @@ def bench_call(size: dict) -> dict:
                     f"add p50 {out['add_p50'][-1]:.0f} us p99 {out['add_p99'][-1]:.0f} us")
             assert await m.call(name, GET) == size["runs"] * size["adds"]
 
-    with Mesh(3) as mh:
+    with Mesh(3, label="bench-call") as mh:
         asyncio.run(go(mh.config))
     return out
 
@@ -364,7 +389,7 @@ def bench_cast(size: dict) -> dict:
                 say(f"cast: run {run + 1}: {n / took:,.0f} msg/s end to end"
                     + (f"; {out['lost'][-1]} casts LOST" if out["lost"][-1] else ""))
 
-    with Mesh(3) as mh:
+    with Mesh(3, label="bench-cast") as mh:
         asyncio.run(go(mh.config))
     return out
 
@@ -403,7 +428,7 @@ def bench_durable(size: dict) -> dict:
             await _spread(len(names), names, read)
             assert sum(values.values()) == warm + size["runs"] * size["durable"], "durable: the counters do not add up"
 
-    with Mesh(1) as mh:
+    with Mesh(1, label="bench-durable") as mh:
         asyncio.run(go(mh.config))
     return out
 
@@ -434,7 +459,9 @@ def bench_kill(size: dict) -> dict:
 
                 async def get(name):
                     value = await m.call(name, GET, timeout=15)
-                    assert value == want[name], f"kill: {name} answered {value}, not {want[name]}"
+                    if value != want[name]:
+                        raise AssertionError(f"kill: {name} answered {value}, not {want[name]} (trial {trial + 1}, "
+                                             f"{victim} pid {pid} killed; now at {await m.whereis(name)})")
                     return time.perf_counter() - t0
                 took = await asyncio.gather(*(get(n) for n in names))
                 out["first"].append(min(took) * 1000)
@@ -444,7 +471,7 @@ def bench_kill(size: dict) -> dict:
                     f"all {max(took) * 1000:.0f} ms")
                 await asyncio.to_thread(mh.wait_for, rf"node {victim} ready", mark, 30)
 
-    with Mesh(3) as mh:
+    with Mesh(3, label="bench-kill") as mh:
         asyncio.run(go(mh))
     return out
 
@@ -497,7 +524,8 @@ def bench_idle(size: dict) -> dict:
                 f"{out['first_rate']:,.0f}/s, last tenth {out['last_rate']:,.0f}/s); node RSS "
                 f"{before['VmRSS'] / 1024:.0f} MB before, {after['VmRSS'] / 1024:.0f} MB after")
 
-    with Mesh(1) as mh:
+    # WARNING, not INFO: 100,000 spawns would log two lines each and slow the figure measured
+    with Mesh(1, log="WARNING", label="bench-idle") as mh:
         asyncio.run(go(mh))
     return out
 
@@ -516,7 +544,13 @@ def guarded(bench: Callable[..., dict], *args) -> dict | str:
         return bench(*args)
     except Exception as exc:
         traceback.print_exc()
-        return f"{type(exc).__name__}: {exc}".replace("\n", " ")[:200]
+        return _one_line(exc)
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error as one line of at most 200 characters, plus where its evidence is kept."""
+    notes = "".join(f" ({n})" for n in getattr(exc, "__notes__", ()))
+    return f"{type(exc).__name__}: {exc}".replace("\n", " ")[:200] + notes
 
 
 def run_mesh(benches: dict[str, Callable[[dict], dict]], size: dict) -> dict:
@@ -744,7 +778,7 @@ def main() -> int:
             results[bench] = RUNNERS[bench](size)
         except Exception as exc:
             traceback.print_exc()
-            results[bench] = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:200]
+            results[bench] = _one_line(exc)
     q = "".join(f" {flag}" for flag in ("--quick",) if args.quick) + "".join(
         f" --{key.replace('_', '-')} {getattr(args, key):g}" for key in ("runs", "idle", "idle_budget", "dedup_window")
         if getattr(args, key) is not None)

@@ -196,7 +196,7 @@ def mesh_run(nodes: int, go, **mesh_kw) -> None:
     async def main(mh: Mesh):
         async with mesh.connect(mh.config) as m:
             await go(mh, m)
-    with Mesh(nodes, **mesh_kw) as mh:
+    with Mesh(nodes, **{"label": "bench-scaling", **mesh_kw}) as mh:
         asyncio.run(main(mh))
 
 
@@ -238,7 +238,8 @@ def bench_agents(size: dict, points: tuple[int, ...]) -> dict:
                 break
         out["notes"] += mesh_warnings(mh)
 
-    mesh_run(1, go)
+    # WARNING, not INFO: up to 100,000 spawns would log two lines each and slow the figures
+    mesh_run(1, go, log="WARNING")
     return out
 
 
