@@ -138,6 +138,7 @@ def up(config_path, host, max_restarts):
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     _preflight(cfg, nodes)
+    _kinds_from_cwd()
     configure_logging()
     click.echo(f"starting {', '.join(nodes)} from {cfg.path}")
     sys.exit(Launcher(_with_restarts(cfg, max_restarts), nodes, say=lambda line: click.echo(line)).run())
@@ -155,8 +156,17 @@ def node(config_path, node, max_restarts):
     if node not in cfg.nodes:
         raise click.UsageError(f"no node named {node!r} in {cfg.path} (nodes: {', '.join(cfg.nodes)})")
     _preflight(cfg, [node])
+    _kinds_from_cwd()
     configure_logging()
     sys.exit(Launcher(_with_restarts(cfg, max_restarts), [node], say=lambda line: click.echo(line)).run())
+
+
+def _kinds_from_cwd() -> None:
+    """Kinds are imported with the current folder on the path, as `python -m` would, so a
+    kind in ./greeter.py is allowed as "greeter:Greeter" (uvicorn and celery do the same)."""
+    import os
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
 
 
 def _with_restarts(cfg: config_mod.Config, max_restarts: int | None) -> config_mod.Config:
