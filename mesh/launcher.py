@@ -409,7 +409,9 @@ class StandIn:
         self.proc.stdout.close()  # it prints nothing after that line
         if not line.startswith("listening on "):
             self.stop()
-            return line or f"no answer within {STAND_IN_START_S:g}s"
+            if line:
+                return line
+            return f"it exited with code {self.proc.returncode}" if ready else f"no answer within {STAND_IN_START_S:g}s"
         return ""
 
     def reap(self) -> int:
