@@ -18,6 +18,12 @@ from . import config as config_mod
 from .errors import CallError, ConfigError
 
 CONFIG_HELP = "cluster config file (default: $MESH_CONFIG, then configs/local.toml)"
+TROUBLESHOOTING = "docs/troubleshooting.md"
+
+
+def _see(anchor: str) -> str:
+    """Where the troubleshooting page explains an error: its cause, the command that shows more."""
+    return f"(see {TROUBLESHOOTING}#{anchor.lower()})"
 
 
 def _usage_exit(message: str) -> None:
@@ -30,7 +36,7 @@ def _load(path: str | None) -> config_mod.Config:
     try:
         return config_mod.load(path)
     except ConfigError as exc:
-        _usage_exit(f"config error: {exc}")
+        _usage_exit(f"config error: {exc} {_see('config-errors')}")
 
 
 def _no_constant(name: str) -> Any:
@@ -80,7 +86,7 @@ def _run(coro_fn, cfg: config_mod.Config):
     try:
         client = Client(cfg, key=key)
     except ConfigError as exc:
-        _usage_exit(f"key error: {exc}")
+        _usage_exit(f"key error: {exc} {_see('key-errors')}")
 
     async def go():
         async with client:
@@ -88,7 +94,8 @@ def _run(coro_fn, cfg: config_mod.Config):
     try:
         return asyncio.run(go())
     except CallError as err:
-        click.echo(f"mesh: {type(err).__name__}: {err}", err=True)
+        name = type(err).__name__
+        click.echo(f"mesh: {name}: {err} {_see(name)}", err=True)
         sys.exit(1)
 
 
@@ -101,7 +108,7 @@ def _preflight(cfg: config_mod.Config, nodes: list[str]) -> None:
         try:
             node_keypair(cfg, node)
         except ConfigError as exc:
-            raise click.UsageError(f"key error: {exc}") from None
+            raise click.UsageError(f"key error: {exc} {_see('key-errors')}") from None
 
 
 def config_option(fn):
@@ -138,6 +145,7 @@ def up(config_path, host, max_restarts):
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     _preflight(cfg, nodes)
+    _kinds_from_cwd()
     configure_logging()
     click.echo(f"starting {', '.join(nodes)} from {cfg.path}")
     sys.exit(Launcher(_with_restarts(cfg, max_restarts), nodes, say=lambda line: click.echo(line)).run())
@@ -155,8 +163,17 @@ def node(config_path, node, max_restarts):
     if node not in cfg.nodes:
         raise click.UsageError(f"no node named {node!r} in {cfg.path} (nodes: {', '.join(cfg.nodes)})")
     _preflight(cfg, [node])
+    _kinds_from_cwd()
     configure_logging()
     sys.exit(Launcher(_with_restarts(cfg, max_restarts), [node], say=lambda line: click.echo(line)).run())
+
+
+def _kinds_from_cwd() -> None:
+    """Kinds are imported with the current folder on the path, as `python -m` would, so a
+    kind in ./greeter.py is allowed as "greeter:Greeter" (uvicorn and celery do the same)."""
+    import os
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
 
 
 def _with_restarts(cfg: config_mod.Config, max_restarts: int | None) -> config_mod.Config:
@@ -181,7 +198,8 @@ def spawn(config_path, key, name, kind, args_json, restart, supervisor):
     cfg = _load(config_path)
     if cfg.resolve_kind(kind) is None:
         allowed = ", ".join(sorted(cfg.kinds)) or "none"
-        click.echo(f"mesh: NotAllowed: kind {kind!r} is not in the config's allow-list ({allowed})", err=True)
+        click.echo(f"mesh: NotAllowed: kind {kind!r} is not in the config's allow-list ({allowed}) {_see('NotAllowed')}",
+                   err=True)
         sys.exit(1)
     result = _run(lambda c: c.spawn(name, kind, args, restart, supervisor), cfg)
     click.echo(_to_json(result))
@@ -304,7 +322,7 @@ def _all_keys(config_path: str | None) -> None:
         with open(path, "rb") as f:
             raw = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise click.UsageError(f"config error: {path}: {exc}") from None
+        raise click.UsageError(f"config error: {path}: {exc} {_see('config-errors')}") from None
     security = raw.get("security", {}) if isinstance(raw.get("security"), dict) else {}
     keys_dir = security.get("keys_dir", "keys")
     if not os.path.isabs(keys_dir):

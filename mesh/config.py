@@ -92,9 +92,23 @@ class LLMSettings:
     max_keepalive: int = 16
     breaker_failures: int = 5
     breaker_reset_s: float = 10.0
+    stand_in: bool = False             # `mesh up` starts scripts/llm_server.py at base_url if nothing answers
 
     def api_key(self) -> str | None:
         return os.environ.get(self.api_key_env) or None
+
+    def stand_in_address(self) -> tuple[str, int] | None:
+        """(host, port) of base_url when it is plain http on loopback, where the stand-in
+        model server (scripts/llm_server.py) can be started; else None."""
+        from urllib.parse import urlsplit
+        try:
+            url = urlsplit(self.base_url)
+            port = url.port or 80
+        except ValueError:
+            return None
+        if url.scheme != "http" or not url.hostname or not _loopback(url.hostname):
+            return None
+        return url.hostname, port
 
 
 _LLM_ENV = {"base_url": "MESH_LLM_URL", "model": "MESH_LLM_MODEL", "embedding_model": "MESH_LLM_EMBEDDING_MODEL"}
@@ -104,7 +118,7 @@ def _llm_settings(path: str, table: dict) -> LLMSettings:
     r = _Reader(path, "llm", table)
     values = {}
     for f in LLMSettings.__dataclass_fields__.values():
-        typ = f.type if isinstance(f.type, type) else {"str": str, "float": float, "int": int}[f.type]
+        typ = f.type if isinstance(f.type, type) else {"str": str, "float": float, "int": int, "bool": bool}[f.type]
         check = _positive if typ in (int, float) and f.name != "max_retries" else None
         if f.name == "max_retries":
             check = _non_negative
@@ -115,7 +129,11 @@ def _llm_settings(path: str, table: dict) -> LLMSettings:
             values[key] = os.environ[var]
     if not values["base_url"].startswith(("http://", "https://")):
         raise ConfigError(path, "llm.base_url", "must start with http:// or https://")
-    return LLMSettings(**values)
+    settings = LLMSettings(**values)
+    if settings.stand_in and settings.stand_in_address() is None and not os.environ.get("MESH_LLM_URL"):
+        raise ConfigError(path, "llm.stand_in", "needs a base_url on loopback (http://127.0.0.1:PORT/v1): "
+                          "the stand-in serves this host only")
+    return settings
 
 
 ROLES = ("client", "admin", "node")

@@ -8,6 +8,10 @@ new one with a new boot id; the new node tells the supervisor which boot it repl
 and how it ended, so its agents are put back with no wait for heartbeats. Too many
 restarts within the configured period and it gives up on that node.
 
+With `[llm] stand_in = true` and nothing answering at the loopback `base_url`, it also
+starts the stand-in model server (scripts/llm_server.py) there before the nodes, says
+so in one line, restarts it if it dies, and stops it after the nodes.
+
 Each child runs in its own session (its process group is killed as a whole) and holds
 one end of a socket pair: it writes status lines ("ready ...", "supervisor-ready") into
 it and stops in order when it reads EOF, which is how it learns the launcher is gone.
@@ -22,8 +26,10 @@ import select
 import signal
 import socket
 import sys
+import subprocess
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from . import supervision
@@ -61,6 +67,7 @@ class Launcher:
     _helpers: list[int] = field(default_factory=list)
     mesh_ready: bool = False     # the supervisor started the tree (once)
     start_failed: str = ""       # the tree could not start: `mesh up` exits 1
+    stand_in: "StandIn | None" = None  # the stand-in model server this launcher started
 
     def preimport(self) -> None:
         """Import what nodes need, so a forked child starts with it loaded."""
@@ -74,6 +81,11 @@ class Launcher:
             module = path.partition(":")[0]
             try:
                 importlib.import_module(module)
+            except ModuleNotFoundError as exc:  # not written yet: a node imports it when first started
+                if exc.name != module.partition(".")[0] and exc.name != module:
+                    log.warning("kind %s: module %s cannot be imported: %s", kind, module, exc)
+                else:
+                    log.info("kind %s: no module %s yet; a node imports it when the kind is first started", kind, module)
             except Exception as exc:  # the node reports it properly when the kind is used
                 log.warning("kind %s: module %s cannot be imported: %s", kind, module, exc)
 
@@ -90,6 +102,7 @@ class Launcher:
             signal.signal(sig, lambda s, f: stopping.append(s))
         signal.signal(signal.SIGCHLD, lambda s, f: None)  # deaths are read from pidfds
         self._wake_fds = (wake_r, wake_w)
+        self._start_stand_in()
         for node in self.nodes:
             self.children[node] = Child(node)
             self._fork(self.children[node])
@@ -103,6 +116,9 @@ class Launcher:
                         if fd >= 0 and fd not in self._registered:
                             self._poller.register(fd, select.POLLIN)
                             self._registered.add(fd)
+                if self.stand_in is not None and self.stand_in.pidfd >= 0 and self.stand_in.pidfd not in self._registered:
+                    self._poller.register(self.stand_in.pidfd, select.POLLIN)
+                    self._registered.add(self.stand_in.pidfd)
                 if self.cannot_start:
                     self.say("a node cannot start as configured; stopping")
                     return 2
@@ -117,6 +133,10 @@ class Launcher:
                     if fd == wake_r:
                         _drain(wake_r)
                         continue
+                    if self.stand_in is not None and fd == self.stand_in.pidfd:
+                        self._forget_fd(fd)
+                        self._restart_stand_in()
+                        continue
                     for child in list(self.children.values()):
                         if fd == child.pidfd:
                             self._reap(child)
@@ -127,9 +147,54 @@ class Launcher:
             return 0
         finally:
             self.stop()
+            self._stop_stand_in()
             signal.set_wakeup_fd(-1)
             os.close(wake_r)
             os.close(wake_w)
+
+    # --- the stand-in model server ---------------------------------------------------------------
+
+    def _start_stand_in(self) -> None:
+        """Start scripts/llm_server.py at [llm] base_url when the config asks for it and
+        nothing answers there; one line says what happened."""
+        llm = self.config.llm
+        address = llm.stand_in_address()
+        if not llm.stand_in or address is None or _answers(*address):
+            return
+        script = STAND_IN_SCRIPT
+        if not script.exists():
+            self.say(f"llm: nothing answers at {llm.base_url}, and the stand-in ({script.name}) is not here; "
+                     "agents that use the model get LLMError (see docs/troubleshooting.md)")
+            return
+        self.stand_in = StandIn([sys.executable, str(script), "--host", address[0], "--port", str(address[1])])
+        why = self.stand_in.start()
+        if why:
+            self.say(f"llm: the stand-in model server did not start at {llm.base_url}: {why}")
+            self.stand_in = None
+            return
+        self.say(f"llm: nothing answered at {llm.base_url}; started the stand-in model server there "
+                 f"(scripts/llm_server.py, pid {self.stand_in.pid})")
+
+    def _restart_stand_in(self) -> None:
+        stand_in = self.stand_in
+        code = stand_in.reap()
+        allowed, stand_in.history = supervision.allow_restart(
+            stand_in.history, time.monotonic(), self.config.launcher.max_restarts, self.config.launcher.period_s)
+        if not allowed:
+            self.say(f"llm: the stand-in model server (pid {stand_in.pid}) exited ({code}) too often; not restarting it")
+            self.stand_in = None
+            return
+        why = stand_in.start()
+        if why:
+            self.say(f"llm: the stand-in model server could not be restarted: {why}")
+            self.stand_in = None
+            return
+        self.say(f"llm: the stand-in model server exited ({code}); restarted (pid {stand_in.pid})")
+
+    def _stop_stand_in(self) -> None:
+        if self.stand_in is not None:
+            self.stand_in.stop()
+            self.stand_in = None
 
     # --- children -------------------------------------------------------------------------------
 
@@ -169,6 +234,11 @@ class Launcher:
                         os.close(fd)
                     except OSError:
                         pass
+        if self.stand_in is not None and self.stand_in.pidfd >= 0:
+            try:
+                os.close(self.stand_in.pidfd)
+            except OSError:
+                pass
         for fd in getattr(self, "_wake_fds", ()):
             try:
                 os.close(fd)
@@ -311,6 +381,62 @@ class Launcher:
                     if child.control is not None:
                         child.control.close()
                         child.control = None
+
+
+STAND_IN_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "llm_server.py"
+STAND_IN_START_S = 10.0
+
+
+@dataclass
+class StandIn:
+    """The stand-in model server as a child process of the launcher."""
+    argv: list[str]
+    proc: subprocess.Popen | None = None
+    pidfd: int = -1
+    history: tuple[float, ...] = ()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc else 0
+
+    def start(self) -> str:
+        """Start it and wait for its "listening on" line; returns why it failed, or ''."""
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     start_new_session=True)
+        self.pidfd = os.pidfd_open(self.proc.pid)
+        ready, _, _ = select.select([self.proc.stdout], [], [], STAND_IN_START_S)
+        line = self.proc.stdout.readline().decode(errors="replace").strip() if ready else ""
+        self.proc.stdout.close()  # it prints nothing after that line
+        if not line.startswith("listening on "):
+            self.stop()
+            if line:
+                return line
+            return f"it exited with code {self.proc.returncode}" if ready else f"no answer within {STAND_IN_START_S:g}s"
+        return ""
+
+    def reap(self) -> int:
+        code = self.proc.wait()
+        os.close(self.pidfd)
+        self.pidfd = -1
+        return code
+
+    def stop(self) -> None:
+        if self.proc is None or self.pidfd < 0:
+            return
+        _signal_group(self.proc.pid, signal.SIGTERM)
+        ready, _, _ = select.select([self.pidfd], [], [], 5.0)
+        if not ready:
+            _signal_group(self.proc.pid, signal.SIGKILL)
+        self.reap()
+
+
+def _answers(host: str, port: int) -> bool:
+    """Whether something accepts TCP connections at host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
 
 
 def _tell(control: socket.socket, line: bytes) -> bool:

@@ -158,3 +158,13 @@ def test_a_bad_address_and_a_file_that_is_not_utf8_are_named(tmp_path):
     with pytest.raises(ConfigError, match="not UTF-8"):
         config.load(path)
     assert load(tmp_path, BASE.replace('"127.0.0.1"', '"localhost"')).hosts["h1"].address == "localhost"
+
+
+def test_the_stand_in_is_started_only_on_loopback(tmp_path, monkeypatch):
+    monkeypatch.delenv("MESH_LLM_URL", raising=False)
+    cfg = load(tmp_path, BASE + '[llm]\nbase_url = "http://localhost:8701/v1"\nstand_in = true\n')
+    assert cfg.llm.stand_in and cfg.llm.stand_in_address() == ("localhost", 8701)
+    assert config.load(os.path.join(ROOT, "configs", "local.toml")).llm.stand_in
+    with pytest.raises(ConfigError, match=r"llm.stand_in: needs a base_url on loopback"):
+        load(tmp_path, BASE + '[llm]\nbase_url = "https://api.example.com/v1"\nstand_in = true\n')
+    assert load(tmp_path, BASE + '[llm]\nbase_url = "https://api.example.com/v1"\n').llm.stand_in_address() is None

@@ -290,3 +290,36 @@ def test_sync_client(runs, cfg):
         with pytest.raises(NoSuchAgent):
             m.call("nobody", {})
         assert m.stop("s1")["stopped"]
+
+
+def test_mesh_up_runs_the_stand_in_when_asked_and_nothing_answers(runs, tmp_path):
+    from mesh.demo import free_ports
+    port = free_ports(1)[0]
+    cfg = write_config(tmp_path, nodes=1, llm_url=f"http://127.0.0.1:{port}/v1")
+    cfg.write_text(cfg.read_text().replace("[llm]\n", "[llm]\nstand_in = true\n"))
+    run = runs("up", "-c", str(cfg))
+    m = run.wait_for(rf"llm: nothing answered at http://127.0.0.1:{port}/v1; started the stand-in .*pid (\d+)\)")
+    first = int(m.group(1))
+    run.seen.add(first)
+    assert json.loads(cli(cfg, "spawn", "talk", "conversation").stdout)["name"] == "talk"
+    said = json.loads(cli(cfg, "call", "talk", '{"op": "say", "text": "My name is Ada."}').stdout)
+    assert said["turn"] == 1
+    mark = run.mark()
+    os.kill(first, signal.SIGKILL)  # the launcher restarts it, like a node
+    second = int(run.wait_for(r"llm: the stand-in model server exited \(-9\); restarted \(pid (\d+)\)", start=mark).group(1))
+    run.seen.add(second)
+    assert json.loads(cli(cfg, "call", "talk", '{"op": "say", "text": "What is my name?"}').stdout)["reply"] == "Your name is Ada."
+    assert run.stop() == 0
+    assert wait_gone([first, second]) == []
+
+
+def test_mesh_up_leaves_a_model_server_that_answers_alone(runs, tmp_path):
+    from standin import StandIn
+    server = StandIn()
+    try:
+        cfg = write_config(tmp_path, nodes=1, llm_url=server.url)
+        cfg.write_text(cfg.read_text().replace("[llm]\n", "[llm]\nstand_in = true\n"))
+        run = runs("up", "-c", str(cfg))
+        assert not any(line.startswith("llm:") for line in run.lines)
+    finally:
+        server.stop()
