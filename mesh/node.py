@@ -41,7 +41,7 @@ from .limits import PeerLimits
 from .registry import Replica
 from .security import allowed, role_of
 from .runner import CRASHED, RUNNING, STARTING, STOPPED, Envelope, Runner, error_response
-from .store import Batch, Committer, Outcome, Record, Store, decode_record, replies_from_wire
+from .store import Batch, Committer, Outcome, Record, Store, decode_record, replies_from_wire, unpack_state
 from .wire import Kind
 
 log = logging.getLogger("mesh.node")
@@ -974,7 +974,7 @@ class Node:
         agent = cls()
         agent.name, agent._runner = name, runner
         try:
-            restored = msgpack.unpackb(state, raw=False) if state else None
+            restored = unpack_state(state) if state else None
         except Exception as exc:
             raise AgentCrashed(str(SnapshotCorrupt(name, str(exc)))) from None
         try:

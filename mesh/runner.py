@@ -29,6 +29,7 @@ import msgpack
 from . import supervision, wire
 from .agent import Agent, CallContext, TimerRef
 from .caller import derived_id
+from .store import unpack_state
 from .errors import AgentCrashed, AgentDown, BadRequest, Busy, CallError, CallTimeout, error_to_wire
 from .wire import Kind
 
@@ -416,7 +417,7 @@ class Runner:
             self._rollback_error = err
             self.task.cancel()
         self.seq, self.last_state = self.durable
-        self.agent.state = msgpack.unpackb(self.last_state, raw=False)
+        self.agent.state = unpack_state(self.last_state)
         for rid in lost_rids:
             self.window.pop(rid, None)
         for rid, *_ in self.unsaved:
@@ -430,7 +431,7 @@ class Runner:
         message left (a cancelled handler's half-made changes are never committed, just
         as after a crash, and `terminate` sees the last good state)."""
         if self.agent is not None and self.last_state is not None:
-            self.agent.state = msgpack.unpackb(self.last_state, raw=False)
+            self.agent.state = unpack_state(self.last_state)
 
     def interrupt(self) -> None:
         """Cancel the handler in flight because this incarnation ends; its callers get

@@ -78,6 +78,12 @@ class Record:
         return other is None or (self.incarnation, self.seq) > (other.incarnation, other.seq)
 
 
+def unpack_state(packed: bytes) -> Any:
+    """An agent's state as it was packed: any msgpack map keys (an int key is fine in a
+    state), unlike a message off a socket, which must have string keys."""
+    return msgpack.unpackb(packed, raw=False, strict_map_key=False)
+
+
 def decode_record(name: str, raw: bytes) -> Record:
     try:
         value = msgpack.unpackb(raw, raw=False)

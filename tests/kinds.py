@@ -153,3 +153,10 @@ class Stamper(Agent):
         if RUNS[key] == 1:
             raise RuntimeError("crash after the nested call")
         return index
+
+
+class IntKeys(Agent):
+    """A state whose map has an integer key, as a handler may well build."""
+
+    def init(self, args, state):
+        return state if state is not None else {1: "one"}

@@ -232,3 +232,23 @@ async def test_a_handler_run_again_gets_its_nested_calls_recorded_reply_even_if_
     assert len(await m.call("l1", {"op": "read"})) == 1
     kinds.RUNS.clear()
     await c.close()
+
+
+async def test_a_state_with_integer_keys_survives_a_restart(cluster_factory):
+    """Before: a state such as {1: "a"} committed, then failed to unpack when the agent
+    started again (message decoding's string-keys rule was applied to its own state)."""
+    c = await cluster_factory()
+    m = c.client()
+    placed = await m.spawn("w", "intkeys")
+    assert c.nodes[placed["node"]].runners["w"].agent.state == {1: "one"}
+    await c.restart(placed["node"])
+
+    async def running_again():
+        while True:
+            for node in c.nodes.values():
+                runner = node.runners.get("w")
+                if runner is not None and runner.status == "running" and runner.incarnation > placed["incarnation"]:
+                    return runner.agent.state
+            await asyncio.sleep(0)
+    assert await c.run(running_again()) == {1: "one"}
+    await c.close()
