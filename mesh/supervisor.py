@@ -135,6 +135,7 @@ class SupervisorRole:
         self.stopping = False  # the whole mesh stops in order (see stop_tree)
         self.failure: str | None = None  # why the tree failed: names the supervisors that gave up
         self._forgetting: dict[str, asyncio.Future] = {}  # name -> done once its state is deleted
+        self._unstopped: dict[str, "Child"] = {}  # stopped names whose node could not carry the stop out
 
     # --- boot ------------------------------------------------------------------------------------
 
@@ -866,6 +867,9 @@ class SupervisorRole:
             raise Unavailable("the supervisor is still learning what runs where")
         if self.tree_failed:
             raise SupervisorDown(f"cannot spawn {name!r}: {self.failure}")
+        if name in self._unstopped:
+            raise Unavailable(f"the stop of {name!r} is not confirmed yet (its node could not carry it out): "
+                              f"stop it again before spawning the name")
         if name in self.children or name in self.sups:
             existing = self.children.get(name)
             raise AlreadyExists(f"an agent named {name!r} exists already" +
@@ -935,13 +939,18 @@ class SupervisorRole:
         name = msg.target
         child = self.children.get(name)
         if child is None:
-            raise NoSuchAgent(f"no agent named {name!r}")
-        if not child.dynamic:
+            child = self._unstopped.get(name)  # a stop answered "not confirmed": this is its repeat
+            if child is None:
+                raise NoSuchAgent(f"no agent named {name!r}")
+            if name in self._forgetting:
+                raise Unavailable(f"the stop of {name!r} is under way")
+        elif not child.dynamic:
             raise NotAllowed(f"{name!r} is a static agent of the config's tree; remove it from the config instead")
-        self._forget_dynamic(child)
-        self.table.remove(name)
-        self._schedule_registry()
-        child.status = STOPPED
+        else:
+            self._forget_dynamic(child)
+            self.table.remove(name)
+            self._schedule_registry()
+            child.status = STOPPED
         done = asyncio.get_running_loop().create_future()
         self._forgetting[name] = done  # a spawn of the name waits until its state is gone
 
@@ -970,10 +979,14 @@ class SupervisorRole:
             answer = await self.node.caller.request(node, Kind.TERMINATE, name, body, self.config.timing.call_timeout_s)
         except CallError as err:
             log.warning("supervisor: stopping %s on %s: %s", name, node, err)
+            # the name stays reserved for the stop's repeat: until a stop is confirmed, a
+            # spawn of it is refused (its state may still be in the store)
+            self._unstopped[name] = child
             self.node.respond_error(origin, rid, Unavailable(
                 f"the stop of {name!r} is not confirmed: node {node} did not carry it out ({err}); "
                 f"stop it again when the node is back"))
             return
+        self._unstopped.pop(name, None)
         self.node.respond(origin, rid, {"name": name, "stopped": bool(answer.get("stopped"))})
 
     def _any_node_on_host(self, node: str | None) -> str:

@@ -186,3 +186,28 @@ async def test_a_spawn_right_after_a_stop_starts_from_nothing(cluster_factory):
     await spawn
     assert await m.call("s", {"op": "get"}) == 0
     await c.close()
+
+
+async def test_a_stop_that_could_not_be_committed_can_be_repeated_and_leaves_nothing(cluster_factory):
+    """Found by the chaos workload (a stop while the store's disk was full): the supervisor
+    forgot the name before the node had carried the stop out; the node could not commit the
+    delete and the stop was answered Unavailable ("stop it again"), but stopping again
+    said NoSuchAgent, and the state stayed in the store for a later spawn of the name."""
+    from mesh.errors import CallTimeout, Unavailable
+    from mesh.store import Outcome, StoreError
+    c = await cluster_factory()
+    m = c.client()
+    placed = await m.spawn("s", "counter")
+    assert await m.call("s", {"op": "add", "n": 5}) == 5
+    node = c.nodes[placed["node"]]
+    real = node.committer.submit
+    node.committer.submit = lambda batch, done: done(Outcome(error=StoreError("commit failed: disk full")))
+    with pytest.raises((Unavailable, CallTimeout)):
+        await c.run(m.stop("s", timeout=1))
+    node.committer.submit = real                           # the disk has room again
+    with pytest.raises((Unavailable, CallTimeout)):        # not a new name yet: its stop is not done
+        await c.run(m.spawn("s", "counter", timeout=1))
+    assert (await c.run(m.stop("s")))["stopped"] is True   # the stop, again: now it is done
+    await m.spawn("s", "counter")
+    assert await m.call("s", {"op": "get"}) == 0           # a name that is gone is gone
+    await c.close()
