@@ -132,7 +132,7 @@ class Node:
         self.listener = None
         self.supervisor = None  # set by mesh.supervisor when this node hosts the role
         self._llm = None
-        self._served = ServedLog(config.host_dir(self.spec.host), name) if config.timing.served_log else None
+        self._served = ServedLog(config.host_dir(self.spec.host), name, self.clock.wall) if config.timing.served_log else None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
