@@ -14,7 +14,7 @@ operations in flight finish, reads every agent's final state and hands the recor
 the checker (scripts/chaos/check.py), whose verdict it prints; exit status 1 on any
 violation. Everything it starts is ended, also on Ctrl-C.
 
---faults chooses among: kill stop supervisor llm disk, and with --hosts also
+--faults chooses among: kill stop term supervisor llm disk, and with --hosts also
 cut loss host. The disk fault mounts a small tmpfs for the data (root only).
 
 Before it starts anything it asks which of those faults cannot be injected on this
@@ -48,6 +48,7 @@ ROOT = HERE.parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts"), str(HERE)]
 
 import mesh  # noqa: E402
+from mesh.clock import WALL_OFFSET_ENV  # noqa: E402
 from mesh.demo import free_ports  # noqa: E402
 from mesh.security import create_keypair  # noqa: E402
 import check  # noqa: E402
@@ -69,6 +70,9 @@ unsafe_reply_before_commit = {unsafe}
 
 [store]
 replicas = {replicas}
+
+[limits]
+dedup_window = {window}   # small: a burst of concurrent calls with retries holds more replies than this
 
 [launcher]
 max_restarts = 1000
@@ -123,8 +127,10 @@ class StandIn:
 class Env:
     """The mesh under test: its processes, its hosts (or none), its stand-in model API."""
 
-    def __init__(self, out: Path, use_hosts: bool, unsafe: bool, disk: bool):
+    def __init__(self, out: Path, use_hosts: bool, unsafe: bool, disk: bool, window: int = 8,
+                 skew: dict[str, float] | None = None):
         self.out, self.use_hosts, self.disk_dir, self.disk_host = out, use_hosts, None, None
+        self.skew = dict(skew or {})  # host -> its wall-clock offset (s), in $MESH_WALL_OFFSET_S
         self.standin = None
         self.runs: dict[str, meshrun.MeshRun] = {}
         self.hosts = None
@@ -158,17 +164,24 @@ class Env:
         self.config = out / "chaos.toml"
         self.config.write_text(textwrap.dedent(CONFIG.format(
             data=data, secure=secure, unsafe=str(unsafe).lower(), replicas=1 if use_hosts else 0,
-            security=security, llm=self.standin.url, hosts=hosts_text)))
+            security=security, llm=self.standin.url, hosts=hosts_text, window=window)))
+
+    def _env(self, host: str) -> dict:
+        e = meshrun.env()
+        if self.skew.get(host):
+            e[WALL_OFFSET_ENV] = repr(float(self.skew[host]))
+        return e
 
     def start(self) -> None:
         if self.hosts is None:
-            self.runs["local"] = meshrun.MeshRun("up", "-c", str(self.config)).start("mesh ready", 60)
+            self.runs["local"] = meshrun.MeshRun("up", "-c", str(self.config), env=self._env("local")).start(
+                "mesh ready", 60)
             return
         for host in ("h2", "h3", "h1"):
             self._start_host(host, "mesh ready" if host == "h1" else f"node n{host[1]} ready")
 
     def _start_host(self, host: str, wait: str) -> None:
-        self.runs[host] = meshrun.MeshRun("up", "-c", str(self.config), "--host", host,
+        self.runs[host] = meshrun.MeshRun("up", "-c", str(self.config), "--host", host, env=self._env(host),
                                           prefix=["ip", "netns", "exec", self.hosts.ns(host)]).start(wait, 60)
 
     def restart_host(self, host: str) -> None:
@@ -255,21 +268,23 @@ async def chaos(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     seconds = args.minutes * 60 if args.minutes else args.seconds
     history = History(out / "history.jsonl")
+    skew = parse_skew(args.skew, args.hosts)
     history.write(e="run", faults=faults, skipped=skipped, judged=judged, seed=args.seed, seconds=seconds,
-                  hosts=args.hosts)
+                  hosts=args.hosts, dedup_window=args.window, skew=skew)
     env = None
     try:
-        env = Env(out, args.hosts, args.unsafe, "disk" in faults)
+        env = Env(out, args.hosts, args.unsafe, "disk" in faults, window=args.window, skew=skew)
     except BaseException:
         history.close()
         raise
     print(f"chaos: {seconds:g} s, seed {args.seed}, faults {', '.join(faults)}"
           f"{' (skipped: ' + ', '.join(skipped) + ')' if skipped else ''}, "
-          f"{'three namespaced hosts' if args.hosts else 'one host'}; record in {out}")
+          f"{'three namespaced hosts' if args.hosts else 'one host'}"
+          f"{', wall clocks ' + ', '.join(f'{h} {o:+g} s' for h, o in skew.items()) if skew else ''}; record in {out}")
     nemesis = None
     try:
         env.start()
-        async with env.client() as m:
+        async with env.client() as m, env.client() as rival:
             agents = {}
             for i in range(args.agents):
                 kind = ("ledger", "counter")[i % 2]
@@ -278,7 +293,10 @@ async def chaos(args) -> int:
             for i in range(args.conversations):
                 await m.spawn(f"talk-{i}", "conversation", {"keep": 100_000, "window": 6})
                 agents[f"talk-{i}"] = "conversation"
-            work = Workload(m, history, agents, args.clients, args.seed)
+            lifecycle = {f"life-{('ledger', 'counter')[i % 2]}-{i}": ("ledger", "counter")[i % 2]
+                         for i in range(args.lifecycle)}
+            work = Workload(m, history, agents, args.clients, args.seed, rival=rival, lifecycle=lifecycle,
+                            crash_rate=args.crash_rate, share_rate=args.share_rate, burst=args.burst)
             every = tuple(float(x) for x in args.every.split(","))
             duration = tuple(float(x) for x in args.duration.split(","))  # straddles the goals (2-3 s)
             nemesis = nemesis_mod.Nemesis(env, faults, args.seed, history, interval=every, duration=duration,
@@ -290,7 +308,8 @@ async def chaos(args) -> int:
             while time.monotonic() - t0 < seconds:
                 await asyncio.sleep(min(10, seconds - (time.monotonic() - t0)))
                 print(f"  {time.monotonic() - t0:5.0f} s: {work.counts['ok']} acknowledged, "
-                      f"{work.counts['retried']} retried attempts, "
+                      f"{work.counts['retried']} retried attempts, {work.counts['crashes']} crashes, "
+                      f"{work.counts['shared']} shared ids, {work.counts['eras']} eras, "
                       f"{nemesis.injected} of {len(nemesis.log)} faults injected", flush=True)
             stop.set()
             await faulting  # every fault healed
@@ -314,6 +333,19 @@ async def chaos(args) -> int:
     return 0 if report.ok else 1
 
 
+def parse_skew(text: str | None, hosts: bool) -> dict[str, float]:
+    """--skew: "h1=0,h2=600,h3=-300"; default that on three hosts, none on one; "none" for none."""
+    if text is None:
+        text = "h1=0,h2=600,h3=-300" if hosts else "none"
+    if text == "none":
+        return {}
+    out = {}
+    for part in text.split(","):
+        host, _, offset = part.partition("=")
+        out[host.strip()] = float(offset)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -330,6 +362,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--agents", type=int, default=12, help="ledgers and counters")
     p.add_argument("--conversations", type=int, default=2)
     p.add_argument("--settle", type=float, default=30.0, help="seconds operations in flight get after the faults end")
+    p.add_argument("--lifecycle", type=int, default=2,
+                   help="names the workload stops and spawns again, era after era (ledgers and counters)")
+    p.add_argument("--burst", type=int, default=24,
+                   help="concurrent operations on a lifecycle name in each era (more than --window)")
+    p.add_argument("--window", type=int, default=8, help="the mesh's limits.dedup_window (replies kept per agent)")
+    p.add_argument("--crash-rate", type=float, default=0.01, help="share of ledger and counter operations that crash it")
+    p.add_argument("--share-rate", type=float, default=0.03,
+                   help="share of ledger appends whose request id a second client uses too")
+    p.add_argument("--skew", default=None,
+                   help="wall-clock offsets per host, HOST=SECONDS,... (default with --hosts: h1=0,h2=600,h3=-300; "
+                        "'none' for none); one host is called 'local'")
     p.add_argument("--unsafe", action="store_true", help="plant a bug: replies before commits (the checker must FAIL)")
     p.add_argument("--skip-missing", action="store_true",
                    help="leave out faults that cannot be injected here (else the run refuses to start)")
