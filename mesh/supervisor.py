@@ -78,6 +78,10 @@ class Child:
     # sent a START since. Each acknowledged commit is on every host of its set, so a new
     # incarnation reads one host of each set and keeps the newest record.
     holders: list[tuple[str, ...]] = field(default_factory=list)
+    # A dynamic child's first incarnation number, taken when it was spawned: a record of
+    # its name older than this is an earlier agent's (one stopped while a host that holds
+    # a copy was down), never its state. 0: no such bound (static children).
+    born: int = 0
 
 
 @dataclass
@@ -150,13 +154,14 @@ class SupervisorRole:
                 d = msgpack.unpackb(raw, raw=False)
                 spec = ChildSpec(d["name"], d["kind"], d.get("args") or {}, d.get("restart", "permanent"))
                 parent = d.get("parent", self.config.dynamic_supervisor)
+                born = int(d.get("born", 0))
             except Exception as exc:
                 log.error("supervisor: skipping unreadable dynamic child %s: %s", key, exc)
                 continue
             if parent not in self.sups or spec.name in self.children:
                 log.error("supervisor: dynamic child %s names unknown supervisor %s", spec.name, parent)
                 continue
-            self.children[spec.name] = Child(spec, parent, dynamic=True)
+            self.children[spec.name] = Child(spec, parent, dynamic=True, born=born)
             self.sups[parent].children.append(spec.name)
         for key, raw in store.meta_items(_PLACE_PREFIX):
             child = self.children.get(key[len(_PLACE_PREFIX):])
@@ -416,6 +421,8 @@ class SupervisorRole:
             self.table.set(name, None, inc)
             body = {"kind": child.spec.kind, "args": child.spec.args, "incarnation": inc, "supervisor": child.parent,
                     "replicas": list(replicas), "sources": sources}
+            if child.born:
+                body["since"] = child.born
             try:
                 await self.node.caller.request(node, Kind.START, name, body, self.config.timing.call_timeout_s)
             except AlreadyExists as err:
@@ -880,7 +887,7 @@ class SupervisorRole:
         if sup is None or not sup.spec.dynamic:
             raise BadRequest(f"{parent!r} is not a dynamic supervisor")
         spec = ChildSpec(name, kind, body.get("args") or {}, body.get("restart") or "permanent")
-        child = Child(spec, parent, dynamic=True)
+        child = Child(spec, parent, dynamic=True, born=self._new_incarnation())
         self.children[name] = child
         sup.children.append(name)
         self._spawn(self._spawn_child(child, origin, msg.id))
@@ -891,7 +898,8 @@ class SupervisorRole:
         if forgetting is not None:  # an earlier agent of this name exited for good: its state goes first
             await asyncio.shield(forgetting)
         key = _DYNAMIC_PREFIX + spec.name
-        record = {"name": spec.name, "kind": spec.kind, "args": spec.args, "restart": spec.restart, "parent": child.parent}
+        record = {"name": spec.name, "kind": spec.kind, "args": spec.args, "restart": spec.restart, "parent": child.parent,
+                  "born": child.born}
         outcome = await self.node.commit_meta({key: msgpack.packb(record)})
         err: CallError | None = Unavailable(str(outcome.error)) if outcome.error else None
         if err is None:

@@ -211,3 +211,29 @@ async def test_a_stop_that_could_not_be_committed_can_be_repeated_and_leaves_not
     await m.spawn("s", "counter")
     assert await m.call("s", {"op": "get"}) == 0           # a name that is gone is gone
     await c.close()
+
+
+async def test_a_name_spawned_again_ignores_a_copy_its_stop_never_reached(cluster_factory):
+    """Found by the chaos workload on three hosts: a host that was down while a name was
+    stopped kept its copy of the stopped agent's state (the stop deleted what it could
+    reach and answered stopped); the name, spawned again and placed on that host, started
+    from the old copy. A record older than the spawn is an earlier agent's, never state."""
+    from mesh.store import Batch
+    c = await cluster_factory()
+    m = c.client()
+    await m.spawn("s", "counter")
+    assert await m.call("s", {"op": "add", "n": 5}) == 5
+    left = {name: n.store.get("s") for name, n in c.nodes.items() if n.store.get("s") is not None}
+    assert left
+    assert (await m.stop("s"))["stopped"] is True
+    for name, record in left.items():  # as if this host had been down during the stop
+        store = c.nodes[name].store
+        with store.env.begin(write=True) as txn:  # neither the delete nor the stop's fence came
+            txn.delete(b"s", db=store.fences_db)
+        batch = Batch()
+        batch.claims["s"] = record
+        store.write(batch)
+        assert store.get("s") is not None
+    await m.spawn("s", "counter")
+    assert await m.call("s", {"op": "get"}) == 0
+    await c.close()
