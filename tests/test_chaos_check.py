@@ -426,3 +426,15 @@ def test_a_hosts_wall_clock_offset_is_read_from_one_place(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="MESH_WALL_OFFSET_S"):
         clock.wall()
     monkeypatch.setattr(clock, "_wall_offset", None)
+
+
+def test_the_report_gives_the_honest_clients_latency(tmp_path):
+    h = Raw(tmp_path, hostile="n2")
+    for i in range(100):
+        h.add("invoke", op=f"o{i}", agent="ledger-0", kind="append", value=f"o{i}")
+        h.t += 0.001 * (i + 1) - 0.01          # op i waits i + 1 ms
+        h.add("ok", op=f"o{i}", result=i)
+    r = h.check({"ledger-0": [f"o{i}" for i in range(100)]})
+    assert r.ok, r.lines()
+    assert r.latency_line().startswith("latency      p50 51.0 ms, p99 100.0 ms, max 100 ms (100 acknowledged")
+    assert "hostile peer scripts/fuzz_node.py --hostile against n2 throughout" in r.lines()

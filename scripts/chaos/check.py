@@ -201,6 +201,8 @@ class Report:
     window: int | None = None                        # the run's dedup_window
     skew: dict = field(default_factory=dict)         # host -> wall-clock offset (s) injected
     unavailable: dict = field(default_factory=dict)  # agent -> longest wait of one operation (s)
+    latencies: list = field(default_factory=list)
+    hostile: str | None = None                       # the node a hostile peer attacked    # acknowledged operations: acked - invoked (s)
     worst: dict = field(default_factory=dict)        # fault kind, "overlapping" or "no fault" -> Window
     longest: dict = field(default_factory=dict)      # fault kind -> longest injected fault (s)
     measured: Counter = field(default_factory=Counter)  # availability row -> injected faults
@@ -218,6 +220,15 @@ class Report:
         return not (self.lost or self.duplicated or self.phantom or self.misordered or self.overlaps
                     or self.in_force or self.missed or self.crossed or self.refused_wrongly or self.not_fresh
                     or self.not_stopped)
+
+    def latency_line(self) -> str:
+        if not self.latencies:
+            return "latency      -"
+        ordered = sorted(self.latencies)
+        def q(p):
+            return ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000
+        return (f"latency      p50 {q(0.5):.1f} ms, p99 {q(0.99):.1f} ms, max {ordered[-1] * 1000:.0f} ms "
+                f"({len(ordered)} acknowledged operations, invocation to acknowledgement, retries included)")
 
     def fault_line(self) -> str:
         kinds = ", ".join(f"{k} {self.injected[k]} of {self.attempted[k]}" for k in sorted(self.attempted))
@@ -262,7 +273,10 @@ class Report:
             f"{self.unacknowledged} never acknowledged, {self.refused} refused, {self.crashes} crashes; "
             f"{self.failed_attempts} failed attempts retried)",
             self.fault_line(),
+            self.latency_line(),
         ]
+        if self.hostile:
+            out.append(f"hostile peer scripts/fuzz_node.py --hostile against {self.hostile} throughout")
         if self.skipped:
             out.append("skipped      " + "; ".join(f"{k} ({why})" for k, why in sorted(self.skipped.items()))
                        + ": cannot be injected here, left out with --skip-missing")
@@ -451,7 +465,8 @@ def check(run_dir: Path, judged=None) -> Report:
         judged = h.header.get("judged", JUDGED)
     r = Report(operations=len(h.ops), failed_attempts=h.failed, skipped=dict(h.header.get("skipped", {})),
                judged=set(judged), t0=h.header.get("t", h.t0), window=h.header.get("dedup_window"),
-               skew={k: float(v) for k, v in (h.header.get("skew") or {}).items()})
+               skew={k: float(v) for k, v in (h.header.get("skew") or {}).items()},
+               hostile=h.header.get("hostile"))
     for f in h.faults.values():
         r.attempted[f.kind] += 1
         r.injected[f.kind] += f.injected
@@ -479,6 +494,7 @@ def check(run_dir: Path, judged=None) -> Report:
             r.acknowledged += 1
             wait = op.acked - op.invoked
             r.unavailable[op.agent] = max(r.unavailable.get(op.agent, 0.0), wait)
+            r.latencies.append(wait)
     availability(r, h, by_agent)
     r.outstanding = most_outstanding(h.ops.values())
     _check_shared_ids(r, h.ops.values())

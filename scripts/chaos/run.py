@@ -237,18 +237,72 @@ class Env:
 
 async def chaos(args) -> int:
     out = Path(args.out or ROOT / "var" / "chaos" / time.strftime("%Y%m%d-%H%M%S"))
+    if not args.hostile:
+        code, _ = await chaos_once(args, out)
+        return code
+    # the same run twice, back to back: without the hostile peer, then with it
+    code, plain = await chaos_once(args, out / "plain")
+    if plain is None:
+        return code
+    code2, hostile = await chaos_once(args, out / "hostile", hostile=True)
+    if hostile is None:
+        return code2
+    lines = ["hostile peer: honest clients' latency, same seed and length, run back to back",
+             f"  without  {plain.latency_line()}",
+             f"  with     {hostile.latency_line()}  (fuzz_node.py --hostile against {HOSTILE_NODE}; "
+             f"its output in hostile/hostile-peer.log)",
+             f"  verdicts without {'PASS' if plain.ok else 'FAIL'}, with {'PASS' if hostile.ok else 'FAIL'}"]
+    (out / "hostile.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return max(code, code2)
+
+
+HOSTILE_NODE = "n2"
+
+
+def start_hostile(env: "Env", out: Path, seconds: float) -> subprocess.Popen:
+    """scripts/fuzz_node.py as a hostile peer against one node, for the whole run."""
+    argv = [sys.executable, "-u", str(ROOT / "scripts" / "fuzz_node.py"), "-c", str(env.config), "--node", HOSTILE_NODE,
+            "--seconds", f"{seconds:g}", "--hostile"]
+    if env.key:
+        argv += ["--key", env.key]
+    log = open(out / "hostile-peer.log", "w")
+    try:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=meshrun.env(), cwd=ROOT,
+                                start_new_session=True)
+    finally:
+        log.close()
+
+
+def stop_hostile(proc: subprocess.Popen | None, grace_s: float = 0.0) -> None:
+    """End the hostile peer: it ends by itself after its --seconds (a round is bounded);
+    whatever still runs after `grace_s` is killed, with its process group."""
+    if proc is None:
+        return
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(10)
+
+
+async def chaos_once(args, out: Path, hostile: bool = False) -> tuple[int, "check.Report | None"]:
     faults = args.faults.split(",") if args.faults else list(nemesis_mod.HOSTS if args.hosts else nemesis_mod.ONE_HOST)
     unknown = set(faults) - set(nemesis_mod.HOSTS)
     if unknown:
         print(f"chaos: unknown faults {sorted(unknown)}", file=sys.stderr)
-        return 2
+        return 2, None
     judged = list(check.JUDGED) if args.judge is None else [k for k in args.judge.split(",") if k and k != "none"]
     if args.judge is None and not args.hosts:
         judged.remove("disk")  # one host has one disk: no other host can take over while it is full
     if set(judged) - set(check.JUDGED):
         print(f"chaos: --judge: no goal for {sorted(set(judged) - set(check.JUDGED))} "
               f"(goals: {', '.join(f'{k} {v:g} s' for k, v in check.GOALS.items())})", file=sys.stderr)
-        return 2
+        return 2, None
     root = os.geteuid() == 0
     skipped = nemesis_mod.missing(faults, args.hosts, root)
     if skipped:
@@ -257,20 +311,21 @@ async def chaos(args) -> int:
         if not args.skip_missing:
             print("chaos: not started (leave those faults out with --faults, or run with --skip-missing)",
                   file=sys.stderr)
-            return 2
+            return 2, None
         faults = [f for f in faults if f not in skipped]
         if not faults:
             print("chaos: no fault left to inject", file=sys.stderr)
-            return 2
+            return 2, None
     if args.hosts and not root:
         print("chaos: --hosts needs root", file=sys.stderr)
-        return 2
+        return 2, None
     out.mkdir(parents=True, exist_ok=True)
     seconds = args.minutes * 60 if args.minutes else args.seconds
     history = History(out / "history.jsonl")
     skew = parse_skew(args.skew, args.hosts)
     history.write(e="run", faults=faults, skipped=skipped, judged=judged, seed=args.seed, seconds=seconds,
-                  hosts=args.hosts, dedup_window=args.window, skew=skew)
+                  hosts=args.hosts, dedup_window=args.window, skew=skew,
+                  hostile=HOSTILE_NODE if hostile else None)
     env = None
     try:
         env = Env(out, args.hosts, args.unsafe, "disk" in faults, window=args.window, skew=skew)
@@ -282,6 +337,7 @@ async def chaos(args) -> int:
           f"{'three namespaced hosts' if args.hosts else 'one host'}"
           f"{', wall clocks ' + ', '.join(f'{h} {o:+g} s' for h, o in skew.items()) if skew else ''}; record in {out}")
     nemesis = None
+    peer = None
     try:
         env.start()
         async with env.client() as m, env.client() as rival:
@@ -301,6 +357,8 @@ async def chaos(args) -> int:
             duration = tuple(float(x) for x in args.duration.split(","))  # straddles the goals (2-3 s)
             nemesis = nemesis_mod.Nemesis(env, faults, args.seed, history, interval=every, duration=duration,
                                           concurrent=args.concurrent)
+            if hostile:
+                peer = start_hostile(env, out, seconds)
             stop = asyncio.Event()
             runner = asyncio.ensure_future(work.run(stop, settle_s=args.settle))
             faulting = asyncio.ensure_future(nemesis.run(stop))
@@ -312,11 +370,14 @@ async def chaos(args) -> int:
                       f"{work.counts['shared']} shared ids, {work.counts['eras']} eras, "
                       f"{nemesis.injected} of {len(nemesis.log)} faults injected", flush=True)
             stop.set()
+            await asyncio.to_thread(stop_hostile, peer, 30)  # its own report, when it gets to write it
+            peer = None
             await faulting  # every fault healed
             await runner    # operations in flight acknowledged (or given up after --settle)
             final = await work.final_states()
         (out / "final.json").write_text(json.dumps(final))
     finally:
+        stop_hostile(peer)
         if nemesis is not None:
             await nemesis.cancel()  # heals whatever an interruption left in force
             for text in nemesis.still_in_force():
@@ -330,7 +391,7 @@ async def chaos(args) -> int:
     text = "\n".join(report.lines())
     (out / "report.txt").write_text(text + "\n")
     print(text)
-    return 0 if report.ok else 1
+    return (0 if report.ok else 1), report
 
 
 def parse_skew(text: str | None, hosts: bool) -> dict[str, float]:
@@ -373,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skew", default=None,
                    help="wall-clock offsets per host, HOST=SECONDS,... (default with --hosts: h1=0,h2=600,h3=-300; "
                         "'none' for none); one host is called 'local'")
+    p.add_argument("--hostile", action="store_true",
+                   help="run twice, back to back, the same seed and length: without, then with scripts/fuzz_node.py "
+                        "as a hostile peer against one node; report the honest clients' latency of both")
     p.add_argument("--unsafe", action="store_true", help="plant a bug: replies before commits (the checker must FAIL)")
     p.add_argument("--skip-missing", action="store_true",
                    help="leave out faults that cannot be injected here (else the run refuses to start)")
