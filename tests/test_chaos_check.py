@@ -420,6 +420,16 @@ def test_a_hosts_wall_clock_offset_is_read_from_one_place(tmp_path, monkeypatch)
     ServedLog(str(tmp_path / "data" / "h2"), "n2").record("x", 7)
     (first, _), = intervals(str(tmp_path / "data"))["x"].values()
     assert abs(first - time.time() - 600) < 1
+    import logging
+    from mesh.serve import configure_logging
+    factory = logging.getLogRecordFactory()
+    try:
+        configure_logging()
+        configure_logging()  # again, as a node forked from its launcher does: the offset counts once
+        record = logging.getLogRecordFactory()("t", logging.WARNING, "f", 1, "m", (), None)
+        assert abs(record.created - time.time() - 600) < 1
+    finally:
+        logging.setLogRecordFactory(factory)
     monkeypatch.setattr(clock, "_wall_offset", None)
     monkeypatch.setenv(clock.WALL_OFFSET_ENV, "soon")
     import pytest
