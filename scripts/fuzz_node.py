@@ -454,10 +454,13 @@ async def _retry(what, patient: bool):
             await asyncio.sleep(1)
 
 
+_NOT_SUMMED = {"node MiB after", "bytes each", "ledger KiB", "keys", "connections"}
+
+
 def _merge(reports: dict, attack: str, report: dict) -> None:
     """Sum a round's counts into the attack's report (text fields: the latest)."""
     for key, value in report.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "node MiB after":
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in _NOT_SUMMED:
             reports.setdefault(attack, {})[key] = reports.get(attack, {}).get(key, 0) + value
         else:
             reports.setdefault(attack, {})[key] = value

@@ -5,6 +5,7 @@
     sudo python3 scripts/chaos/run.py --hosts --seconds 60     # three namespaced hosts, replicas = 1
     sudo python3 scripts/chaos/run.py --hosts --minutes 30     # a soak
     python3 scripts/chaos/run.py --seconds 30 --unsafe         # with a planted bug: must FAIL
+    python3 scripts/chaos/run.py --seconds 90 --hostile        # twice: without, then with a hostile peer
 
 It starts the stand-in model server and a mesh in a fresh folder (var/chaos/RUN, or
 --out), spawns ledger, counter and conversation agents, and runs the workload
@@ -22,6 +23,10 @@ machine (no --hosts, no root, no nft ...): it names them and refuses to start, u
 --skip-missing, which leaves them out and says so in the report. Faults are counted as
 attempted and as injected; only injected ones count as faults. A fault still in force
 at the end (not healed, or seen on the machine) fails the run.
+
+Besides calls, the workload crashes agents, shares request ids between two clients,
+stops and spawns names again (--lifecycle) and keeps more calls outstanding than the
+reply window (--window); with --hosts each host's wall clock is skewed (--skew).
 
 Availability: per fault kind, the longest time any agent could not be served while a
 fault of that kind was the only one in force; a judged kind whose goal is missed fails

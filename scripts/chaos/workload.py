@@ -228,11 +228,19 @@ class Workload:
                         return await self.client.spawn(name, kind)
                     except AlreadyExists as err:  # an earlier attempt's answer was lost
                         return {"exists": str(err)[:200]}
-                self.history.write(e="spawn", agent=name, era=era, kind=kind,
-                                   result=await self._retrying(spawn, stop, settle_s))
+                async def fresh():
+                    try:
+                        return await self.client.call(name, read, timeout=self.call_timeout)
+                    except NoSuchAgent:  # "exists already" came from a spawn that then failed
+                        return NoSuchAgent
+                while True:
+                    self.history.write(e="spawn", agent=name, era=era, kind=kind,
+                                       result=await self._retrying(spawn, stop, settle_s))
+                    state = await self._retrying(fresh, stop, settle_s)
+                    if state is not NoSuchAgent:
+                        break
+                    self.history.write(e="note", text=f"{name} era {era}: not there after its spawn; spawned again")
                 self.counts["eras"] += 1
-                state = await self._retrying(lambda: self.client.call(name, read, timeout=self.call_timeout),
-                                             stop, settle_s)
                 self.history.write(e="fresh", agent=name, era=era, state=state)
                 if stop.is_set():
                     return
