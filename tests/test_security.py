@@ -240,8 +240,8 @@ def test_fuzzing_a_live_node_as_stranger_and_as_admitted_peer(secure_mesh):
     admitted = next(line for line in out.splitlines() if "admitted key" in line)
     assert "handshakes 1" in admitted
     # the attacks of issue 11, each bounded: all refused, and nothing reached the witness.
-    # Not here: slow readers (--attacks slow), which still grow a node by what it queues for
-    # them (300 reads of a 1 MB ledger: about 260 MiB; docs/security.md)
+    # Not here: slow readers (--attacks slow), which grew a node by what it queued for them
+    # on this branch's runtime (300 reads of a 1 MB ledger: about 260 MiB; docs/security.md)
     lines = {line.split(":", 1)[0].strip(): line for line in out.splitlines() if ":" in line}
     assert "sent 200" in lines["ids"] and "answers 0" in lines["ids"], out      # refused, counted, unanswered
     assert "sent 5" in lines["maps"] and "answers 0" in lines["maps"], out  # refused unread past max_elements
