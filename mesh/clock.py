@@ -2,7 +2,13 @@
 
 Every timer in the mesh goes through a Clock: `call_after` is relative (seconds from
 now), `call_at` absolute (on this clock's monotonic scale). Wall-clock time is never
-used for deadlines; `wall()` exists only for records that people read.
+used for deadlines; `wall()` exists only for records that people read (the served
+records, log lines), and every wall-clock reading of a node goes through it.
+
+`wall()` adds `wall_offset()`: the seconds in $MESH_WALL_OFFSET_S (default 0), read once
+per process. It exists to skew one host's wall clock against the others' (the chaos
+suite gives each namespaced host its own offset), from this one place: nothing in the
+mesh may decide anything by it, so a skewed host must work as well as any other.
 
 `Backoff` is the wait between the attempts of a retry loop: every loop that tries
 again after a failure waits on one, so a loop whose every attempt fails at once (all
@@ -15,12 +21,37 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import math
+import os
 import random
 import time
 from typing import Callable, Protocol
 
+WALL_OFFSET_ENV = "MESH_WALL_OFFSET_S"
 RETRY_BASE_S = 0.02   # the first wait of a retry loop
 RETRY_CAP_S = 0.5     # the longest: a recovery is noticed within this, or at once when it wakes the wait
+
+
+_wall_offset: float | None = None
+
+
+def wall_offset() -> float:
+    """This process's wall-clock skew in seconds ($MESH_WALL_OFFSET_S; 0 when unset)."""
+    global _wall_offset
+    if _wall_offset is None:
+        raw = os.environ.get(WALL_OFFSET_ENV, "").strip()
+        try:
+            _wall_offset = float(raw) if raw else 0.0
+        except ValueError:
+            raise ValueError(f"${WALL_OFFSET_ENV} must be a number of seconds, not {raw!r}") from None
+        if not math.isfinite(_wall_offset):
+            raise ValueError(f"${WALL_OFFSET_ENV} must be finite, not {raw!r}")
+    return _wall_offset
+
+
+def wall() -> float:
+    """Wall-clock time on this host: time.time() plus the host's offset (see the docstring)."""
+    return time.time() + wall_offset()
 
 
 class Timer(Protocol):
@@ -34,7 +65,7 @@ class Clock:
         return time.monotonic()
 
     def wall(self) -> float:
-        return time.time()
+        return wall()
 
     def call_after(self, delay: float, callback: Callable[[], None]) -> Timer:
         return asyncio.get_running_loop().call_later(max(0.0, delay), callback)

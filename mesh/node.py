@@ -132,7 +132,7 @@ class Node:
         self.listener = None
         self.supervisor = None  # set by mesh.supervisor when this node hosts the role
         self._llm = None
-        self._served = ServedLog(config.host_dir(self.spec.host), name) if config.timing.served_log else None
+        self._served = ServedLog(config.host_dir(self.spec.host), name, self.clock.wall) if config.timing.served_log else None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -877,7 +877,16 @@ class Node:
     async def _start_from_copies(self, msg: wire.Msg, origin: Origin) -> None:
         try:
             copy = await self._newest_copy(msg.target, msg.body.get("sources") or [], msg.body["incarnation"])
-            self._begin(msg, origin, copy, self.runners.get(msg.target), copied=bool(msg.body.get("sources")))
+            if copy[0] is not None and copy[0].incarnation < msg.body.get("since", 0):
+                # older than the spawn of this agent: an earlier agent's of the same name,
+                # left on a host its stop could not reach, never this one's state
+                log.warning("node %s: %s starts from nothing: the record found (incarnation %d) is older than "
+                            "its spawn (%d)", self.name, msg.target, copy[0].incarnation, msg.body["since"])
+                copy = (None, [])
+            old = self.runners.get(msg.target)
+            if old is not None and old.incarnation < msg.body.get("since", 0):
+                old.last_state = None  # the same: an earlier agent of the name ran here
+            self._begin(msg, origin, copy, old, copied=bool(msg.body.get("sources")))
         except CallError as err:
             self.respond_error(origin, msg.id, err)
         self._schedule_flush()

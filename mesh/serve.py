@@ -27,6 +27,7 @@ import time
 
 import zmq
 
+from .clock import wall_offset
 from .config import Config
 from .errors import StoreError
 from .network import ZmqNetwork
@@ -59,6 +60,16 @@ def fix_mmap_threshold() -> None:
 
 def configure_logging(level: str | None = None) -> None:
     level = level or os.environ.get("MESH_LOG", "WARNING")
+    offset = wall_offset()
+    make = logging.getLogRecordFactory()
+    if offset and not getattr(make, "skewed", False):  # once: a forked node inherits its launcher's
+        def skewed(*args, **kwargs):  # log lines carry this host's wall clock, as its served records do
+            record = make(*args, **kwargs)
+            record.created += offset
+            record.msecs = (record.created - int(record.created)) * 1000
+            return record
+        skewed.skewed = True
+        logging.setLogRecordFactory(skewed)
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.WARNING),
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",

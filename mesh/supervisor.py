@@ -78,6 +78,10 @@ class Child:
     # sent a START since. Each acknowledged commit is on every host of its set, so a new
     # incarnation reads one host of each set and keeps the newest record.
     holders: list[tuple[str, ...]] = field(default_factory=list)
+    # A dynamic child's first incarnation number, taken when it was spawned: a record of
+    # its name older than this is an earlier agent's (one stopped while a host that holds
+    # a copy was down), never its state. 0: no such bound (static children).
+    born: int = 0
 
 
 @dataclass
@@ -135,6 +139,7 @@ class SupervisorRole:
         self.stopping = False  # the whole mesh stops in order (see stop_tree)
         self.failure: str | None = None  # why the tree failed: names the supervisors that gave up
         self._forgetting: dict[str, asyncio.Future] = {}  # name -> done once its state is deleted
+        self._unstopped: dict[str, "Child"] = {}  # stopped names whose node could not carry the stop out
 
     # --- boot ------------------------------------------------------------------------------------
 
@@ -149,13 +154,14 @@ class SupervisorRole:
                 d = msgpack.unpackb(raw, raw=False)
                 spec = ChildSpec(d["name"], d["kind"], d.get("args") or {}, d.get("restart", "permanent"))
                 parent = d.get("parent", self.config.dynamic_supervisor)
+                born = int(d.get("born", 0))
             except Exception as exc:
                 log.error("supervisor: skipping unreadable dynamic child %s: %s", key, exc)
                 continue
             if parent not in self.sups or spec.name in self.children:
                 log.error("supervisor: dynamic child %s names unknown supervisor %s", spec.name, parent)
                 continue
-            self.children[spec.name] = Child(spec, parent, dynamic=True)
+            self.children[spec.name] = Child(spec, parent, dynamic=True, born=born)
             self.sups[parent].children.append(spec.name)
         for key, raw in store.meta_items(_PLACE_PREFIX):
             child = self.children.get(key[len(_PLACE_PREFIX):])
@@ -415,6 +421,8 @@ class SupervisorRole:
             self.table.set(name, None, inc)
             body = {"kind": child.spec.kind, "args": child.spec.args, "incarnation": inc, "supervisor": child.parent,
                     "replicas": list(replicas), "sources": sources}
+            if child.born:
+                body["since"] = child.born
             try:
                 await self.node.caller.request(node, Kind.START, name, body, self.config.timing.call_timeout_s)
             except AlreadyExists as err:
@@ -869,6 +877,9 @@ class SupervisorRole:
             raise Unavailable("the supervisor is still learning what runs where")
         if self.tree_failed:
             raise SupervisorDown(f"cannot spawn {name!r}: {self.failure}")
+        if name in self._unstopped:
+            raise Unavailable(f"the stop of {name!r} is not confirmed yet (its node could not carry it out): "
+                              f"stop it again before spawning the name")
         if name in self.children or name in self.sups:
             existing = self.children.get(name)
             raise AlreadyExists(f"an agent named {name!r} exists already" +
@@ -879,7 +890,7 @@ class SupervisorRole:
         if sup is None or not sup.spec.dynamic:
             raise BadRequest(f"{parent!r} is not a dynamic supervisor")
         spec = ChildSpec(name, kind, body.get("args") or {}, body.get("restart") or "permanent")
-        child = Child(spec, parent, dynamic=True)
+        child = Child(spec, parent, dynamic=True, born=self._new_incarnation())
         self.children[name] = child
         sup.children.append(name)
         self._spawn(self._spawn_child(child, origin, msg.id))
@@ -890,7 +901,8 @@ class SupervisorRole:
         if forgetting is not None:  # an earlier agent of this name exited for good: its state goes first
             await asyncio.shield(forgetting)
         key = _DYNAMIC_PREFIX + spec.name
-        record = {"name": spec.name, "kind": spec.kind, "args": spec.args, "restart": spec.restart, "parent": child.parent}
+        record = {"name": spec.name, "kind": spec.kind, "args": spec.args, "restart": spec.restart, "parent": child.parent,
+                  "born": child.born}
         # Its own start follows the commit: nothing else (a placement pass, a node's hello)
         # may start it meanwhile, or this start would find one under way, call itself
         # failed and forget a child whose incarnation runs on (issue 21).
@@ -945,13 +957,18 @@ class SupervisorRole:
         name = msg.target
         child = self.children.get(name)
         if child is None:
-            raise NoSuchAgent(f"no agent named {name!r}")
-        if not child.dynamic:
+            child = self._unstopped.get(name)  # a stop answered "not confirmed": this is its repeat
+            if child is None:
+                raise NoSuchAgent(f"no agent named {name!r}")
+            if name in self._forgetting:
+                raise Unavailable(f"the stop of {name!r} is under way")
+        elif not child.dynamic:
             raise NotAllowed(f"{name!r} is a static agent of the config's tree; remove it from the config instead")
-        self._forget_dynamic(child)
-        self.table.remove(name)
-        self._schedule_registry()
-        child.status = STOPPED
+        else:
+            self._forget_dynamic(child)
+            self.table.remove(name)
+            self._schedule_registry()
+            child.status = STOPPED
         done = asyncio.get_running_loop().create_future()
         self._forgetting[name] = done  # a spawn of the name waits until its state is gone
 
@@ -980,10 +997,14 @@ class SupervisorRole:
             answer = await self.node.caller.request(node, Kind.TERMINATE, name, body, self.config.timing.call_timeout_s)
         except CallError as err:
             log.warning("supervisor: stopping %s on %s: %s", name, node, err)
+            # the name stays reserved for the stop's repeat: until a stop is confirmed, a
+            # spawn of it is refused (its state may still be in the store)
+            self._unstopped[name] = child
             self.node.respond_error(origin, rid, Unavailable(
                 f"the stop of {name!r} is not confirmed: node {node} did not carry it out ({err}); "
                 f"stop it again when the node is back"))
             return
+        self._unstopped.pop(name, None)
         self.node.respond(origin, rid, {"name": name, "stopped": bool(answer.get("stopped"))})
 
     def _any_node_on_host(self, node: str | None) -> str:

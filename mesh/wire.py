@@ -306,7 +306,7 @@ _SPECS: dict[Kind, tuple[bool, bool, Callable[[Any], str | None] | None]] = {
     Kind.HEARTBEAT: (True, False, _fields({"node": str, "boot": str, "seq": int}, {"agents": int, "mailbox": int})),
     Kind.START: (True, True, _fields(
         {"kind": str, "incarnation": int},
-        {"args": dict, "supervisor": str, "replicas": list, "sources": list},
+        {"args": dict, "supervisor": str, "replicas": list, "sources": list, "since": int},
     )),
     Kind.TERMINATE: (True, True, _fields({"incarnation": int}, {"reason": str, "forget": bool, "replicas": list})),
     Kind.EXIT: (False, False, _fields(

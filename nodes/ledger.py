@@ -3,6 +3,7 @@
     call {"op": "append", "value": V}   -> the index V was stored at
     call {"op": "read"}                 -> every value, in order
     call {"op": "len"}                  -> how many values
+    call {"op": "crash"}                -> raises (AgentCrashed): for tests and the chaos suite
 
 Each append is committed before its index is returned, so an acknowledged append is
 never lost; a repeated request id returns the same index without appending twice.
@@ -27,4 +28,6 @@ class Ledger(Agent):
             return values
         if op == "len":
             return len(values)
+        if op == "crash":  # for tests and the chaos suite: a handler that fails
+            raise RuntimeError("asked to crash")
         raise BadRequest(f"ledger: unknown op {op!r} (append, read, len)")

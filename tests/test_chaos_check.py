@@ -234,3 +234,217 @@ def test_a_window_that_begins_just_after_the_heal_is_still_the_faults(tmp_path):
     r = rec.check()
     assert round(r.worst["kill"].seconds, 2) == 1.2 and round(r.worst["no fault"].seconds, 2) == 0.2
     assert r.missed and r.missed[0].startswith("kill: counter-1 could not be served for 1.20 s")
+
+
+# --- what the workload does besides calling (issue 12): eras, crashes, shared request ids ----
+
+
+class Raw:
+    """A history written line by line, with times from 0 (T0), and final states."""
+
+    def __init__(self, tmp_path, **header):
+        self.dir, self.t = tmp_path, 0.0
+        self.lines = [{"e": "run", "t": T0, "faults": [], "skipped": {}, "judged": [], **header}]
+
+    def add(self, e, **fields):
+        self.t += 0.01
+        self.lines.append({"e": e, "t": T0 + self.t, **fields})
+
+    def append(self, op, agent, value=None, result=None, era=None, rid=None, refused=None):
+        """An append invoked and then acknowledged with `result` (or refused, or neither)."""
+        extra = {k: v for k, v in (("era", era), ("rid", rid)) if v is not None}
+        self.add("invoke", op=op, agent=agent, kind="append", value=op if value is None else value, **extra)
+        if refused is not None:
+            self.add("refused", op=op, error=refused)
+        elif result is not None:
+            self.add("ok", op=op, result=result)
+
+    def check(self, final):
+        (self.dir / "history.jsonl").write_text("".join(json.dumps(e) + "\n" for e in self.lines))
+        (self.dir / "final.json").write_text(json.dumps(final))
+        return check.check(self.dir)
+
+
+DIFFERENT = "BadRequest: request id 'a1' was used before for a different request: a request id names one request"
+
+
+def lifecycle(tmp_path, fresh=(), era0_end=("a1", "a2"), stop=None, final=("b1",)):
+    """life-0: era 0 appends a1, a2; read; stopped; era 1 starts (fresh read), appends b1."""
+    h = Raw(tmp_path)
+    h.add("spawn", agent="life-0", era=0, result={"node": "n1"})
+    h.add("fresh", agent="life-0", era=0, state=[])
+    h.append("a1", "life-0", result=0, era=0)
+    h.append("a2", "life-0", result=1, era=0)
+    h.add("era", agent="life-0", era=0, state=list(era0_end))
+    h.add("stop", agent="life-0", era=0, result={"name": "life-0", "stopped": True} if stop is None else stop)
+    h.add("spawn", agent="life-0", era=1, result={"node": "n2"})
+    h.add("fresh", agent="life-0", era=1, state=list(fresh))
+    h.append("b1", "life-0", result=0, era=1)
+    return h.check({"life-0": list(final)})
+
+
+def test_a_name_stopped_and_spawned_again_is_checked_era_by_era(tmp_path):
+    r = lifecycle(tmp_path)
+    assert r.ok, r.lines()
+    assert r.eras == 2 and r.stops == 1
+    assert "eras         2 spawns of names stopped and spawned again, 1 stops answered stopped; " \
+           "0 not fresh, 0 not stopped" in r.lines()
+
+
+def test_an_era_that_does_not_start_from_nothing_fails(tmp_path):
+    r = lifecycle(tmp_path, fresh=["a1", "a2"], final=["a1", "a2", "b1"])
+    assert not r.ok
+    assert r.not_fresh == ['life-0 era 1: spawned again, it started from ["a1", "a2"] instead of nothing']
+    assert len(r.phantom) == 2 and "life-0 era 1: \"a1\" was never sent" in r.phantom  # old values in the new era
+    assert r.misordered  # b1 was acknowledged at index 0, where the old a1 is
+
+
+def test_an_acknowledged_append_missing_at_the_end_of_its_era_is_lost(tmp_path):
+    r = lifecycle(tmp_path, era0_end=["a1"])
+    assert not r.ok and r.lost == ['life-0 era 0: acknowledged append "a2" (index 1) is missing']
+
+
+def test_an_era_without_a_confirmed_stop_fails(tmp_path):
+    r = lifecycle(tmp_path, stop={"name": "life-0", "stopped": False})
+    assert not r.ok and len(r.not_stopped) == 1 and r.not_stopped[0].startswith("life-0 era 0: spawned again")
+    gone = lifecycle(tmp_path, stop={"name": "life-0", "gone": "no agent named 'life-0'"})
+    assert gone.ok, gone.lines()  # a repeat of a stop that was done; the fresh read shows it was
+
+
+def test_two_requests_under_one_id_one_refused_the_other_acknowledged(tmp_path):
+    h = Raw(tmp_path)
+    h.append("a1", "ledger-0", result=0)
+    h.append("r2", "ledger-0", rid="a1", refused=DIFFERENT)             # another client, another body
+    h.append("a3", "ledger-0", result=1)
+    h.append("r4", "ledger-0", value="a3", rid="a3", result=1)            # a repeat of a3, same body
+    r = h.check({"ledger-0": ["a1", "a3"]})
+    assert r.ok, r.lines()
+    assert r.shared_ids == 2 and r.refused == 1 and r.acknowledged == 3
+    assert "shared ids   2 ids used by two callers; 1 requests refused (BadRequest), 0 wrongly" in r.lines()
+
+
+def test_a_shared_id_answered_with_the_other_requests_reply_fails(tmp_path):
+    h = Raw(tmp_path)
+    h.append("a1", "ledger-0", result=0)
+    h.append("r2", "ledger-0", rid="a1", result=0)   # given a1's reply: its own append never happened
+    r = h.check({"ledger-0": ["a1"]})
+    assert not r.ok
+    assert any("request id a1 acknowledged for 2 different requests" in c for c in r.crossed), r.crossed
+    assert r.lost and "r2" in r.lost[0]
+
+
+def test_a_refused_request_that_took_effect_or_a_repeat_answered_differently_fails(tmp_path):
+    h = Raw(tmp_path)
+    h.append("a1", "ledger-0", result=0)
+    h.append("r2", "ledger-0", rid="a1", refused=DIFFERENT)
+    h.append("a3", "ledger-0", result=2)
+    h.append("r4", "ledger-0", value="a3", rid="a3", result=1)  # the same request, another reply
+    r = h.check({"ledger-0": ["a1", "r2", "a3"]})
+    assert not r.ok
+    assert 'ledger-0: "r2" was refused (BadRequest), yet it was appended' in r.phantom
+    assert any("one request, answered differently" in c for c in r.crossed), r.crossed
+
+
+def test_a_request_refused_though_its_id_was_its_own_fails(tmp_path):
+    h = Raw(tmp_path)
+    h.append("a1", "ledger-0", refused="BadRequest: request id 'a1' was used before for a different request")
+    r = h.check({"ledger-0": []})
+    assert not r.ok and len(r.refused_wrongly) == 1 and "no other request used its id" in r.refused_wrongly[0]
+
+
+def test_crashes_asked_for_are_no_effects_and_no_unserved_time(tmp_path):
+    h = Raw(tmp_path)
+    h.append("a1", "ledger-0", result=0)
+    h.add("invoke", op="k2", agent="ledger-0", kind="crash", value=None)
+    h.add("crashed", op="k2", error="ledger-0: RuntimeError: asked to crash")
+    h.add("invoke", op="k3", agent="ledger-0", kind="crash", value=None)
+    h.add("fail", op="k3", error="CallTimeout: no answer")                # never answered: not a window
+    h.append("a4", "ledger-0")                                             # in the batch: AgentCrashed ...
+    h.add("fail", op="a4", error="AgentCrashed: ledger-0: RuntimeError: asked to crash")
+    h.add("ok", op="a4", result=1)                                         # ... retried, appended once
+    h.add("note", text="the end")
+    h.t += 5
+    h.add("note", text="five seconds later")
+    r = h.check({"ledger-0": ["a1", "a4"]})
+    assert r.ok, r.lines()
+    assert (r.crashes, r.crashed, r.operations - r.crashes) == (2, 1, 2)
+    assert "crashes      2 asked for, 1 answered AgentCrashed" in r.lines()
+    assert "no fault" not in r.worst  # the unanswered crash kept nothing "unserved"
+    h.add("invoke", op="k5", agent="ledger-0", kind="crash", value=None)
+    h.add("ok", op="k5", result=None)
+    assert not h.check({"ledger-0": ["a1", "a4"]}).ok  # a crash must not be acknowledged
+
+
+def test_more_operations_outstanding_on_one_agent_than_the_reply_window_are_reported(tmp_path):
+    h = Raw(tmp_path, dedup_window=8)
+    for i in range(12):
+        h.add("invoke", op=f"o{i}", agent="life-0", kind="append", value=f"o{i}")
+    for i in range(12):
+        h.add("ok", op=f"o{i}", result=i)
+    r = h.check({"life-0": [f"o{i}" for i in range(12)]})
+    assert r.ok and r.outstanding == (12, "life-0")
+    assert "outstanding  up to 12 operations in flight on one agent (life-0), reply window 8" in r.lines()
+
+
+def test_served_records_of_skewed_hosts_are_compared_after_taking_the_offsets_off(tmp_path):
+    """h2's wall clock runs 600 s ahead: its records, read as they are, would put its later
+    incarnation's replies before h1's earlier ones' last (or the reverse); with the offsets
+    the run injected taken off, the order is the real one."""
+    from mesh.served import overlaps
+    data = tmp_path / "data"
+    for host, node, lines in (("h1", "n1", [(100.0, 1), (101.0, 1)]),        # incarnation 1 until 101
+                              ("h3", "n3", [(102.0 - 300, 2), (103.0 - 300, 2)]),  # then 2 on h3 (300 s behind)
+                              ("h2", "n2", [(104.0 + 600, 3)])):                 # then 3 on h2 (600 s ahead)
+        (data / host / "served").mkdir(parents=True)
+        (data / host / "served" / f"{node}.log").write_text("".join(f"{t:.6f} life-0 {inc}\n" for t, inc in lines))
+    assert [o.newer for o in overlaps(str(data))] == [2]                    # read as they are: wrong
+    assert overlaps(str(data), offsets={"h1": 0, "h2": 600, "h3": -300}) == []
+    h = Raw(tmp_path, skew={"h1": 0, "h2": 600, "h3": -300})
+    h.append("a1", "life-0", result=0)
+    r = h.check({"life-0": ["a1"]})
+    assert r.ok and r.overlaps == [], r.lines()
+    assert "clock skew   h1 +0 s, h2 +600 s, h3 -300 s (served records compared after taking each host's " \
+           "offset off)" in r.lines()
+
+
+def test_a_hosts_wall_clock_offset_is_read_from_one_place(tmp_path, monkeypatch):
+    """$MESH_WALL_OFFSET_S skews Clock.wall and the served records (the chaos suite's
+    clock skew per host); nothing else of the clock moves."""
+    import time
+    from mesh import clock
+    from mesh.served import ServedLog, intervals
+    monkeypatch.setattr(clock, "_wall_offset", None)
+    monkeypatch.setenv(clock.WALL_OFFSET_ENV, "600")
+    c = clock.Clock()
+    assert abs(c.wall() - time.time() - 600) < 1 and abs(c.now() - time.monotonic()) < 1
+    ServedLog(str(tmp_path / "data" / "h2"), "n2").record("x", 7)
+    (first, _), = intervals(str(tmp_path / "data"))["x"].values()
+    assert abs(first - time.time() - 600) < 1
+    import logging
+    from mesh.serve import configure_logging
+    factory = logging.getLogRecordFactory()
+    try:
+        configure_logging()
+        configure_logging()  # again, as a node forked from its launcher does: the offset counts once
+        record = logging.getLogRecordFactory()("t", logging.WARNING, "f", 1, "m", (), None)
+        assert abs(record.created - time.time() - 600) < 1
+    finally:
+        logging.setLogRecordFactory(factory)
+    monkeypatch.setattr(clock, "_wall_offset", None)
+    monkeypatch.setenv(clock.WALL_OFFSET_ENV, "soon")
+    import pytest
+    with pytest.raises(ValueError, match="MESH_WALL_OFFSET_S"):
+        clock.wall()
+    monkeypatch.setattr(clock, "_wall_offset", None)
+
+
+def test_the_report_gives_the_honest_clients_latency(tmp_path):
+    h = Raw(tmp_path, hostile="n2")
+    for i in range(100):
+        h.add("invoke", op=f"o{i}", agent="ledger-0", kind="append", value=f"o{i}")
+        h.t += 0.001 * (i + 1) - 0.01          # op i waits i + 1 ms
+        h.add("ok", op=f"o{i}", result=i)
+    r = h.check({"ledger-0": [f"o{i}" for i in range(100)]})
+    assert r.ok, r.lines()
+    assert r.latency_line().startswith("latency      p50 51.0 ms, p99 100.0 ms, max 100 ms (100 acknowledged")
+    assert "hostile peer scripts/fuzz_node.py --hostile against n2 throughout" in r.lines()

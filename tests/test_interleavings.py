@@ -252,3 +252,54 @@ async def test_a_state_with_integer_keys_survives_a_restart(cluster_factory):
             await asyncio.sleep(0)
     assert await c.run(running_again()) == {1: "one"}
     await c.close()
+
+
+async def test_a_stop_that_could_not_be_committed_can_be_repeated_and_leaves_nothing(cluster_factory):
+    """Found by the chaos workload (a stop while the store's disk was full): the supervisor
+    forgot the name before the node had carried the stop out; the node could not commit the
+    delete and the stop was answered Unavailable ("stop it again"), but stopping again
+    said NoSuchAgent, and the state stayed in the store for a later spawn of the name."""
+    from mesh.errors import CallTimeout, Unavailable
+    from mesh.store import Outcome, StoreError
+    c = await cluster_factory()
+    m = c.client()
+    placed = await m.spawn("s", "counter")
+    assert await m.call("s", {"op": "add", "n": 5}) == 5
+    node = c.nodes[placed["node"]]
+    real = node.committer.submit
+    node.committer.submit = lambda batch, done: done(Outcome(error=StoreError("commit failed: disk full")))
+    with pytest.raises((Unavailable, CallTimeout)):
+        await c.run(m.stop("s", timeout=1))
+    node.committer.submit = real                           # the disk has room again
+    with pytest.raises((Unavailable, CallTimeout)):        # not a new name yet: its stop is not done
+        await c.run(m.spawn("s", "counter", timeout=1))
+    assert (await c.run(m.stop("s")))["stopped"] is True   # the stop, again: now it is done
+    await m.spawn("s", "counter")
+    assert await m.call("s", {"op": "get"}) == 0           # a name that is gone is gone
+    await c.close()
+
+
+async def test_a_name_spawned_again_ignores_a_copy_its_stop_never_reached(cluster_factory):
+    """Found by the chaos workload on three hosts: a host that was down while a name was
+    stopped kept its copy of the stopped agent's state (the stop deleted what it could
+    reach and answered stopped); the name, spawned again and placed on that host, started
+    from the old copy. A record older than the spawn is an earlier agent's, never state."""
+    from mesh.store import Batch
+    c = await cluster_factory()
+    m = c.client()
+    await m.spawn("s", "counter")
+    assert await m.call("s", {"op": "add", "n": 5}) == 5
+    left = {name: n.store.get("s") for name, n in c.nodes.items() if n.store.get("s") is not None}
+    assert left
+    assert (await m.stop("s"))["stopped"] is True
+    for name, record in left.items():  # as if this host had been down during the stop
+        store = c.nodes[name].store
+        with store.env.begin(write=True) as txn:  # neither the delete nor the stop's fence came
+            txn.delete(b"s", db=store.fences_db)
+        batch = Batch()
+        batch.claims["s"] = record
+        store.write(batch)
+        assert store.get("s") is not None
+    await m.spawn("s", "counter")
+    assert await m.call("s", {"op": "get"}) == 0
+    await c.close()

@@ -6,18 +6,26 @@
 
 The history holds one JSON object per line:
     {"e": "run", "t": T, "faults": [...], "skipped": {KIND: WHY}, "judged": [...]}   (first line)
-    {"e": "invoke", "op": ID, "t": T, "agent": A, "kind": "append"|"add"|"say", "value": V}
+    {"e": "invoke", "op": ID, "t": T, "agent": A, "kind": "append"|"add"|"say"|"crash", "value": V,
+     "rid": RID, "era": E}                                  (rid: the request id, when it is not ID;
+                                                             era: of a name that is stopped and spawned again)
     {"e": "ok", "op": ID, "t": T, "result": R}
     {"e": "fail", "op": ID, "t": T, "error": "..."}          (an attempt failed; it may be retried)
+    {"e": "refused", "op": ID, "t": T, "error": "BadRequest: ..."}   (final: not retried)
+    {"e": "crashed", "op": ID, "t": T, "error": "..."}       (a crash asked for, answered AgentCrashed)
+    {"e": "spawn", "agent": A, "era": E, "result": R}        (era E of A begins)
+    {"e": "fresh", "agent": A, "era": E, "state": S}         (A read right after that spawn)
+    {"e": "era", "agent": A, "era": E, "state": S}           (A read at the end of era E, before its stop)
+    {"e": "stop", "agent": A, "era": E, "result": R}         (a stop of A answered R)
     {"e": "fault", "id": N, "t": T, "fault": KIND, "target": "...", "injected": true, "supervisor": B}
                                                             (T: when it really came into force)
     {"e": "fault", "id": N, "t": T, "fault": KIND, "injected": false, "error": "..."}
     {"e": "heal", "id": N, "t": T, ...}                     (T: when the heal took effect)
     {"e": "heal_failed", "id": N, "error": "..."}
     {"e": "in_force", "text": "..."}                        (the machine still showed a fault after the run)
-An operation is retried with the same request id until it is acknowledged or the run
-ends. final.json holds every agent's final state (ledger values, counter value,
-conversation history).
+An operation is retried with the same request id until it is acknowledged, refused or
+the run ends. final.json holds every agent's final state (ledger values, counter value,
+conversation history); for a name with eras, the state of its last era.
 
 Verdict rules:
   ledger        every acknowledged append is there exactly once, at the index its reply
@@ -26,6 +34,15 @@ Verdict rules:
                 never sent
   counter       acknowledged increments <= value <= acknowledged + unacknowledged
   conversation  every acknowledged turn is in the history exactly once, in order
+  eras          a name stopped and spawned again is checked era by era, each against the
+                state read at its end (the last against final.json); a new era starts
+                from nothing (its first read is empty), and each era before the last
+                was ended by a stop that answered stopped
+  shared ids    two different requests under one request id: never both acknowledged,
+                the refused one (BadRequest "different request") has no effect; the same
+                request repeated under its id gets the same reply; no other request is
+                refused
+  crashes       a crash asked for is no effect; its answer is AgentCrashed
   served        no name was answered for by two incarnations at once (the nodes' records)
   healed        every injected fault has its heal in the history, and none was seen after
   availability  per fault kind, the longest time any agent could not be served while a
@@ -94,6 +111,19 @@ class Op:
     acked: float | None = None
     result: object = None
     failures: int = 0
+    rid: str | None = None       # the request id (the op's id unless it shares another's)
+    era: int = 0
+    refused: str | None = None   # the BadRequest that refused it (final)
+    crashed: bool = False        # a crash asked for, answered AgentCrashed
+
+    @property
+    def request_id(self) -> str:
+        return self.rid or self.id
+
+    @property
+    def effect(self) -> bool:
+        """An operation meant to change the agent (not a crash)."""
+        return self.kind != "crash"
 
 
 @dataclass
@@ -139,6 +169,7 @@ class History:
     in_force: list
     t0: float
     t_end: float
+    eras: dict = field(default_factory=dict)   # agent -> era -> {"spawn": t, "fresh": S, "end": S, "stops": [R]}
 
 
 @dataclass
@@ -156,7 +187,22 @@ class Report:
     phantom: list = field(default_factory=list)
     misordered: list = field(default_factory=list)
     overlaps: list = field(default_factory=list)
+    crossed: list = field(default_factory=list)      # shared request ids answered wrongly
+    refused_wrongly: list = field(default_factory=list)
+    not_fresh: list = field(default_factory=list)    # an era that did not start from nothing
+    not_stopped: list = field(default_factory=list)  # an era without a stop that answered stopped
+    refused: int = 0
+    shared_ids: int = 0
+    crashes: int = 0
+    crashed: int = 0
+    eras: int = 0
+    stops: int = 0
+    outstanding: tuple = (0, "")                     # most operations in flight on one agent at once
+    window: int | None = None                        # the run's dedup_window
+    skew: dict = field(default_factory=dict)         # host -> wall-clock offset (s) injected
     unavailable: dict = field(default_factory=dict)  # agent -> longest wait of one operation (s)
+    latencies: list = field(default_factory=list)
+    hostile: str | None = None                       # the node a hostile peer attacked    # acknowledged operations: acked - invoked (s)
     worst: dict = field(default_factory=dict)        # fault kind, "overlapping" or "no fault" -> Window
     longest: dict = field(default_factory=dict)      # fault kind -> longest injected fault (s)
     measured: Counter = field(default_factory=Counter)  # availability row -> injected faults
@@ -172,7 +218,17 @@ class Report:
     @property
     def ok(self) -> bool:
         return not (self.lost or self.duplicated or self.phantom or self.misordered or self.overlaps
-                    or self.in_force or self.missed)
+                    or self.in_force or self.missed or self.crossed or self.refused_wrongly or self.not_fresh
+                    or self.not_stopped)
+
+    def latency_line(self) -> str:
+        if not self.latencies:
+            return "latency      -"
+        ordered = sorted(self.latencies)
+        def q(p):
+            return ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000
+        return (f"latency      p50 {q(0.5):.1f} ms, p99 {q(0.99):.1f} ms, max {ordered[-1] * 1000:.0f} ms "
+                f"({len(ordered)} acknowledged operations, invocation to acknowledgement, retries included)")
 
     def fault_line(self) -> str:
         kinds = ", ".join(f"{k} {self.injected[k]} of {self.attempted[k]}" for k in sorted(self.attempted))
@@ -214,9 +270,13 @@ class Report:
         out = [
             f"verdict      {'PASS' if self.ok else 'FAIL'}",
             f"operations   {self.operations} ({self.acknowledged} acknowledged, "
-            f"{self.unacknowledged} never acknowledged, {self.failed_attempts} failed attempts retried)",
+            f"{self.unacknowledged} never acknowledged, {self.refused} refused, {self.crashes} crashes; "
+            f"{self.failed_attempts} failed attempts retried)",
             self.fault_line(),
+            self.latency_line(),
         ]
+        if self.hostile:
+            out.append(f"hostile peer scripts/fuzz_node.py --hostile against {self.hostile} throughout")
         if self.skipped:
             out.append("skipped      " + "; ".join(f"{k} ({why})" for k, why in sorted(self.skipped.items()))
                        + ": cannot be injected here, left out with --skip-missing")
@@ -227,19 +287,31 @@ class Report:
             f"phantom      {len(self.phantom)}",
             f"misordered   {len(self.misordered)}",
             f"served twice {len(self.overlaps)}",
+            f"shared ids   {self.shared_ids} ids used by two callers; {self.refused} requests refused "
+            f"(BadRequest), {len(self.crossed) + len(self.refused_wrongly)} wrongly",
+            f"crashes      {self.crashes} asked for, {self.crashed} answered AgentCrashed",
+            f"eras         {self.eras} spawns of names stopped and spawned again, {self.stops} stops answered "
+            f"stopped; {len(self.not_fresh)} not fresh, {len(self.not_stopped)} not stopped",
+            f"outstanding  up to {self.outstanding[0]} operations in flight on one agent ({self.outstanding[1] or '-'})"
+            + (f", reply window {self.window}" if self.window is not None else ""),
+            *([f"clock skew   " + ", ".join(f"{h} {o:+g} s" for h, o in sorted(self.skew.items()))
+               + " (served records compared after taking each host's offset off)"] if self.skew else []),
             f"goals missed {len(self.missed)}",
             "longest wait " + (", ".join(f"{a} {s:.2f}s" for a, s in worst) or "-"),
             *self.availability_lines(),
         ]
         for label, items in (("IN FORCE", self.in_force), ("MISSED", self.missed), ("LOST", self.lost),
                              ("DUPLICATED", self.duplicated), ("PHANTOM", self.phantom),
-                             ("MISORDERED", self.misordered), ("SERVED TWICE", self.overlaps)):
+                             ("MISORDERED", self.misordered), ("SERVED TWICE", self.overlaps),
+                             ("SHARED ID", self.crossed), ("REFUSED", self.refused_wrongly),
+                             ("NOT FRESH", self.not_fresh), ("NOT STOPPED", self.not_stopped)):
             out += [f"  {label}: {item}" for item in items[:10]]
         return out
 
 
 def read_history(path: Path) -> History:
     ops: dict[str, Op] = {}
+    eras: dict = defaultdict(dict)
     faults: dict = {}
     in_force: list = []
     header: dict = {}
@@ -259,9 +331,24 @@ def read_history(path: Path) -> History:
             if kind == "run":
                 header = e
             elif kind == "invoke":
-                ops.setdefault(e["op"], Op(e["op"], e["agent"], e["kind"], e.get("value"), e["t"]))
+                ops.setdefault(e["op"], Op(e["op"], e["agent"], e["kind"], e.get("value"), e["t"],
+                                           rid=e.get("rid"), era=e.get("era", 0)))
             elif kind == "ok" and e["op"] in ops and ops[e["op"]].acked is None:
                 ops[e["op"]].acked, ops[e["op"]].result = e["t"], e.get("result")
+            elif kind == "refused" and e["op"] in ops:
+                ops[e["op"]].refused = e.get("error") or "refused"
+            elif kind == "crashed" and e["op"] in ops:
+                ops[e["op"]].crashed = True
+            elif kind in ("spawn", "fresh", "era", "stop"):
+                era = eras[e["agent"]].setdefault(e.get("era", 0), {"stops": []})
+                if kind == "spawn":
+                    era["spawn"] = e.get("t")
+                elif kind == "fresh":
+                    era["fresh"] = e.get("state")
+                elif kind == "era":
+                    era["end"] = e.get("state")
+                else:
+                    era["stops"].append(e.get("result"))
             elif kind == "fail" and e["op"] in ops:
                 ops[e["op"]].failures += 1
                 failed += 1
@@ -282,7 +369,7 @@ def read_history(path: Path) -> History:
                 faults[e["id"]].error = e.get("error")
             elif kind == "in_force":
                 in_force.append(e.get("text", "?"))
-    return History(ops, faults, failed, header, in_force, t0 or 0.0, t_end or 0.0)
+    return History(ops, faults, failed, header, in_force, t0 or 0.0, t_end or 0.0, dict(eras))
 
 
 def unserved_windows(ops: list[Op], t_end: float) -> list[Window]:
@@ -314,6 +401,9 @@ def unserved_windows(ops: list[Op], t_end: float) -> list[Window]:
 def availability(r: Report, h: History, by_agent: dict[str, list[Op]]) -> None:
     faults = sorted((f for f in h.faults.values() if f.injected), key=lambda f: f.start)
     for agent_ops in by_agent.values():
+        agent_ops = [op for op in agent_ops if op.effect and op.refused is None]
+        if not agent_ops:
+            continue
         for w in unserved_windows(agent_ops, h.t_end):
             if w.seconds < SHORT:
                 continue
@@ -350,7 +440,8 @@ def each_fault(run_dir: Path) -> list[str]:
     worst: dict = {}
     by_agent: dict[str, list[Op]] = defaultdict(list)
     for op in h.ops.values():
-        by_agent[op.agent].append(op)
+        if op.effect and op.refused is None:
+            by_agent[op.agent].append(op)
     for agent_ops in by_agent.values():
         for w in unserved_windows(agent_ops, h.t_end):
             met = meeting(faults, w, h.t_end)
@@ -373,7 +464,9 @@ def check(run_dir: Path, judged=None) -> Report:
     if judged is None:
         judged = h.header.get("judged", JUDGED)
     r = Report(operations=len(h.ops), failed_attempts=h.failed, skipped=dict(h.header.get("skipped", {})),
-               judged=set(judged), t0=h.header.get("t", h.t0))
+               judged=set(judged), t0=h.header.get("t", h.t0), window=h.header.get("dedup_window"),
+               skew={k: float(v) for k, v in (h.header.get("skew") or {}).items()},
+               hostile=h.header.get("hostile"))
     for f in h.faults.values():
         r.attempted[f.kind] += 1
         r.injected[f.kind] += f.injected
@@ -387,55 +480,163 @@ def check(run_dir: Path, judged=None) -> Report:
     by_agent: dict[str, list[Op]] = defaultdict(list)
     for op in h.ops.values():
         by_agent[op.agent].append(op)
-        if op.acked is None:
+        if op.kind == "crash":
+            r.crashes += 1
+            r.crashed += op.crashed
+            if op.acked is not None:
+                r.crossed.append(f"{op.agent}: crash {op.id} was acknowledged ({op.result!r}), not AgentCrashed")
+            continue
+        if op.refused is not None:
+            r.refused += 1
+        elif op.acked is None:
             r.unacknowledged += 1
         else:
             r.acknowledged += 1
             wait = op.acked - op.invoked
             r.unavailable[op.agent] = max(r.unavailable.get(op.agent, 0.0), wait)
+            r.latencies.append(wait)
     availability(r, h, by_agent)
+    r.outstanding = most_outstanding(h.ops.values())
+    _check_shared_ids(r, h.ops.values())
     for agent, agent_ops in by_agent.items():
-        state = final.get(agent)
-        if state is None:
-            r.lost.append(f"{agent}: no final state could be read")
-            continue
-        kind = agent_ops[0].kind
-        if kind == "append":
-            _check_ledger(r, agent, agent_ops, state)
-        elif kind == "add":
-            _check_counter(r, agent, agent_ops, state)
-        elif kind == "say":
-            _check_conversation(r, agent, agent_ops, state)
+        eras = h.eras.get(agent, {})
+        last = max(eras, default=0)
+        by_era: dict[int, list[Op]] = defaultdict(list)
+        for op in agent_ops:
+            if op.effect:
+                by_era[op.era].append(op)
+        for era in sorted(set(by_era) | set(eras)):
+            label = agent if not eras else f"{agent} era {era}"
+            era_ops = by_era.get(era, [])
+            info = eras.get(era, {})
+            state = final.get(agent) if era == last and "end" not in info else info.get("end")
+            if era == last and "end" not in info and any(isinstance(s, dict) and s.get("stopped")
+                                                         for s in info.get("stops", [])):
+                continue  # stopped at the very end and not spawned again: no state to read
+            if not era_ops:
+                continue
+            if state is None:
+                r.lost.append(f"{label}: no final state could be read")
+                continue
+            kind = era_ops[0].kind
+            if kind == "append":
+                _check_ledger(r, label, era_ops, state)
+            elif kind == "add":
+                _check_counter(r, label, era_ops, state)
+            elif kind == "say":
+                _check_conversation(r, label, era_ops, state)
+        _check_eras(r, agent, eras)
     data = run_dir / "data"
     if data.exists():
-        r.overlaps = [str(o) for o in overlaps(str(data))]
+        r.overlaps = [str(o) for o in overlaps(str(data), offsets=r.skew)]
     return r
 
 
+def most_outstanding(ops) -> tuple[int, str]:
+    """The most operations in flight on one agent at once (invoked, neither answered nor
+    given up), and that agent: more than the reply window means the window alone could not
+    have kept every reply a retry may ask for."""
+    best, where = 0, ""
+    events: dict[str, list] = defaultdict(list)
+    for op in ops:
+        if not op.effect:
+            continue
+        events[op.agent].append((op.invoked, 1))
+        if op.acked is not None:
+            events[op.agent].append((op.acked, -1))
+    for agent, ev in events.items():
+        n = 0
+        for _, d in sorted(ev, key=lambda x: (x[0], x[1])):
+            n += d
+            if n > best:
+                best, where = n, agent
+    return best, where
+
+
+def _check_shared_ids(r: Report, ops) -> None:
+    """Requests that share a request id: at most one body is acknowledged per id, the
+    refused ones were refused as "different request", a same-body repeat gets the same
+    reply; a request whose id nobody else used is never refused."""
+    by_rid: dict[tuple, list[Op]] = defaultdict(list)
+    for op in ops:
+        if op.effect:
+            by_rid[(op.agent, op.era, op.request_id)].append(op)
+    for (agent, _, rid), group in by_rid.items():
+        bodies = {json.dumps(op.value) for op in group}
+        if len(group) > 1:
+            r.shared_ids += 1
+        for op in group:
+            if op.refused is None:
+                continue
+            if len(bodies) < 2:
+                r.refused_wrongly.append(f"{agent}: {op.id} (request id {rid}) was refused though no other "
+                                         f"request used its id: {op.refused}")
+            elif "different request" not in op.refused:
+                r.refused_wrongly.append(f"{agent}: {op.id} (request id {rid}) was refused, but not as a "
+                                         f"different request: {op.refused}")
+        acked = [op for op in group if op.acked is not None]
+        acked_bodies = {json.dumps(op.value) for op in acked}
+        if len(acked_bodies) > 1:
+            r.crossed.append(f"{agent}: request id {rid} acknowledged for {len(acked_bodies)} different requests "
+                             f"({', '.join(op.id for op in acked)}: {', '.join(repr(op.result) for op in acked)})")
+        for body in acked_bodies:
+            results = {json.dumps(op.result) for op in acked if json.dumps(op.value) == body}
+            if len(results) > 1:
+                r.crossed.append(f"{agent}: request id {rid}, one request, answered differently: "
+                                 + ", ".join(f"{op.id} {op.result!r}" for op in acked if json.dumps(op.value) == body))
+
+
+def _check_eras(r: Report, agent: str, eras: dict) -> None:
+    """Each era starts from nothing; each but the last ends with a stop that answered stopped."""
+    last = max(eras, default=0)
+    for era, info in sorted(eras.items()):
+        if "spawn" in info:
+            r.eras += 1
+        fresh = info.get("fresh", None)
+        if "fresh" in info and fresh not in ([], 0):
+            shown = json.dumps(fresh)
+            r.not_fresh.append(f"{agent} era {era}: spawned again, it started from {shown[:120]} instead of nothing")
+        # stopped: true, or NoSuchAgent for a repeat of a stop whose answer was lost (the
+        # next era's fresh read shows whether the name was really gone)
+        stopped = [s for s in info.get("stops", []) if isinstance(s, dict) and (s.get("stopped") or s.get("gone"))]
+        r.stops += len(stopped)
+        if era < last and not stopped:
+            r.not_stopped.append(f"{agent} era {era}: spawned again (era {era + 1}) without a stop that "
+                                 f"answered stopped ({info.get('stops')})")
+
+
 def _check_ledger(r: Report, agent: str, ops: list[Op], values: list) -> None:
-    sent = {json.dumps(op.value): op for op in ops}
+    """Requests with the same body under one id (a repeat) are one append; a refused
+    request is no append."""
+    groups: dict[str, list[Op]] = defaultdict(list)
+    for op in ops:
+        groups[json.dumps(op.value)].append(op)
     counts = Counter(json.dumps(v) for v in values)
     for key, n in counts.items():
-        op = sent.get(key)
-        if op is None:
+        group = groups.get(key)
+        if group is None:
             r.phantom.append(f"{agent}: {key} was never sent")
+        elif all(op.refused is not None for op in group):
+            r.phantom.append(f"{agent}: {key} was refused (BadRequest), yet it was appended")
         elif n > 1:
             r.duplicated.append(f"{agent}: {key} appears {n} times")
-    for op in ops:
-        key = json.dumps(op.value)
-        if op.acked is not None:
+    first_ack: dict[str, Op] = {}
+    for key, group in groups.items():
+        for op in sorted((o for o in group if o.acked is not None), key=lambda o: o.acked):
+            first_ack.setdefault(key, op)
             if counts.get(key, 0) == 0:
                 r.lost.append(f"{agent}: acknowledged append {key} (index {op.result}) is missing")
-            elif op.result is not None and (not isinstance(op.result, int) or op.result >= len(values)
-                                            or json.dumps(values[op.result]) != key):
+                break
+            if op.result is not None and (not isinstance(op.result, int) or op.result >= len(values)
+                                          or json.dumps(values[op.result]) != key):
                 r.misordered.append(f"{agent}: {key} was acknowledged at index {op.result}, but is not there")
     # an append acknowledged before another was invoked must come first
     position = {json.dumps(v): i for i, v in enumerate(values)}
-    acked = sorted((op for op in ops if op.acked is not None and json.dumps(op.value) in position),
-                   key=lambda op: position[json.dumps(op.value)])
+    acked = sorted((op for key, op in first_ack.items() if key in position), key=lambda op: position[json.dumps(op.value)])
+    invoked = {key: min(o.invoked for o in group) for key, group in groups.items()}
     later_min_ack = float("inf")
     for op in reversed(acked):
-        if later_min_ack < op.invoked:
+        if later_min_ack < invoked[json.dumps(op.value)]:
             r.misordered.append(f"{agent}: {json.dumps(op.value)} is placed after an append acknowledged "
                                 "before it was sent")
         later_min_ack = min(later_min_ack, op.acked)
@@ -443,7 +644,7 @@ def _check_ledger(r: Report, agent: str, ops: list[Op], values: list) -> None:
 
 def _check_counter(r: Report, agent: str, ops: list[Op], value: int) -> None:
     acked = sum(op.value for op in ops if op.acked is not None)
-    maybe = sum(op.value for op in ops if op.acked is None)
+    maybe = sum(op.value for op in ops if op.acked is None and op.refused is None)
     if value < acked:
         r.lost.append(f"{agent}: value {value} < {acked} acknowledged increments")
     elif value > acked + maybe:

@@ -2,6 +2,8 @@
 
     kill        kill -9 of a random node (its launcher restarts it)
     stop        SIGSTOP of a random node for a while, then SIGCONT
+    term        SIGTERM to a random node: an orderly stop, often mid-handler (its launcher
+                restarts it; in force until it is ready again)
     supervisor  kill -9 of the supervisor's node
     llm         the model API fails half its requests and slows down
     disk        the data directory runs out of space, then gets it back
@@ -35,7 +37,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-ONE_HOST = ("kill", "stop", "supervisor", "llm", "disk")
+ONE_HOST = ("kill", "stop", "term", "supervisor", "llm", "disk")
 HOSTS = ONE_HOST + ("cut", "loss", "host")
 NEEDS_HOSTS = ("cut", "loss", "host")
 
@@ -174,7 +176,7 @@ class Nemesis:
     def _started(self, fault: Fault, target: str) -> None:
         fault.target, fault.injected, fault.start = target, True, time.time()
         # a fault aimed at the supervisor's node or host takes the supervisor away too
-        sup = (fault.kind in ("kill", "stop", "supervisor") and target == getattr(self.env, "supervisor_node", None)
+        sup = (fault.kind in ("kill", "stop", "term", "supervisor") and target == getattr(self.env, "supervisor_node", None)
                or fault.kind in NEEDS_HOSTS and target == getattr(self.env, "supervisor_host", None))
         self.history.write(e="fault", id=fault.id, fault=fault.kind, target=target, injected=True, t=fault.start,
                            supervisor=sup)
@@ -201,9 +203,9 @@ class Nemesis:
 
     # --- the faults -------------------------------------------------------------------------
 
-    async def _killed(self, fault: Fault, node: str) -> None:
+    async def _killed(self, fault: Fault, node: str, sig: int = signal.SIGKILL) -> None:
         mark = self.env.mark(node) if hasattr(self.env, "mark") else None
-        if not self.env.signal_node(node, signal.SIGKILL):
+        if not self.env.signal_node(node, sig):
             raise RuntimeError(f"{node} is not running")
         self._started(fault, node)
         note = None
@@ -215,6 +217,9 @@ class Nemesis:
 
     async def _kill(self, fault: Fault, duration: float) -> None:
         await self._killed(fault, self.rng.choice(self.env.node_names()))
+
+    async def _term(self, fault: Fault, duration: float) -> None:
+        await self._killed(fault, self.rng.choice(self.env.node_names()), signal.SIGTERM)
 
     async def _supervisor(self, fault: Fault, duration: float) -> None:
         await self._killed(fault, self.env.supervisor_node)

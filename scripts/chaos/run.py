@@ -5,6 +5,7 @@
     sudo python3 scripts/chaos/run.py --hosts --seconds 60     # three namespaced hosts, replicas = 1
     sudo python3 scripts/chaos/run.py --hosts --minutes 30     # a soak
     python3 scripts/chaos/run.py --seconds 30 --unsafe         # with a planted bug: must FAIL
+    python3 scripts/chaos/run.py --seconds 90 --hostile        # twice: without, then with a hostile peer
 
 It starts the stand-in model server and a mesh in a fresh folder (var/chaos/RUN, or
 --out), spawns ledger, counter and conversation agents, and runs the workload
@@ -14,7 +15,7 @@ operations in flight finish, reads every agent's final state and hands the recor
 the checker (scripts/chaos/check.py), whose verdict it prints; exit status 1 on any
 violation. Everything it starts is ended, also on Ctrl-C.
 
---faults chooses among: kill stop supervisor llm disk, and with --hosts also
+--faults chooses among: kill stop term supervisor llm disk, and with --hosts also
 cut loss host. The disk fault mounts a small tmpfs for the data (root only).
 
 Before it starts anything it asks which of those faults cannot be injected on this
@@ -22,6 +23,10 @@ machine (no --hosts, no root, no nft ...): it names them and refuses to start, u
 --skip-missing, which leaves them out and says so in the report. Faults are counted as
 attempted and as injected; only injected ones count as faults. A fault still in force
 at the end (not healed, or seen on the machine) fails the run.
+
+Besides calls, the workload crashes agents, shares request ids between two clients,
+stops and spawns names again (--lifecycle) and keeps more calls outstanding than the
+reply window (--window); with --hosts each host's wall clock is skewed (--skew).
 
 Availability: per fault kind, the longest time any agent could not be served while a
 fault of that kind was the only one in force; a judged kind whose goal is missed fails
@@ -48,6 +53,7 @@ ROOT = HERE.parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts"), str(HERE)]
 
 import mesh  # noqa: E402
+from mesh.clock import WALL_OFFSET_ENV  # noqa: E402
 from mesh.demo import free_ports  # noqa: E402
 from mesh.security import create_keypair  # noqa: E402
 import check  # noqa: E402
@@ -69,6 +75,9 @@ unsafe_reply_before_commit = {unsafe}
 
 [store]
 replicas = {replicas}
+
+[limits]
+dedup_window = {window}   # small: a burst of concurrent calls with retries holds more replies than this
 
 [launcher]
 max_restarts = 1000
@@ -123,8 +132,10 @@ class StandIn:
 class Env:
     """The mesh under test: its processes, its hosts (or none), its stand-in model API."""
 
-    def __init__(self, out: Path, use_hosts: bool, unsafe: bool, disk: bool):
+    def __init__(self, out: Path, use_hosts: bool, unsafe: bool, disk: bool, window: int = 8,
+                 skew: dict[str, float] | None = None):
         self.out, self.use_hosts, self.disk_dir, self.disk_host = out, use_hosts, None, None
+        self.skew = dict(skew or {})  # host -> its wall-clock offset (s), in $MESH_WALL_OFFSET_S
         self.standin = None
         self.runs: dict[str, meshrun.MeshRun] = {}
         self.hosts = None
@@ -158,17 +169,24 @@ class Env:
         self.config = out / "chaos.toml"
         self.config.write_text(textwrap.dedent(CONFIG.format(
             data=data, secure=secure, unsafe=str(unsafe).lower(), replicas=1 if use_hosts else 0,
-            security=security, llm=self.standin.url, hosts=hosts_text)))
+            security=security, llm=self.standin.url, hosts=hosts_text, window=window)))
+
+    def _env(self, host: str) -> dict:
+        e = meshrun.env()
+        if self.skew.get(host):
+            e[WALL_OFFSET_ENV] = repr(float(self.skew[host]))
+        return e
 
     def start(self) -> None:
         if self.hosts is None:
-            self.runs["local"] = meshrun.MeshRun("up", "-c", str(self.config)).start("mesh ready", 60)
+            self.runs["local"] = meshrun.MeshRun("up", "-c", str(self.config), env=self._env("local")).start(
+                "mesh ready", 60)
             return
         for host in ("h2", "h3", "h1"):
             self._start_host(host, "mesh ready" if host == "h1" else f"node n{host[1]} ready")
 
     def _start_host(self, host: str, wait: str) -> None:
-        self.runs[host] = meshrun.MeshRun("up", "-c", str(self.config), "--host", host,
+        self.runs[host] = meshrun.MeshRun("up", "-c", str(self.config), "--host", host, env=self._env(host),
                                           prefix=["ip", "netns", "exec", self.hosts.ns(host)]).start(wait, 60)
 
     def restart_host(self, host: str) -> None:
@@ -224,18 +242,72 @@ class Env:
 
 async def chaos(args) -> int:
     out = Path(args.out or ROOT / "var" / "chaos" / time.strftime("%Y%m%d-%H%M%S"))
+    if not args.hostile:
+        code, _ = await chaos_once(args, out)
+        return code
+    # the same run twice, back to back: without the hostile peer, then with it
+    code, plain = await chaos_once(args, out / "plain")
+    if plain is None:
+        return code
+    code2, hostile = await chaos_once(args, out / "hostile", hostile=True)
+    if hostile is None:
+        return code2
+    lines = ["hostile peer: honest clients' latency, same seed and length, run back to back",
+             f"  without  {plain.latency_line()}",
+             f"  with     {hostile.latency_line()}  (fuzz_node.py --hostile against {HOSTILE_NODE}; "
+             f"its output in hostile/hostile-peer.log)",
+             f"  verdicts without {'PASS' if plain.ok else 'FAIL'}, with {'PASS' if hostile.ok else 'FAIL'}"]
+    (out / "hostile.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return max(code, code2)
+
+
+HOSTILE_NODE = "n2"
+
+
+def start_hostile(env: "Env", out: Path, seconds: float) -> subprocess.Popen:
+    """scripts/fuzz_node.py as a hostile peer against one node, for the whole run."""
+    argv = [sys.executable, "-u", str(ROOT / "scripts" / "fuzz_node.py"), "-c", str(env.config), "--node", HOSTILE_NODE,
+            "--seconds", f"{seconds:g}", "--hostile"]
+    if env.key:
+        argv += ["--key", env.key]
+    log = open(out / "hostile-peer.log", "w")
+    try:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=meshrun.env(), cwd=ROOT,
+                                start_new_session=True)
+    finally:
+        log.close()
+
+
+def stop_hostile(proc: subprocess.Popen | None, grace_s: float = 0.0) -> None:
+    """End the hostile peer: it ends by itself after its --seconds (a round is bounded);
+    whatever still runs after `grace_s` is killed, with its process group."""
+    if proc is None:
+        return
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(10)
+
+
+async def chaos_once(args, out: Path, hostile: bool = False) -> tuple[int, "check.Report | None"]:
     faults = args.faults.split(",") if args.faults else list(nemesis_mod.HOSTS if args.hosts else nemesis_mod.ONE_HOST)
     unknown = set(faults) - set(nemesis_mod.HOSTS)
     if unknown:
         print(f"chaos: unknown faults {sorted(unknown)}", file=sys.stderr)
-        return 2
+        return 2, None
     judged = list(check.JUDGED) if args.judge is None else [k for k in args.judge.split(",") if k and k != "none"]
     if args.judge is None and not args.hosts:
         judged.remove("disk")  # one host has one disk: no other host can take over while it is full
     if set(judged) - set(check.JUDGED):
         print(f"chaos: --judge: no goal for {sorted(set(judged) - set(check.JUDGED))} "
               f"(goals: {', '.join(f'{k} {v:g} s' for k, v in check.GOALS.items())})", file=sys.stderr)
-        return 2
+        return 2, None
     root = os.geteuid() == 0
     skipped = nemesis_mod.missing(faults, args.hosts, root)
     if skipped:
@@ -244,32 +316,36 @@ async def chaos(args) -> int:
         if not args.skip_missing:
             print("chaos: not started (leave those faults out with --faults, or run with --skip-missing)",
                   file=sys.stderr)
-            return 2
+            return 2, None
         faults = [f for f in faults if f not in skipped]
         if not faults:
             print("chaos: no fault left to inject", file=sys.stderr)
-            return 2
+            return 2, None
     if args.hosts and not root:
         print("chaos: --hosts needs root", file=sys.stderr)
-        return 2
+        return 2, None
     out.mkdir(parents=True, exist_ok=True)
     seconds = args.minutes * 60 if args.minutes else args.seconds
     history = History(out / "history.jsonl")
+    skew = parse_skew(args.skew, args.hosts)
     history.write(e="run", faults=faults, skipped=skipped, judged=judged, seed=args.seed, seconds=seconds,
-                  hosts=args.hosts)
+                  hosts=args.hosts, dedup_window=args.window, skew=skew,
+                  hostile=HOSTILE_NODE if hostile else None)
     env = None
     try:
-        env = Env(out, args.hosts, args.unsafe, "disk" in faults)
+        env = Env(out, args.hosts, args.unsafe, "disk" in faults, window=args.window, skew=skew)
     except BaseException:
         history.close()
         raise
     print(f"chaos: {seconds:g} s, seed {args.seed}, faults {', '.join(faults)}"
           f"{' (skipped: ' + ', '.join(skipped) + ')' if skipped else ''}, "
-          f"{'three namespaced hosts' if args.hosts else 'one host'}; record in {out}")
+          f"{'three namespaced hosts' if args.hosts else 'one host'}"
+          f"{', wall clocks ' + ', '.join(f'{h} {o:+g} s' for h, o in skew.items()) if skew else ''}; record in {out}")
     nemesis = None
+    peer = None
     try:
         env.start()
-        async with env.client() as m:
+        async with env.client() as m, env.client() as rival:
             agents = {}
             for i in range(args.agents):
                 kind = ("ledger", "counter")[i % 2]
@@ -278,11 +354,16 @@ async def chaos(args) -> int:
             for i in range(args.conversations):
                 await m.spawn(f"talk-{i}", "conversation", {"keep": 100_000, "window": 6})
                 agents[f"talk-{i}"] = "conversation"
-            work = Workload(m, history, agents, args.clients, args.seed)
+            lifecycle = {f"life-{('ledger', 'counter')[i % 2]}-{i}": ("ledger", "counter")[i % 2]
+                         for i in range(args.lifecycle)}
+            work = Workload(m, history, agents, args.clients, args.seed, rival=rival, lifecycle=lifecycle,
+                            crash_rate=args.crash_rate, share_rate=args.share_rate, burst=args.burst)
             every = tuple(float(x) for x in args.every.split(","))
             duration = tuple(float(x) for x in args.duration.split(","))  # straddles the goals (2-3 s)
             nemesis = nemesis_mod.Nemesis(env, faults, args.seed, history, interval=every, duration=duration,
                                           concurrent=args.concurrent)
+            if hostile:
+                peer = start_hostile(env, out, seconds)
             stop = asyncio.Event()
             runner = asyncio.ensure_future(work.run(stop, settle_s=args.settle))
             faulting = asyncio.ensure_future(nemesis.run(stop))
@@ -290,14 +371,18 @@ async def chaos(args) -> int:
             while time.monotonic() - t0 < seconds:
                 await asyncio.sleep(min(10, seconds - (time.monotonic() - t0)))
                 print(f"  {time.monotonic() - t0:5.0f} s: {work.counts['ok']} acknowledged, "
-                      f"{work.counts['retried']} retried attempts, "
+                      f"{work.counts['retried']} retried attempts, {work.counts['crashes']} crashes, "
+                      f"{work.counts['shared']} shared ids, {work.counts['eras']} eras, "
                       f"{nemesis.injected} of {len(nemesis.log)} faults injected", flush=True)
             stop.set()
+            await asyncio.to_thread(stop_hostile, peer, 30)  # its own report, when it gets to write it
+            peer = None
             await faulting  # every fault healed
             await runner    # operations in flight acknowledged (or given up after --settle)
             final = await work.final_states()
         (out / "final.json").write_text(json.dumps(final))
     finally:
+        stop_hostile(peer)
         if nemesis is not None:
             await nemesis.cancel()  # heals whatever an interruption left in force
             for text in nemesis.still_in_force():
@@ -311,7 +396,20 @@ async def chaos(args) -> int:
     text = "\n".join(report.lines())
     (out / "report.txt").write_text(text + "\n")
     print(text)
-    return 0 if report.ok else 1
+    return (0 if report.ok else 1), report
+
+
+def parse_skew(text: str | None, hosts: bool) -> dict[str, float]:
+    """--skew: "h1=0,h2=600,h3=-300"; default that on three hosts, none on one; "none" for none."""
+    if text is None:
+        text = "h1=0,h2=600,h3=-300" if hosts else "none"
+    if text == "none":
+        return {}
+    out = {}
+    for part in text.split(","):
+        host, _, offset = part.partition("=")
+        out[host.strip()] = float(offset)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -330,6 +428,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--agents", type=int, default=12, help="ledgers and counters")
     p.add_argument("--conversations", type=int, default=2)
     p.add_argument("--settle", type=float, default=30.0, help="seconds operations in flight get after the faults end")
+    p.add_argument("--lifecycle", type=int, default=2,
+                   help="names the workload stops and spawns again, era after era (ledgers and counters)")
+    p.add_argument("--burst", type=int, default=24,
+                   help="concurrent operations on a lifecycle name in each era (more than --window)")
+    p.add_argument("--window", type=int, default=8, help="the mesh's limits.dedup_window (replies kept per agent)")
+    p.add_argument("--crash-rate", type=float, default=0.01, help="share of ledger and counter operations that crash it")
+    p.add_argument("--share-rate", type=float, default=0.03,
+                   help="share of ledger appends whose request id a second client uses too")
+    p.add_argument("--skew", default=None,
+                   help="wall-clock offsets per host, HOST=SECONDS,... (default with --hosts: h1=0,h2=600,h3=-300; "
+                        "'none' for none); one host is called 'local'")
+    p.add_argument("--hostile", action="store_true",
+                   help="run twice, back to back, the same seed and length: without, then with scripts/fuzz_node.py "
+                        "as a hostile peer against one node; report the honest clients' latency of both")
     p.add_argument("--unsafe", action="store_true", help="plant a bug: replies before commits (the checker must FAIL)")
     p.add_argument("--skip-missing", action="store_true",
                    help="leave out faults that cannot be injected here (else the run refuses to start)")
