@@ -91,7 +91,7 @@ class _Pending:
 class Caller:
     """Outstanding requests of one process, and the logic that sees each one through."""
 
-    def __init__(self, clock: Clock, sender: str, send: Callable[[str, bytes], None],
+    def __init__(self, clock: Clock, sender: str, send: Callable[..., None],
                  resolver: Resolver, max_bytes: int = wire.DEFAULT_MAX_BYTES, recheck_s: float = RECHECK_S,
                  link_down: Callable[[str], bool] = lambda node: False,
                  link_refused: Callable[[str], bool] = lambda node: False,
@@ -191,7 +191,7 @@ class Caller:
         p = _Pending(node, stream)
         self._pending.setdefault(rid, []).append(p)
         try:
-            self._send(node, frame)
+            self._send(node, frame, ttl)  # held past its ttl while the link is down, it is dropped
         except BaseException:
             self._close(rid, p)
             raise

@@ -56,7 +56,7 @@ class Client:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
-    def _send(self, node: str, frame: bytes) -> None:
+    def _send(self, node: str, frame: bytes, ttl: float | None = None) -> None:
         link = self.links.get(node)
         if link is None:
             if self._network is None:
@@ -68,7 +68,7 @@ class Client:
             link = self._network.link(spec.endpoint, self.caller.on_response,
                                       lambda up, n=node: self._on_state(n, up))
             self.links[node] = link
-        link.send(frame)
+        link.send(frame, ttl)
 
     def _reconnect(self, node: str) -> None:
         link = self.links.pop(node, None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from typing import Callable
 
 from . import transport
@@ -96,15 +97,18 @@ class _MemLink:
         self.up = up
         if up:
             pending, self.pending = self.pending, []
-            for frame in pending:
-                self.send(frame)
+            now = self.net.now()
+            for frame, until in pending:
+                if until >= now:
+                    self.send(frame)
         if self.on_state:
             self.on_state(up)
 
-    def send(self, frame: bytes) -> None:
+    def send(self, frame: bytes, ttl: float | None = None) -> None:
         listener = self.net._listeners.get(self.endpoint)
         if not self.up or listener is None:
-            self.pending.append(frame)
+            until = self.net.now() + ttl if ttl is not None else float("inf")
+            self.pending.append((frame, until))  # dropped unsent past `until`, as a Link's are
             return
         self.net._deliver(self.endpoint, lambda f: listener.on_request(self.route, f), frame)
 
@@ -123,8 +127,9 @@ class _MemLink:
 class MemoryNetwork:
     """Listeners and links in one process and one loop."""
 
-    def __init__(self):
+    def __init__(self, clock=None):
         self.loop = asyncio.get_running_loop()
+        self.clock = clock  # whose time a held frame's ttl runs on (tests: their fake clock)
         self._listeners: dict[str, _MemListener] = {}
         self._routes: dict[bytes, _MemLink] = {}
         self._ids = itertools.count(1)
@@ -134,6 +139,9 @@ class MemoryNetwork:
         self._idle = asyncio.Event()
         self._idle.set()
         self.max_bytes = 1 << 30
+
+    def now(self) -> float:
+        return self.clock.now() if self.clock is not None else time.monotonic()
 
     def listen(self, endpoint: str, on_request) -> _MemListener:
         listener = _MemListener(self, endpoint, on_request)

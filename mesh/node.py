@@ -282,8 +282,9 @@ class Node:
 
     # --- the wire ----------------------------------------------------------------------------
 
-    def send(self, node: str, frame: bytes) -> None:
-        """Send a request to a node (this one included) over its link."""
+    def send(self, node: str, frame: bytes, ttl: float | None = None) -> None:
+        """Send a request to a node (this one included) over its link; with `ttl`, it is
+        dropped unsent if the link is still down when that runs out."""
         if node == self.name:
             asyncio.get_running_loop().call_soon(self._on_local, frame)
             return
@@ -295,7 +296,7 @@ class Node:
             link = self.network.link(spec.endpoint, self.caller.on_response,
                                      lambda up, n=node: self._on_link_state(n, up), owner=self.endpoint)
             self.links[node] = link
-        link.send(frame)
+        link.send(frame, ttl)
 
     def reconnect(self, node: str) -> None:
         """Start the connection to `node` afresh (it came back: no reconnect backoff)."""

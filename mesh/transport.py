@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
+import math
 import socket
 import struct
 import time
@@ -122,15 +123,17 @@ class _Drain:
 class _Outbox:
     """Frames to one peer within one loop turn, sent as one frame (a BATCH if several)."""
 
-    __slots__ = ("frames", "size")
+    __slots__ = ("frames", "size", "untils")
 
     def __init__(self):
         self.frames: list[bytes] = []
         self.size = 0
+        self.untils: list[float] = []  # per frame: the moment it is no longer wanted (Link)
 
-    def add(self, frame: bytes) -> bool:
+    def add(self, frame: bytes, until: float = math.inf) -> bool:
         """Queue a frame; True when the outbox is full and must be sent now."""
         self.frames.append(frame)
+        self.untils.append(until)
         self.size += len(frame)
         return len(self.frames) >= BATCH_FRAMES or self.size >= BATCH_BYTES
 
@@ -138,8 +141,14 @@ class _Outbox:
         frames = self.frames
         if not frames:
             return None
-        self.frames, self.size = [], 0
+        self.frames, self.size, self.untils = [], 0, []
         return frames[0] if len(frames) == 1 else wire.batch_frame(frames)
+
+    def take_each(self) -> list[tuple[bytes, float]]:
+        """The frames one by one, each with its deadline (to hold while a link is down)."""
+        items = list(zip(self.frames, self.untils))
+        self.frames, self.size, self.untils = [], 0, []
+        return items
 
 
 def _rest_of(sock: zmq.Socket, frame: zmq.Frame) -> int:
@@ -422,6 +431,8 @@ class Link:
         self.up = False
         self.refused = False
         self.pending: deque[bytes] = deque()
+        self.pending_until: deque[float] = deque()  # per pending frame: dropped unsent after this
+        self.expired = 0
         self._outbox = _Outbox()
         self._flush_scheduled = False
         self._drained: asyncio.Event | None = None
@@ -464,24 +475,33 @@ class Link:
             if self._on_state:
                 self._on_state(None)
 
-    def send(self, frame: bytes) -> None:
+    def send(self, frame: bytes, ttl: float | None = None) -> None:
         """Queue a frame; this loop turn's frames leave together. While the connection is
-        down they wait in a bounded queue; raises Busy when that is full."""
+        down they wait in a bounded queue; raises Busy when that is full. A frame with a
+        `ttl` (its sender waits that long) that is still waiting when it runs out is
+        dropped: sent late, a call whose caller gave up (or was answered elsewhere) would
+        run on a node that has no way to know."""
         if len(self.pending) >= PENDING_LIMIT:
             raise Busy(f"send queue to {self.endpoint} is full ({PENDING_LIMIT} messages)")
-        if self._outbox.add(frame):
-            self._push(self._outbox.take())
+        until = time.monotonic() + ttl if ttl is not None else math.inf
+        if self._outbox.add(frame, until):
+            self._flush_outbox(scheduled=False)
         elif not self._flush_scheduled:
             self._flush_scheduled = True
             self._drain.loop.call_soon(self._flush_outbox)
 
-    def _flush_outbox(self) -> None:
-        self._flush_scheduled = False
-        frame = self._outbox.take()
-        if frame is not None:
-            self._push(frame)
+    def _flush_outbox(self, scheduled: bool = True) -> None:
+        if scheduled:
+            self._flush_scheduled = False
+        if not self._outbox.frames:
+            return
+        if self.up and not self.pending:
+            self._push(self._outbox.take())
+        else:  # held: one by one, so that each leaves, or is dropped, on its own deadline
+            for frame, until in self._outbox.take_each():
+                self._push(frame, until)
 
-    def _push(self, frame: bytes) -> None:
+    def _push(self, frame: bytes, until: float = math.inf) -> None:
         if self.up and not self.pending:
             try:
                 self.sock.send(frame, _NOBLOCK)
@@ -490,12 +510,19 @@ class Link:
             except zmq.Again:
                 pass
         self.pending.append(frame)
+        self.pending_until.append(until)
         if self.up:  # connected but its queue is full: try again shortly
             self._schedule_retry()
 
     def _flush(self) -> None:
         self._retry_timer = None
+        now = time.monotonic()
         while self.pending:
+            if self.pending_until[0] < now:
+                self.pending.popleft()
+                self.pending_until.popleft()
+                self.expired += 1
+                continue
             try:
                 self.sock.send(self.pending[0], _NOBLOCK)
             except zmq.Again:
@@ -505,6 +532,7 @@ class Link:
             except zmq.ZMQError:
                 return
             self.pending.popleft()
+            self.pending_until.popleft()
         if not self.pending and self._drained is not None:
             self._drained.set()
         self._drain.poke()

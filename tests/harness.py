@@ -90,7 +90,7 @@ class Cluster:
     def __init__(self, cfg: config_mod.Config, tmp_path: Path):
         self.cfg, self.tmp = cfg, tmp_path
         self.clock = FakeClock()
-        self.net = MemoryNetwork()
+        self.net = MemoryNetwork(self.clock)
         self.stores = {h: Store(str(tmp_path / h), sync=False) for h in cfg.hosts}
         self.nodes: dict[str, Node] = {}
         self.role: SupervisorRole | None = None

@@ -303,3 +303,36 @@ async def test_a_name_spawned_again_ignores_a_copy_its_stop_never_reached(cluste
     await m.spawn("s", "counter")
     assert await m.call("s", {"op": "get"}) == 0
     await c.close()
+
+
+async def test_a_call_held_while_its_node_was_down_is_not_sent_after_its_caller_gave_up():
+    """Found by the chaos workload: a frame queued while its node was down went out when
+    the node came back, after its caller had given up (or been answered elsewhere), and ran
+    there as a new call (a re-spawned counter took 24 adds meant for the stopped one)."""
+    import zmq
+    from mesh import transport
+    from mesh.demo import free_ports
+    port = free_ports(1)[0]
+    ctx = zmq.Context()
+    got: list[bytes] = []
+    link = transport.Link(ctx, f"tcp://127.0.0.1:{port}", lambda frame: None, None, 1 << 20)
+    listener = None
+    try:
+        link.send(b"late", ttl=0.05)          # nobody listens yet: held
+        link.send(b"no deadline")
+        await asyncio.sleep(0.1)              # the first one's caller gives up
+        loop = asyncio.get_running_loop()
+
+        def on_request(route, frame):
+            got.append(bytes(frame))
+            return 1
+        listener = transport.Listener(ctx, f"tcp://127.0.0.1:{port}", on_request, 1 << 20)
+        until = loop.time() + 10
+        while not got and loop.time() < until:
+            await asyncio.sleep(0.01)         # waiting for a reconnect, bounded
+        assert got == [b"no deadline"] and link.expired == 1
+    finally:
+        link.close()
+        if listener is not None:
+            listener.close()
+        ctx.term()
