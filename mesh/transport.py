@@ -21,7 +21,6 @@ zmq errors end here: a failed send returns False or raises a mesh error.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
 import math
 import socket
@@ -62,8 +61,8 @@ TURN_BUDGET_S = 0.02        # a socket's drain yields to the loop after this lon
 HANDSHAKE_IVL_MS = 3000     # a connection that has not finished its handshake by then is closed
 OUT_LIMIT = 64 << 20        # answers queued for one peer that does not read them (bytes)
 LOOK_EVERY = 256 << 10      # bytes sent to a peer between looks at its connection's send queue
-_SIOCOUTQ = 0x5411          # Linux: bytes in a TCP socket's send queue
-_TCPI_BYTES_RECEIVED = 128  # Linux: offset of tcpi_bytes_received in struct tcp_info (4.1+)
+_TCPI_BYTES_ACKED = 120     # Linux: offsets in struct tcp_info (4.1+): bytes the peer acknowledged ...
+_TCPI_BYTES_RECEIVED = 128  # ... and bytes received from it
 PARTIAL_LIMIT = 64 << 20    # bytes a connection may hold unread or unfinished before it is cut
 
 _NOBLOCK = int(zmq.NOBLOCK)  # plain ints: pyzmq's enum flags cost a conversion per call
@@ -319,6 +318,70 @@ class Listener:
 
 def _bytes_received(fd: int) -> int | None:
     """tcpi_bytes_received of a TCP connection (Linux), None if it is gone or not TCP."""
+    return _tcp_info(fd, _TCPI_BYTES_RECEIVED)
+
+
+class _Backlogs:
+    """How far each peer has fallen behind in reading its answers, so a peer that never
+    reads cannot make the node queue answers without bound (ZeroMQ bounds its queues in
+    messages, not bytes, and an answer may be megabytes).
+
+    Per connection: the bytes of answers handed to ZeroMQ, against the bytes the peer's
+    TCP has acknowledged (TCP_INFO); the difference waits in ZeroMQ or in the kernel. Past
+    `limit` bytes, answers to that peer are dropped (counted) and its requests left unread,
+    until it catches up. The connection's descriptor comes with each message (ZMQ_SRCFD)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.fds: dict[bytes, int] = {}
+        # route -> [bytes handed to ZeroMQ since the last look, bytes handed in all, acked at the start]
+        self.conns: dict[bytes, list[int]] = {}
+
+    def learn(self, route: bytes, payload: zmq.Frame) -> bool:
+        """Note the connection of `route`; True when its requests are to be left unread."""
+        if route not in self.fds:
+            if len(self.fds) >= IDENTITY_CACHE:
+                old = next(iter(self.fds))
+                self.fds.pop(old)
+                self.conns.pop(old, None)
+            try:
+                fd = payload.get(zmq.SRCFD)
+            except zmq.ZMQError:
+                fd = -1
+            self.fds[route] = fd
+            acked = _tcp_info(fd, _TCPI_BYTES_ACKED) if fd >= 0 else None
+            if acked is not None and self.limit > 0:
+                self.conns[route] = [0, 0, acked]
+        entry = self.conns.get(route)
+        return entry is not None and self._behind(route, entry) > self.limit
+
+    def may_send(self, route: bytes, size: int) -> bool:
+        entry = self.conns.get(route)
+        if entry is None:
+            return True
+        entry[0] += size
+        if entry[0] < LOOK_EVERY:
+            entry[1] += size
+            return True
+        entry[0] = 0
+        if self._behind(route, entry) + size > self.limit:
+            return False  # not handed over: not counted
+        entry[1] += size
+        return True
+
+    def _behind(self, route: bytes, entry: list[int]) -> int:
+        acked = _tcp_info(self.fds.get(route, -1), _TCPI_BYTES_ACKED)
+        if acked is None:  # the connection is gone (or its descriptor was reused)
+            self.conns.pop(route, None)
+            return 0
+        return entry[1] - (acked - entry[2])
+
+
+def _tcp_info(fd: int, offset: int) -> int | None:
+    """One unsigned 64-bit field of a TCP connection's tcp_info (Linux), None if it is
+    gone or not TCP (ipc, inproc)."""
+    if fd < 0:
+        return None
     try:
         sock = socket.socket(fileno=fd)
         try:
@@ -327,81 +390,7 @@ def _bytes_received(fd: int) -> int | None:
             sock.detach()
     except OSError:
         return None
-    return struct.unpack_from("Q", info, _TCPI_BYTES_RECEIVED)[0] if len(info) >= _TCPI_BYTES_RECEIVED + 8 else None
-
-
-class _Backlogs:
-    """How far each peer has fallen behind in reading its answers, so a peer that never
-    reads cannot make the node queue answers without bound (ZeroMQ bounds its queues in
-    messages, not bytes, and an answer may be megabytes).
-
-    Answers go into ZeroMQ's queue and from there into the connection's kernel send
-    queue. While that kernel queue is at least half full, the peer is not keeping up, and
-    what is sent meanwhile waits in ZeroMQ: it is counted, and past `limit` bytes answers
-    to that peer are dropped (counted) and its requests left unread, until its kernel
-    queue drains. The connection's descriptor comes with each message (ZMQ_SRCFD)."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.fds: dict[bytes, int] = {}
-        self.sndbuf: dict[int, int] = {}
-        self.behind: dict[bytes, list[int]] = {}  # route -> [bytes since the last look, bytes queued unread]
-
-    def learn(self, route: bytes, payload: zmq.Frame) -> bool:
-        """Note the connection of `route`; True when its requests are to be left unread."""
-        if route not in self.fds:
-            if len(self.fds) >= IDENTITY_CACHE:
-                self.fds.pop(next(iter(self.fds)))
-            try:
-                self.fds[route] = payload.get(zmq.SRCFD)
-            except zmq.ZMQError:
-                self.fds[route] = -1
-        entry = self.behind.get(route)
-        if entry is None or entry[1] <= self.limit:
-            return False
-        if not self._not_reading(route):
-            entry[1] = 0  # it caught up
-            return False
-        return True
-
-    def may_send(self, route: bytes, size: int) -> bool:
-        if self.limit <= 0:
-            return True
-        entry = self.behind.get(route)
-        if entry is None:
-            if len(self.behind) >= IDENTITY_CACHE:
-                self.behind.pop(next(iter(self.behind)))
-            entry = self.behind[route] = [0, 0]
-        entry[0] += size
-        if entry[0] < LOOK_EVERY and not entry[1]:
-            return True
-        looked, entry[0] = entry[0], 0
-        if not self._not_reading(route):
-            entry[1] = 0
-            return True
-        entry[1] += looked
-        if entry[1] > self.limit:
-            entry[1] -= size  # this one is not queued
-            return False
-        return True
-
-    def _not_reading(self, route: bytes) -> bool:
-        fd = self.fds.get(route, -1)
-        if fd < 0:
-            return False
-        try:
-            queued = struct.unpack("i", fcntl.ioctl(fd, _SIOCOUTQ, b"\0\0\0\0"))[0]
-            size = self.sndbuf.get(fd)
-            if size is None:
-                sock = socket.socket(fileno=fd)
-                try:
-                    size = self.sndbuf[fd] = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-                finally:
-                    sock.detach()
-        except OSError:  # closed meanwhile, or not a TCP socket (ipc, inproc)
-            self.fds.pop(route, None)
-            return False
-        return queued * 2 >= size
+    return struct.unpack_from("Q", info, offset)[0] if len(info) >= offset + 8 else None
 
 
 class Link:
