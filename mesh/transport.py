@@ -306,14 +306,7 @@ class Listener:
     def close(self) -> None:
         if not self.sock.closed:
             self.flush()
-        self._drain.close()
-        self._monitor_drain.close()
-        try:
-            self.sock.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        self._monitor.close(0)
-        self.sock.close(0)
+        _close_watched(self.sock, self._drain, self._monitor, self._monitor_drain, 0)
 
 
 def _bytes_received(fd: int) -> int | None:
@@ -548,14 +541,20 @@ class Link:
             self._flush_outbox()
         if self._retry_timer:
             self._retry_timer.cancel()
-        self._drain.close()
-        self._monitor_drain.close()
-        try:
-            self.sock.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        self._monitor.close(0)
-        self.sock.close(linger_ms)
+        _close_watched(self.sock, self._drain, self._monitor, self._monitor_drain, linger_ms)
+
+
+def _close_watched(sock: zmq.Socket, drain: _Drain, monitor: zmq.Socket, monitor_drain: _Drain,
+                   linger_ms: int) -> None:
+    """Close a socket and the monitor that watches it, with their readers."""
+    drain.close()
+    monitor_drain.close()
+    try:
+        sock.disable_monitor()
+    except zmq.ZMQError:
+        pass
+    monitor.close(0)
+    sock.close(linger_ms)
 
 
 def new_context() -> zmq.Context:

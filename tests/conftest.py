@@ -35,6 +35,19 @@ async def _bounded(coro, limit: float):
     pytest.fail(f"test did not finish within {limit}s; tasks:\n" + "\n".join(stacks), pytrace=False)
 
 
+@pytest.fixture
+def cluster_factory(tmp_path):
+    """Make a started in-memory cluster (tests/harness.py) of the test config, with extra
+    config text and [limits] lines; test files may define their own."""
+    from harness import Cluster, make_config
+
+    async def make(extra: str = "", limits: str = ""):
+        c = Cluster(make_config(tmp_path, extra, 100, limits), tmp_path)
+        await c.start()
+        return c
+    return make
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "async_timeout(seconds): bound an async test in time")
 

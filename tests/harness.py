@@ -197,3 +197,29 @@ class _Dead:
 
     def close(self):
         pass
+
+
+class GatedCommitter:
+    """Holds every batch until the test releases it (shows what waits for a commit), or
+    fails them as a full disk would."""
+
+    def __init__(self, store):
+        self.store, self.held = store, []
+
+    def submit(self, batch, done):
+        self.held.append((batch, done))
+
+    def release(self, fail: bool = False):
+        from mesh.errors import StoreError
+        from mesh.store import Outcome
+        held, self.held = self.held, []
+        for batch, done in held:
+            if fail:
+                err = StoreError("commit failed: disk full (No space left on device)")
+                err.disk_full = True
+                done(Outcome(error=err))
+            else:
+                done(self.store.write(batch))
+
+    def close(self):
+        pass

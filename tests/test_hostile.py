@@ -7,19 +7,10 @@ import asyncio
 import msgpack
 import pytest
 
-from harness import Cluster, make_config
+from harness import GatedCommitter
 from mesh import wire
 from mesh.errors import BadRequest, ProtocolError, StoreError, Unavailable
 from mesh.store import Batch, Outcome, Record, Store
-
-
-@pytest.fixture
-def cluster_factory(tmp_path):
-    async def make(extra: str = "", limits: str = "") -> Cluster:
-        c = Cluster(make_config(tmp_path, extra, 100, limits), tmp_path)
-        await c.start()
-        return c
-    return make
 
 
 EMOJI_ID = "\U0001F600" * 128  # 128 characters, 512 bytes of UTF-8
@@ -114,27 +105,6 @@ async def test_a_failed_commit_rolls_the_agent_back_without_a_crash(cluster_fact
     await c.close()
 
 
-class HeldCommitter:
-    """Holds batches until the test says whether they fail."""
-
-    def __init__(self, store, loop):
-        self.store, self.loop, self.held = store, loop, []
-
-    def submit(self, batch, done):
-        self.held.append((batch, done))
-
-    def settle(self, fail: bool):
-        held, self.held = self.held, []
-        for batch, done in held:
-            if fail:
-                done(Outcome(error=StoreError("commit failed: disk full (No space left on device)")))
-            else:
-                done(self.store.write(batch))
-
-    def close(self):
-        pass
-
-
 async def test_a_rollback_cancels_the_handler_that_built_on_the_lost_state(cluster_factory):
     """A handler that started on top of a change whose commit then failed ends with the
     same error; the agent's state is its last committed one, and it serves on."""
@@ -143,7 +113,7 @@ async def test_a_rollback_cancels_the_handler_that_built_on_the_lost_state(clust
     m = c.client()
     placed = await m.spawn("w", "waiter")
     node = c.nodes[placed["node"]]
-    held = node.committer = HeldCommitter(node.store, asyncio.get_running_loop())
+    held = node.committer = GatedCommitter(node.store)
     kinds.GATES["open"] = asyncio.Event()
     kinds.GATES["open"].set()
     first = asyncio.ensure_future(m.call("w", {"op": "wait", "key": "open"}, request_id="one"))
@@ -151,7 +121,7 @@ async def test_a_rollback_cancels_the_handler_that_built_on_the_lost_state(clust
     second = asyncio.ensure_future(m.call("w", {"op": "wait", "key": "shut"}, request_id="two"))
     await c.settle()
     assert len(held.held) == 1 and not first.done() and not second.done()
-    held.settle(fail=True)
+    held.release(fail=True)
     for call in (first, second):
         with pytest.raises(Unavailable, match="disk full"):
             await call

@@ -6,18 +6,9 @@ import asyncio
 import msgpack
 import pytest
 
-from harness import Cluster, make_config
+from harness import GatedCommitter
 from mesh.errors import AgentCrashed, NoSuchAgent
 from mesh.wire import Kind
-
-
-@pytest.fixture
-def cluster_factory(tmp_path):
-    async def make(extra: str = "", limits: str = "") -> Cluster:
-        c = Cluster(make_config(tmp_path, extra, 100, limits), tmp_path)
-        await c.start()
-        return c
-    return make
 
 
 def hold(node, kind):
@@ -84,22 +75,6 @@ async def test_an_orderly_stop_mid_handler_keeps_none_of_the_handlers_changes(cl
     await c.close()
 
 
-class HeldCommitter:
-    def __init__(self, store):
-        self.store, self.held = store, []
-
-    def submit(self, batch, done):
-        self.held.append((batch, done))
-
-    def release(self):
-        held, self.held = self.held, []
-        for batch, done in held:
-            done(self.store.write(batch))
-
-    def close(self):
-        pass
-
-
 async def test_a_commit_group_larger_than_the_window_keeps_every_reply_it_records(cluster_factory):
     """Before: with more changing calls in one commit group than dedup_window (8 here),
     the group trimmed its own replies before they were committed, and the callers'
@@ -108,7 +83,7 @@ async def test_a_commit_group_larger_than_the_window_keeps_every_reply_it_record
     m = c.client()
     placed = await m.spawn("l1", "ledger")
     node = c.nodes[placed["node"]]
-    held = node.committer = HeldCommitter(node.store)
+    held = node.committer = GatedCommitter(node.store)
     calls = [asyncio.ensure_future(m.call("l1", {"op": "append", "value": i}, request_id=f"r{i}"))
              for i in range(20)]
     await c.settle()

@@ -9,7 +9,7 @@ import pytest
 
 from harness import Cluster, make_config, stop_timers
 from mesh.store import Committer
-from test_node_logic import GatedCommitter
+from harness import GatedCommitter
 
 
 async def cluster(tmp_path) -> Cluster:

@@ -6,7 +6,7 @@ import msgpack
 import pytest
 
 import kinds
-from harness import Cluster, make_config
+from harness import Cluster, GatedCommitter, make_config
 from mesh import wire
 from mesh.errors import (AgentCrashed, AgentDown, AlreadyExists, BadRequest, Busy, CallTimeout,
                          NoSuchAgent, NotAllowed, SupervisorDown)
@@ -48,24 +48,6 @@ async def test_spawn_call_cast_and_state_in_the_store(cluster_factory):
     assert msgpack.unpackb(record.state) == {"value": 16}
     assert record.incarnation == placed["incarnation"]
     await c.close()
-
-
-class GatedCommitter:
-    """Holds every batch until the test releases it: shows what waits for a commit."""
-
-    def __init__(self, store):
-        self.store, self.held = store, []
-
-    def submit(self, batch, done):
-        self.held.append((batch, done))
-
-    def release(self):
-        held, self.held = self.held, []
-        for batch, done in held:
-            done(self.store.write(batch))
-
-    def close(self):
-        pass
 
 
 async def test_reply_leaves_only_after_its_state_is_committed(cluster_factory):
