@@ -57,6 +57,9 @@ class Client:
         await self.close()
 
     def _send(self, node: str, frame: bytes, ttl: float | None = None) -> None:
+        self._link(node).send(frame, ttl)
+
+    def _link(self, node: str):
         link = self.links.get(node)
         if link is None:
             if self._network is None:
@@ -68,13 +71,18 @@ class Client:
             link = self._network.link(spec.endpoint, self.caller.on_response,
                                       lambda up, n=node: self._on_state(n, up))
             self.links[node] = link
-        link.send(frame, ttl)
+        return link
 
     def _reconnect(self, node: str) -> None:
+        """A new connection to a node that came back; what waited on the old one (calls of
+        this client that queued there) goes on the new one."""
         link = self.links.pop(node, None)
-        if link is not None:
-            link.close()
         self.up.pop(node, None)
+        if link is not None:
+            held = link.take_held()
+            link.close()
+            if held:
+                self._link(node).hold(held)
 
     def _on_state(self, node: str, up: bool | None) -> None:
         self.up[node] = bool(up)

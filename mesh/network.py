@@ -119,6 +119,18 @@ class _MemLink:
     async def drain(self, timeout: float) -> bool:
         return not self.pending
 
+    def take_held(self) -> list:
+        held, self.pending = self.pending, []
+        return held
+
+    def hold(self, held: list) -> None:
+        now = self.net.now()
+        for frame, until in held:
+            if not self.up or self.net._listeners.get(self.endpoint) is None:
+                self.pending.append((frame, until))
+            elif until >= now:
+                self.send(frame)
+
     def close(self, linger_ms: int = 0) -> None:
         self.closed = True
         self.net._routes.pop(self.route, None)

@@ -288,6 +288,9 @@ class Node:
         if node == self.name:
             asyncio.get_running_loop().call_soon(self._on_local, frame)
             return
+        self._link(node).send(frame, ttl)
+
+    def _link(self, node: str):
         link = self.links.get(node)
         if link is None:
             spec = self.config.nodes.get(node)
@@ -296,14 +299,19 @@ class Node:
             link = self.network.link(spec.endpoint, self.caller.on_response,
                                      lambda up, n=node: self._on_link_state(n, up), owner=self.endpoint)
             self.links[node] = link
-        link.send(frame, ttl)
+        return link
 
     def reconnect(self, node: str) -> None:
-        """Start the connection to `node` afresh (it came back: no reconnect backoff)."""
+        """Start the connection to `node` afresh (it came back: no reconnect backoff). What
+        waited on the old connection goes on the new one: calls that queued there meanwhile
+        (another call may have reconnected just before) must not be lost."""
         link = self.links.pop(node, None)
-        if link is not None:
-            link.close()
         self.link_up.pop(node, None)
+        if link is not None:
+            held = link.take_held()
+            link.close()
+            if held:
+                self._link(node).hold(held)
 
     def _on_link_state(self, node: str, up: bool | None) -> None:
         self.link_up[node] = bool(up)

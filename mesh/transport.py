@@ -535,6 +535,20 @@ class Link:
         if self._retry_timer is None and not self.sock.closed:
             self._retry_timer = asyncio.get_running_loop().call_later(0.005, self._flush)
 
+    def take_held(self) -> list[tuple[bytes, float]]:
+        """The frames not yet handed to a connection, each with its deadline, taken out
+        (for the link that replaces this one: see `hold`)."""
+        held = list(zip(self.pending, self.pending_until)) + self._outbox.take_each()
+        self.pending.clear()
+        self.pending_until.clear()
+        return held
+
+    def hold(self, held: list[tuple[bytes, float]]) -> None:
+        """Take over frames another link held (a reconnect must not lose the calls that
+        were waiting on the old connection)."""
+        for frame, until in held:
+            self._push(frame, until)
+
     def close(self, linger_ms: int = 0) -> None:
         """Close; `linger_ms` gives messages already handed to ZeroMQ that long to leave."""
         if not self.sock.closed and self.up:

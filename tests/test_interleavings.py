@@ -311,3 +311,37 @@ async def test_a_call_held_while_its_node_was_down_is_not_sent_after_its_caller_
         if listener is not None:
             listener.close()
         ctx.term()
+
+
+async def test_a_reconnect_keeps_the_calls_that_waited_on_the_old_connection(tmp_path):
+    """After a kill -9, every call that found its agent running again on the same node
+    reconnected to it; each reconnect closed the connection the calls before it had just
+    queued on, so their requests were lost and they waited out their deadlines (15 s of
+    no answers from agents that ran again within ms)."""
+    from mesh import transport
+    from mesh.client import Client
+    from mesh.config import load
+    from procs import write_config
+    cfg = load(write_config(tmp_path))
+    client = Client(cfg)
+    got: list[bytes] = []
+    listener = None
+    try:
+        client._send("n2", b"call of the first caller", 5.0)    # n2 is down: held
+        client._reconnect("n2")                                   # a second caller reconnects
+        client._send("n2", b"call of the second caller", 5.0)
+        client._reconnect("n2")                                   # and a third
+
+        def on_request(route, frame):
+            got.append(bytes(frame))
+            return 1
+        listener = transport.Listener(client._network.ctx, cfg.nodes["n2"].endpoint, on_request, 1 << 20)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 10
+        while len(got) < 2 and loop.time() < until:
+            await asyncio.sleep(0.01)   # waiting for the connection, bounded
+        assert got == [b"call of the first caller", b"call of the second caller"]
+    finally:
+        if listener is not None:
+            listener.close()
+        await client.close(drain_s=0)
