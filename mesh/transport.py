@@ -451,11 +451,17 @@ class Link:
                 self.up = False
                 if self._on_state:
                     self._on_state(False)
-        else:  # a failed handshake: wrong keys or not a mesh peer
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # the peer's authenticator said no
             self.up, self.refused = False, True
             log.warning("handshake with %s refused", self.endpoint)
             if self._on_state:
                 self._on_state(None)
+        else:  # a handshake that broke off (its peer killed mid-way, or not a mesh peer)
+            log.debug("handshake with %s failed; trying again", self.endpoint)
+            if self.up:
+                self.up = False
+                if self._on_state:
+                    self._on_state(False)
 
     def send(self, frame: bytes, ttl: float | None = None) -> None:
         """Queue a frame; this loop turn's frames leave together. While the connection is

@@ -345,3 +345,45 @@ async def test_a_reconnect_keeps_the_calls_that_waited_on_the_old_connection(tmp
         if listener is not None:
             listener.close()
         await client.close(drain_s=0)
+
+
+async def test_a_handshake_that_breaks_off_is_no_refusal():
+    """Before: a handshake that broke off (a node killed mid-way, or a peer speaking
+    another mechanism) was taken for a refused key, and calls failed with NotAllowed ("this
+    process's key was refused") on a mesh without CURVE. Only the authenticator's no is."""
+    import socket
+    import threading
+    import zmq
+    from zmq.utils.monitor import parse_monitor_message
+    from mesh import transport
+    from mesh.demo import free_ports
+    port = free_ports(1)[0]
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", port))
+    server.listen()
+    greeting = b"\xff" + b"\0" * 8 + b"\x7f" + b"\x03\x00" + b"CURVE".ljust(20, b"\0") + b"\x01" + b"\0" * 31
+
+    def other_mechanism():  # a ZMTP peer that speaks CURVE to a link without it
+        conn, _ = server.accept()
+        conn.sendall(greeting)
+        conn.recv(64)
+        conn.close()
+        server.close()
+    threading.Thread(target=other_mechanism, daemon=True).start()
+    ctx = zmq.Context()
+    states: list = []
+    events: list = []
+    link = transport.Link(ctx, f"tcp://127.0.0.1:{port}", lambda frame: None, states.append, 1 << 20)
+    seen = link._event
+    link._event = lambda parts: (events.append(parse_monitor_message(parts)["event"]), seen(parts))
+    try:
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 10
+        while zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL not in events and loop.time() < until:
+            await asyncio.sleep(0.01)  # waiting for the handshake to fail, bounded
+        assert zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL in events
+        assert None not in states and not link.refused
+    finally:
+        link.close()
+        ctx.term()
