@@ -894,7 +894,11 @@ class Node:
                 copy = (None, [])
             old = self.runners.get(msg.target)
             if old is not None and old.incarnation < msg.body.get("since", 0):
-                old.last_state = None  # the same: an earlier agent of the name ran here
+                # the same: an earlier agent of the name ran here. Neither its state nor
+                # the messages that waited for it (a burst of its calls) are this one's.
+                old.last_state = None
+                old.fail_queued(lambda: NoSuchAgent(f"{msg.target!r} was stopped; another agent of "
+                                                    f"the name runs now"), forward=False)
             self._begin(msg, origin, copy, old, copied=bool(msg.body.get("sources")))
         except CallError as err:
             self.respond_error(origin, msg.id, err)

@@ -445,12 +445,16 @@ class Runner:
         if self.task is not None and now - self.started_at > self.node.timing.handler_timeout_s:
             self.task.cancel()
 
-    def fail_queued(self, make_error) -> None:
-        """Answer every waiting call with make_error(); casts are handed to `node.forward`."""
+    def fail_queued(self, make_error, forward: bool = True) -> None:
+        """Answer every waiting call with make_error(); casts are handed to `node.forward`
+        (or, with forward=False, dropped: they were meant for an agent that is gone)."""
         mailbox, self.mailbox = self.mailbox, None
         for env in mailbox or ():
             if env.msg.kind != Kind.CALL:
-                self.node.forward(env)
+                if forward:
+                    self.node.forward(env)
+                else:
+                    self.node.stats["casts_dropped"] += 1
         for rid, origins in self.inflight.items():
             self.node.send_response(self, origins, rid, error_response(make_error()))
         self.inflight = {}

@@ -387,3 +387,33 @@ async def test_a_handshake_that_breaks_off_is_no_refusal():
     finally:
         link.close()
         ctx.term()
+
+
+async def test_a_name_spawned_again_takes_nothing_that_waited_for_its_earlier_agent(cluster_factory):
+    """Seen in the 30-minute soak: a counter spawned again started from 24, one burst of
+    its first life's adds. Its node still held the first life's crashed incarnation with
+    those calls queued for its restart, and the new agent took them over (a restart keeps
+    its callers' places, but a new life is not a restart)."""
+    from mesh import wire
+    c = await cluster_factory()
+    m = c.client()
+    placed = await m.spawn("c", "counter")
+    node = c.nodes[placed["node"]]
+    held, _ = hold(node, Kind.START)                # its restart does not come
+    with pytest.raises(AgentCrashed):
+        await m.call("c", {"op": "crash"})
+    await c.run(_until(lambda: held))
+    queued = asyncio.ensure_future(m.call("c", {"op": "add", "n": 24}, request_id="first-life", timeout=3))
+    await c.settle()
+    assert node.runners["c"].depth() == 1            # waiting for the first life's restart
+    newer = placed["incarnation"] + 1000
+    node.handlers[Kind.START] = node._on_start      # the first life's restart never comes
+    start = wire.Msg(Kind.START, "new-life", "c", "node:n1", None,
+                     {"kind": "counter", "incarnation": newer, "since": newer})
+    node._on_start(start, None)                      # a spawn of the name anew lands here
+    await c.run(_until(lambda: "c" in node.runners and node.runners["c"].incarnation == newer
+                       and node.runners["c"].status == "running", 2000))
+    assert node.runners["c"].agent.state == {"value": 0}
+    with pytest.raises(NoSuchAgent):
+        await queued
+    await c.close()
