@@ -17,36 +17,35 @@ class TokenBucket:
     def __init__(self, rate: float, burst: float, now: float):
         self.rate, self.burst, self.tokens, self.last = rate, burst, burst, now
 
+    def refill(self, now: float) -> None:
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+
     def take(self, now: float) -> bool:
         """One token if there is one (rate 0 means unlimited)."""
         if self.rate <= 0:
             return True
-        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
-        self.last = now
+        self.refill(now)
         if self.tokens >= 1:
             self.tokens -= 1
             return True
         return False
 
 
-class DecodeBudget:
-    """Seconds of decoding a peer may cost: `share` per second, `burst` at once.
+class DecodeBudget(TokenBucket):
+    """Seconds of decoding a peer may cost: `rate` (a share) per second, `burst` at once.
 
     Decoding is charged after the fact (its cost is known only then), so a peer may run
     into debt; while in debt its frames are dropped without being read."""
 
-    __slots__ = ("share", "burst", "seconds", "last")
-
-    def __init__(self, share: float, burst: float, now: float):
-        self.share, self.burst, self.seconds, self.last = share, burst, burst, now
+    __slots__ = ()
 
     def allows(self, now: float) -> bool:
-        self.seconds = min(self.burst, self.seconds + (now - self.last) * self.share)
-        self.last = now
-        return self.seconds > 0
+        self.refill(now)
+        return self.tokens > 0
 
     def charge(self, cost: float) -> None:
-        self.seconds -= cost
+        self.tokens -= cost
 
 
 class Peer:

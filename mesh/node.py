@@ -339,32 +339,34 @@ class Node:
 
     def _on_request(self, origin: Origin, frame: bytes | None) -> int:
         """Handle one frame; returns how many messages it held."""
+        # whose limits this frame spends (None: not limited), worked out once per frame
+        key = None if origin is None or not self._limited(origin) else self._limit_key(origin)
         if frame is None:
-            self._dispatch(ProtocolError("a request must be exactly one frame"), origin)
+            self._dispatch(ProtocolError("a request must be exactly one frame"), origin, key)
             return 1
-        if origin is None or not self._limited(origin):
+        if key is None:
             try:
                 msg = wire.decode(frame, self.limits.max_message_bytes)
             except ProtocolError as exc:
-                self._dispatch(exc, origin)
+                self._dispatch(exc, origin, key)
                 return 1
         else:
-            msg = self._decode_from_peer(origin, frame)
+            msg = self._decode_from_peer(origin, frame, key)
             if msg is None:
                 return 1
         self._schedule_flush()
         if msg.kind == Kind.BATCH and self._permitted(msg, origin):
             for item in msg.body:
-                self._dispatch(item, origin)
+                self._dispatch(item, origin, key)
             return len(msg.body)
-        self._dispatch(msg, origin)
+        self._dispatch(msg, origin, key)
         return 1
 
-    def _decode_from_peer(self, origin: bytes, frame) -> "wire.Msg | None":
+    def _decode_from_peer(self, origin: bytes, frame, key) -> "wire.Msg | None":
         """Decode a frame of a peer that is no authenticated node, within its budget of
         decoding time and with its arrays and maps bounded (a million-key map within the
         size limit takes a second). A peer in debt has its frames dropped unread."""
-        key, now = self._limit_key(origin), self.clock.now()
+        now = self.clock.now()
         limits = self.peer_limits
         if not limits.may_decode(key, now):
             self.stats["over_decode_budget"] += 1
@@ -378,7 +380,7 @@ class Node:
             msg = wire.decode(frame, self.limits.max_message_bytes, elements)
         except ProtocolError as exc:
             limits.charge_decode(key, time.perf_counter() - started)
-            self._dispatch(exc, origin)
+            self._dispatch(exc, origin, key)
             return None
         limits.charge_decode(key, time.perf_counter() - started)
         return msg
@@ -397,17 +399,18 @@ class Node:
                         who if isinstance(who, str) else who.hex(), what, entry[1])
             entry[0], entry[1] = now, 0
 
-    def _dispatch(self, msg: "wire.Msg | ProtocolError", origin: Origin) -> None:
-        """One request: the peer's limits, then its validity and role, then its handler.
-        Every request with an id that is admitted gets exactly one answer."""
+    def _dispatch(self, msg: "wire.Msg | ProtocolError", origin: Origin, key) -> None:
+        """One request: the peer's limits (`key`: whose, None if it has none), then its
+        validity and role, then its handler. Every request with an id that is admitted
+        gets exactly one answer."""
         self.stats["in"] += 1
         bad = type(msg) is ProtocolError
         rid = msg.request_id if bad else msg.id
-        if origin is not None and self._limited(origin):
-            problem = self.peer_limits.admit(self._limit_key(origin), rid is not None, self.clock.now())
+        if key is not None:
+            problem = self.peer_limits.admit(key, rid is not None, self.clock.now())
             if problem is not None:
                 self.stats["over_limit"] += 1
-                self._log_refusal(self._limit_key(origin), "is over its limits: answered Busy")
+                self._log_refusal(key, "is over its limits: answered Busy")
                 if rid is not None:
                     self._respond(origin, wire.error(rid, error_to_wire(Busy(problem))), counted=False)
                 return
@@ -735,8 +738,7 @@ class Node:
             if failed is not None:
                 response = error_response(_store_error(failed))
             elif runner.name in outcome.failed:
-                response = error_response(BadRequest(f"{runner.name!r}: the store refused its record: "
-                                                     f"{outcome.failed[runner.name]}"))
+                response = error_response(_refused(runner.name, outcome.failed[runner.name]))
             elif runner.name in outcome.unreplicated:
                 response = error_response(Unavailable(f"{runner.name!r}: {outcome.unreplicated[runner.name]}"))
             elif runner.name in group.void or runner.superseded:
@@ -778,8 +780,7 @@ class Node:
                 continue
             if self.runners.get(runner.name) is runner and runner.status == RUNNING:
                 self.stats["rollbacks"] += 1
-                err = _store_error(failed) if failed is not None else BadRequest(
-                    f"{runner.name!r}: the store refused its record: {outcome.failed[runner.name]}")
+                err = _store_error(failed) if failed is not None else _refused(runner.name, outcome.failed[runner.name])
                 if not runner.rollback(err, [r[0] for r in group.batch.replies.get(runner.name, ())]):
                     runner.last_state = None  # nothing durable to go back to: a restart reads the store
                     runner.crash(failed or StoreError(outcome.failed[runner.name]), supervision.LOST)
@@ -812,9 +813,9 @@ class Node:
             group.replies = [item for item in group.replies if item[0] is not runner]
         group.effects = [item for item in group.effects if item[0] is not runner]
         runner.pending_group = None
-        frame_of = error_response(err)
+        response = error_response(err)
         for _, origins, rid, _ in mine:
-            frame = wire.response_frame(rid, frame_of)
+            frame = wire.response_frame(rid, response)
             for origin in origins:
                 self._respond(origin, frame)
 
@@ -1335,6 +1336,12 @@ def _store_error(failed: StoreError) -> CallError:
     the cause. Safe to repeat with the same request id, but not at once: the caller's
     library hands it over instead of retrying (a full disk is mended by freeing space)."""
     return Unavailable(f"the store could not commit: {failed}", {"disk_full": failed.disk_full, "retry": False})
+
+
+def _refused(name: str, why: str) -> CallError:
+    """What a caller hears when the store refused the record of its agent (never retried:
+    the same record would be refused again)."""
+    return BadRequest(f"{name!r}: the store refused its record: {why}")
 
 
 class _Waiter:

@@ -115,11 +115,7 @@ class Runner:
             # reply of a call whose commit failed; the next incarnation's window is the store's
             recorded = self.window.get(rid) if self.status == RUNNING else None
             if recorded is not None:
-                if recorded[3] is not None and recorded[3] != wire.digest(msg.body) and not _rerun(env):
-                    self.node.send_response(self, [env.origin], rid, error_response(_reused(rid)))
-                    return
-                self.node.stats["replayed"] += 1
-                self.node.send_response(self, [env.origin], rid, recorded[0])
+                self.node.send_response(self, [env.origin], rid, self._replay(env, recorded))
                 return
             joined = self.inflight.get(rid)
             if joined is not None:
@@ -149,10 +145,8 @@ class Runner:
         while self.mailbox and not self.busy:
             env = self.mailbox.popleft()
             if env.msg.kind == Kind.CALL and env.msg.id in self.window:
-                self.node.stats["replayed"] += 1  # waited here while an earlier attempt committed
-                recorded = self.window[env.msg.id]
-                same = recorded[3] is None or recorded[3] == wire.digest(env.msg.body) or _rerun(env)
-                self._answer(env, recorded[0] if same else error_response(_reused(env.msg.id)))
+                # waited here while an earlier attempt committed
+                self._answer(env, self._replay(env, self.window[env.msg.id]))
                 continue
             if env.msg.kind == Kind.CALL and self.clock.now() > env.deadline:
                 # its caller has given up; running it now would only surprise
@@ -370,6 +364,15 @@ class Runner:
         unsaved, forgotten = self.unsaved, self.forgotten
         self.unsaved, self.forgotten = [], []
         return unsaved, forgotten
+
+    def _replay(self, env: Envelope, recorded: tuple) -> bytes:
+        """The answer to a repeat of a recorded request id: the recorded response, or a
+        refusal when the repeat asks for something else (an id names one request)."""
+        digest = recorded[3]
+        if digest is None or _rerun(env) or digest == wire.digest(env.msg.body):
+            self.node.stats["replayed"] += 1
+            return recorded[0]
+        return error_response(_reused(env.msg.id))
 
     def _same_request(self, rid: str, body: Any) -> bool:
         """Whether a repeat of `rid` that arrives while the first is queued or in hand asks

@@ -329,6 +329,7 @@ class _Backlogs:
         self.fds: dict[bytes, int] = {}
         # route -> [bytes handed to ZeroMQ since the last look, bytes handed in all, acked at the start]
         self.conns: dict[bytes, list[int]] = {}
+        self.over: set[bytes] = set()  # routes whose answers were refused: looked at when they send
 
     def learn(self, route: bytes, payload: zmq.Frame) -> bool:
         """Note the connection of `route`; True when its requests are to be left unread."""
@@ -337,6 +338,7 @@ class _Backlogs:
                 old = next(iter(self.fds))
                 self.fds.pop(old)
                 self.conns.pop(old, None)
+                self.over.discard(old)
             try:
                 fd = payload.get(zmq.SRCFD)
             except zmq.ZMQError:
@@ -345,8 +347,13 @@ class _Backlogs:
             acked = _tcp_info(fd, _TCPI_BYTES_ACKED) if fd >= 0 else None
             if acked is not None and self.limit > 0:
                 self.conns[route] = [0, 0, acked]
+        if route not in self.over:  # the usual case: no look at the connection per message
+            return False
         entry = self.conns.get(route)
-        return entry is not None and self._behind(route, entry) > self.limit
+        if entry is None or self._behind(route, entry) + LOOK_EVERY <= self.limit:
+            self.over.discard(route)  # it caught up (or is gone): room for answers again
+            return False
+        return True
 
     def may_send(self, route: bytes, size: int) -> bool:
         entry = self.conns.get(route)
@@ -358,6 +365,7 @@ class _Backlogs:
             return True
         entry[0] = 0
         if self._behind(route, entry) + size > self.limit:
+            self.over.add(route)
             return False  # not handed over: not counted
         entry[1] += size
         return True
@@ -366,6 +374,7 @@ class _Backlogs:
         acked = _tcp_info(self.fds.get(route, -1), _TCPI_BYTES_ACKED)
         if acked is None:  # the connection is gone (or its descriptor was reused)
             self.conns.pop(route, None)
+            self.over.discard(route)
             return 0
         return entry[1] - (acked - entry[2])
 
