@@ -969,6 +969,7 @@ class Node:
         cls = self.kind_class(body["kind"])
         if old is not None and old.last_state is not None:
             seq, state, window, mailbox, inflight = old.seq, old.last_state, old.window, old.mailbox, old.inflight
+            waiting = old.waiting
             restarts = old.restarts + 1
             log.info("node %s: %s incarnation %d starts from incarnation %d's last state (seq %d)",
                      self.name, name, inc, old.incarnation, seq)
@@ -983,10 +984,11 @@ class Node:
                                     {"incarnation": record.incarnation})
             seq, state = (record.seq, record.state) if record else (0, msgpack.packb(None))
             window = OrderedDict((reply[0], reply[1:]) for reply in replies)
-            mailbox, inflight = (old.mailbox, old.inflight) if old is not None else (None, {})
+            mailbox, inflight, waiting = (old.mailbox, old.inflight, old.waiting) if old is not None else (None, {}, {})
             restarts = old.restarts + 1 if old is not None else 0
         runner = Runner(self, name, body["kind"], body.get("args") or {}, inc)
         runner.seq, runner.mailbox, runner.inflight, runner.restarts = seq, mailbox, inflight, restarts
+        runner.waiting = waiting
         runner.supervisor = body.get("supervisor")
         runner.replicas = tuple(h for h in body.get("replicas") or () if h in self.config.hosts and h != self.spec.host)
         if window is not None:

@@ -55,9 +55,9 @@ class Runner:
     __slots__ = (
         "node", "name", "kind", "args", "agent", "incarnation", "seq", "status", "mailbox",
         "inflight", "window", "unsaved", "forgotten", "last_state", "pending_group", "effects", "stop_reason",
-        "task", "started_at", "handled", "restarts", "_current_rid", "_nested", "supervisor",
+        "task", "started_at", "handled", "restarts", "_current_rid", "_parent", "_nested", "supervisor",
         "interrupted", "replicas", "superseded", "durable", "_rollback_error", "time_base", "time_started",
-        "_running",
+        "_running", "waiting",
     )
 
     def __init__(self, node: "Node", name: str, kind: str, args: dict, incarnation: int):
@@ -68,6 +68,9 @@ class Runner:
         self.status = STARTING
         self.mailbox: deque[Envelope] | None = None
         self.inflight: dict[str, list] = {}
+        # rid -> other requests under an id whose first request is in hand: they wait for
+        # it, since only a recorded reply can show the id is taken (see _release_waiting)
+        self.waiting: dict[str, list[Envelope]] = {}
         # rid -> (response, agent time recorded, kept at least until, request digest)
         self.window: OrderedDict[str, tuple[bytes, float, float, bytes | None]] = OrderedDict()
         self.unsaved: list[tuple] = []  # replies recorded since the last commit (store.Reply)
@@ -85,7 +88,8 @@ class Runner:
         self.started_at = 0.0
         self.handled = 0
         self.restarts = 0
-        self._current_rid: str | None = None
+        self._current_rid: str | None = None   # the id its nested calls' ids derive from ...
+        self._parent: list[Envelope] = []         # ... with the requests (bodies) it names
         self._nested = 0
         self.supervisor: str | None = None
         self.interrupted = False
@@ -119,10 +123,10 @@ class Runner:
                 return
             joined = self.inflight.get(rid)
             if joined is not None:
-                if not self._same_request(rid, msg.body) and not _rerun(env):
-                    self.node.send_response(self, [env.origin], rid, error_response(_reused(rid)))
-                    return
-                joined.append(env.origin)
+                if _rerun(env) or self._same_request(rid, msg.body):
+                    joined.append(env.origin)
+                else:
+                    self._wait_for_first(env)
                 return
         if self.busy or self.mailbox:
             if self.mailbox is None:
@@ -163,6 +167,7 @@ class Runner:
             self._handle_batch(env)
             return
         self._current_rid = msg.id if msg.kind == Kind.CALL else None
+        self._parent = [env]
         self._nested = 0
         self.effects = []
         self.handled += 1
@@ -203,6 +208,7 @@ class Runner:
         rids = sorted(e.msg.id for e in envs)
         self._current_rid = rids[0] if len(rids) == 1 else "batch:" + hashlib.blake2b(
             "\0".join(rids).encode(), digest_size=12).hexdigest()
+        self._parent = envs
         self._nested = 0
         self.effects = []
         self.handled += len(envs)
@@ -383,8 +389,45 @@ class Runner:
         return True
 
     def _answer(self, env: Envelope, response: bytes) -> None:
-        origins = self.inflight.pop(env.msg.id, None) or [env.origin]
-        self.node.send_response(self, origins, env.msg.id, response)
+        rid = env.msg.id
+        origins = self.inflight.pop(rid, None) or [env.origin]
+        self.node.send_response(self, origins, rid, response)
+        if self.waiting:
+            self._release_waiting(rid)
+
+    def _wait_for_first(self, env: Envelope) -> None:
+        """Another request under the id of one in hand: it may be refused only once the
+        first has recorded a reply (a refusal resting on a request that then crashes would
+        stand while a later copy of the refused request runs), so it waits for that."""
+        if sum(map(len, self.waiting.values())) >= self.node.limits.mailbox:
+            self.node.stats["mailbox_full"] += 1
+            err = Busy(f"mailbox of {self.name!r} is full ({self.node.limits.mailbox})")
+            self.node.send_response(self, [env.origin], env.msg.id, error_response(err))
+            return
+        self.waiting.setdefault(env.msg.id, []).append(env)
+
+    def _release_waiting(self, rid: str) -> None:
+        """The first request under `rid` was answered. If it recorded a reply, each waiting
+        request is a repeat or a refusal, sent once that reply is committed; if not, the
+        id is free and the next in line goes first in the mailbox as if it came now."""
+        waiting = self.waiting.pop(rid, None)
+        if not waiting:
+            return
+        recorded = self.window.get(rid)
+        if recorded is not None:
+            for env in waiting:
+                self.node.send_response(self, [env.origin], rid, self._replay(env, recorded))
+            return
+        first = waiting[0]
+        self.inflight[rid] = [first.origin]
+        if self.mailbox is None:
+            self.mailbox = deque()
+        self.mailbox.appendleft(first)
+        for env in waiting[1:]:
+            if env.msg.body == first.msg.body:
+                self.inflight[rid].append(env.origin)
+            else:
+                self.waiting.setdefault(rid, []).append(env)
 
     def _crash(self, envs: list[Envelope], exc: BaseException, how: str) -> None:
         reason = f"{type(exc).__name__}: {exc}"[:500]
@@ -460,7 +503,9 @@ class Runner:
                     self.node.stats["casts_dropped"] += 1
         for rid, origins in self.inflight.items():
             self.node.send_response(self, origins, rid, error_response(make_error()))
-        self.inflight = {}
+        for rid, envs in self.waiting.items():
+            self.node.send_response(self, [env.origin for env in envs], rid, error_response(make_error()))
+        self.inflight, self.waiting = {}, {}
 
     # --- services for Agent ----------------------------------------------------------------
 
@@ -468,9 +513,16 @@ class Runner:
         if self._current_rid is None:
             return None
         self._nested += 1
-        # scoped by this agent's name: two agents handling requests that share an id must
-        # not make calls that share one
-        return derived_id(f"{self.name}/{self._current_rid}", self._nested)
+        if self._nested == 1:
+            # scoped by this agent's name and the request's body: two agents handling
+            # requests that share an id, or two requests that took one id in turn (the
+            # first left nothing), must not make calls that share one; a rerun of the same
+            # request derives the same ids
+            bodies = hashlib.blake2b(digest_size=6)
+            for env in sorted(self._parent, key=lambda e: e.msg.id):
+                bodies.update(wire.digest(env.msg.body))
+            self._current_rid = f"{self.name}/{self._current_rid}/{bodies.hexdigest()}"
+        return derived_id(self._current_rid, self._nested)
 
     async def call_out(self, name: str, msg: Any, timeout: float | None) -> Any:
         timeout = timeout if timeout is not None else self.node.timing.call_timeout_s

@@ -82,6 +82,11 @@ class Child:
     # its name older than this is an earlier agent's (one stopped while a host that holds
     # a copy was down), never its state. 0: no such bound (static children).
     born: int = 0
+    # The request id of the spawn that made a dynamic child (kept with its record), so a
+    # retry of that spawn is answered with its outcome, and who waits for that outcome
+    # while it is under way (None once answered).
+    spawn_rid: str | None = None
+    spawn_waiters: list | None = None
 
 
 @dataclass
@@ -155,13 +160,14 @@ class SupervisorRole:
                 spec = ChildSpec(d["name"], d["kind"], d.get("args") or {}, d.get("restart", "permanent"))
                 parent = d.get("parent", self.config.dynamic_supervisor)
                 born = int(d.get("born", 0))
+                rid = d.get("rid")
             except Exception as exc:
                 log.error("supervisor: skipping unreadable dynamic child %s: %s", key, exc)
                 continue
             if parent not in self.sups or spec.name in self.children:
                 log.error("supervisor: dynamic child %s names unknown supervisor %s", spec.name, parent)
                 continue
-            self.children[spec.name] = Child(spec, parent, dynamic=True, born=born)
+            self.children[spec.name] = Child(spec, parent, dynamic=True, born=born, spawn_rid=rid)
             self.sups[parent].children.append(spec.name)
         for key, raw in store.meta_items(_PLACE_PREFIX):
             child = self.children.get(key[len(_PLACE_PREFIX):])
@@ -877,6 +883,10 @@ class SupervisorRole:
             raise Unavailable("the supervisor is still learning what runs where")
         if self.tree_failed:
             raise SupervisorDown(f"cannot spawn {name!r}: {self.failure}")
+        existing = self.children.get(name)
+        if existing is not None and existing.spawn_rid == msg.id:
+            self._spawn_again(existing, body, parent, origin, msg.id)
+            return
         if name in self._unstopped:
             raise Unavailable(f"the stop of {name!r} is not confirmed yet (its node could not carry it out): "
                               f"stop it again before spawning the name")
@@ -890,19 +900,35 @@ class SupervisorRole:
         if sup is None or not sup.spec.dynamic:
             raise BadRequest(f"{parent!r} is not a dynamic supervisor")
         spec = ChildSpec(name, kind, body.get("args") or {}, body.get("restart") or "permanent")
-        child = Child(spec, parent, dynamic=True, born=self._new_incarnation())
+        child = Child(spec, parent, dynamic=True, born=self._new_incarnation(), spawn_rid=msg.id,
+                      spawn_waiters=[origin])
         self.children[name] = child
         sup.children.append(name)
-        self._spawn(self._spawn_child(child, origin, msg.id))
+        self._spawn(self._spawn_child(child, msg.id))
 
-    async def _spawn_child(self, child: Child, origin: Origin, rid: str) -> None:
+    def _spawn_again(self, child: Child, body: dict, parent: str, origin: Origin, rid: str) -> None:
+        """A retry of the spawn that made `child` (its answer was lost): it gets that
+        spawn's outcome, at once or when the spawn ends; a reused id is refused."""
+        spec = child.spec
+        if (body["kind"], body.get("args") or {}, body.get("restart") or "permanent", parent) != (
+                spec.kind, spec.args, spec.restart, child.parent):
+            raise BadRequest(f"request id {rid!r} was used before for a different request: "
+                             f"a request id names one request (use a new id for a new one)")
+        if child.spawn_waiters is not None:
+            child.spawn_waiters.append(origin)
+        elif child.status == RUNNING and child.node is not None:
+            self.node.respond(origin, rid, _placed(child))
+        else:
+            raise Unavailable(f"{child.spec.name!r} was spawned and is (re)starting now")
+
+    async def _spawn_child(self, child: Child, rid: str) -> None:
         spec = child.spec
         forgetting = self._forgetting.get(spec.name)
         if forgetting is not None:  # an earlier agent of this name exited for good: its state goes first
             await asyncio.shield(forgetting)
         key = _DYNAMIC_PREFIX + spec.name
         record = {"name": spec.name, "kind": spec.kind, "args": spec.args, "restart": spec.restart, "parent": child.parent,
-                  "born": child.born}
+                  "born": child.born, "rid": rid}
         # Its own start follows the commit: nothing else (a placement pass, a node's hello)
         # may start it meanwhile, or this start would find one under way, call itself
         # failed and forget a child whose incarnation runs on (issue 21).
@@ -916,13 +942,16 @@ class SupervisorRole:
             err = await self._start_child(child)
         if err is None and child.status != RUNNING:
             err = Unavailable(f"no live node may run {spec.name!r} now")
+        waiters, child.spawn_waiters = child.spawn_waiters or [], None
         if err is not None:
             self._forget_dynamic(child)
             self.table.remove(spec.name)
             self._schedule_registry()
-            self.node.respond_error(origin, rid, err)
+            for origin in waiters:
+                self.node.respond_error(origin, rid, err)
             return
-        self.node.respond(origin, rid, {"name": spec.name, "node": child.node, "incarnation": child.incarnation})
+        for origin in waiters:
+            self.node.respond(origin, rid, _placed(child))
 
     def _forget_dynamic(self, child: Child) -> None:
         if self.children.get(child.spec.name) is child:
@@ -1052,3 +1081,6 @@ class SupervisorRole:
     def _spawn(self, coro) -> None:
         self.node._spawn(coro)
 
+
+def _placed(child: Child) -> dict:
+    return {"name": child.spec.name, "node": child.node, "incarnation": child.incarnation}

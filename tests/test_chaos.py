@@ -100,4 +100,5 @@ def test_three_hosts_under_every_fault_lose_nothing(tmp_path):
     assert "clock skew   h1 +0 s, h2 +600 s, h3 -300 s" in report
     faults = assert_counts_match_the_history(tmp_path, report)
     assert {e["fault"] for e in faults if e["injected"]} & {"cut", "host", "loss"}, report  # faults of hosts too
-    assert re.search(r"^  kill .*\(goal 0.5 s: not judged\)", report, re.M), report
+    # which node a kill hits depends on timing as well as the seed: either row will do
+    assert re.search(r"^  kill(:supervisor)? .*\(goal 0.5 s: not judged\)", report, re.M), report

@@ -417,3 +417,57 @@ async def test_a_name_spawned_again_takes_nothing_that_waited_for_its_earlier_ag
     with pytest.raises(NoSuchAgent):
         await queued
     await c.close()
+
+
+async def test_a_request_under_an_id_in_hand_waits_for_the_first_instead_of_being_refused(cluster_factory):
+    """Seen in the 30-minute soak: a request was refused as a reused id, yet its value was
+    appended. The refusal rested on a first request still in hand, which then recorded
+    nothing (it crashed); a later copy of the refused request (an attempt that had waited
+    on a link) then ran. A refusal now rests only on a recorded, committed reply: while the
+    first is in hand the other waits, and runs if the first leaves nothing under the id."""
+    from mesh.errors import BadRequest
+    c = await cluster_factory()
+    m = c.client()
+    await m.spawn("r", "relay")
+    placed = await m.spawn("c1", "counter")
+    held, release = hold(c.nodes[placed["node"]], Kind.CALL)
+    first = asyncio.ensure_future(m.call(
+        "r", {"to": "c1", "msg": {"op": "add", "n": 1}, "then_crash": True}, request_id="same"))
+    await c.run(_until(lambda: held))                  # the first is in the relay's hands
+    other = {"to": "c1", "msg": {"op": "add", "n": 10}}
+    second = asyncio.ensure_future(c.client().call("r", other, request_id="same"))  # another caller
+    await c.settle()
+    release()
+    with pytest.raises(AgentCrashed):
+        await first                                    # it recorded nothing under "same"
+    assert await second == 11                          # so the second ran, once
+    assert await m.call("r", other, request_id="same") == 11    # a late copy gets its reply
+    with pytest.raises(BadRequest, match="different request"):  # and a third body is refused
+        await m.call("r", {"to": "c1", "msg": {"op": "get"}}, request_id="same")
+    assert await m.call("c1", {"op": "get"}) == 11
+    await c.close()
+
+
+async def test_a_spawn_retried_with_its_request_id_gets_that_spawns_outcome(cluster_factory):
+    """Seen in the soak: a spawn whose answer was lost was sent again with its request id
+    while the first was under way; the retry was told AlreadyExists, then the first failed
+    and the name was gone. A retry of a spawn now joins it, or gets its answer."""
+    from mesh.errors import BadRequest
+    c = await cluster_factory()
+    sup = c.cfg.supervisor_node
+    body = {"name": "s", "kind": "counter", "args": {}, "restart": "permanent"}
+    held = [hold(n, Kind.START) for n in c.nodes.values()]
+    first = asyncio.ensure_future(c.client().caller.request(sup, Kind.SPAWN, None, body, 5, rid="sp-1"))
+    await c.run(_until(lambda: any(h for h, _ in held)))  # its start is under way
+    retry = asyncio.ensure_future(c.client().caller.request(sup, Kind.SPAWN, None, body, 5, rid="sp-1"))
+    await c.settle()
+    for _, release in held:
+        release()
+    placed = await first
+    assert await retry == placed
+    late = await c.client().caller.request(sup, Kind.SPAWN, None, body, 5, rid="sp-1")
+    assert late == placed                                  # after the fact too
+    other = dict(body, kind="ledger")
+    with pytest.raises(BadRequest, match="different request"):
+        await c.client().caller.request(sup, Kind.SPAWN, None, other, 5, rid="sp-1")
+    await c.close()
