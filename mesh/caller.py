@@ -5,8 +5,8 @@ hosts the name; then, until its deadline:
 
     reply                        -> done
     error Moved(node)            -> learn the new place, send there at once
-    error AgentDown/Unavailable  -> wait until the name is placed again, send there
-                                    (unless the error says {"retry": false}: raised as is)
+    error Retryable              -> wait until the name is placed again, send there
+    (AgentDown, Unavailable)        (unless the error says {"retry": false}: raised as is)
     the node's link went down    -> same (a killed node is seen at once, see transport)
     no answer for `recheck_s`    -> watch (a WHEREIS long-poll at another node) for the
                                     agent to get a newer incarnation; send there when it
@@ -32,15 +32,11 @@ from typing import Any, Callable, Protocol
 
 from . import wire
 from .clock import Backoff, Clock
-from .errors import (AgentDown, BadRequest, CallError, CallTimeout, Moved, NoSuchAgent, NotAllowed,
-                     ProtocolError, Unavailable, error_from_wire)
+from .errors import (BadRequest, CallError, CallTimeout, LinkDown, Moved, NoSuchAgent, NotAllowed,
+                     ProtocolError, Retryable, Unavailable, error_from_wire)
 from .wire import Kind
 
 RECHECK_S = 0.5       # a call quiet this long starts watching for its agent to move
-
-
-class LinkDown(AgentDown):
-    """The connection to the node that had the request went down."""
 
 
 class _Recheck(Exception):
@@ -279,8 +275,8 @@ class Caller:
                     elif where == node:
                         watch = True  # the supervisor may not know yet: watch for a move at once
                     fail_fast, node, inc = where != node, where, newer
-                except (AgentDown, Unavailable) as down:
-                    if down.data.get("retry") is False:
+                except Retryable as down:
+                    if not down.retryable:
                         raise  # the agent is where it was; trying again at once would fail the same way
                     node, inc = await self._relocate(name, inc, deadline, None, down)
                     fail_fast = True
@@ -303,7 +299,7 @@ class Caller:
         other than `node`); None if that does not happen before the deadline."""
         try:
             return await self.resolver.locate(self, name, inc, deadline, node)
-        except (CallTimeout, AgentDown, Unavailable, NoSuchAgent, NotAllowed):
+        except (CallTimeout, Retryable, NoSuchAgent, NotAllowed):
             return None
 
     def cast(self, name: str, body: Any, kind: Kind = Kind.CAST) -> None:
@@ -367,7 +363,7 @@ class ClientResolver:
                                             wait + 0.5 if remaining > wait + 0.5 else remaining)
             except NoSuchAgent:
                 raise
-            except (AgentDown, Unavailable, CallTimeout) as err:
+            except (Retryable, CallTimeout) as err:
                 avoid = node
                 if not isinstance(err, CallTimeout):  # a timeout has waited its share already
                     await backoff.wait(deadline, caller.link_up())

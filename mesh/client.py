@@ -23,7 +23,7 @@ from typing import Any, Callable
 from .caller import Caller, ClientResolver
 from .clock import Backoff, Clock
 from .config import Config, load
-from .errors import AgentDown, CallError, CallTimeout, Unavailable
+from .errors import CallError, CallTimeout, Retryable, Unavailable
 from .network import ZmqNetwork
 from .security import Security, client_keypair
 from .wire import Kind
@@ -139,8 +139,8 @@ class Client:
                 raise CallTimeout(f"{kind.name.lower()} got no answer within {timeout:g}s")
             try:
                 return await self.caller.request(node, kind, target, body, remaining, rid=rid)
-            except (AgentDown, Unavailable) as err:
-                if remaining < 0.2:
+            except Retryable as err:
+                if remaining < 0.2 or not err.retryable:
                     raise err
                 node = self.resolver.any_node(avoid=node)
                 # the supervisor is (re)starting, or no node is reachable: wait, then again

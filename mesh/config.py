@@ -584,7 +584,7 @@ def _complete_tree(path: str, tree: dict[str, SupervisorSpec], agents: dict[str,
     else:
         orphans = [n for n in list(tree) + list(agents) if n not in listed and n != "root"]
         if orphans:
-            raise ConfigError(path, f"tree.root.children", f"{orphans[0]!r} is under no supervisor")
+            raise ConfigError(path, "tree.root.children", f"{orphans[0]!r} is under no supervisor")
     # a cycle would leave some node unreachable from root
     seen, todo = set(), ["root"]
     while todo:

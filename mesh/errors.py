@@ -4,21 +4,25 @@
     ├── ConfigError          a config file is wrong: names the file, the key and the reason
     ├── ProtocolError        bytes off a socket are not a valid message (never reaches an agent)
     ├── StoreError           LMDB failed or holds something unreadable
-    │   ├── SnapshotCorrupt  one agent's snapshot cannot be decoded (names the agent)
-    │   └── Fenced           a write from an incarnation older than the stored one
+    │   └── SnapshotCorrupt  one agent's snapshot cannot be decoded (names the agent)
     └── CallError            what a caller gets back instead of a reply
+        ├── Retryable        the same request may succeed later: wait, then send it again
+        │   ├── AgentDown    the agent is not running now (restarting or moving)
+        │   │   └── LinkDown the connection to its node is down (inside the caller)
+        │   ├── Unavailable  the mesh cannot serve it now (store or supervisor down)
+        │   └── Moved        the agent lives on another node (inside the caller, carries where)
         ├── NoSuchAgent      no agent has that name
         ├── AlreadyExists    spawn of a name that is already taken
-        ├── AgentDown        the agent is not running now (restarting or moving); retryable
         ├── AgentCrashed     the handler raised; names the exception
         ├── CallTimeout      no reply before the deadline
         ├── Busy             a mailbox or a per-peer limit is full
         ├── NotAllowed       a kind or an operation that the config does not allow
         ├── BadRequest       the request itself is malformed
-        ├── Unavailable      the mesh cannot serve it now (store or supervisor down); retryable
         ├── SupervisorDown   the supervision tree gave up (too many restarts): names the supervisor
-        ├── LLMError         a language-model API failed: status and a short reason
-        └── Moved            the agent lives on another node (used inside the caller, carries where)
+        └── LLMError         a language-model API failed: status and a short reason
+
+A write from an older incarnation than the stored one is not an error the store raises:
+it is reported per name in the commit's outcome (store.Outcome.fenced).
 
 Errors cross the wire as ``[type, message, data]``; ``error_from_wire`` rebuilds the
 same class on the caller's side, so ``except NoSuchAgent`` works across processes.
@@ -59,22 +63,28 @@ class SnapshotCorrupt(StoreError):
         super().__init__(f"snapshot of agent {name!r} is unreadable: {reason}")
 
 
-class Fenced(StoreError):
-    def __init__(self, name: str, incarnation: int, stored: int):
-        self.name, self.incarnation, self.stored = name, incarnation, stored
-        super().__init__(
-            f"agent {name!r}: incarnation {incarnation} is fenced by incarnation {stored}"
-        )
-
-
 class CallError(MeshError):
     """Raised to a caller. `data` carries machine-readable details across the wire."""
-
-    retryable = False
 
     def __init__(self, message: str = "", data: dict | None = None):
         self.data = data or {}
         super().__init__(message or type(self).__name__)
+
+    @property
+    def retryable(self) -> bool:
+        """Whether sending the same request again (same id, after a pause) may succeed."""
+        return False
+
+
+class Retryable(CallError):
+    """The request may succeed if sent again with its id: the agent is restarting or
+    moving, or the mesh cannot serve it now. Every retry decision (the caller's library,
+    the supervisor's starts) asks `retryable`, which an instance turns off with
+    `{"retry": false}` in its data when trying again would fail the same way (a full disk)."""
+
+    @property
+    def retryable(self) -> bool:
+        return self.data.get("retry") is not False
 
 
 class NoSuchAgent(CallError):
@@ -85,8 +95,13 @@ class AlreadyExists(CallError):
     pass
 
 
-class AgentDown(CallError):
-    retryable = True
+class AgentDown(Retryable):
+    pass
+
+
+class LinkDown(AgentDown):
+    """The connection to the node that had the request went down (the caller's own
+    verdict; never sent over the wire)."""
 
 
 class AgentCrashed(CallError):
@@ -109,8 +124,8 @@ class BadRequest(CallError):
     pass
 
 
-class Unavailable(CallError):
-    retryable = True
+class Unavailable(Retryable):
+    pass
 
 
 class SupervisorDown(CallError):
@@ -119,8 +134,8 @@ class SupervisorDown(CallError):
     The message names the supervisors that gave up. Not retryable."""
 
 
-class Moved(CallError):
-    retryable = True
+class Moved(Retryable):
+    pass
 
 
 class LLMError(CallError):

@@ -26,15 +26,14 @@ import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
 import msgpack
 
 from . import supervision as sv
 from . import wire
 from .clock import Backoff
-from .errors import (AgentCrashed, AgentDown, AlreadyExists, BadRequest, CallError, CallTimeout, NoSuchAgent,
-                     NotAllowed, SupervisorDown, Unavailable)
+from .errors import (AlreadyExists, BadRequest, CallError, CallTimeout, NoSuchAgent,
+                     NotAllowed, Retryable, SupervisorDown, Unavailable)
 from .node import Node, Origin
 from .registry import Table
 from .supervision import ChildSpec, SupervisorSpec
@@ -371,7 +370,7 @@ class SupervisorRole:
         environment's (no node, store full, timeouts), which is tried again later with
         backoff and counts against nobody's intensity."""
         log.warning("supervisor: starting %s failed: %s", child.spec.name, err)
-        if isinstance(err, (Unavailable, CallTimeout, AgentDown)):
+        if isinstance(err, (Retryable, CallTimeout)):
             child.status = PENDING
             child.backoff = min(max(child.backoff * 2, self.config.timing.heartbeat_s), MAX_START_BACKOFF_S)
             child.next_try = self.clock.now() + child.backoff
@@ -435,7 +434,7 @@ class SupervisorRole:
                 log.info("supervisor: starting %s on %s as %d: %s", name, node, inc, err)
                 at_least = int(err.data.get("incarnation", at_least))
                 continue
-            except (Unavailable, CallTimeout, AgentDown) as err:  # that node cannot take it now
+            except (Retryable, CallTimeout) as err:  # that node cannot take it now
                 log.warning("supervisor: starting %s on %s: %s", name, node, err)
                 if isinstance(err, CallTimeout):  # it may have started there all the same
                     self._spawn(self._terminate_instance(node, name, inc, "its start timed out"))

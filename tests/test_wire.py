@@ -96,3 +96,13 @@ def test_deep_nesting_is_a_protocol_error():
 ])
 def test_valid_name(name, ok):
     assert wire.valid_name(name) is ok
+
+
+def test_retry_decisions_ask_one_question():
+    from mesh.errors import (AgentDown, BadRequest, CallTimeout, LinkDown, Moved, Retryable, Unavailable,
+                             error_from_wire, error_to_wire)
+    for err in (AgentDown("x"), LinkDown("x"), Moved("x"), Unavailable("x")):
+        assert isinstance(err, Retryable) and err.retryable
+    full = error_from_wire(error_to_wire(Unavailable("disk full", {"retry": False})))
+    assert isinstance(full, Retryable) and not full.retryable   # trying again would fail the same way
+    assert not BadRequest("x").retryable and not CallTimeout("x").retryable
