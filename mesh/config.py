@@ -14,7 +14,7 @@ import os
 import re
 import tomllib
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -111,14 +111,19 @@ class LLMSettings:
         return url.hostname, port
 
 
+def _field_type(f) -> type:
+    """A dataclass field's type (annotations are strings under `from __future__ import annotations`)."""
+    return f.type if isinstance(f.type, type) else {"str": str, "float": float, "int": int, "bool": bool}[f.type]
+
+
 _LLM_ENV = {"base_url": "MESH_LLM_URL", "model": "MESH_LLM_MODEL", "embedding_model": "MESH_LLM_EMBEDDING_MODEL"}
 
 
 def _llm_settings(path: str, table: dict) -> LLMSettings:
     r = _Reader(path, "llm", table)
     values = {}
-    for f in LLMSettings.__dataclass_fields__.values():
-        typ = f.type if isinstance(f.type, type) else {"str": str, "float": float, "int": int, "bool": bool}[f.type]
+    for f in fields(LLMSettings):
+        typ = _field_type(f)
         check = _positive if typ in (int, float) and f.name != "max_retries" else None
         if f.name == "max_retries":
             check = _non_negative
@@ -327,22 +332,56 @@ def load(path: str | os.PathLike | None = None) -> Config:
 
 
 def parse(raw: dict, path: str = "<config>") -> Config:
+    """A validated Config from a TOML document: one reader per section, each default
+    written once (on the settings' dataclasses), every unknown key an error."""
     top = _Reader(path, "", raw)
     base = Path(path).resolve().parent
+    name, data_dir, secure, timing = _cluster(path, base, top.get("cluster", dict, {}))
+    limits = _limits(path, top.get("limits", dict, {}))
+    store = _store(path, top.get("store", dict, {}))
+    launcher = _launcher(path, top.get("launcher", dict, {}))
+    kinds = _kinds(path, top.get("kinds", dict, {}))
+    hosts = _hosts(path, top)
+    nodes = _nodes(path, top, hosts, secure)
+    supervisor_node, dynamic_name = _supervisor(path, top.get("supervisor", dict, {}), nodes)
+    tree = _tree(path, top)
+    agents = _agents(path, top, kinds, hosts)
+    tree = _complete_tree(path, tree, agents, dynamic_name)
+    llm = _llm_settings(path, top.get("llm", dict, {}))
+    security, nodes = _security(path, base, top.get("security", dict, {}), nodes, secure)
+    if not secure:
+        exposed = sorted(h.name for h in hosts.values() if not _loopback(h.address))
+        if exposed:
+            raise ConfigError(path, "cluster.secure", f"must be true: host {exposed[0]!r} listens beyond loopback, "
+                              "and without CURVE anyone who reaches its ports gets in")
+    top.done()
+    return Config(
+        path=str(Path(path).resolve()), name=name, data_dir=data_dir, timing=timing, limits=limits,
+        store=store, launcher=launcher, kinds=kinds, hosts=hosts, nodes=nodes,
+        supervisor_node=supervisor_node, dynamic_supervisor=dynamic_name, tree=tree,
+        agents=agents, llm=llm, secure=secure, security=security,
+    )
 
-    cluster = _Reader(path, "cluster", top.get("cluster", dict, {}))
+
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)
+
+
+def _cluster(path: str, base: Path, table: dict) -> tuple[str, str, bool, Timing]:
+    cluster = _Reader(path, "cluster", table)
     name = cluster.get("name", str, Path(path).stem, _name)
     data_dir = cluster.get("data_dir", str, "../var/" + name)
     data_dir = str((base / data_dir).resolve()) if not os.path.isabs(data_dir) else data_dir
     secure = cluster.get("secure", bool, False)
+    d = Timing
     timing = Timing(
-        heartbeat_s=cluster.get("heartbeat_ms", int, 250, _positive) / 1000,
-        liveness=cluster.get("liveness", int, 4, _positive),
-        lease_s=cluster.get("lease_ms", int, 750, _positive) / 1000,
-        call_timeout_s=cluster.get("call_timeout_s", float, 5.0, _between(0.001, 86_400)),
-        handler_timeout_s=cluster.get("handler_timeout_s", float, 60.0, _between(0.001, 86_400)),
-        served_log=cluster.get("served_log", bool, False),
-        unsafe_reply_before_commit=cluster.get("unsafe_reply_before_commit", bool, False),
+        heartbeat_s=cluster.get("heartbeat_ms", int, _ms(d.heartbeat_s), _positive) / 1000,
+        liveness=cluster.get("liveness", int, d.liveness, _positive),
+        lease_s=cluster.get("lease_ms", int, _ms(d.lease_s), _positive) / 1000,
+        call_timeout_s=cluster.get("call_timeout_s", float, d.call_timeout_s, _between(0.001, 86_400)),
+        handler_timeout_s=cluster.get("handler_timeout_s", float, d.handler_timeout_s, _between(0.001, 86_400)),
+        served_log=cluster.get("served_log", bool, d.served_log),
+        unsafe_reply_before_commit=cluster.get("unsafe_reply_before_commit", bool, d.unsafe_reply_before_commit),
     )
     cluster.done()
     if timing.unsafe_reply_before_commit:
@@ -353,47 +392,54 @@ def parse(raw: dict, path: str = "<config>") -> Config:
             "checker)", path)
     if timing.lease_s >= timing.dead_after_s:
         raise ConfigError(path, "cluster.lease_ms", f"must be shorter than heartbeat_ms x liveness ({timing.dead_after_s * 1000:.0f} ms), so a silent node's lease has run out before it is declared dead")
+    return name, data_dir, secure, timing
 
-    lim = _Reader(path, "limits", top.get("limits", dict, {}))
-    limits = Limits(
-        max_message_bytes=lim.get("max_message_bytes", int, Limits.max_message_bytes, _between(1024, 1 << 30)),
-        mailbox=lim.get("mailbox", int, Limits.mailbox, _positive),
-        dedup_window=lim.get("dedup_window", int, Limits.dedup_window, _non_negative),
-        dedup_s=lim.get("dedup_s", float, Limits.dedup_s, _positive),
-        dedup_min_s=lim.get("dedup_min_s", float, Limits.dedup_min_s, _non_negative),
-        batch=lim.get("batch", int, Limits.batch, _positive),
-        peer_rate=lim.get("peer_rate", float, Limits.peer_rate, _non_negative),
-        peer_burst=lim.get("peer_burst", float, Limits.peer_burst, _positive),
-        peer_open_requests=lim.get("peer_open_requests", int, Limits.peer_open_requests, _positive),
-        peer_decode_share=lim.get("peer_decode_share", float, Limits.peer_decode_share, _positive),
-        peer_decode_burst_s=lim.get("peer_decode_burst_s", float, Limits.peer_decode_burst_s, _positive),
-        max_elements=lim.get("max_elements", int, Limits.max_elements, _positive),
-        peer_out_bytes=lim.get("peer_out_bytes", int, Limits.peer_out_bytes, _non_negative),
-    )
+
+_LIMIT_CHECKS = {
+    "max_message_bytes": _between(1024, 1 << 30), "dedup_window": _non_negative, "dedup_min_s": _non_negative,
+    "peer_rate": _non_negative, "peer_out_bytes": _non_negative,
+}
+
+
+def _limits(path: str, table: dict) -> Limits:
+    lim = _Reader(path, "limits", table)
+    values = {f.name: lim.get(f.name, _field_type(f), f.default, _LIMIT_CHECKS.get(f.name, _positive))
+              for f in fields(Limits)}
     lim.done()
+    return Limits(**values)
 
-    st = _Reader(path, "store", top.get("store", dict, {}))
+
+def _store(path: str, table: dict) -> StoreSettings:
+    st, d = _Reader(path, "store", table), StoreSettings
     store = StoreSettings(
-        sync=st.get("sync", bool, True),
-        map_size_mb=st.get("map_size_mb", int, 1024, _between(1, 1 << 24)),
-        replicas=st.get("replicas", int, 0, _non_negative),
+        sync=st.get("sync", bool, d.sync),
+        map_size_mb=st.get("map_size_mb", int, d.map_size_mb, _between(1, 1 << 24)),
+        replicas=st.get("replicas", int, d.replicas, _non_negative),
     )
     st.done()
+    return store
 
-    la = _Reader(path, "launcher", top.get("launcher", dict, {}))
+
+def _launcher(path: str, table: dict) -> LauncherSettings:
+    la, d = _Reader(path, "launcher", table), LauncherSettings
     launcher = LauncherSettings(
-        max_restarts=la.get("max_restarts", int, 5, _non_negative),
-        period_s=la.get("period_s", float, 30.0, _positive),
+        max_restarts=la.get("max_restarts", int, d.max_restarts, _non_negative),
+        period_s=la.get("period_s", float, d.period_s, _positive),
     )
     la.done()
+    return launcher
 
-    kinds_table = top.get("kinds", dict, {})
+
+def _kinds(path: str, table: dict) -> dict[str, str]:
     kinds: dict[str, str] = {}
-    for short, target in kinds_table.items():
+    for short, target in table.items():
         if not isinstance(target, str) or target.count(":") != 1 or not all(target.split(":")):
             raise ConfigError(path, f"kinds.{short}", "must be an import path 'module:Class'")
         kinds[short] = target
+    return kinds
 
+
+def _hosts(path: str, top: _Reader) -> dict[str, Host]:
     hosts: dict[str, Host] = {}
     for hname, table in _tables(path, top.table, "hosts").items():
         r = _Reader(path, f"hosts.{hname}", table)
@@ -402,7 +448,10 @@ def parse(raw: dict, path: str = "<config>") -> Config:
     top.used.add("hosts")
     if not hosts:
         raise ConfigError(path, "hosts", "at least one host is required")
+    return hosts
 
+
+def _nodes(path: str, top: _Reader, hosts: dict[str, Host], secure: bool) -> dict[str, NodeSpec]:
     nodes: dict[str, NodeSpec] = {}
     seen_ports: dict[tuple[str, int], str] = {}
     for nname, table in _tables(path, top.table, "nodes").items():
@@ -421,31 +470,38 @@ def parse(raw: dict, path: str = "<config>") -> Config:
     top.used.add("nodes")
     if not nodes:
         raise ConfigError(path, "nodes", "at least one node is required")
+    return nodes
 
-    sup = _Reader(path, "supervisor", top.get("supervisor", dict, {}))
+
+def _supervisor(path: str, table: dict, nodes: dict[str, NodeSpec]) -> tuple[str, str]:
+    sup = _Reader(path, "supervisor", table)
     supervisor_node = sup.get("node", str, next(iter(nodes)))
     if supervisor_node not in nodes:
         raise ConfigError(path, "supervisor.node", f"no node named {supervisor_node!r}")
     dynamic_name = sup.get("dynamic", str, "dynamic", _name)
     sup.done()
+    return supervisor_node, dynamic_name
 
+
+def _tree(path: str, top: _Reader) -> dict[str, SupervisorSpec]:
     tree: dict[str, SupervisorSpec] = {}
+    d = SupervisorSpec
     for sname, table in _tables(path, top.table, "tree").items():
         r = _Reader(path, f"tree.{sname}", table)
-        strategy = r.get("strategy", str, "one_for_one", lambda s: None if s in STRATEGIES else f"must be one of {', '.join(STRATEGIES)}")
-        dynamic = r.get("dynamic", bool, False)
+        strategy = r.get("strategy", str, d.strategy, lambda s: None if s in STRATEGIES else f"must be one of {', '.join(STRATEGIES)}")
+        dynamic = r.get("dynamic", bool, d.dynamic)
         children = r.strings("children")
         if dynamic and (children or strategy != "one_for_one"):
             raise ConfigError(path, f"tree.{sname}", "a dynamic supervisor is one_for_one and lists no children")
-        backoff_s = r.get("backoff_s", float, 0.1, _non_negative)
-        backoff_max_s = r.get("backoff_max_s", float, max(5.0, backoff_s), _non_negative)
+        backoff_s = r.get("backoff_s", float, d.backoff_s, _non_negative)
+        backoff_max_s = r.get("backoff_max_s", float, max(d.backoff_max_s, backoff_s), _non_negative)
         if backoff_max_s < backoff_s:
             raise ConfigError(path, f"tree.{sname}.backoff_max_s", f"must be at least backoff_s ({backoff_s:g})")
         tree[sname] = SupervisorSpec(
             name=sname,
             strategy=strategy,
-            intensity=r.get("intensity", int, 3, _non_negative),
-            period_s=r.get("period_s", float, 5.0, _positive),
+            intensity=r.get("intensity", int, d.intensity, _non_negative),
+            period_s=r.get("period_s", float, d.period_s, _positive),
             children=children,
             dynamic=dynamic,
             backoff_s=backoff_s,
@@ -453,7 +509,10 @@ def parse(raw: dict, path: str = "<config>") -> Config:
         )
         r.done()
     top.used.add("tree")
+    return tree
 
+
+def _agents(path: str, top: _Reader, kinds: dict[str, str], hosts: dict[str, Host]) -> dict[str, ChildSpec]:
     agents: dict[str, ChildSpec] = {}
     for aname, table in _tables(path, top.table, "agents").items():
         r = _Reader(path, f"agents.{aname}", table)
@@ -471,27 +530,12 @@ def parse(raw: dict, path: str = "<config>") -> Config:
             name=aname,
             kind=kind,
             args=r.get("args", dict, {}),
-            restart=r.get("restart", str, "permanent", lambda s: None if s in RESTARTS else f"must be one of {', '.join(RESTARTS)}"),
+            restart=r.get("restart", str, ChildSpec.restart, lambda s: None if s in RESTARTS else f"must be one of {', '.join(RESTARTS)}"),
             placement=placement,
         )
         r.done()
     top.used.add("agents")
-
-    tree = _complete_tree(path, tree, agents, dynamic_name)
-    llm = _llm_settings(path, top.get("llm", dict, {}))
-    security, nodes = _security(path, base, top.get("security", dict, {}), nodes, secure)
-    if not secure:
-        exposed = sorted(h.name for h in hosts.values() if not _loopback(h.address))
-        if exposed:
-            raise ConfigError(path, "cluster.secure", f"must be true: host {exposed[0]!r} listens beyond loopback, "
-                              "and without CURVE anyone who reaches its ports gets in")
-    top.done()
-    return Config(
-        path=str(Path(path).resolve()), name=name, data_dir=data_dir, timing=timing, limits=limits,
-        store=store, launcher=launcher, kinds=kinds, hosts=hosts, nodes=nodes,
-        supervisor_node=supervisor_node, dynamic_supervisor=dynamic_name, tree=tree,
-        agents=agents, llm=llm, secure=secure, security=security,
-    )
+    return agents
 
 
 def _z85_key(value: str) -> str | None:
