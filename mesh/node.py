@@ -7,8 +7,8 @@ the group is committed in one LMDB transaction on the store's thread while the n
 group fills, and only then do its replies and outbound casts leave (G1). One group is in
 flight at a time, so commits stay in order and grow with the load (group commit).
 
-The node also keeps a replica of the registry, answers WHEREIS (waiting until a name is
-placed, if asked), starts and terminates agents on the supervisor's word, reports exits,
+The node also keeps a replica of the registry and answers WHEREIS (names.py), starts and
+terminates agents on the supervisor's word, reports exits,
 answers heartbeats, and cancels handlers that run past their deadline. Bad input is
 answered with an error and counted; it never reaches an agent or stops the node (G5).
 """
@@ -19,8 +19,6 @@ import asyncio
 import importlib
 import logging
 import os
-import signal
-import threading
 import time
 from collections import Counter, OrderedDict
 from typing import Any, Callable
@@ -32,15 +30,14 @@ from .agent import Agent, TimerRef
 from .caller import Caller
 from .clock import Clock
 from .config import Config, NodeSpec
-from .errors import (AgentCrashed, AgentDown, AlreadyExists, BadRequest, Busy, CallError, CallTimeout,
-                     Moved, NoSuchAgent, NotAllowed, ProtocolError, SnapshotCorrupt, StoreError,
-                     SupervisorDown, Unavailable, error_to_wire)
+from .errors import (AgentCrashed, AgentDown, AlreadyExists, BadRequest, Busy, CallError, Moved, NoSuchAgent,
+                     NotAllowed, ProtocolError, SnapshotCorrupt, StoreError, Unavailable, error_to_wire)
 from .lease import Lease
 from .served import ServedLog
 from .limits import PeerLimits
-from .registry import Replica
+from .names import Names, NodeResolver
 from .security import allowed, role_of
-from .runner import CRASHED, RUNNING, STARTING, STOPPED, Envelope, Runner, error_response
+from .runner import RUNNING, STARTING, STOPPED, Envelope, Runner, error_response
 from .store import Batch, Committer, Outcome, Record, Store, decode_record, replies_from_wire, unpack_state
 from .wire import Kind
 
@@ -88,16 +85,16 @@ class Node:
         self.committer = Committer(self.store, inline=inline_commit)
         self.runners: dict[str, Runner] = {}
         self.busy_runners: set[Runner] = set()
-        self.replica = Replica()
+        self.names = Names(self)
         self.stats: Counter = Counter()
         self.links: dict[str, Any] = {}
         self.link_up: dict[str, bool] = {}
-        self.caller = Caller(self.clock, f"node:{name}", self.send, _NodeResolver(self), config.limits.max_message_bytes,
+        self.caller = Caller(self.clock, f"node:{name}", self.send, NodeResolver(self.names), config.limits.max_message_bytes,
                              link_down=lambda n: self.link_up.get(n) is False, reconnect=self.reconnect)
         self.handlers: dict[Kind, Callable[[wire.Msg, Origin], None]] = {
             Kind.CALL: self._to_agent, Kind.CAST: self._to_agent, Kind.INFO: self._to_agent,
             Kind.START: self._on_start, Kind.TERMINATE: self._on_terminate,
-            Kind.WHEREIS: self._on_whereis, Kind.REGISTRY: self._on_registry,
+            Kind.WHEREIS: self.names.on_whereis, Kind.REGISTRY: self.names.on_registry,
             Kind.INVENTORY: self._on_inventory, Kind.FETCH: self._on_fetch,
             Kind.REPLICATE: self._on_replicate,
             Kind.SPAWN: self._forward_to_supervisor, Kind.STOP: self._forward_to_supervisor,
@@ -116,7 +113,6 @@ class Node:
         self._in_flight: Group | None = None
         self._flush_scheduled = False
         self._copies: tuple[Batch, list] | None = None  # replicated records of this loop turn
-        self._whereis_waiters: dict[str, list] = {}
         self._tasks: set[asyncio.Task] = set()
         self._timers: dict[Callable, Any] = {}  # each periodic function -> its next firing
         self._hello_acked = False
@@ -144,7 +140,7 @@ class Node:
         bind = self.endpoint
         self.listener = self.network.listen(bind, self._on_request)
         self._every(self.timing.heartbeat_s, self._tick)
-        self._say_hello()
+        self.say_hello()
         self.notify(f"ready {self.name} {os.getpid()} {self.boot}")
         log.info("node %s listening on %s (boot %s)", self.name, bind, self.boot)
 
@@ -178,8 +174,8 @@ class Node:
             self.listener.check_partial()
         for runner in list(self.busy_runners):
             runner.check_deadline(now)
-        if not self._hello_acked or not self.replica.synced:
-            self._say_hello()
+        if not self._hello_acked or not self.names.synced:
+            self.say_hello()
         elif self._renewing < MAX_RENEWALS:
             self._spawn(self._renew())
 
@@ -201,7 +197,7 @@ class Node:
                     self.name, len(self.runners))
         self.stats["lease_lapses"] += 1
         for runner in list(self.runners.values()):
-            self._drop(runner, lambda: AgentDown("its node lost its lease"))
+            self.drop(runner, lambda: AgentDown("its node lost its lease"))
         self._drops += 1
         self._hello_acked = False
 
@@ -225,7 +221,7 @@ class Node:
             self.lease.granted(sent_at)
         else:  # the supervisor does not know this boot (it restarted, or declared us dead)
             self._hello_acked = False
-            self._say_hello()
+            self.say_hello()
 
     async def shutdown(self, reason: str = "shutdown") -> None:
         """Stop in order: finish or cancel handlers, terminate agents, commit, say goodbye."""
@@ -478,7 +474,7 @@ class Node:
         if runner is not None:
             runner.deliver(Envelope(msg, origin, self._deadline(msg), self.peer(origin)))
             return
-        err = self._where_else(msg.target)
+        err = self.names.where_else(msg.target)
         if msg.kind == Kind.CALL:
             raise err
         if isinstance(err, Moved):
@@ -486,27 +482,14 @@ class Node:
         else:
             self.stats["casts_dropped"] += 1
 
-    def _where_else(self, name: str) -> CallError:
-        """The error for a message to `name`, which has no runner here."""
-        entry = self.replica.lookup(name)
-        if entry is None:
-            if self.replica.synced:
-                return NoSuchAgent(f"no agent named {name!r}")
-            return Unavailable(f"node {self.name} has not synced its registry yet")
-        if entry.node is not None and entry.node != self.name:
-            return Moved(f"{name!r} lives on node {entry.node}", {"node": entry.node, "incarnation": entry.incarnation})
-        if self.replica.failed is not None:
-            return SupervisorDown(f"{name!r} is stopped: {self.replica.failed}")
-        return AgentDown(f"{name!r} is not running right now")
-
     def forward(self, env: Envelope) -> None:
         """Pass a cast or info on to the node that now hosts its target, if known."""
-        entry = self.replica.lookup(env.msg.target)
-        if entry is None or entry.node is None or entry.node == self.name:
+        host = self.names.host_of(env.msg.target)
+        if host is None:
             self.stats["casts_dropped"] += 1
             return
         try:
-            self.send(entry.node, wire.encode_msg(env.msg))
+            self.send(host, wire.encode_msg(env.msg))
             self.stats["forwarded"] += 1
         except CallError:
             self.stats["casts_dropped"] += 1
@@ -768,7 +751,7 @@ class Node:
                 self.stats["fenced"] += 1
                 log.warning("agent %s incarnation %d is fenced by %d: dropped here", name, runner.incarnation, stored)
                 was_running = runner.status == RUNNING
-                self._drop(runner, lambda: AgentDown(f"{name!r} was restarted elsewhere"))
+                self.drop(runner, lambda: AgentDown(f"{name!r} was restarted elsewhere"))
                 if was_running:
                     # The supervisor may still count on it here (the newer incarnation's
                     # START failed, say): tell it, so that the name runs somewhere.
@@ -1045,7 +1028,7 @@ class Node:
             self.respond_error(origin, rid, AgentDown(f"{name!r} was stopped while starting"))
             return
         if self._stopped_after(name, runner.incarnation):  # a stop came while it started: it ends here
-            self._drop(runner, lambda: NoSuchAgent(f"{name!r} was stopped"))
+            self.drop(runner, lambda: NoSuchAgent(f"{name!r} was stopped"))
             self.respond_error(origin, rid, AlreadyExists(f"{name!r} was stopped while starting",
                                                           {"incarnation": self._stops[name]}))
             return
@@ -1113,7 +1096,7 @@ class Node:
         runner.status = STOPPED
         runner.agent = None
         if forget:
-            self._drop(runner, lambda: NoSuchAgent(f"{runner.name!r} was stopped"))
+            self.drop(runner, lambda: NoSuchAgent(f"{runner.name!r} was stopped"))
             self._open.batch.deletes[runner.name] = max(runner.incarnation, stop_at or -1)
             self._open.replicas[runner.name] = tuple(set(hosts) | set(runner.replicas))
         done = asyncio.get_running_loop().create_future()
@@ -1155,7 +1138,7 @@ class Node:
         runner.status = STOPPED  # nothing more is handled meanwhile
         self._spawn(stop())
 
-    def _drop(self, runner: Runner, make_error: Callable[[], CallError]) -> None:
+    def drop(self, runner: Runner, make_error: Callable[[], CallError]) -> None:
         runner.superseded = True
         if self.runners.get(runner.name) is runner:
             del self.runners[runner.name]
@@ -1182,40 +1165,9 @@ class Node:
         if not task.cancelled() and task.exception() is not None:
             log.error("node %s: internal task failed", self.name, exc_info=task.exception())
 
-    # --- registry -------------------------------------------------------------------------------
+    # --- hellos ---------------------------------------------------------------------------------
 
-    def _on_registry(self, msg: wire.Msg, origin: Origin) -> None:
-        try:
-            ok = self.replica.apply(msg.body)
-        except (ValueError, TypeError, KeyError) as exc:
-            raise BadRequest(f"bad registry message: {exc}") from None
-        if not ok:
-            self._say_hello()
-            return
-        names = ([u[0] for u in msg.body.get("updates") or ()]
-                 if "updates" in msg.body and "failed" not in msg.body else None)  # a failed tree: every name
-        self._registry_changed(names)
-
-    def _registry_changed(self, names: list[str] | None) -> None:
-        """Wake WHEREIS waiters and let go of stopped runners whose name moved on."""
-        check = names if names is not None else list(self._whereis_waiters) + [
-            n for n, r in self.runners.items() if r.status in (STOPPED, CRASHED)]
-        for name in check:
-            entry = self.replica.lookup(name)
-            runner = self.runners.get(name)
-            if runner is not None and runner.status in (STOPPED, CRASHED) and self.replica.synced:
-                if entry is None:
-                    self._drop(runner, lambda: NoSuchAgent(f"no agent named {name!r}"))
-                elif entry.node is None and self.replica.failed is not None:
-                    self._drop(runner, lambda: SupervisorDown(f"{name!r} is stopped: {self.replica.failed}"))
-                elif entry.node is not None and entry.node != self.name:
-                    self._drop(runner, lambda e=entry: Moved(f"{name!r} lives on node {e.node}",
-                                                             {"node": e.node, "incarnation": e.incarnation}))
-            waiters = self._whereis_waiters.get(name)
-            if waiters:
-                self._wake_waiters(name)
-
-    def _say_hello(self) -> None:
+    def say_hello(self) -> None:
         now = self.clock.now()
         if now - self._last_hello < self.timing.heartbeat_s:
             return
@@ -1253,52 +1205,6 @@ class Node:
                 self._on_start(msg, origin)
             except CallError as err:
                 self.respond_error(origin, msg.id, err)
-
-    def _on_whereis(self, msg: wire.Msg, origin: Origin) -> None:
-        body = msg.body or {}
-        wait = min(body.get("wait_ms", 0) / 1000, self.timing.call_timeout_s)
-
-        def answer(placed, err):
-            if err is not None:
-                self.respond_error(origin, msg.id, err)
-            else:
-                node, inc = placed if placed is not None else (None, -1)
-                self.respond(origin, msg.id, {"node": node, "incarnation": inc})
-        self.wait_placed(msg.target, body.get("after", -1), wait, answer)
-
-    def wait_placed(self, name: str, after: int, wait: float, answer: Callable) -> None:
-        """Call answer((node, incarnation), None) once `name` runs with an incarnation newer
-        than `after`; answer(None, NoSuchAgent) if it does not exist; after `wait` seconds,
-        answer(whatever is known, None)."""
-        waiter = _Waiter(after, answer)
-        if waiter.check(self, name):
-            return
-        log.debug("node %s: waiting up to %.2fs for %s to be placed after incarnation %d", self.name, wait, name, after)
-        waiter.timer = self.clock.call_after(wait, lambda: self._waiter_timeout(name, waiter))
-        self._whereis_waiters.setdefault(name, []).append(waiter)
-
-    def _placed(self, name: str) -> tuple[str | None, int] | None:
-        runner = self.runners.get(name)
-        if runner is not None and runner.status == RUNNING:
-            return self.name, runner.incarnation
-        entry = self.replica.lookup(name)
-        return None if entry is None else (entry.node, entry.incarnation)
-
-    def _wake_waiters(self, name: str) -> None:
-        waiters = self._whereis_waiters.pop(name, [])
-        keep = [w for w in waiters if not w.check(self, name)]
-        if keep:
-            self._whereis_waiters[name] = keep
-
-    def _waiter_timeout(self, name: str, waiter: "_Waiter") -> None:
-        waiters = self._whereis_waiters.get(name)
-        if waiters and waiter in waiters:
-            log.debug("node %s: %s not placed after incarnation %d in time (registry: %s)",
-                      self.name, name, waiter.after, self._placed(name))
-            waiters.remove(waiter)
-            if not waiters:
-                del self._whereis_waiters[name]
-            waiter.answer(self._placed(name), None)
 
     # --- supervisor's questions -------------------------------------------------------------
 
@@ -1344,60 +1250,3 @@ def _refused(name: str, why: str) -> CallError:
     """What a caller hears when the store refused the record of its agent (never retried:
     the same record would be refused again)."""
     return BadRequest(f"{name!r}: the store refused its record: {why}")
-
-
-class _Waiter:
-    """Someone waiting for a name to be placed (a WHEREIS, or a call of this node's)."""
-
-    __slots__ = ("after", "answer", "timer")
-
-    def __init__(self, after: int, answer: Callable):
-        self.after, self.answer, self.timer = after, answer, None
-
-    def check(self, node: Node, name: str) -> bool:
-        """Answer if the registry now says enough; True when answered."""
-        placed = node._placed(name)
-        if placed is None and node.replica.synced:
-            err: CallError | None = NoSuchAgent(f"no agent named {name!r}")
-        elif placed is not None and placed[0] is None and node.replica.failed is not None:
-            err = SupervisorDown(f"{name!r} is stopped: {node.replica.failed}")
-        elif placed is not None and placed[0] is not None and placed[1] > self.after:
-            err = None
-        else:
-            return False
-        if self.timer is not None:
-            self.timer.cancel()
-        self.answer(placed, err)
-        return True
-
-
-class _NodeResolver:
-    """Where names live, as this node's registry replica says."""
-
-    def __init__(self, node: Node):
-        self.node = node
-
-    def where(self, name: str):
-        return self.node._placed(name)
-
-    def learn(self, name: str, node: str, incarnation: int) -> None:
-        pass  # the replica is written by the supervisor only
-
-    def any_node(self, avoid: str | None = None) -> str:
-        return self.node.name
-
-    async def locate(self, caller, name: str, after: int, deadline: float, avoid: str | None):
-        node = self.node
-        remaining = deadline - node.clock.now()
-        if remaining <= 0:
-            raise CallTimeout(f"{name!r} was not placed again in time")
-        future = asyncio.get_running_loop().create_future()
-
-        def answer(placed, err):
-            if not future.done():
-                future.set_exception(err) if err is not None else future.set_result(placed)
-        node.wait_placed(name, after, remaining, answer)
-        placed = await future
-        if placed is None or placed[0] is None:
-            raise CallTimeout(f"{name!r} was not placed again in time")
-        return placed
