@@ -4,6 +4,7 @@
     python3 scripts/bench/core.py --quick         # smaller sizes, fewer runs
     python3 scripts/bench/core.py --only call     # one benchmark (raw, call, cast, durable, kill, idle)
     python3 scripts/bench/core.py --write         # also rewrite the core section of docs/benchmarks.md
+    python3 scripts/bench/core.py --quick --baseline ../prev   # side by side with another checkout
 
 Every mesh is a real `mesh up` of a generated config (free loopback ports, data in a temp
 dir), driven through the public client API from this process. The machine is small and
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import json
 import os
 import platform
 import random
@@ -35,7 +37,10 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[2]
+# the runtime measured: this checkout's, or another's (--baseline runs this script with it)
+RUNTIME = Path(os.environ.get("MESH_BENCH_RUNTIME") or ROOT).resolve()
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(RUNTIME))
 
 import zmq  # noqa: E402
 
@@ -139,7 +144,7 @@ def proc_status(pid: int) -> dict[str, int]:
 def _env(log: str | None = None) -> dict:
     """The mesh's environment; its log level explains a lost write (see scripts/evidence.py)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(RUNTIME), env.get("PYTHONPATH", "")) if p)
     env.setdefault("MESH_LOG", log or evidence.LOG_LEVEL)
     return env
 
@@ -176,7 +181,7 @@ class Mesh:
         try:
             self.proc = subprocess.Popen([sys.executable, "-m", "mesh.cli", "up", "-c", str(self.config)],
                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                         env=_env(self.log), cwd=ROOT, start_new_session=True)
+                                         env=_env(self.log), cwd=RUNTIME, start_new_session=True)
             self.seen.add(self.proc.pid)
             threading.Thread(target=self._read, daemon=True).start()
             self.wait_for("mesh ready", timeout=30)
@@ -739,6 +744,80 @@ def report(results: dict, size: dict, q: str, took: float, load_at_start: float)
     ])
 
 
+# --- side by side with another checkout --------------------------------------------------------
+
+# (benchmark, figure, what, unit, True when lower is better): the figures a change is judged by
+KEY_FIGURES = [
+    ("raw", "rt_p50", "raw pyzmq round trip p50", "µs", True),
+    ("call", "get_p50", "call `get` p50", "µs", True),
+    ("call", "get_p99", "call `get` p99", "µs", True),
+    ("call", "add_p50", "call durable `add` p50", "µs", True),
+    ("cast", "rate", "casts into one node", "msg/s", False),
+    ("durable", "rate", f"durable `add` over {DURABLE_AGENTS:,} agents", "calls/s", False),
+    ("kill", "all", "kill -9 until all answer (ms, median)", "ms", True),
+    ("idle", "spawn_rate", "spawns into one node", "/s", False),
+]
+
+
+def side_by_side(args, baseline: Path) -> int:
+    """Each benchmark on the baseline's runtime, then on this checkout's, alternating, each
+    in a process of its own (this script, with MESH_BENCH_RUNTIME naming the runtime);
+    prints the medians and the ratio this / baseline."""
+    if not (baseline / "mesh" / "__init__.py").is_file():
+        say(f"--baseline {baseline}: not a checkout of the mesh (no mesh/__init__.py there)")
+        return 2
+    flags = [f for f in ("--quick",) if getattr(args, f[2:])] + [
+        x for key in ("runs", "idle", "idle_budget", "dedup_window") if getattr(args, key) is not None
+        for x in (f"--{key.replace('_', '-')}", f"{getattr(args, key):g}")]
+    sides = {"baseline": baseline.resolve(), "this": RUNTIME}
+    results: dict[str, dict] = {side: {} for side in sides}
+    t, load = time.monotonic(), os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="mesh-bench-side-") as tmp:
+        for bench in args.only or BENCHES:
+            for side, runtime in sides.items():
+                say(f"--- {bench} on {side} ({runtime})")
+                out = Path(tmp) / f"{side}-{bench}.json"
+                env = dict(os.environ, MESH_BENCH_RUNTIME=str(runtime))
+                proc = subprocess.run([sys.executable, __file__, "--only", bench, *flags, "--json", str(out)],
+                                      env=env, cwd=ROOT)
+                got = json.loads(out.read_text()).get(bench) if out.exists() else f"exited {proc.returncode}"
+                results[side][bench] = got
+    lines = [f"Run: `{' '.join([SCRIPT, *sys.argv[1:]])}`, {(time.monotonic() - t) / 60:.1f} min in all; "
+             f"baseline `{_describe(sides['baseline'])}`, this `{_describe(RUNTIME)}`.", "",
+             *[f"- {line}" for line in machine(load)], "",
+             "| figure: median over runs | baseline | this | this / baseline |", "| --- | --- | --- | --- |"]
+    for bench, key, what, unit, lower in KEY_FIGURES:
+        a, b = results["baseline"].get(bench), results["this"].get(bench)
+        if a is None and b is None:
+            continue
+        va, vb = _median_of(a, key), _median_of(b, key)
+        ratio = f"{vb / va:.2f}× ({'lower' if lower else 'higher'} is better)" if va and vb else ""
+        lines.append(f"| {what} | {_shown(a, va, unit)} | {_shown(b, vb, unit)} | {ratio} |")
+    print("\n".join(lines))
+    return 1 if any(isinstance(r, str) for side in results.values() for r in side.values()) else 0
+
+
+def _median_of(result, key: str) -> float | None:
+    if not isinstance(result, dict) or key not in result:
+        return None
+    value = result[key]
+    return statistics.median(value) if isinstance(value, list) and value else (value if isinstance(value, (int, float)) else None)
+
+
+def _shown(result, value: float | None, unit: str) -> str:
+    if isinstance(result, str):
+        return f"failed: {result[:80]}"
+    return "missing" if value is None else f"{number(value)} {unit}"
+
+
+def _describe(path: Path) -> str:
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=path, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or str(path.name)
+    except (OSError, subprocess.SubprocessError):
+        return path.name
+
+
 RUNNERS = {"raw": bench_raw, "call": bench_call, "cast": bench_cast, "durable": bench_durable,
            "kill": bench_kill, "idle": bench_idle}
 
@@ -756,6 +835,10 @@ def main() -> int:
     ap.add_argument("--dedup-window", type=int, metavar="N",
                     help="set [limits] dedup_window in every mesh (default: the mesh's own default)")
     ap.add_argument("--write", action="store_true", help="rewrite the core section of docs/benchmarks.md")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="also measure the runtime of another checkout (say, the previous commit's), each "
+                         "benchmark alternating between the two, and print them side by side")
+    ap.add_argument("--json", metavar="PATH", help=argparse.SUPPRESS)  # results, for --baseline
     ap.add_argument("--raw-server", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.raw_server:
@@ -763,6 +846,10 @@ def main() -> int:
         return 0
     if args.write and (args.only or args.dedup_window is not None):
         ap.error("--write is for a run of every benchmark with the default config: leave out --only and --dedup-window")
+    if args.write and args.baseline:
+        ap.error("--write records this checkout alone: leave out --baseline")
+    if args.baseline:
+        return side_by_side(args, Path(args.baseline))
     if args.dedup_window is not None:
         Mesh.limits = f"[limits]\ndedup_window = {args.dedup_window}\n"
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally blocks end what we started
@@ -782,6 +869,9 @@ def main() -> int:
     q = "".join(f" {flag}" for flag in ("--quick",) if args.quick) + "".join(
         f" --{key.replace('_', '-')} {getattr(args, key):g}" for key in ("runs", "idle", "idle_budget", "dedup_window")
         if getattr(args, key) is not None)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results))
+        return 0
     text = report(results, size, q, time.monotonic() - t, load)
     print(text)
     if args.write:
