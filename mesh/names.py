@@ -92,11 +92,11 @@ class Names:
             runner = node.runners.get(name)
             if runner is not None and runner.status in ended and self.replica.synced:
                 if entry is None:
-                    node.drop(runner, lambda: NoSuchAgent(f"no agent named {name!r}"))
+                    node.incarnations.drop(runner, lambda: NoSuchAgent(f"no agent named {name!r}"))
                 elif entry.node is None and self.replica.failed is not None:
-                    node.drop(runner, lambda: SupervisorDown(f"{name!r} is stopped: {self.replica.failed}"))
+                    node.incarnations.drop(runner, lambda: SupervisorDown(f"{name!r} is stopped: {self.replica.failed}"))
                 elif entry.node is not None and entry.node != node.name:
-                    node.drop(runner, lambda e=entry: Moved(f"{name!r} lives on node {e.node}",
+                    node.incarnations.drop(runner, lambda e=entry: Moved(f"{name!r} lives on node {e.node}",
                                                             {"node": e.node, "incarnation": e.incarnation}))
             if self._waiters.get(name):
                 self._wake(name)

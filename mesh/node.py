@@ -16,29 +16,27 @@ answered with an error and counted; it never reaches an agent or stops the node 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import os
 import time
 from collections import Counter, OrderedDict
 from typing import Any, Callable
 
-import msgpack
-
 from . import supervision, wire
-from .agent import Agent, TimerRef
+from .agent import TimerRef
 from .caller import Caller
 from .clock import Clock
 from .config import Config, NodeSpec
-from .errors import (AgentCrashed, AgentDown, AlreadyExists, BadRequest, Busy, CallError, Moved, NoSuchAgent,
-                     NotAllowed, ProtocolError, SnapshotCorrupt, StoreError, Unavailable, error_to_wire)
+from .errors import (AgentCrashed, AgentDown, BadRequest, Busy, CallError, Moved, NotAllowed, ProtocolError,
+                     SnapshotCorrupt, StoreError, Unavailable, error_to_wire)
 from .lease import Lease
 from .served import ServedLog
 from .limits import PeerLimits
+from .incarnations import Incarnations
 from .names import Names, NodeResolver
 from .security import allowed, role_of
 from .runner import RUNNING, STARTING, STOPPED, Envelope, Runner, error_response
-from .store import Batch, Committer, Outcome, Record, Store, decode_record, replies_from_wire, unpack_state
+from .store import Batch, Committer, Outcome, Record, Store, decode_record, replies_from_wire
 from .wire import Kind
 
 log = logging.getLogger("mesh.node")
@@ -86,6 +84,7 @@ class Node:
         self.runners: dict[str, Runner] = {}
         self.busy_runners: set[Runner] = set()
         self.names = Names(self)
+        self.incarnations = Incarnations(self)
         self.stats: Counter = Counter()
         self.links: dict[str, Any] = {}
         self.link_up: dict[str, bool] = {}
@@ -93,7 +92,7 @@ class Node:
                              link_down=lambda n: self.link_up.get(n) is False, reconnect=self.reconnect)
         self.handlers: dict[Kind, Callable[[wire.Msg, Origin], None]] = {
             Kind.CALL: self._to_agent, Kind.CAST: self._to_agent, Kind.INFO: self._to_agent,
-            Kind.START: self._on_start, Kind.TERMINATE: self._on_terminate,
+            Kind.START: self.incarnations.on_start, Kind.TERMINATE: self.incarnations.on_terminate,
             Kind.WHEREIS: self.names.on_whereis, Kind.REGISTRY: self.names.on_registry,
             Kind.INVENTORY: self._on_inventory, Kind.FETCH: self._on_fetch,
             Kind.REPLICATE: self._on_replicate,
@@ -106,9 +105,7 @@ class Node:
                                       config.limits.peer_open_requests,
                                       decode_share=config.limits.peer_decode_share,
                                       decode_burst=config.limits.peer_decode_burst_s)
-        self._kinds: dict[str, type[Agent]] = {}
         self._refusals: OrderedDict = OrderedDict()  # (peer, reason) -> [last logged, count since]
-        self._stops: OrderedDict[str, int] = OrderedDict()  # name -> the incarnation its latest stop took
         self._open = Group()
         self._in_flight: Group | None = None
         self._flush_scheduled = False
@@ -197,7 +194,7 @@ class Node:
                     self.name, len(self.runners))
         self.stats["lease_lapses"] += 1
         for runner in list(self.runners.values()):
-            self.drop(runner, lambda: AgentDown("its node lost its lease"))
+            self.incarnations.drop(runner, lambda: AgentDown("its node lost its lease"))
         self._drops += 1
         self._hello_acked = False
 
@@ -235,7 +232,7 @@ class Node:
         await asyncio.sleep(0)
         for runner in list(self.runners.values()):
             if runner.status == RUNNING and runner.agent is not None:
-                await self._terminate_agent(runner, reason)
+                await self.incarnations.terminate_agent(runner, reason)
                 self.mark_dirty(runner)
             runner.status = STOPPED
             runner.fail_queued(lambda: AgentDown("its node is shutting down"))
@@ -751,11 +748,11 @@ class Node:
                 self.stats["fenced"] += 1
                 log.warning("agent %s incarnation %d is fenced by %d: dropped here", name, runner.incarnation, stored)
                 was_running = runner.status == RUNNING
-                self.drop(runner, lambda: AgentDown(f"{name!r} was restarted elsewhere"))
+                self.incarnations.drop(runner, lambda: AgentDown(f"{name!r} was restarted elsewhere"))
                 if was_running:
                     # The supervisor may still count on it here (the newer incarnation's
                     # START failed, say): tell it, so that the name runs somewhere.
-                    self.report_exit(runner, supervision.LOST, f"fenced by incarnation {stored}")
+                    self.incarnations.report_exit(runner, supervision.LOST, f"fenced by incarnation {stored}")
         for runner in group.dirty:
             # Not kept: the agent goes back to its last committed state and serves on. The
             # store's trouble is no fault of the agent's, so it is no crash (G5).
@@ -829,332 +826,6 @@ class Node:
 
     # --- agent lifecycle ----------------------------------------------------------------------
 
-    def kind_class(self, kind: str) -> type[Agent]:
-        cls = self._kinds.get(kind)
-        if cls is not None:
-            return cls
-        path = self.config.resolve_kind(kind)
-        if path is None:
-            raise NotAllowed(f"kind {kind!r} is not in the config's allow-list")
-        module_name, _, class_name = path.partition(":")
-        try:
-            cls = getattr(importlib.import_module(module_name), class_name)
-        except Exception as exc:
-            raise BadRequest(f"kind {kind!r} ({path}) cannot be loaded: {type(exc).__name__}: {exc}") from None
-        if not (isinstance(cls, type) and issubclass(cls, Agent)):
-            raise NotAllowed(f"{path} is not an Agent")
-        self._kinds[kind] = cls
-        return cls
-
-    def _on_start(self, msg: wire.Msg, origin: Origin) -> None:
-        name, body = msg.target, msg.body
-        inc = body["incarnation"]
-        if self.stopping:
-            raise Unavailable(f"node {self.name} is shutting down")
-        if not self.serving():
-            # The supervisor answers a HELLO (granting the lease) before it sends STARTs,
-            # but on another connection: a START may overtake that answer. It waits for it.
-            if not self._hellos_in_flight:
-                raise Unavailable(f"node {self.name} holds no lease")
-            self._parked_starts.append((msg, origin))
-            return
-        old = self.runners.get(name)
-        if old is not None and old.incarnation >= inc:
-            raise AlreadyExists(f"{name!r} already runs incarnation {old.incarnation} here",
-                                {"incarnation": old.incarnation})
-        self.kind_class(body["kind"])  # refuse unknown kinds before anything else
-        if old is not None and old.status in (RUNNING, STARTING):
-            self._stop_quietly(old)
-        self._spawn(self._start_from_copies(msg, origin))
-
-    async def _start_from_copies(self, msg: wire.Msg, origin: Origin) -> None:
-        try:
-            copy = await self._newest_copy(msg.target, msg.body.get("sources") or [], msg.body["incarnation"])
-            if copy[0] is not None and copy[0].incarnation < msg.body.get("since", 0):
-                # older than the spawn of this agent: an earlier agent's of the same name,
-                # left on a host its stop could not reach, never this one's state
-                log.warning("node %s: %s starts from nothing: the record found (incarnation %d) is older than "
-                            "its spawn (%d)", self.name, msg.target, copy[0].incarnation, msg.body["since"])
-                copy = (None, [])
-            old = self.runners.get(msg.target)
-            if old is not None and old.incarnation < msg.body.get("since", 0):
-                # the same: an earlier agent of the name ran here. Neither its state nor
-                # the messages that waited for it (a burst of its calls) are this one's.
-                old.last_state = None
-                old.fail_queued(lambda: NoSuchAgent(f"{msg.target!r} was stopped; another agent of "
-                                                    f"the name runs now"), forward=False)
-            self._begin(msg, origin, copy, old, copied=bool(msg.body.get("sources")))
-        except CallError as err:
-            self.respond_error(origin, msg.id, err)
-        self._schedule_flush()
-
-    async def _newest_copy(self, name: str, sources: list, incarnation: int) -> tuple[Record | None, list]:
-        """The newest snapshot of `name` (and its recorded replies) among this host's store
-        and the source nodes', each read fenced for `incarnation`. `sources` holds groups of
-        nodes, one group per set of hosts that may hold the newest acknowledged state: every
-        acknowledged commit is on each host of its set, so one answer per group is enough
-        (and, being fenced, no older incarnation acknowledges anything more); none is not."""
-        mine = self.spec.host
-        groups = [[n for n in group if isinstance(n, str) and n in self.config.nodes]
-                  for group in sources if isinstance(group, list)]
-        if len(groups) != len(sources):
-            raise BadRequest("sources must be lists of node names")
-        remote = sorted({n for group in groups for n in group if self.config.nodes[n].host != mine})
-        answered = {self.name}  # this host's store counts for a group that names a node of it
-
-        async def fetch(node: str):
-            return await self.caller.request(node, Kind.FETCH, name, {"incarnation": incarnation},
-                                             min(self.timing.call_timeout_s, 2.0))
-        mine_read, *results = await asyncio.gather(self._fenced_read(name, incarnation), *(fetch(n) for n in remote),
-                                                   return_exceptions=True)
-        if isinstance(mine_read, BaseException):
-            raise mine_read
-        best, best_replies = mine_read
-        for node, result in zip(remote, results):
-            if isinstance(result, BaseException):
-                log.warning("node %s: no copy of %s from %s: %s", self.name, name, node, result)
-                continue
-            if isinstance(result, dict) and result.get("record") is not None:
-                try:
-                    _, record = Record.from_wire(result["record"])
-                    replies = replies_from_wire(result.get("replies"))
-                except ValueError as exc:
-                    log.warning("node %s: bad copy of %s from %s: %s", self.name, name, node, exc)
-                    continue
-                if record.newer_than(best):
-                    best, best_replies = record, replies
-            answered.add(node)
-        missing = [group for group in groups
-                   if not any(n in answered or self.config.nodes[n].host == mine for n in group)]
-        if missing:
-            raise Unavailable(f"no host of {', '.join('/'.join(g) for g in missing)} answered with {name!r}'s state")
-        return best, best_replies
-
-    def _begin(self, msg: wire.Msg, origin: Origin, copy: tuple[Record | None, list] | None, old: Runner | None,
-               copied: bool = False) -> None:
-        """Start an incarnation from `old`'s last good state, or from a copy (a record and
-        its recorded replies), read here or (`copied`) fetched from another host."""
-        name, body = msg.target, msg.body
-        record, replies = copy if copy is not None else (None, [])
-        if old is not None and old.last_state is not None and record is not None \
-                and record.newer_than(Record(old.incarnation, old.seq, b"")):
-            old.last_state = None  # a later incarnation ran elsewhere: its record wins over this one's memory
-        inc = body["incarnation"]
-        if self.stopping:
-            raise Unavailable(f"node {self.name} is shutting down")
-        if self._stopped_after(name, inc):
-            raise AlreadyExists(f"{name!r} was stopped after incarnation {inc} was sent",
-                                {"incarnation": self._stops[name]})
-        current = self.runners.get(name)
-        if current is not None and current.incarnation >= inc:
-            raise AlreadyExists(f"{name!r} already runs incarnation {current.incarnation} here",
-                                {"incarnation": current.incarnation})
-        cls = self.kind_class(body["kind"])
-        if old is not None and old.last_state is not None:
-            seq, state, window, mailbox, inflight = old.seq, old.last_state, old.window, old.mailbox, old.inflight
-            waiting = old.waiting
-            restarts = old.restarts + 1
-            log.info("node %s: %s incarnation %d starts from incarnation %d's last state (seq %d)",
-                     self.name, name, inc, old.incarnation, seq)
-        else:
-            if old is not None:
-                old.superseded = True  # the new incarnation starts from the store, not from it
-            log.info("node %s: %s incarnation %d starts from %s", self.name, name, inc,
-                     f"incarnation {record.incarnation}'s record (seq {record.seq}){' fetched' if copied else ''}"
-                     if record else "nothing")
-            if record is not None and record.incarnation >= inc:
-                raise AlreadyExists(f"{name!r}: the store holds incarnation {record.incarnation}",
-                                    {"incarnation": record.incarnation})
-            seq, state = (record.seq, record.state) if record else (0, msgpack.packb(None))
-            window = OrderedDict((reply[0], reply[1:]) for reply in replies)
-            mailbox, inflight, waiting = (old.mailbox, old.inflight, old.waiting) if old is not None else (None, {}, {})
-            restarts = old.restarts + 1 if old is not None else 0
-        runner = Runner(self, name, body["kind"], body.get("args") or {}, inc)
-        runner.seq, runner.mailbox, runner.inflight, runner.restarts = seq, mailbox, inflight, restarts
-        runner.waiting = waiting
-        runner.supervisor = body.get("supervisor")
-        runner.replicas = tuple(h for h in body.get("replicas") or () if h in self.config.hosts and h != self.spec.host)
-        if window is not None:
-            runner.window = window
-        # agent time goes on from the newest reply it recorded (or from the old runner's)
-        runner.resume_time(old.agent_now() if old is not None and old.window is window
-                           else max((entry[1] for entry in runner.window.values()), default=0.0))
-        agent = cls()
-        agent.name, agent._runner = name, runner
-        try:
-            restored = unpack_state(state) if state else None
-        except Exception as exc:
-            raise AgentCrashed(str(SnapshotCorrupt(name, str(exc)))) from None
-        try:
-            agent.state = agent.init(runner.args, restored)
-            if asyncio.iscoroutine(agent.state):
-                agent.state.close()
-                raise TypeError("init must not be async")
-            packed = msgpack.packb(agent.state)
-        except Exception as exc:
-            self.stats["init_failures"] += 1
-            raise AgentCrashed(f"{name}: init failed: {type(exc).__name__}: {exc}"[:500],
-                               {"exception": type(exc).__name__}) from None
-        runner.agent, runner.last_state, runner.status = agent, packed, STARTING
-        self.runners[name] = runner
-        group = self._open
-        group.batch.add_claim(name, Record(inc, seq, packed))
-        # the replies that go with this state, and only those, to this host and its replicas
-        group.batch.add_replies(name, [(rid, *entry) for rid, entry in runner.window.items()], [])
-        group.replicas[name] = runner.replicas
-        runner.pending_group = group
-        group.callbacks.append(lambda outcome: self._started(runner, origin, msg.id, outcome))
-        self._schedule_flush()
-
-    def _started(self, runner: Runner, origin: Origin, rid: str, outcome: Outcome) -> None:
-        if runner.pending_group is not None and runner.pending_group is not self._open:
-            runner.pending_group = None
-        name = runner.name
-        if outcome.error is not None or name in outcome.fenced or name in outcome.unreplicated:
-            if outcome.error is not None:
-                err: CallError = Unavailable(str(outcome.error))
-            elif name in outcome.fenced:
-                err = AlreadyExists(f"{name!r}: the store holds incarnation {outcome.fenced[name]}",
-                                    {"incarnation": outcome.fenced[name]})
-            else:
-                err = Unavailable(f"{name!r}: {outcome.unreplicated[name]}")
-            log.info("node %s: %s incarnation %d not started: %s", self.name, name, runner.incarnation, err)
-            if self.runners.get(name) is runner:
-                del self.runners[name]
-            runner.fail_queued(lambda: AgentDown(f"{name!r} failed to start"))
-            self.respond_error(origin, rid, err)
-            return
-        if self.runners.get(name) is not runner:
-            self.respond_error(origin, rid, AgentDown(f"{name!r} was stopped while starting"))
-            return
-        if self._stopped_after(name, runner.incarnation):  # a stop came while it started: it ends here
-            self.drop(runner, lambda: NoSuchAgent(f"{name!r} was stopped"))
-            self.respond_error(origin, rid, AlreadyExists(f"{name!r} was stopped while starting",
-                                                          {"incarnation": self._stops[name]}))
-            return
-        runner.status = RUNNING
-        self.respond(origin, rid, {"node": self.name, "incarnation": runner.incarnation})
-        runner.run_mailbox()
-        self._schedule_flush()
-
-    def _stop_quietly(self, runner: Runner) -> None:
-        """End an incarnation without its terminate callback (it is being replaced)."""
-        runner.interrupt()
-        runner.status = STOPPED
-        runner.agent = None
-
-    def _on_terminate(self, msg: wire.Msg, origin: Origin) -> None:
-        """End the incarnation named, and any older one of the name here. With `forget`
-        (a stop) the record is deleted too, fenced at the stop's incarnation, and every
-        START older than it is refused from then on, also one already under way."""
-        name, body = msg.target, msg.body
-        runner = self.runners.get(name)
-        forget = bool(body.get("forget"))
-        hosts = tuple(h for h in body.get("replicas") or () if h in self.config.hosts and h != self.spec.host)
-        if forget:
-            self._note_stop(name, body["incarnation"])
-        if runner is None or runner.incarnation > body["incarnation"]:
-            if forget:
-                self._open.batch.deletes[name] = body["incarnation"]
-                self._open.replicas[name] = hosts
-                self._open.callbacks.append(lambda outcome: self._answer_stop(origin, msg.id, outcome, name))
-                self._schedule_flush()
-            else:
-                self.respond(origin, msg.id, {"stopped": False})
-            return
-        self._spawn(self._terminate(runner, body.get("reason") or "shutdown", forget, origin, msg.id, hosts,
-                                    body["incarnation"]))
-
-    def _note_stop(self, name: str, incarnation: int) -> None:
-        """Remember a stop, so that a START older than it that is still under way fails."""
-        self._stops[name] = max(incarnation, self._stops.get(name, -1))
-        self._stops.move_to_end(name)
-        while len(self._stops) > 100_000:
-            self._stops.popitem(last=False)  # the store's fence refuses those STARTs all the same
-
-    def _stopped_after(self, name: str, incarnation: int) -> bool:
-        return self._stops.get(name, -1) > incarnation
-
-    def _answer_stop(self, origin: Origin, rid: str, outcome: Outcome, name: str) -> None:
-        if outcome.error is not None:
-            self.respond_error(origin, rid, Unavailable(f"the stop of {name!r} could not be committed: {outcome.error}"))
-        elif name in outcome.unreplicated:
-            self.respond_error(origin, rid, Unavailable(f"the stop of {name!r}: {outcome.unreplicated[name]}"))
-        elif name in outcome.fenced:
-            self.respond(origin, rid, {"stopped": False})  # a newer incarnation (a new spawn) owns it
-        else:
-            self.respond(origin, rid, {"stopped": True})
-
-    async def _terminate(self, runner: Runner, reason: str, forget: bool, origin: Origin, rid: str,
-                         hosts: tuple[str, ...] = (), stop_at: int | None = None) -> None:
-        if runner.task is not None:
-            runner.interrupt()
-            await asyncio.sleep(0)
-        if runner.status == RUNNING and runner.agent is not None:
-            await self._terminate_agent(runner, reason)
-            self.mark_dirty(runner)
-        runner.status = STOPPED
-        runner.agent = None
-        if forget:
-            self.drop(runner, lambda: NoSuchAgent(f"{runner.name!r} was stopped"))
-            self._open.batch.deletes[runner.name] = max(runner.incarnation, stop_at or -1)
-            self._open.replicas[runner.name] = tuple(set(hosts) | set(runner.replicas))
-        done = asyncio.get_running_loop().create_future()
-        self._open.callbacks.append(lambda outcome: done.done() or done.set_result(outcome))
-        self._schedule_flush()
-        outcome = await done
-        if forget:
-            self._answer_stop(origin, rid, outcome, runner.name)
-        elif outcome.error is not None:
-            self.respond_error(origin, rid, Unavailable(str(outcome.error)))
-        else:
-            self.respond(origin, rid, {"stopped": True})
-
-    async def _terminate_agent(self, runner: Runner, reason: str) -> None:
-        agent = runner.agent
-        if runner.interrupted:  # its handler was cancelled: it may not have unwound yet
-            runner.discard_unfinished()
-        try:
-            result = agent.terminate(reason)
-            if asyncio.iscoroutine(result):
-                await asyncio.wait_for(result, 5.0)
-            packed = msgpack.packb(agent.state)
-        except Exception as exc:
-            log.warning("agent %s: terminate raised %s: %s", runner.name, type(exc).__name__, exc)
-            return
-        if packed != runner.last_state:
-            runner.seq += 1
-            runner.last_state = packed
-
-    def stop_runner(self, runner: Runner, reason: str, how: str) -> None:
-        """The agent asked to stop: terminate it in order, then tell the supervisor."""
-        async def stop():
-            if runner.agent is not None:
-                await self._terminate_agent(runner, reason)
-                self.mark_dirty(runner)
-            runner.status = STOPPED
-            runner.agent = None
-            self.report_exit(runner, how, reason)
-        runner.status = STOPPED  # nothing more is handled meanwhile
-        self._spawn(stop())
-
-    def drop(self, runner: Runner, make_error: Callable[[], CallError]) -> None:
-        runner.superseded = True
-        if self.runners.get(runner.name) is runner:
-            del self.runners[runner.name]
-        runner.interrupt()
-        runner.status = STOPPED
-        runner.fail_queued(make_error)
-        self.busy_runners.discard(runner)
-
-    def report_exit(self, runner: Runner, how: str, reason: str) -> None:
-        body = {"name": runner.name, "incarnation": runner.incarnation, "how": how,
-                "reason": reason if isinstance(reason, str) else repr(reason)[:500], "node": self.name}
-        try:
-            self.send(self.config.supervisor_node, wire.encode(Kind.EXIT, None, None, f"node:{self.name}", None, body))
-        except CallError as err:
-            log.warning("could not report the exit of %s: %s", runner.name, err)
-
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
@@ -1202,7 +873,7 @@ class Node:
         parked, self._parked_starts = self._parked_starts, []
         for msg, origin in parked:
             try:
-                self._on_start(msg, origin)
+                self.incarnations.on_start(msg, origin)
             except CallError as err:
                 self.respond_error(origin, msg.id, err)
 

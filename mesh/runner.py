@@ -323,7 +323,7 @@ class Runner:
                 self._answer(env, response)
         if self.stop_reason is not None:
             reason, self.stop_reason = self.stop_reason, None
-            self.node.stop_runner(self, reason, supervision.stop_exit(reason))
+            self.node.incarnations.stop_runner(self, reason, supervision.stop_exit(reason))
 
     def agent_now(self) -> float:
         """The agent's own time: how long its incarnations have run, carried over from the
@@ -441,7 +441,7 @@ class Runner:
                 self._answer(env, error_response(err))
         self.status = CRASHED
         self.agent = None
-        self.node.report_exit(self, how, reason)
+        self.node.incarnations.report_exit(self, how, reason)
 
     # --- lifecycle -----------------------------------------------------------------------------
 

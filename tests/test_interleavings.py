@@ -11,10 +11,17 @@ from mesh.errors import AgentCrashed, NoSuchAgent
 from mesh.wire import Kind
 
 
-def hold(node, kind):
-    """Park every message of `kind` that reaches `node` until the test lets it go."""
+def hold(node, kind, target=None):
+    """Park every message of `kind` (to `target`, if given) that reaches `node` until the
+    test lets it go."""
     held, real = [], node.handlers[kind]
-    node.handlers[kind] = lambda msg, origin: held.append((msg, origin))
+
+    def park(msg, origin):
+        if target is None or msg.target == target:
+            held.append((msg, origin))
+        else:
+            real(msg, origin)
+    node.handlers[kind] = park
 
     def release():
         node.handlers[kind] = real
@@ -407,10 +414,10 @@ async def test_a_name_spawned_again_takes_nothing_that_waited_for_its_earlier_ag
     await c.settle()
     assert node.runners["c"].depth() == 1            # waiting for the first life's restart
     newer = placed["incarnation"] + 1000
-    node.handlers[Kind.START] = node._on_start      # the first life's restart never comes
+    node.handlers[Kind.START] = node.incarnations.on_start      # the first life's restart never comes
     start = wire.Msg(Kind.START, "new-life", "c", "node:n1", None,
                      {"kind": "counter", "incarnation": newer, "since": newer})
-    node._on_start(start, None)                      # a spawn of the name anew lands here
+    node.incarnations.on_start(start, None)                      # a spawn of the name anew lands here
     await c.run(_until(lambda: "c" in node.runners and node.runners["c"].incarnation == newer
                        and node.runners["c"].status == "running", 2000))
     assert node.runners["c"].agent.state == {"value": 0}
@@ -430,7 +437,7 @@ async def test_a_request_under_an_id_in_hand_waits_for_the_first_instead_of_bein
     m = c.client()
     await m.spawn("r", "relay")
     placed = await m.spawn("c1", "counter")
-    held, release = hold(c.nodes[placed["node"]], Kind.CALL)
+    held, release = hold(c.nodes[placed["node"]], Kind.CALL, "c1")
     first = asyncio.ensure_future(m.call(
         "r", {"to": "c1", "msg": {"op": "add", "n": 1}, "then_crash": True}, request_id="same"))
     await c.run(_until(lambda: held))                  # the first is in the relay's hands

@@ -180,7 +180,7 @@ async def test_an_agent_gone_from_its_node_without_a_word_is_started_again(tmp_p
     placed, victim = await spawn_on_victim(c, m)
     name = next(p["name"] for p in placed if p["node"] == victim)
     node = c.nodes[victim]
-    node.drop(node.runners[name], lambda: AgentDown("gone"))   # silently: no EXIT
+    node.incarnations.drop(node.runners[name], lambda: AgentDown("gone"))   # silently: no EXIT
     await c.advance(1.5)                                        # a few renewals, then the audit
     assert await c.run(m.call(name, {"op": "get"})) == 5
     assert c.role.children[name].status == "running" and name in c.nodes[c.role.children[name].node].runners
