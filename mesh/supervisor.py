@@ -34,6 +34,7 @@ from . import wire
 from .clock import Backoff
 from .errors import (AlreadyExists, BadRequest, CallError, CallTimeout, NoSuchAgent,
                      NotAllowed, Retryable, SupervisorDown, Unavailable)
+from .control import ControlReplies
 from .node import Node, Origin
 from .registry import Table
 from .supervision import ChildSpec, SupervisorSpec
@@ -81,11 +82,9 @@ class Child:
     # its name older than this is an earlier agent's (one stopped while a host that holds
     # a copy was down), never its state. 0: no such bound (static children).
     born: int = 0
-    # The request id of the spawn that made a dynamic child (kept with its record), so a
-    # retry of that spawn is answered with its outcome, and who waits for that outcome
-    # while it is under way (None once answered).
+    # The request id of the spawn that made a dynamic child (kept with its record): a
+    # repeat of that spawn after a supervisor restart is answered with where it runs.
     spawn_rid: str | None = None
-    spawn_waiters: list | None = None
 
 
 @dataclass
@@ -115,6 +114,7 @@ class SupervisorRole:
     def __init__(self, node: Node):
         self.node, self.config, self.clock = node, node.config, node.clock
         node.supervisor = self
+        self.control = ControlReplies(node, node.clock)  # spawns and stops, by request id
         for kind, handler in ((Kind.SPAWN, self._on_spawn), (Kind.STOP, self._on_stop),
                               (Kind.STATUS, self._on_status), (Kind.HELLO, self._on_hello),
                               (Kind.HEARTBEAT, self._on_renew),
@@ -875,6 +875,14 @@ class SupervisorRole:
     # --- requests from clients ---------------------------------------------------------------------
 
     def _on_spawn(self, msg: wire.Msg, origin: Origin) -> None:
+        if self.control.repeat(msg.id, origin, msg.body):
+            return
+        try:
+            self._spawn_request(msg)
+        except CallError as err:
+            self.control.fail(msg.id, err)
+
+    def _spawn_request(self, msg: wire.Msg) -> None:
         body = msg.body
         name, kind = body["name"], body["kind"]
         parent = body.get("supervisor") or self.config.dynamic_supervisor
@@ -884,7 +892,7 @@ class SupervisorRole:
             raise SupervisorDown(f"cannot spawn {name!r}: {self.failure}")
         existing = self.children.get(name)
         if existing is not None and existing.spawn_rid == msg.id:
-            self._spawn_again(existing, body, parent, origin, msg.id)
+            self._spawn_again(existing, body, parent, msg.id)
             return
         if name in self._unstopped:
             raise Unavailable(f"the stop of {name!r} is not confirmed yet (its node could not carry it out): "
@@ -899,24 +907,22 @@ class SupervisorRole:
         if sup is None or not sup.spec.dynamic:
             raise BadRequest(f"{parent!r} is not a dynamic supervisor")
         spec = ChildSpec(name, kind, body.get("args") or {}, body.get("restart") or "permanent")
-        child = Child(spec, parent, dynamic=True, born=self._new_incarnation(), spawn_rid=msg.id,
-                      spawn_waiters=[origin])
+        child = Child(spec, parent, dynamic=True, born=self._new_incarnation(), spawn_rid=msg.id)
         self.children[name] = child
         sup.children.append(name)
         self._spawn(self._spawn_child(child, msg.id))
 
-    def _spawn_again(self, child: Child, body: dict, parent: str, origin: Origin, rid: str) -> None:
-        """A retry of the spawn that made `child` (its answer was lost): it gets that
-        spawn's outcome, at once or when the spawn ends; a reused id is refused."""
+    def _spawn_again(self, child: Child, body: dict, parent: str, rid: str) -> None:
+        """A repeat of the spawn that made `child` that the control replies no longer know
+        (the supervisor restarted since): it gets where the child runs; a reused id is
+        refused."""
         spec = child.spec
         if (body["kind"], body.get("args") or {}, body.get("restart") or "permanent", parent) != (
                 spec.kind, spec.args, spec.restart, child.parent):
             raise BadRequest(f"request id {rid!r} was used before for a different request: "
                              f"a request id names one request (use a new id for a new one)")
-        if child.spawn_waiters is not None:
-            child.spawn_waiters.append(origin)
-        elif child.status == RUNNING and child.node is not None:
-            self.node.respond(origin, rid, _placed(child))
+        if child.status == RUNNING and child.node is not None:
+            self.control.answer(rid, _placed(child))
         else:
             raise Unavailable(f"{child.spec.name!r} was spawned and is (re)starting now")
 
@@ -941,16 +947,13 @@ class SupervisorRole:
             err = await self._start_child(child)
         if err is None and child.status != RUNNING:
             err = Unavailable(f"no live node may run {spec.name!r} now")
-        waiters, child.spawn_waiters = child.spawn_waiters or [], None
         if err is not None:
             self._forget_dynamic(child)
             self.table.remove(spec.name)
             self._schedule_registry()
-            for origin in waiters:
-                self.node.respond_error(origin, rid, err)
+            self.control.fail(rid, err)
             return
-        for origin in waiters:
-            self.node.respond(origin, rid, _placed(child))
+        self.control.answer(rid, _placed(child))
 
     def _forget_dynamic(self, child: Child) -> None:
         if self.children.get(child.spec.name) is child:
@@ -982,6 +985,14 @@ class SupervisorRole:
         self._spawn(forget())
 
     def _on_stop(self, msg: wire.Msg, origin: Origin) -> None:
+        if self.control.repeat(msg.id, origin, msg.target):
+            return  # a copy of a stop: it must not stop what was spawned since
+        try:
+            self._stop_request(msg)
+        except CallError as err:
+            self.control.fail(msg.id, err)
+
+    def _stop_request(self, msg: wire.Msg) -> None:
         name = msg.target
         child = self.children.get(name)
         if child is None:
@@ -1002,14 +1013,14 @@ class SupervisorRole:
 
         async def stop() -> None:
             try:
-                await self._stop_child(child, origin, msg.id)
+                await self._stop_child(child, msg.id)
             finally:
                 if self._forgetting.get(name) is done:
                     del self._forgetting[name]
                 done.set_result(None)
         self._spawn(stop())
 
-    async def _stop_child(self, child: Child, origin: Origin, rid: str) -> None:
+    async def _stop_child(self, child: Child, rid: str) -> None:
         """End every incarnation of a dynamic child and delete its state. The stop takes an
         incarnation number of its own, newer than any START sent (one may be under way): the
         node ends whatever runs the name below it, deletes the record fenced at it, and refuses
@@ -1028,12 +1039,12 @@ class SupervisorRole:
             # the name stays reserved for the stop's repeat: until a stop is confirmed, a
             # spawn of it is refused (its state may still be in the store)
             self._unstopped[name] = child
-            self.node.respond_error(origin, rid, Unavailable(
+            self.control.fail(rid, Unavailable(
                 f"the stop of {name!r} is not confirmed: node {node} did not carry it out ({err}); "
                 f"stop it again when the node is back"))
             return
         self._unstopped.pop(name, None)
-        self.node.respond(origin, rid, {"name": name, "stopped": bool(answer.get("stopped"))})
+        self.control.answer(rid, {"name": name, "stopped": bool(answer.get("stopped"))})
 
     def _any_node_on_host(self, node: str | None) -> str:
         host = self.config.nodes[node].host if node else self.config.nodes[self.node.name].host

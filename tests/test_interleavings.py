@@ -478,3 +478,26 @@ async def test_a_spawn_retried_with_its_request_id_gets_that_spawns_outcome(clus
     with pytest.raises(BadRequest, match="different request"):
         await c.client().caller.request(sup, Kind.SPAWN, None, other, 5, rid="sp-1")
     await c.close()
+
+
+async def test_a_late_copy_of_a_stop_or_a_spawn_does_not_act_again(cluster_factory):
+    """Seen in the 30-minute soak: a copy of one era's STOP, passed on by another node,
+    reached the supervisor after the name was spawned again, and stopped the new era's
+    agent in the middle of its work. A copy of a control request gets the answer of the
+    first and acts no more: not a late stop, nor a late spawn of a name stopped since."""
+    c = await cluster_factory()
+    sup, m = c.cfg.supervisor_node, c.client()
+    ask = c.client().caller.request
+    spawn = {"name": "s", "kind": "counter", "args": {}, "restart": "permanent"}
+    await ask(sup, Kind.SPAWN, None, spawn, 5, rid="spawn-1")
+    assert (await ask(sup, Kind.STOP, "s", None, 5, rid="stop-1"))["stopped"] is True
+    placed = await m.spawn("s", "counter")                       # the next era
+    assert await m.call("s", {"op": "add", "n": 2}) == 2
+    assert (await ask(sup, Kind.STOP, "s", None, 5, rid="stop-1"))["stopped"] is True  # the late copy
+    assert await m.call("s", {"op": "get"}) == 2                  # the new era serves on
+    assert (await m.stop("s"))["stopped"] is True
+    await ask(sup, Kind.SPAWN, None, spawn, 5, rid="spawn-1")    # a late copy of the first spawn
+    with pytest.raises(NoSuchAgent):
+        await m.call("s", {"op": "get"})                          # brings nothing back
+    assert placed["name"] == "s"
+    await c.close()
