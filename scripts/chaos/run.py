@@ -343,6 +343,7 @@ async def chaos_once(args, out: Path, hostile: bool = False) -> tuple[int, "chec
           f"{', wall clocks ' + ', '.join(f'{h} {o:+g} s' for h, o in skew.items()) if skew else ''}; record in {out}")
     nemesis = None
     peer = None
+    tasks: list[asyncio.Future] = []
     try:
         env.start()
         async with env.client() as m, env.client() as rival:
@@ -367,6 +368,7 @@ async def chaos_once(args, out: Path, hostile: bool = False) -> tuple[int, "chec
             stop = asyncio.Event()
             runner = asyncio.ensure_future(work.run(stop, settle_s=args.settle))
             faulting = asyncio.ensure_future(nemesis.run(stop))
+            tasks += [runner, faulting]
             t0 = time.monotonic()
             while time.monotonic() - t0 < seconds:
                 await asyncio.sleep(min(10, seconds - (time.monotonic() - t0)))
@@ -382,6 +384,9 @@ async def chaos_once(args, out: Path, hostile: bool = False) -> tuple[int, "chec
             final = await work.final_states()
         (out / "final.json").write_text(json.dumps(final))
     finally:
+        for task in tasks:  # interrupted: the workload stops writing before its record closes
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         stop_hostile(peer)
         if nemesis is not None:
             await nemesis.cancel()  # heals whatever an interruption left in force
