@@ -111,7 +111,9 @@ class Node:
         self._flush_scheduled = False
         self._copies: tuple[Batch, list] | None = None  # replicated records of this loop turn
         self._tasks: set[asyncio.Task] = set()
-        self._timers: dict[Callable, Any] = {}  # each periodic function -> its next firing
+        self._timers: dict[Callable, Any] = {}  # each timed function -> its next firing
+        self._periodic: dict[Callable, float] = {}  # the periodic ones -> their interval
+        self._paused: list[Callable] = []  # what was due while paused (see pause)
         self._hello_acked = False
         self._hellos_in_flight = 0
         self._parked_starts: list[tuple[wire.Msg, Origin]] = []  # STARTs waiting for this node's lease
@@ -142,6 +144,8 @@ class Node:
         log.info("node %s listening on %s (boot %s)", self.name, bind, self.boot)
 
     def _every(self, interval: float, fn: Callable[[], None]) -> None:
+        self._periodic[fn] = interval
+
         def fire():
             if self.stopping:
                 return
@@ -163,6 +167,39 @@ class Node:
             if not self.stopping:
                 fn()
         self._timers[fn] = self.clock.call_after(delay, fire)
+
+    def pause(self) -> None:
+        """Stop the node's timed work, as SIGSTOP does (tests freeze a node so)."""
+        self._paused = list(self._timers)
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+
+    def resume(self) -> None:
+        """SIGCONT: what fell due while paused runs at once, in the order it was armed, and
+        the periodic work goes on."""
+        paused, self._paused = self._paused, []
+        for fn in paused:
+            if self.stopping:
+                return
+            fn()
+            if fn in self._periodic and fn not in self._timers:
+                self._every(self._periodic[fn], fn)
+
+    def abandon(self) -> None:
+        """Vanish as under kill -9 (tests): no terminate, no goodbye, no commit pending
+        leaves; its connections close, and nothing it began goes on."""
+        self.stopping = True
+        self.pause()
+        for task in list(self._tasks):
+            task.cancel()
+        for runner in self.runners.values():
+            if runner.task is not None:
+                runner.task.cancel()
+        if self.listener is not None:
+            self.listener.close()
+        for link in self.links.values():
+            link.close()
 
     def _tick(self) -> None:
         now = self.clock.now()

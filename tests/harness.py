@@ -79,13 +79,6 @@ def make_config(tmp_path: Path, extra: str = "", mailbox: int = 100, limits: str
     return config_mod.load(path)
 
 
-def stop_timers(node: Node) -> None:
-    """The node's periodic work (renewals, liveness checks) stops, as when it is frozen."""
-    for timer in node._timers.values():
-        timer.cancel()
-    node._timers.clear()
-
-
 class Cluster:
     def __init__(self, cfg: config_mod.Config, tmp_path: Path):
         self.cfg, self.tmp = cfg, tmp_path
@@ -116,34 +109,21 @@ class Cluster:
     def kill(self, name: str) -> dict:
         """Like kill -9: the node vanishes without a word; returns its `previous` record."""
         node = self.nodes.pop(name)
-        node.stopping = True
-        stop_timers(node)
-        for task in list(node._tasks):
-            task.cancel()
-        for runner in node.runners.values():
-            if runner.task is not None:
-                runner.task.cancel()
-        node.listener.close()
-        for link in node.links.values():
-            link.close()
-        node.committer = _Dead()
+        node.abandon()
+        node.committer = _Dead()  # and its store takes nothing more from it
         return {"boot": node.boot, "exit": -9}
 
     def freeze(self, name: str) -> None:
         """Stop a node as SIGSTOP does: its timers stop and nothing reaches it."""
         node = self.nodes[name]
         self.net.freeze(node.endpoint)
-        stop_timers(node)
+        node.pause()
 
     def thaw(self, name: str) -> None:
         """SIGCONT: its overdue heartbeat runs at once, then what was sent to it arrives."""
         node = self.nodes[name]
-        node._tick()
-        node._every(self.cfg.timing.heartbeat_s, node._tick)
+        node.resume()
         self.net.thaw(node.endpoint)
-        if self.role is not None and self.role.node is node:  # the supervisor's timers too
-            node._every(self.cfg.timing.heartbeat_s, self.role._place_pending)
-            self.role._arm_liveness()
 
     async def restart(self, name: str) -> Node:
         previous = self.kill(name)

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from harness import Cluster, make_config, stop_timers
+from harness import Cluster, make_config
 from mesh.store import Committer
 from harness import GatedCommitter
 
@@ -68,7 +68,7 @@ async def test_a_reply_committed_after_the_lease_lapsed_is_not_sent(tmp_path):
     gate = node.committer = GatedCommitter(node.store)
     call = asyncio.ensure_future(m.call(name, {"op": "add", "n": 1}, timeout=5, request_id="r-1"))
     await c.settle()
-    stop_timers(node)  # the node stops renewing (it is cut off from the supervisor)
+    node.pause()  # the node stops renewing (it is cut off from the supervisor)
     await c.advance(0.35)       # past its lease, not yet past the supervisor's patience
     node.committer = Committer(node.store, inline=True)
     gate.release()              # the commit lands, but the reply must not leave
@@ -128,10 +128,10 @@ async def test_a_dropped_runner_acknowledges_nothing_even_if_its_commit_lands_la
                                                    {"op": "add", "n": 1}, 30, rid="in-flight"))
     await c.settle()
     assert len(gate.held) == 1
-    stop_timers(node)
+    node.pause()
     c.clock.advance(0.35)
     assert not node.serving() and name not in node.runners   # lapsed: dropped
-    node._every(c.cfg.timing.heartbeat_s, node._tick)         # renewals again: it rejoins
+    node.resume()                                             # renewals again: it rejoins
     await c.advance(0.2)
     assert node.lease.valid()
     node.committer = Committer(node.store, inline=True)
