@@ -50,6 +50,7 @@ _AGENTS = b"agents"
 _META = b"meta"
 _REPLIES = b"replies"
 _FENCES = b"fences"
+ROOM_AFTER_FULL = 8 << 20  # free bytes a disk that filled up needs before its store counts as able again
 
 
 @dataclass
@@ -426,6 +427,15 @@ class Store:
             size = self.env.info()["map_size"]
             self.env.set_mapsize(size * 2)
             log.info("store map grown to %d MiB", size * 2 >> 20)
+
+    def has_room(self, need: int = ROOM_AFTER_FULL) -> bool:
+        """Whether the filesystem under the store has `need` bytes free (True when it
+        cannot tell: the commits themselves then decide)."""
+        try:
+            st = os.statvfs(self.path)
+        except OSError:
+            return True
+        return st.f_bavail * st.f_frsize >= need
 
     def close(self) -> None:
         if os.getpid() == self._pid:

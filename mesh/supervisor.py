@@ -105,6 +105,7 @@ class NodeView:
     audited_at: float = float("-inf")  # when its agents were last compared with this view
     short_renewals: int = 0            # renewals in a row that counted fewer agents than this view
     drops: int = 0                     # the node's count of lease lapses, from its last hello
+    store_full: bool = False           # its store cannot commit (disk full), as its last hello or renewal said
 
 
 class SupervisorRole:
@@ -318,11 +319,15 @@ class SupervisorRole:
         return inc
 
     def _candidates(self, spec: ChildSpec) -> list[str]:
+        """The live nodes the placement allows, on hosts whose store can commit."""
         out = []
+        full = self._full_hosts()
         for name, view in self.nodes.items():
             if not view.alive:
                 continue
             nspec = self.config.nodes[name]
+            if nspec.host in full:
+                continue
             if spec.placement.hosts and nspec.host not in spec.placement.hosts:
                 continue
             tags = set(nspec.tags) | set(self.config.hosts[nspec.host].tags)
@@ -463,13 +468,20 @@ class SupervisorRole:
     def _live_hosts(self) -> set[str]:
         return {self.config.nodes[v.name].host for v in self.nodes.values() if v.alive}
 
+    def _full_hosts(self) -> set[str]:
+        """Hosts whose store cannot commit (a live node of theirs said its disk is full):
+        nothing new is placed there, neither homes nor replicas, but what runs there is
+        not killed."""
+        return {self.config.nodes[v.name].host for v in self.nodes.values() if v.alive and v.store_full}
+
     def _choose_replicas(self, child: Child, host: str) -> tuple[str, ...] | None:
-        """`store.replicas` live hosts other than `host`: the ones it has first (their copies
-        are current), then the least used. None when there are not enough."""
+        """`store.replicas` live hosts other than `host` whose store can commit: the ones it
+        has first (their copies are current), then the least used. None when there are not
+        enough."""
         n = self.config.store.replicas
         if n == 0:
             return ()
-        live = self._live_hosts() - {host}
+        live = self._live_hosts() - {host} - self._full_hosts()
         if len(live) < n:
             return None
         ranked = sorted(live, key=lambda h: (h not in child.replicas, self.replica_use[h], h))
@@ -720,6 +732,7 @@ class SupervisorRole:
         dropped = view.boot == body["boot"] and drops > view.drops
         view.boot, view.pid, view.last_heard, view.drops = body["boot"], body["pid"], self.clock.now(), drops
         was_alive, view.alive = view.alive, True
+        full_before, view.store_full = view.store_full, bool(body.get("store_full"))
         if not self.ready:
             self._inventories[name] = body["agents"]  # a lease only with an inventory (see _learn_view)
         self.node.respond(origin, msg.id, {"epoch": self.table.epoch})  # grants a lease, too
@@ -734,8 +747,20 @@ class SupervisorRole:
         # A hello from a node with the same boot only asks for the registry; the agents it
         # lists may predate STARTs still on their way, so they are not compared here.
         self._send_snapshot(name)
-        if not was_alive or restarted:
+        if not was_alive or restarted or full_before != view.store_full:
             self._place_pending()
+
+    def _note_store_full(self, view: NodeView, full: bool) -> None:
+        """A node said its store cannot commit (disk full), or can again."""
+        if full == view.store_full:
+            return
+        view.store_full = full
+        host = self.config.nodes[view.name].host
+        if full:
+            log.warning("supervisor: host %s's disk is full (node %s): nothing new is placed there", host, view.name)
+        else:
+            log.info("supervisor: host %s has room again (node %s)", host, view.name)
+        self._place_pending()
 
     def _on_renew(self, msg: wire.Msg, origin: Origin) -> None:
         """A node's lease renewal. Only a node this supervisor knows as alive, with the
@@ -746,6 +771,7 @@ class SupervisorRole:
         if known:
             view.last_heard = self.clock.now()
             view.health = {"agents": body.get("agents", 0), "mailbox": body.get("mailbox", 0)}
+            self._note_store_full(view, bool(body.get("store_full")))
             short = view.health["agents"] < self.table.running[view.name]
             view.short_renewals = view.short_renewals + 1 if short else 0
             if view.short_renewals >= 2 and self.ready:  # not a start that crossed the renewal
@@ -1035,7 +1061,7 @@ class SupervisorRole:
             nodes.append({"name": name, "host": spec.host, "address": f"{spec.address}:{spec.port}",
                           "alive": view.alive and inv is not None, "pid": view.pid,
                           "agents": len(inv["agents"]) if inv else 0,
-                          "supervisor": name == self.node.name,
+                          "supervisor": name == self.node.name, "store_full": view.store_full,
                           "stats": (inv or {}).get("stats", {})})
         now = self.clock.now()
         agents = [{"name": n, "kind": c.spec.kind, "node": c.node if c.status == RUNNING else None,
