@@ -1172,8 +1172,8 @@ class Node:
         outcome = await done
         if forget:
             self._answer_stop(origin, rid, outcome, runner.name)
-        elif outcome.error is not None:
-            self.respond_error(origin, rid, Unavailable(str(outcome.error)))
+        elif outcome.error is not None:  # ended all the same: only what terminate changed is not kept
+            self.respond_error(origin, rid, _store_error(outcome.error))
         else:
             self.respond(origin, rid, {"stopped": True})
 

@@ -141,6 +141,7 @@ class SupervisorRole:
         self.failure: str | None = None  # why the tree failed: names the supervisors that gave up
         self._forgetting: dict[str, asyncio.Future] = {}  # name -> done once its state is deleted
         self._unstopped: dict[str, "Child"] = {}  # stopped names whose node could not carry the stop out
+        self._leaving: set[str] = set()  # names being moved off a host whose disk is full
 
     # --- boot ------------------------------------------------------------------------------------
 
@@ -358,6 +359,75 @@ class SupervisorRole:
             if (child.status == PENDING and not child.busy and child.next_try <= now
                     and not self.sups[child.parent].failed):
                 self._spawn(self._start_or_crash(child))
+        self._leave_full_hosts()
+
+    def _leave_full_hosts(self) -> None:
+        """Move what hosts whose disk is full hold, where that can be done now (when one
+        says so, and on every heartbeat tick while one does): an agent whose replica host is
+        full starts again on its node with a replica host that has room (its claim copies
+        its current state there before it serves); one whose home is full moves to another
+        host with room, from the newest copy of its state. An agent that has nowhere to go
+        stays and serves what needs no commit; nothing is stopped for a move that cannot
+        start."""
+        full = self._full_hosts()
+        if not full or not self.ready or self.tree_failed or self.booting or self.stopping:
+            return
+        if self.config.nodes[self.node.name].host in full:
+            return  # this supervisor could not record where the agents go
+        for child in list(self.children.values()):
+            if (child.status != RUNNING or child.busy or child.node is None or child.spec.name in self._leaving
+                    or self.sups[child.parent].failed):
+                continue
+            here = self.config.nodes[child.node].host
+            if here not in full and not full.intersection(child.replicas):
+                continue
+            node = self._way_out(child, here, full)
+            if node is not None:
+                self._spawn(self._leave(child, node, child.node, child.incarnation))
+
+    def _way_out(self, child: Child, here: str, full: set[str]) -> str | None:
+        """The node `child` can run on with no full host in its set: its own node if only a
+        replica host is full, else another; None if there is none now, or if some set of
+        hosts that may hold its newest state has only full hosts (reading it there, fenced,
+        is a write: it would fail)."""
+        node = child.node if here not in full else self._choose_node(child, avoid=child.node)
+        if node is None or self.config.nodes[node].host in full:
+            return None
+        host = self.config.nodes[node].host
+        sources = self._sources(child, host)
+        if self._choose_replicas(child, host) is None or sources is None:
+            return None
+        if any(all(self.config.nodes[n].host in full for n in group) for group in sources):
+            return None
+        return node
+
+    async def _leave(self, child: Child, node: str, old: str, inc: int) -> None:
+        """Start `child` again on `node` (its own node `old`: with new replica hosts). An
+        incarnation on a full home ends first, so that one incarnation serves at a time;
+        the new one reads its state fenced, so the old one acknowledges nothing after."""
+        name = child.spec.name
+
+        def unchanged() -> bool:
+            return (child.node, child.incarnation, child.status, child.busy) == (old, inc, RUNNING, False)
+        if not unchanged():
+            return
+        self._leaving.add(name)
+        try:
+            log.warning("supervisor: %s (incarnation %d on %s) leaves a full disk: %s", name, inc, old,
+                        "to node " + node if node != old else "with other replica hosts")
+            if node != old:
+                try:
+                    await self.node.caller.request(old, Kind.TERMINATE, name, {
+                        "incarnation": inc, "reason": "its host's disk is full"}, self.config.timing.call_timeout_s)
+                except CallError as err:
+                    if not err.data.get("disk_full"):  # not known to have ended: tried again next tick
+                        log.warning("supervisor: ending %s on %s before its move: %s", name, old, err)
+                        return
+                if not unchanged():
+                    return  # moved or stopped meanwhile
+            await self._move(child, prefer=node, avoid=None if node == old else old)
+        finally:
+            self._leaving.discard(name)
 
     async def _start_or_crash(self, child: Child, prefer: str | None = None, avoid: str | None = None) -> None:
         """Start a child outside any strategy; a failed init counts as a crash."""
@@ -471,7 +541,7 @@ class SupervisorRole:
     def _full_hosts(self) -> set[str]:
         """Hosts whose store cannot commit (a live node of theirs said its disk is full):
         nothing new is placed there, neither homes nor replicas, but what runs there is
-        not killed."""
+        not killed (see _leave_full_hosts)."""
         return {self.config.nodes[v.name].host for v in self.nodes.values() if v.alive and v.store_full}
 
     def _choose_replicas(self, child: Child, host: str) -> tuple[str, ...] | None:
@@ -757,7 +827,8 @@ class SupervisorRole:
         view.store_full = full
         host = self.config.nodes[view.name].host
         if full:
-            log.warning("supervisor: host %s's disk is full (node %s): nothing new is placed there", host, view.name)
+            log.warning("supervisor: host %s's disk is full (node %s): nothing is placed there, "
+                        "and its agents and copies move where they can", host, view.name)
         else:
             log.info("supervisor: host %s has room again (node %s)", host, view.name)
         self._place_pending()
