@@ -49,7 +49,7 @@ log = logging.getLogger("mesh.node")
 UNSAFE_COMMIT_DELAY_S = 0.05  # with unsafe_reply_before_commit: so that a crash surely loses acknowledged writes
 MAX_RENEWALS = 3  # lease renewals in flight at once
 _PROBE_KEY = "node/probe/"    # + node name: the small write that tells whether a full store has room again
-_PROBE_VALUE = bytes(4096)     # a page's worth: a write that a store without room surely fails
+_PROBE_VALUE = bytes(4096)     # a page's worth (a full disk may still take it: see _note_store)
 
 Origin = bytes | None  # a ROUTER routing id, or None for a request from this very node
 

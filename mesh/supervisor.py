@@ -320,22 +320,22 @@ class SupervisorRole:
         return inc
 
     def _candidates(self, spec: ChildSpec) -> list[str]:
-        """The live nodes the placement allows, on hosts whose store can commit."""
+        """The live nodes the placement allows: those on hosts whose store can commit, or,
+        if there are none, those on full hosts (a full disk may still take small commits;
+        a one-host mesh has nowhere else to go)."""
         out = []
-        full = self._full_hosts()
         for name, view in self.nodes.items():
             if not view.alive:
                 continue
             nspec = self.config.nodes[name]
-            if nspec.host in full:
-                continue
             if spec.placement.hosts and nspec.host not in spec.placement.hosts:
                 continue
             tags = set(nspec.tags) | set(self.config.hosts[nspec.host].tags)
             if spec.placement.tags and not set(spec.placement.tags) <= tags:
                 continue
             out.append(name)
-        return out
+        full = self._full_hosts()
+        return [n for n in out if self.config.nodes[n].host not in full] or out
 
     def _choose_node(self, child: Child, prefer: str | None = None, avoid: str | None = None) -> str | None:
         """A live node the placement allows: `prefer` if possible, never `avoid` unless it
@@ -394,8 +394,8 @@ class SupervisorRole:
         if node is None or self.config.nodes[node].host in full:
             return None
         host = self.config.nodes[node].host
-        sources = self._sources(child, host)
-        if self._choose_replicas(child, host) is None or sources is None:
+        sources, replicas = self._sources(child, host), self._choose_replicas(child, host)
+        if replicas is None or sources is None or full.intersection(replicas):
             return None
         if any(all(self.config.nodes[n].host in full for n in group) for group in sources):
             return None
@@ -540,21 +540,22 @@ class SupervisorRole:
 
     def _full_hosts(self) -> set[str]:
         """Hosts whose store cannot commit (a live node of theirs said its disk is full):
-        nothing new is placed there, neither homes nor replicas, but what runs there is
-        not killed (see _leave_full_hosts)."""
+        no home or replica is placed there while another host can take it, and what runs
+        there is not killed (see _leave_full_hosts)."""
         return {self.config.nodes[v.name].host for v in self.nodes.values() if v.alive and v.store_full}
 
     def _choose_replicas(self, child: Child, host: str) -> tuple[str, ...] | None:
-        """`store.replicas` live hosts other than `host` whose store can commit: the ones it
-        has first (their copies are current), then the least used. None when there are not
-        enough."""
+        """`store.replicas` live hosts other than `host`: those whose store can commit first
+        (full ones only when there are not enough others), then the ones it has (their
+        copies are current), then the least used. None when there are not enough."""
         n = self.config.store.replicas
         if n == 0:
             return ()
-        live = self._live_hosts() - {host} - self._full_hosts()
+        live = self._live_hosts() - {host}
         if len(live) < n:
             return None
-        ranked = sorted(live, key=lambda h: (h not in child.replicas, self.replica_use[h], h))
+        full = self._full_hosts()
+        ranked = sorted(live, key=lambda h: (h in full, h not in child.replicas, self.replica_use[h], h))
         return tuple(ranked[:n])
 
     def _sources(self, child: Child, host: str) -> list[list[str]] | None:
