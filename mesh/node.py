@@ -129,9 +129,9 @@ class Node:
         self._renewing = 0
         self._renewals = 0
         self._drops = 0  # times this boot dropped its agents when its lease lapsed (said in hellos)
-        # The latest commit on this host's store failed for want of disk, and none has
-        # succeeded since (with room left): said in every hello and renewal, so that the
-        # supervisor places nothing here and moves what it can (see _note_store).
+        # A commit on this host's store failed (a full disk), and none has succeeded
+        # since with room left: said in every hello and renewal, so that the supervisor
+        # places nothing here and moves what it can (see _note_store).
         self.store_full = False
         self._probing = False
         self.stopping = False
@@ -706,12 +706,13 @@ class Node:
 
     def _note_store(self, batch: Batch, outcome: Outcome) -> None:
         """Whether this host's store can commit, as its latest write showed: full after a
-        commit that failed for want of disk; able again after one that wrote something and
+        commit that failed (a full disk fails it with ENOSPC, or with EIO when LMDB's write
+        was cut short at the disk's end); able again after one that wrote something and
         left the disk some room (a full disk may still take a small commit into pages the
         store freed earlier: that alone does not make it eligible again). The supervisor
         hears a change at once, in a renewal sent now."""
         if outcome.error is not None:
-            full = self.store_full or outcome.error.disk_full
+            full = True
         elif batch:
             full = self.store_full and not self.store.has_room()
         else:
