@@ -256,7 +256,9 @@ def status(config_path, key, as_json):
         return
     click.echo(_table(["NODE", "ADDRESS", "ALIVE", "PID", "AGENTS", ""],
                       [[n["name"], n["address"], "yes" if n["alive"] else "no", n["pid"] or "-",
-                        n["agents"], "supervisor" if n["supervisor"] else ""] for n in st["nodes"]]))
+                        n["agents"], ", ".join(w for w, on in (("supervisor", n["supervisor"]),
+                                                               ("disk full", n.get("store_full"))) if on)]
+                       for n in st["nodes"]]))
     click.echo()
     click.echo(_table(["AGENT", "KIND", "NODE", "INCARNATION", "RESTARTS", "MAILBOX", "STATUS"],
                       [[a["name"], a["kind"], a["node"] or "-", a["incarnation"], a["restarts"],

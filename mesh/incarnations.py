@@ -23,7 +23,7 @@ from .agent import Agent
 from .errors import (AgentCrashed, AgentDown, AlreadyExists, BadRequest, CallError, NoSuchAgent, NotAllowed,
                      SnapshotCorrupt, Unavailable)
 from .runner import RUNNING, STARTING, STOPPED, Runner
-from .store import Outcome, Record, replies_from_wire, unpack_state
+from .store import Outcome, Record, commit_failure, replies_from_wire, unpack_state
 from .wire import Kind
 
 if TYPE_CHECKING:
@@ -316,8 +316,8 @@ class Incarnations:
         outcome = await done
         if forget:
             self._answer_stop(origin, rid, outcome, runner.name)
-        elif outcome.error is not None:
-            self.node.respond_error(origin, rid, Unavailable(str(outcome.error)))
+        elif outcome.error is not None:  # ended all the same: only what terminate changed is not kept
+            self.node.respond_error(origin, rid, commit_failure(outcome.error))
         else:
             self.node.respond(origin, rid, {"stopped": True})
 

@@ -36,13 +36,15 @@ from .incarnations import Incarnations
 from .names import Names, NodeResolver
 from .security import allowed, role_of
 from .runner import RUNNING, STARTING, STOPPED, Envelope, Runner, error_response
-from .store import Batch, Committer, Outcome, Record, Store, decode_record, replies_from_wire
+from .store import Batch, Committer, Outcome, Record, Store, commit_failure, decode_record, replies_from_wire
 from .wire import Kind
 
 log = logging.getLogger("mesh.node")
 
 UNSAFE_COMMIT_DELAY_S = 0.05  # with unsafe_reply_before_commit: so that a crash surely loses acknowledged writes
 MAX_RENEWALS = 3  # lease renewals in flight at once
+_PROBE_KEY = "node/probe/"    # + node name: the small write that tells whether a full store has room again
+_PROBE_VALUE = bytes(4096)     # a page's worth (a full disk may still take it: see _note_store)
 
 Origin = bytes | None  # a ROUTER routing id, or None for a request from this very node
 
@@ -122,6 +124,11 @@ class Node:
         self._renewing = 0
         self._renewals = 0
         self._drops = 0  # times this boot dropped its agents when its lease lapsed (said in hellos)
+        # A commit on this host's store failed (a full disk), and none has succeeded
+        # since with room left: said in every hello and renewal, so that the supervisor
+        # places nothing here and moves what it can (see _note_store).
+        self.store_full = False
+        self._probing = False
         self.stopping = False
         self.stopped = asyncio.Event()
         self.listener = None
@@ -208,6 +215,8 @@ class Node:
             self.listener.check_partial()
         for runner in list(self.busy_runners):
             runner.check_deadline(now)
+        if self.store_full and not self._probing:
+            self._probe_store()
         if not self._hello_acked or not self.names.synced:
             self.say_hello()
         elif self._renewing < MAX_RENEWALS:
@@ -243,6 +252,8 @@ class Node:
         self._renewals += 1
         body = {"node": self.name, "boot": self.boot, "seq": self._renewals, "agents": len(self.runners),
                 "mailbox": max((r.depth() for r in self.runners.values() if r.mailbox), default=0)}
+        if self.store_full:
+            body["store_full"] = True
         try:
             answer = await self.caller.request(self.config.supervisor_node, Kind.HEARTBEAT, None, body,
                                                self.timing.lease_s)
@@ -610,6 +621,7 @@ class Node:
     def _committed_here(self, group: Group, outcome: Outcome) -> None:
         """The local commit is done; with replicas, the copies must land before anything
         that depends on them leaves (G6)."""
+        self._note_store(group.batch, outcome)
         if outcome.error is None and any(group.replicas.values()):
             self._spawn(self._replicate(group, outcome))
         else:
@@ -702,7 +714,48 @@ class Node:
             return  # flushed early already (see _on_replicate)
         batch, callbacks = self._copies
         self._copies = None
-        self.committer.submit(batch, lambda outcome: [cb(outcome) for cb in callbacks])
+
+        def done(outcome: Outcome) -> None:
+            self._note_store(batch, outcome)
+            for cb in callbacks:
+                cb(outcome)
+        self.committer.submit(batch, done)
+
+    def _note_store(self, batch: Batch, outcome: Outcome) -> None:
+        """Whether this host's store can commit, as its latest write showed: full after a
+        commit that failed (a full disk fails it with ENOSPC, or with EIO when LMDB's write
+        was cut short at the disk's end); able again after one that wrote something and
+        left the disk some room (a full disk may still take a small commit into pages the
+        store freed earlier: that alone does not make it eligible again). The supervisor
+        hears a change at once, in a renewal sent now."""
+        if outcome.error is not None:
+            full = True
+        elif batch:
+            full = self.store_full and not self.store.has_room()
+        else:
+            return
+        if full == self.store_full:
+            return
+        self.store_full = full
+        if full:
+            self.stats["store_full"] += 1
+            log.warning("node %s: the store cannot commit (disk full): telling the supervisor", self.name)
+        else:
+            log.warning("node %s: the store commits again", self.name)
+        if self._hello_acked and self._renewing < MAX_RENEWALS and not self.stopping:
+            self._spawn(self._renew())
+
+    def _probe_store(self) -> None:
+        """While the store is full, write a page to it once a heartbeat: a host whose agents
+        and copies moved away commits nothing else, and this says when it has room again."""
+        self._probing = True
+        batch = Batch()
+        batch.meta_puts[_PROBE_KEY + self.name] = _PROBE_VALUE
+
+        def done(outcome: Outcome) -> None:
+            self._probing = False
+            self._note_store(batch, outcome)
+        self.committer.submit(batch, done)
 
     def _on_fetch(self, msg: wire.Msg, origin: Origin) -> None:
         self._spawn(self._fetch(msg, origin))
@@ -753,7 +806,7 @@ class Node:
             if runner.pending_group is group:
                 runner.pending_group = None
             if failed is not None:
-                response = error_response(_store_error(failed))
+                response = error_response(commit_failure(failed))
             elif runner.name in outcome.failed:
                 response = error_response(_refused(runner.name, outcome.failed[runner.name]))
             elif runner.name in outcome.unreplicated:
@@ -797,7 +850,7 @@ class Node:
                 continue
             if self.runners.get(runner.name) is runner and runner.status == RUNNING:
                 self.stats["rollbacks"] += 1
-                err = _store_error(failed) if failed is not None else _refused(runner.name, outcome.failed[runner.name])
+                err = commit_failure(failed) if failed is not None else _refused(runner.name, outcome.failed[runner.name])
                 if not runner.rollback(err, [r[0] for r in group.batch.replies.get(runner.name, ())]):
                     runner.last_state = None  # nothing durable to go back to: a restart reads the store
                     runner.crash(failed or StoreError(outcome.failed[runner.name]), supervision.LOST)
@@ -861,7 +914,7 @@ class Node:
             self._schedule_flush()
         ref._timer = self.clock.call_after(delay, fire)
 
-    # --- agent lifecycle ----------------------------------------------------------------------
+    # --- tasks ----------------------------------------------------------------------------------
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
@@ -885,6 +938,8 @@ class Node:
             body["previous"] = self.previous
         if self._drops:
             body["drops"] = self._drops
+        if self.store_full:
+            body["store_full"] = True
         self._spawn(self._hello(body))
 
     async def _hello(self, body: dict) -> None:
@@ -945,13 +1000,6 @@ class Node:
             body["supervisor"] = supervisor
         return await self.caller.request(self.config.supervisor_node, Kind.SPAWN, None, body,
                                          self.timing.call_timeout_s, rid=rid)
-
-
-def _store_error(failed: StoreError) -> CallError:
-    """What a caller hears when the commit its reply waited for failed: Unavailable naming
-    the cause. Safe to repeat with the same request id, but not at once: the caller's
-    library hands it over instead of retrying (a full disk is mended by freeing space)."""
-    return Unavailable(f"the store could not commit: {failed}", {"disk_full": failed.disk_full, "retry": False})
 
 
 def _refused(name: str, why: str) -> CallError:

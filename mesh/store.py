@@ -41,7 +41,7 @@ from typing import Any, Callable
 import lmdb
 import msgpack
 
-from .errors import SnapshotCorrupt, StoreError
+from .errors import SnapshotCorrupt, StoreError, Unavailable
 
 log = logging.getLogger("mesh.store")
 
@@ -50,6 +50,7 @@ _AGENTS = b"agents"
 _META = b"meta"
 _REPLIES = b"replies"
 _FENCES = b"fences"
+ROOM_AFTER_FULL = 8 << 20  # free bytes a disk that filled up needs before its store counts as able again
 
 
 @dataclass
@@ -427,6 +428,15 @@ class Store:
             self.env.set_mapsize(size * 2)
             log.info("store map grown to %d MiB", size * 2 >> 20)
 
+    def has_room(self, need: int = ROOM_AFTER_FULL) -> bool:
+        """Whether the filesystem under the store has `need` bytes free (True when it
+        cannot tell: the commits themselves then decide)."""
+        try:
+            st = os.statvfs(self.path)
+        except OSError:
+            return True
+        return st.f_bavail * st.f_frsize >= need
+
     def close(self) -> None:
         if os.getpid() == self._pid:
             self.env.close()
@@ -503,3 +513,10 @@ class Committer:
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join(timeout=10)
+
+
+def commit_failure(failed: StoreError) -> Unavailable:
+    """What a caller hears when the commit its reply waited for failed: Unavailable naming
+    the cause. Safe to repeat with the same request id, but not at once: the caller's
+    library hands it over instead of retrying (a full disk is mended by freeing space)."""
+    return Unavailable(f"the store could not commit: {failed}", {"disk_full": failed.disk_full, "retry": False})

@@ -108,6 +108,7 @@ class NodeView:
     audited_at: float = float("-inf")  # when its agents were last compared with this view
     short_renewals: int = 0            # renewals in a row that counted fewer agents than this view
     drops: int = 0                     # the node's count of lease lapses, from its last hello
+    store_full: bool = False           # its store cannot commit (disk full), as its last hello or renewal said
 
 
 class SupervisorRole:
@@ -144,6 +145,7 @@ class SupervisorRole:
         self.failure: str | None = None  # why the tree failed: names the supervisors that gave up
         self._forgetting: dict[str, asyncio.Future] = {}  # name -> done once its state is deleted
         self._unstopped: dict[str, "Child"] = {}  # stopped names whose node could not carry the stop out
+        self._leaving: set[str] = set()  # names being moved off a host whose disk is full
 
     # --- boot ------------------------------------------------------------------------------------
 
@@ -323,6 +325,9 @@ class SupervisorRole:
         return inc
 
     def _candidates(self, spec: ChildSpec) -> list[str]:
+        """The live nodes the placement allows: those on hosts whose store can commit, or,
+        if there are none, those on full hosts (a full disk may still take small commits;
+        a one-host mesh has nowhere else to go)."""
         out = []
         for name, view in self.nodes.items():
             if not view.alive:
@@ -334,7 +339,8 @@ class SupervisorRole:
             if spec.placement.tags and not set(spec.placement.tags) <= tags:
                 continue
             out.append(name)
-        return out
+        full = self._full_hosts()
+        return [n for n in out if self.config.nodes[n].host not in full] or out
 
     def _choose_node(self, child: Child, prefer: str | None = None, avoid: str | None = None) -> str | None:
         """A live node the placement allows: `prefer` if possible, never `avoid` unless it
@@ -358,6 +364,75 @@ class SupervisorRole:
             if (child.status == PENDING and not child.busy and child.next_try <= now
                     and not self.sups[child.parent].failed):
                 self._spawn(self._start_or_crash(child))
+        self._leave_full_hosts()
+
+    def _leave_full_hosts(self) -> None:
+        """Move what hosts whose disk is full hold, where that can be done now (when one
+        says so, and on every heartbeat tick while one does): an agent whose replica host is
+        full starts again on its node with a replica host that has room (its claim copies
+        its current state there before it serves); one whose home is full moves to another
+        host with room, from the newest copy of its state. An agent that has nowhere to go
+        stays and serves what needs no commit; nothing is stopped for a move that cannot
+        start."""
+        full = self._full_hosts()
+        if not full or not self.ready or self.tree_failed or self.booting or self.stopping:
+            return
+        if self.config.nodes[self.node.name].host in full:
+            return  # this supervisor could not record where the agents go
+        for child in list(self.children.values()):
+            if (child.status != RUNNING or child.busy or child.node is None or child.spec.name in self._leaving
+                    or self.sups[child.parent].failed):
+                continue
+            here = self.config.nodes[child.node].host
+            if here not in full and not full.intersection(child.replicas):
+                continue
+            node = self._way_out(child, here, full)
+            if node is not None:
+                self._spawn(self._leave(child, node, child.node, child.incarnation))
+
+    def _way_out(self, child: Child, here: str, full: set[str]) -> str | None:
+        """The node `child` can run on with no full host in its set: its own node if only a
+        replica host is full, else another; None if there is none now, or if some set of
+        hosts that may hold its newest state has only full hosts (reading it there, fenced,
+        is a write: it would fail)."""
+        node = child.node if here not in full else self._choose_node(child, avoid=child.node)
+        if node is None or self.config.nodes[node].host in full:
+            return None
+        host = self.config.nodes[node].host
+        sources, replicas = self._sources(child, host), self._choose_replicas(child, host)
+        if replicas is None or sources is None or full.intersection(replicas):
+            return None
+        if any(all(self.config.nodes[n].host in full for n in group) for group in sources):
+            return None
+        return node
+
+    async def _leave(self, child: Child, node: str, old: str, inc: int) -> None:
+        """Start `child` again on `node` (its own node `old`: with new replica hosts). An
+        incarnation on a full home ends first, so that one incarnation serves at a time;
+        the new one reads its state fenced, so the old one acknowledges nothing after."""
+        name = child.spec.name
+
+        def unchanged() -> bool:
+            return (child.node, child.incarnation, child.status, child.busy) == (old, inc, RUNNING, False)
+        if not unchanged():
+            return
+        self._leaving.add(name)
+        try:
+            log.warning("supervisor: %s (incarnation %d on %s) leaves a full disk: %s", name, inc, old,
+                        "to node " + node if node != old else "with other replica hosts")
+            if node != old:
+                try:
+                    await self.node.caller.request(old, Kind.TERMINATE, name, {
+                        "incarnation": inc, "reason": "its host's disk is full"}, self.config.timing.call_timeout_s)
+                except CallError as err:
+                    if not err.data.get("disk_full"):  # not known to have ended: tried again next tick
+                        log.warning("supervisor: ending %s on %s before its move: %s", name, old, err)
+                        return
+                if not unchanged():
+                    return  # moved or stopped meanwhile
+            await self._move(child, prefer=node, avoid=None if node == old else old)
+        finally:
+            self._leaving.discard(name)
 
     async def _start_or_crash(self, child: Child, prefer: str | None = None, avoid: str | None = None) -> None:
         """Start a child outside any strategy; a failed init counts as a crash."""
@@ -468,16 +543,24 @@ class SupervisorRole:
     def _live_hosts(self) -> set[str]:
         return {self.config.nodes[v.name].host for v in self.nodes.values() if v.alive}
 
+    def _full_hosts(self) -> set[str]:
+        """Hosts whose store cannot commit (a live node of theirs said its disk is full):
+        no home or replica is placed there while another host can take it, and what runs
+        there is not killed (see _leave_full_hosts)."""
+        return {self.config.nodes[v.name].host for v in self.nodes.values() if v.alive and v.store_full}
+
     def _choose_replicas(self, child: Child, host: str) -> tuple[str, ...] | None:
-        """`store.replicas` live hosts other than `host`: the ones it has first (their copies
-        are current), then the least used. None when there are not enough."""
+        """`store.replicas` live hosts other than `host`: those whose store can commit first
+        (full ones only when there are not enough others), then the ones it has (their
+        copies are current), then the least used. None when there are not enough."""
         n = self.config.store.replicas
         if n == 0:
             return ()
         live = self._live_hosts() - {host}
         if len(live) < n:
             return None
-        ranked = sorted(live, key=lambda h: (h not in child.replicas, self.replica_use[h], h))
+        full = self._full_hosts()
+        ranked = sorted(live, key=lambda h: (h in full, h not in child.replicas, self.replica_use[h], h))
         return tuple(ranked[:n])
 
     def _sources(self, child: Child, host: str) -> list[list[str]] | None:
@@ -725,6 +808,7 @@ class SupervisorRole:
         dropped = view.boot == body["boot"] and drops > view.drops
         view.boot, view.pid, view.last_heard, view.drops = body["boot"], body["pid"], self.clock.now(), drops
         was_alive, view.alive = view.alive, True
+        full_before, view.store_full = view.store_full, bool(body.get("store_full"))
         if not self.ready:
             self._inventories[name] = body["agents"]  # a lease only with an inventory (see _learn_view)
         self.node.respond(origin, msg.id, {"epoch": self.table.epoch})  # grants a lease, too
@@ -739,8 +823,21 @@ class SupervisorRole:
         # A hello from a node with the same boot only asks for the registry; the agents it
         # lists may predate STARTs still on their way, so they are not compared here.
         self._send_snapshot(name)
-        if not was_alive or restarted:
+        if not was_alive or restarted or full_before != view.store_full:
             self._place_pending()
+
+    def _note_store_full(self, view: NodeView, full: bool) -> None:
+        """A node said its store cannot commit (disk full), or can again."""
+        if full == view.store_full:
+            return
+        view.store_full = full
+        host = self.config.nodes[view.name].host
+        if full:
+            log.warning("supervisor: host %s's disk is full (node %s): nothing is placed there, "
+                        "and its agents and copies move where they can", host, view.name)
+        else:
+            log.info("supervisor: host %s has room again (node %s)", host, view.name)
+        self._place_pending()
 
     def _on_renew(self, msg: wire.Msg, origin: Origin) -> None:
         """A node's lease renewal. Only a node this supervisor knows as alive, with the
@@ -751,6 +848,7 @@ class SupervisorRole:
         if known:
             view.last_heard = self.clock.now()
             view.health = {"agents": body.get("agents", 0), "mailbox": body.get("mailbox", 0)}
+            self._note_store_full(view, bool(body.get("store_full")))
             short = view.health["agents"] < self.table.running[view.name]
             view.short_renewals = view.short_renewals + 1 if short else 0
             if view.short_renewals >= 2 and self.ready:  # not a start that crossed the renewal
@@ -1074,7 +1172,7 @@ class SupervisorRole:
             nodes.append({"name": name, "host": spec.host, "address": f"{spec.address}:{spec.port}",
                           "alive": view.alive and inv is not None, "pid": view.pid,
                           "agents": len(inv["agents"]) if inv else 0,
-                          "supervisor": name == self.node.name,
+                          "supervisor": name == self.node.name, "store_full": view.store_full,
                           "stats": (inv or {}).get("stats", {})})
         now = self.clock.now()
         agents = [{"name": n, "kind": c.spec.kind, "node": c.node if c.status == RUNNING else None,

@@ -59,8 +59,8 @@ class Kind(IntEnum):
     STOP = 11       # id, target: the agent to stop
     STATUS = 12     # id; body: nil -> cluster status (from the supervisor)
     WHEREIS = 13    # id, target; body: {after?: incarnation, wait_ms?: int}
-    HELLO = 20      # id; node -> supervisor: {node, boot, pid, agents (its inventory), previous?, drops?}
-    HEARTBEAT = 21  # id; node -> supervisor: lease renewal {node, boot, seq, health} -> {known}
+    HELLO = 20      # id; node -> supervisor: {node, boot, pid, agents (its inventory), previous?, drops?, store_full?}
+    HEARTBEAT = 21  # id; node -> supervisor: lease renewal {node, boot, seq, health, store_full?} -> {known}
     START = 22      # id, target; supervisor -> node: {kind, args, incarnation}
     TERMINATE = 23  # id, target; supervisor -> node: {incarnation, reason, forget}
     EXIT = 24       # node -> supervisor: {name, incarnation, reason, how}
@@ -301,9 +301,10 @@ _SPECS: dict[Kind, tuple[bool, bool, Callable[[Any], str | None] | None]] = {
     Kind.WHEREIS: (True, True, _fields({}, {"after": int, "wait_ms": int})),
     Kind.HELLO: (True, False, _fields(
         {"node": str, "boot": str, "pid": int, "agents": list},
-        {"previous": dict, "address": str, "drops": int},
+        {"previous": dict, "address": str, "drops": int, "store_full": bool},
     )),
-    Kind.HEARTBEAT: (True, False, _fields({"node": str, "boot": str, "seq": int}, {"agents": int, "mailbox": int})),
+    Kind.HEARTBEAT: (True, False, _fields({"node": str, "boot": str, "seq": int},
+                                          {"agents": int, "mailbox": int, "store_full": bool})),
     Kind.START: (True, True, _fields(
         {"kind": str, "incarnation": int},
         {"args": dict, "supervisor": str, "replicas": list, "sources": list, "since": int},

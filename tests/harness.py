@@ -125,6 +125,19 @@ class Cluster:
         node.resume()
         self.net.thaw(node.endpoint)
 
+    def fill_disk(self, host: str) -> None:
+        """The disk under `host`'s store is full: every commit there fails as ENOSPC does
+        (the store's own translation makes it a disk-full StoreError), reads still work."""
+        import lmdb
+
+        def full(batch):
+            raise lmdb.DiskError("No space left on device")
+        self.stores[host]._write_once = full
+
+    def free_disk(self, host: str) -> None:
+        """The disk under `host`'s store has room again."""
+        self.stores[host].__dict__.pop("_write_once", None)
+
     async def restart(self, name: str) -> Node:
         previous = self.kill(name)
         return await self.start_node(name, previous)
