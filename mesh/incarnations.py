@@ -22,7 +22,7 @@ from . import wire
 from .agent import Agent
 from .errors import (AgentCrashed, AgentDown, AlreadyExists, BadRequest, CallError, NoSuchAgent, NotAllowed,
                      SnapshotCorrupt, Unavailable)
-from .runner import RUNNING, STARTING, STOPPED, Runner
+from .runner import AgentStatus, Runner
 from .store import Outcome, Record, commit_failure, replies_from_wire, unpack_state
 from .wire import Kind
 
@@ -74,7 +74,7 @@ class Incarnations:
             raise AlreadyExists(f"{name!r} already runs incarnation {old.incarnation} here",
                                 {"incarnation": old.incarnation})
         self.kind_class(body["kind"])  # refuse unknown kinds before anything else
-        if old is not None and old.status in (RUNNING, STARTING):
+        if old is not None and old.status in (AgentStatus.RUNNING, AgentStatus.STARTING):
             self._stop_quietly(old)
         self.node._spawn(self._start_from_copies(msg, origin))
 
@@ -206,7 +206,7 @@ class Incarnations:
             self.node.stats["init_failures"] += 1
             raise AgentCrashed(f"{name}: init failed: {type(exc).__name__}: {exc}"[:500],
                                {"exception": type(exc).__name__}) from None
-        runner.agent, runner.last_state, runner.status = agent, packed, STARTING
+        runner.agent, runner.last_state, runner.status = agent, packed, AgentStatus.STARTING
         self.node.runners[name] = runner
         group = self.node._open
         group.batch.add_claim(name, Record(inc, seq, packed))
@@ -243,7 +243,7 @@ class Incarnations:
             self.node.respond_error(origin, rid, AlreadyExists(f"{name!r} was stopped while starting",
                                                           {"incarnation": self._stops[name]}))
             return
-        runner.status = RUNNING
+        runner.status = AgentStatus.RUNNING
         self.node.respond(origin, rid, {"node": self.node.name, "incarnation": runner.incarnation})
         runner.run_mailbox()
         self.node._schedule_flush()
@@ -251,7 +251,7 @@ class Incarnations:
     def _stop_quietly(self, runner: Runner) -> None:
         """End an incarnation without its terminate callback (it is being replaced)."""
         runner.interrupt()
-        runner.status = STOPPED
+        runner.status = AgentStatus.STOPPED
         runner.agent = None
 
     def on_terminate(self, msg: wire.Msg, origin: Origin) -> None:
@@ -301,10 +301,10 @@ class Incarnations:
         if runner.task is not None:
             runner.interrupt()
             await asyncio.sleep(0)
-        if runner.status == RUNNING and runner.agent is not None:
+        if runner.status == AgentStatus.RUNNING and runner.agent is not None:
             await self.terminate_agent(runner, reason)
             self.node.mark_dirty(runner)
-        runner.status = STOPPED
+        runner.status = AgentStatus.STOPPED
         runner.agent = None
         if forget:
             self.drop(runner, lambda: NoSuchAgent(f"{runner.name!r} was stopped"))
@@ -343,10 +343,10 @@ class Incarnations:
             if runner.agent is not None:
                 await self.terminate_agent(runner, reason)
                 self.node.mark_dirty(runner)
-            runner.status = STOPPED
+            runner.status = AgentStatus.STOPPED
             runner.agent = None
             self.report_exit(runner, how, reason)
-        runner.status = STOPPED  # nothing more is handled meanwhile
+        runner.status = AgentStatus.STOPPED  # nothing more is handled meanwhile
         self.node._spawn(stop())
 
     def drop(self, runner: Runner, make_error: Callable[[], CallError]) -> None:
@@ -354,7 +354,7 @@ class Incarnations:
         if self.node.runners.get(runner.name) is runner:
             del self.node.runners[runner.name]
         runner.interrupt()
-        runner.status = STOPPED
+        runner.status = AgentStatus.STOPPED
         runner.fail_queued(make_error)
         self.node.busy_runners.discard(runner)
 

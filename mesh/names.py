@@ -17,7 +17,7 @@ from . import wire
 from .errors import (AgentDown, BadRequest, CallError, CallTimeout, Moved, NoSuchAgent, SupervisorDown,
                      Unavailable)
 from .registry import Replica
-from .runner import CRASHED, RUNNING, STOPPED
+from .runner import AgentStatus
 
 if TYPE_CHECKING:
     from .node import Node, Origin
@@ -42,7 +42,7 @@ class Names:
     def placed(self, name: str) -> Placed | None:
         """(node, incarnation) of `name`: this node's if it runs it, else the registry's."""
         runner = self.node.runners.get(name)
-        if runner is not None and runner.status == RUNNING:
+        if runner is not None and runner.status == AgentStatus.RUNNING:
             return self.node.name, runner.incarnation
         entry = self.replica.lookup(name)
         return None if entry is None else (entry.node, entry.incarnation)
@@ -84,7 +84,7 @@ class Names:
     def changed(self, names: list[str] | None) -> None:
         """Wake waiters, and let go of stopped runners whose name moved on (None: all)."""
         node = self.node
-        ended = (STOPPED, CRASHED)
+        ended = (AgentStatus.STOPPED, AgentStatus.CRASHED)
         check = names if names is not None else list(self._waiters) + [
             n for n, r in node.runners.items() if r.status in ended]
         for name in check:

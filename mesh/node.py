@@ -35,7 +35,7 @@ from .limits import PeerLimits
 from .incarnations import Incarnations
 from .names import Names, NodeResolver
 from .security import allowed, role_of
-from .runner import RUNNING, STARTING, STOPPED, Envelope, Runner, error_response
+from .runner import AgentStatus, Envelope, Runner, error_response
 from .store import Batch, Committer, Outcome, Record, Store, commit_failure, decode_record, replies_from_wire
 from .wire import Kind
 
@@ -279,10 +279,10 @@ class Node:
             runner.interrupt()
         await asyncio.sleep(0)
         for runner in list(self.runners.values()):
-            if runner.status == RUNNING and runner.agent is not None:
+            if runner.status == AgentStatus.RUNNING and runner.agent is not None:
                 await self.incarnations.terminate_agent(runner, reason)
                 self.mark_dirty(runner)
-            runner.status = STOPPED
+            runner.status = AgentStatus.STOPPED
             runner.fail_queued(lambda: AgentDown("its node is shutting down"))
         await self.drain_commits()
         if self._llm is not None:
@@ -834,10 +834,10 @@ class Node:
             callback(outcome)
         for name, stored in fenced.items():
             runner = self.runners.get(name)
-            if runner is not None and runner.incarnation < stored and runner.status != STARTING:
+            if runner is not None and runner.incarnation < stored and runner.status != AgentStatus.STARTING:
                 self.stats["fenced"] += 1
                 log.warning("agent %s incarnation %d is fenced by %d: dropped here", name, runner.incarnation, stored)
-                was_running = runner.status == RUNNING
+                was_running = runner.status == AgentStatus.RUNNING
                 self.incarnations.drop(runner, lambda: AgentDown(f"{name!r} was restarted elsewhere"))
                 if was_running:
                     # The supervisor may still count on it here (the newer incarnation's
@@ -848,7 +848,7 @@ class Node:
             # store's trouble is no fault of the agent's, so it is no crash (G5).
             if failed is None and runner.name not in outcome.failed:
                 continue
-            if self.runners.get(runner.name) is runner and runner.status == RUNNING:
+            if self.runners.get(runner.name) is runner and runner.status == AgentStatus.RUNNING:
                 self.stats["rollbacks"] += 1
                 err = commit_failure(failed) if failed is not None else _refused(runner.name, outcome.failed[runner.name])
                 if not runner.rollback(err, [r[0] for r in group.batch.replies.get(runner.name, ())]):
@@ -856,7 +856,7 @@ class Node:
                     runner.crash(failed or StoreError(outcome.failed[runner.name]), supervision.LOST)
         for name, why in outcome.unreplicated.items():
             runner = self.runners.get(name)
-            if runner is not None and runner.status == RUNNING:
+            if runner is not None and runner.status == AgentStatus.RUNNING:
                 # committed here but not on its replica hosts: the supervisor places it again
                 # with live replicas (no fault of the agent's: it is moved, not counted)
                 runner.last_state = None

@@ -21,6 +21,7 @@ import asyncio
 import hashlib
 import logging
 from collections import OrderedDict, deque
+from enum import StrEnum
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +39,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mesh.runner")
 
-STARTING, RUNNING, CRASHED, STOPPED = "starting", "running", "crashed", "stopped"
+class AgentStatus(StrEnum):
+    """Where one incarnation of an agent is, on its node (a supervisor's view of a child
+    is another machine: supervisor.ChildStatus)."""
+
+    STARTING = "starting"  # init ran; its first commit (the claim) is under way
+    RUNNING = "running"    # it handles messages
+    CRASHED = "crashed"    # a handler raised; its queued calls wait for the supervisor's word
+    STOPPED = "stopped"    # it ended (stopped, replaced, or its node stops)
 
 
 class Envelope:
@@ -65,7 +73,7 @@ class Runner:
         self.incarnation = incarnation
         self.agent: Agent | None = None
         self.seq = 0
-        self.status = STARTING
+        self.status = AgentStatus.STARTING
         self.mailbox: deque[Envelope] | None = None
         self.inflight: dict[str, list] = {}
         # rid -> other requests under an id whose first request is in hand: they wait for
@@ -104,7 +112,7 @@ class Runner:
 
     @property
     def busy(self) -> bool:
-        return self.task is not None or self.status != RUNNING
+        return self.task is not None or self.status != AgentStatus.RUNNING
 
     def depth(self) -> int:
         return len(self.mailbox) if self.mailbox else 0
@@ -117,7 +125,7 @@ class Runner:
         if rid is not None:
             # only a running incarnation answers from its window: a crashed one may hold the
             # reply of a call whose commit failed; the next incarnation's window is the store's
-            recorded = self.window.get(rid) if self.status == RUNNING else None
+            recorded = self.window.get(rid) if self.status == AgentStatus.RUNNING else None
             if recorded is not None:
                 self.node.send_response(self, [env.origin], rid, self._replay(env, recorded))
                 return
@@ -439,7 +447,7 @@ class Runner:
         for env in envs:
             if env.msg.kind == Kind.CALL:
                 self._answer(env, error_response(err))
-        self.status = CRASHED
+        self.status = AgentStatus.CRASHED
         self.agent = None
         self.node.incarnations.report_exit(self, how, reason)
 

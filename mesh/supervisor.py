@@ -26,6 +26,7 @@ import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import msgpack
 
@@ -34,6 +35,7 @@ from . import wire
 from .clock import Backoff
 from .errors import (AlreadyExists, BadRequest, CallError, CallTimeout, NoSuchAgent,
                      NotAllowed, Retryable, SupervisorDown, Unavailable)
+from . import placement
 from .control import ControlReplies
 from .node import Node, Origin
 from .registry import Table
@@ -42,7 +44,6 @@ from .wire import Kind
 
 log = logging.getLogger("mesh.supervisor")
 
-INC_SPAN = 10**9
 MAX_START_BACKOFF_S = 5.0
 START_CONCURRENCY = 512
 MIN_LIVENESS_WAIT_S = 0.001  # a deadline that float rounding left a hair in the future
@@ -50,9 +51,17 @@ _DYNAMIC_PREFIX = "sup/child/"
 _PLACE_PREFIX = "sup/place/"
 _EPOCH_KEY = "sup/epoch"
 
-# child status (BACKOFF: it exited and waits out its restart backoff)
-PENDING, STARTING, RUNNING, STOPPING, STOPPED, FAILED, BACKOFF = (
-    "pending", "starting", "running", "stopping", "stopped", "failed", "backoff")
+class ChildStatus(StrEnum):
+    """Where a child is, as its supervisor sees it (the node's view of one incarnation is
+    another machine: runner.AgentStatus)."""
+
+    PENDING = "pending"    # to be started (its node died, or a start failed for want of one)
+    STARTING = "starting"  # a START is under way
+    RUNNING = "running"
+    STOPPING = "stopping"  # a terminate is under way
+    STOPPED = "stopped"    # ended for good (stopped, or a temporary/transient child exited)
+    FAILED = "failed"      # its supervisor gave up on it
+    BACKOFF = "backoff"    # it exited and waits out its restart backoff
 
 
 @dataclass
@@ -60,7 +69,7 @@ class Child:
     spec: ChildSpec
     parent: str
     dynamic: bool = False
-    status: str = PENDING
+    status: ChildStatus = ChildStatus.PENDING
     node: str | None = None
     incarnation: int = -1
     restarts: int = 0
@@ -70,7 +79,7 @@ class Child:
     backoff: float = 0.0
     started_at: float = float("-inf")  # when its latest START was sent
     streak: int = 0                     # restarts in a row, each soon after the one before
-    restart_at: float = 0.0             # in BACKOFF: when it is restarted
+    restart_at: float = 0.0             # in ChildStatus.BACKOFF: when it is restarted
     home: str | None = None            # the host of its latest incarnation (its state is there)
     replicas: tuple[str, ...] = ()     # the hosts that hold copies of that state
     # The host sets (home first, then replicas) of every incarnation that may have
@@ -264,18 +273,18 @@ class SupervisorRole:
                 sub = self.sups[name]
                 if sub.spec.dynamic:
                     await asyncio.gather(*(self._start_or_crash(self.children[n]) for n in list(sub.children)
-                                           if self.children[n].status == PENDING))
+                                           if self.children[n].status == ChildStatus.PENDING))
                     continue
                 why = await self._boot_sup(sub)
                 if why is not None:
                     return why
                 continue
             child = self.children[name]
-            if child.status != PENDING:
+            if child.status != ChildStatus.PENDING:
                 continue  # it runs already (adopted), or is on its way
             err = await self._start_child(child)
             if err is not None and self._crashed_on_start(child, err):
-                child.status = FAILED
+                child.status = ChildStatus.FAILED
                 return f"{sup.spec.name!r} could not start {name!r} ({type(err).__name__}: {str(err)[:200]}): the tree did not start"
         return None
 
@@ -301,58 +310,32 @@ class SupervisorRole:
             self._set_replicas(child, replicas_seen.get((name, node), child.replicas))
             self._add_holders(child, (child.home, *child.replicas))
             if status in ("running", "starting"):
-                child.status = RUNNING
+                child.status = ChildStatus.RUNNING
                 self.table.set(name, node, inc)
             else:  # it exited while no supervisor listened: decide now
-                child.status = RUNNING
+                child.status = ChildStatus.RUNNING
                 how = sv.CRASH if status == "crashed" else sv.NORMAL
                 self._early_exits.append(wire.Msg(Kind.EXIT, None, None, None, None, {
                     "name": name, "incarnation": inc, "how": how, "reason": "exited while the supervisor was down", "node": node}))
         for name, child in self.children.items():
             if name not in seen:
-                child.status = PENDING
+                child.status = ChildStatus.PENDING
                 self.table.set(name, None, max(child.incarnation, 0))
         self._schedule_registry()
 
     # --- incarnations and placement ---------------------------------------------------------
 
     def _new_incarnation(self, at_least: int = 0) -> int:
-        self._next += 1
-        inc = self.epoch * INC_SPAN + self._next
-        if inc <= at_least:
-            self._next = at_least - self.epoch * INC_SPAN + 1
-            inc = self.epoch * INC_SPAN + self._next
+        inc, self._next = placement.next_incarnation(self.epoch, self._next, at_least)
         return inc
 
     def _candidates(self, spec: ChildSpec) -> list[str]:
-        """The live nodes the placement allows: those on hosts whose store can commit, or,
-        if there are none, those on full hosts (a full disk may still take small commits;
-        a one-host mesh has nowhere else to go)."""
-        out = []
-        for name, view in self.nodes.items():
-            if not view.alive:
-                continue
-            nspec = self.config.nodes[name]
-            if spec.placement.hosts and nspec.host not in spec.placement.hosts:
-                continue
-            tags = set(nspec.tags) | set(self.config.hosts[nspec.host].tags)
-            if spec.placement.tags and not set(spec.placement.tags) <= tags:
-                continue
-            out.append(name)
-        full = self._full_hosts()
-        return [n for n in out if self.config.nodes[n].host not in full] or out
+        live = [name for name, view in self.nodes.items() if view.alive]
+        return placement.candidates(self.config, spec, live, self._full_hosts())
 
     def _choose_node(self, child: Child, prefer: str | None = None, avoid: str | None = None) -> str | None:
-        """A live node the placement allows: `prefer` if possible, never `avoid` unless it
-        is the only one, other hosts than avoid's first, then the least loaded."""
-        candidates = [n for n in self._candidates(child.spec) if n != avoid] or self._candidates(child.spec)
-        if not candidates:
-            return None
-        if prefer in candidates:
-            return prefer
-        avoid_host = self.config.nodes[avoid].host if avoid else None
-        load = {n: self.table.running[n] + self.placing[n] for n in candidates}
-        return min(candidates, key=lambda n: (self.config.nodes[n].host == avoid_host, load[n], n))
+        return placement.choose_node(self.config, self._candidates(child.spec),
+                                     lambda n: self.table.running[n] + self.placing[n], prefer, avoid)
 
     def _place_pending(self) -> None:
         """Start every child that should run and is not (after boot, when a node returns,
@@ -361,7 +344,7 @@ class SupervisorRole:
             return
         now = self.clock.now()
         for child in list(self.children.values()):
-            if (child.status == PENDING and not child.busy and child.next_try <= now
+            if (child.status == ChildStatus.PENDING and not child.busy and child.next_try <= now
                     and not self.sups[child.parent].failed):
                 self._spawn(self._start_or_crash(child))
         self._leave_full_hosts()
@@ -380,7 +363,7 @@ class SupervisorRole:
         if self.config.nodes[self.node.name].host in full:
             return  # this supervisor could not record where the agents go
         for child in list(self.children.values()):
-            if (child.status != RUNNING or child.busy or child.node is None or child.spec.name in self._leaving
+            if (child.status != ChildStatus.RUNNING or child.busy or child.node is None or child.spec.name in self._leaving
                     or self.sups[child.parent].failed):
                 continue
             here = self.config.nodes[child.node].host
@@ -413,7 +396,7 @@ class SupervisorRole:
         name = child.spec.name
 
         def unchanged() -> bool:
-            return (child.node, child.incarnation, child.status, child.busy) == (old, inc, RUNNING, False)
+            return (child.node, child.incarnation, child.status, child.busy) == (old, inc, ChildStatus.RUNNING, False)
         if not unchanged():
             return
         self._leaving.add(name)
@@ -446,7 +429,7 @@ class SupervisorRole:
         backoff and counts against nobody's intensity."""
         log.warning("supervisor: starting %s failed: %s", child.spec.name, err)
         if isinstance(err, (Retryable, CallTimeout)):
-            child.status = PENDING
+            child.status = ChildStatus.PENDING
             child.backoff = min(max(child.backoff * 2, self.config.timing.heartbeat_s), MAX_START_BACKOFF_S)
             child.next_try = self.clock.now() + child.backoff
             return False
@@ -467,11 +450,11 @@ class SupervisorRole:
         name = child.spec.name
         at_least = child.incarnation
         for _attempt in range(5):
-            if child.status in (STOPPING, STOPPED, FAILED) or self.children.get(name) is not child:
+            if child.status in (ChildStatus.STOPPING, ChildStatus.STOPPED, ChildStatus.FAILED) or self.children.get(name) is not child:
                 return None  # stopped meanwhile: a stop outranks every start under way
             node = self._choose_node(child, prefer, avoid)
             if node is None:
-                child.status, child.node = PENDING, None
+                child.status, child.node = ChildStatus.PENDING, None
                 self.table.set(name, None, max(child.incarnation, 0))
                 self._schedule_registry()
                 log.warning("supervisor: no live node may run %s; it waits for one", name)
@@ -480,7 +463,7 @@ class SupervisorRole:
             replicas = self._choose_replicas(child, host)
             sources = self._sources(child, host)
             if replicas is None or sources is None:
-                child.status, child.node = PENDING, None
+                child.status, child.node = ChildStatus.PENDING, None
                 why = ("not enough live hosts for its replicas" if replicas is None
                        else "no host that holds its state is reachable")
                 return Unavailable(f"{name!r} cannot start now: {why}")
@@ -494,9 +477,9 @@ class SupervisorRole:
                 self.placing[node] -= 1
                 if noted:
                     return None  # stopped or moved meanwhile
-                child.status, child.node = PENDING, None
+                child.status, child.node = ChildStatus.PENDING, None
                 return Unavailable(f"{name!r} cannot start now: its placement could not be recorded")
-            child.status, child.node, child.incarnation = STARTING, node, inc
+            child.status, child.node, child.incarnation = ChildStatus.STARTING, node, inc
             child.started_at = self.clock.now()
             self.table.set(name, None, inc)
             body = {"kind": child.spec.kind, "args": child.spec.args, "incarnation": inc, "supervisor": child.parent,
@@ -516,22 +499,22 @@ class SupervisorRole:
                 avoid, prefer = node, None
                 continue
             except CallError as err:  # init failed, kind missing, snapshot unreadable
-                child.status, child.node = PENDING, None
+                child.status, child.node = ChildStatus.PENDING, None
                 child.last_exit = str(err)
                 self.table.set(name, None, inc)
                 self._schedule_registry()
                 return err
             finally:
                 self.placing[node] -= 1
-            if child.incarnation != inc or child.status != STARTING:
+            if child.incarnation != inc or child.status != ChildStatus.STARTING:
                 return None  # superseded meanwhile (stopped, or moved again)
-            child.status, child.backoff = RUNNING, 0.0
+            child.status, child.backoff = ChildStatus.RUNNING, 0.0
             self._placed(child, host, replicas)
             self.table.set(name, node, inc)
             self._schedule_registry()
             log.info("supervisor: %s runs on %s as incarnation %d (replicas %s)", name, node, inc, replicas)
             return None
-        child.status = PENDING
+        child.status = ChildStatus.PENDING
         return Unavailable(f"could not start {name!r} after several attempts")
 
     def _set_replicas(self, child: Child, replicas: tuple[str, ...]) -> None:
@@ -550,33 +533,11 @@ class SupervisorRole:
         return {self.config.nodes[v.name].host for v in self.nodes.values() if v.alive and v.store_full}
 
     def _choose_replicas(self, child: Child, host: str) -> tuple[str, ...] | None:
-        """`store.replicas` live hosts other than `host`: those whose store can commit first
-        (full ones only when there are not enough others), then the ones it has (their
-        copies are current), then the least used. None when there are not enough."""
-        n = self.config.store.replicas
-        if n == 0:
-            return ()
-        live = self._live_hosts() - {host}
-        if len(live) < n:
-            return None
-        full = self._full_hosts()
-        ranked = sorted(live, key=lambda h: (h in full, h not in child.replicas, self.replica_use[h], h))
-        return tuple(ranked[:n])
+        return placement.choose_replicas(self.config.store.replicas, self._live_hosts(), host, self._full_hosts(),
+                                         child.replicas, self.replica_use)
 
     def _sources(self, child: Child, host: str) -> list[list[str]] | None:
-        """Where the new incarnation reads its state: for each holder set that `host` is
-        not in, a live node of each of its hosts (any one answer covers that set). [] when
-        `host` holds every set (or it never ran); None when some set cannot be reached."""
-        groups = []
-        for hosts in child.holders:
-            if host in hosts:
-                continue
-            live = [self._live_node_on(h) for h in sorted(set(hosts))]
-            group = [n for n in live if n is not None]
-            if not group:
-                return None
-            groups.append(group)
-        return groups
+        return placement.sources(child.holders, host, self._live_node_on)
 
     def _live_node_on(self, host: str) -> str | None:
         return next((v.name for v in self.nodes.values() if v.alive and self.config.nodes[v.name].host == host), None)
@@ -633,7 +594,7 @@ class SupervisorRole:
             return
         body = msg.body
         child = self.children.get(body["name"])
-        if child is None or child.incarnation != body["incarnation"] or child.status not in (RUNNING, STARTING):
+        if child is None or child.incarnation != body["incarnation"] or child.status not in (ChildStatus.RUNNING, ChildStatus.STARTING):
             return  # an exit of an incarnation that is no longer the current one
         how, reason = body["how"], body.get("reason", "")
         child.last_exit = f"{how}: {reason}"
@@ -648,7 +609,7 @@ class SupervisorRole:
         sup = self.sups[child.parent]
         name = child.spec.name
         if not sv.should_restart(child.spec.restart, how):
-            child.status = STOPPED
+            child.status = ChildStatus.STOPPED
             if child.dynamic:
                 self._forget_dynamic(child)
             self.table.remove(name)
@@ -658,7 +619,7 @@ class SupervisorRole:
             return
         delay = 0.0
         async with sup.lock:
-            if sup.failed or child.incarnation != incarnation or child.status in (STOPPED, STOPPING, FAILED, BACKOFF):
+            if sup.failed or child.incarnation != incarnation or child.status in (ChildStatus.STOPPED, ChildStatus.STOPPING, ChildStatus.FAILED, ChildStatus.BACKOFF):
                 return  # handled already (a sibling's restart, a stop, or a failed supervisor)
             now = self.clock.now()
             allowed, sup.history = sv.allow_restart(sup.history, now, sup.spec.intensity, sup.spec.period_s)
@@ -674,13 +635,13 @@ class SupervisorRole:
                 else:
                     log.warning("supervisor: %s crashed %d times in a row: restarting it in %.2fs",
                                 name, child.streak, delay)
-                    child.status, child.restart_at = BACKOFF, now + delay
+                    child.status, child.restart_at = ChildStatus.BACKOFF, now + delay
         if sup.failed:
             await self._escalate(sup)
         elif delay > 0:
             await self._sleep(delay)
             async with sup.lock:
-                if sup.failed or child.incarnation != incarnation or child.status != BACKOFF:
+                if sup.failed or child.incarnation != incarnation or child.status != ChildStatus.BACKOFF:
                     return  # stopped, restarted with a sibling, or its supervisor gave up meanwhile
                 await self._restart(sup, sv.to_restart(sup.spec.strategy, sup.children, name), exited=name)
 
@@ -702,20 +663,20 @@ class SupervisorRole:
             child = self.children.get(name)
             if child is not None:
                 child.restarts += 1
-                child.status = PENDING
+                child.status = ChildStatus.PENDING
                 err = await self._start_child(child, prefer=child.node)
                 if err is not None and self._crashed_on_start(child, err):  # one more crash
                     self._spawn(self._child_exited(child, sv.CRASH, child.incarnation))
             elif name in self.sups:
                 await self._start_sup(self.sups[name])
 
-    async def _stop_member(self, name: str, reason: str, final: str = STOPPED) -> None:
+    async def _stop_member(self, name: str, reason: str, final: str = ChildStatus.STOPPED) -> None:
         """Terminate a child, or a whole sub-tree, without forgetting state; its status
-        ends as `final` (FAILED when its supervisor gave up)."""
+        ends as `final` (ChildStatus.FAILED when its supervisor gave up)."""
         child = self.children.get(name)
         if child is not None:
-            if child.status in (RUNNING, STARTING) and child.node is not None:
-                child.status = STOPPING
+            if child.status in (ChildStatus.RUNNING, ChildStatus.STARTING) and child.node is not None:
+                child.status = ChildStatus.STOPPING
                 self.table.set(name, None, child.incarnation)
                 self._schedule_registry()
                 await self._terminate_instance(child.node, name, child.incarnation, reason)
@@ -733,13 +694,13 @@ class SupervisorRole:
             else:
                 child = self.children[name]
                 child.restarts += 1
-                child.status = PENDING
+                child.status = ChildStatus.PENDING
                 await self._start_child(child, prefer=child.node)
 
     async def _fail(self, sup: Sup) -> None:
         sup.failed = True
         for name in reversed(sup.children):
-            await self._stop_member(name, f"supervisor {sup.spec.name} gave up", FAILED)
+            await self._stop_member(name, f"supervisor {sup.spec.name} gave up", ChildStatus.FAILED)
 
     async def _escalate(self, sup: Sup, chain: tuple[str, ...] = ()) -> None:
         chain = chain + (sup.spec.name,)
@@ -765,9 +726,9 @@ class SupervisorRole:
         self.tree_failed, self.failure = True, f"supervisor {why}"
         log.critical("supervisor: the tree failed: %s", self.failure)
         for child in self.children.values():
-            if child.status != STOPPED:
-                child.status = FAILED
-            if child.status == FAILED and self.table.lookup(child.spec.name) is not None:
+            if child.status != ChildStatus.STOPPED:
+                child.status = ChildStatus.FAILED
+            if child.status == ChildStatus.FAILED and self.table.lookup(child.spec.name) is not None:
                 self.table.set(child.spec.name, None, max(child.incarnation, 0))
         self.table.fail(self.failure)
         self._schedule_registry()
@@ -868,7 +829,7 @@ class SupervisorRole:
     async def _audit(self, node: str) -> None:
         """Move every agent this supervisor believes runs on `node` but that is not there
         (and that did not change while the node was asked)."""
-        before = {c.spec.name: c.incarnation for c in self.children.values() if c.node == node and c.status == RUNNING}
+        before = {c.spec.name: c.incarnation for c in self.children.values() if c.node == node and c.status == ChildStatus.RUNNING}
         try:
             body = await self.node.caller.request(node, Kind.INVENTORY, None, None, self.config.timing.call_timeout_s)
         except CallError as err:
@@ -877,7 +838,7 @@ class SupervisorRole:
         there = {item[0]: item[2] for item in body.get("agents") or () if item[3] in ("running", "starting")}
         for name, inc in before.items():
             child = self.children.get(name)
-            if (child is not None and child.node == node and child.status == RUNNING and child.incarnation == inc
+            if (child is not None and child.node == node and child.status == ChildStatus.RUNNING and child.incarnation == inc
                     and there.get(name, -1) < inc):
                 log.warning("supervisor: %s (incarnation %d) is not on %s any more: starting it again",
                             child.spec.name, child.incarnation, node)
@@ -923,7 +884,7 @@ class SupervisorRole:
         if self.stopping:
             return
         for child in self.children.values():
-            if child.node == name and child.status in (RUNNING, STARTING):
+            if child.node == name and child.status in (ChildStatus.RUNNING, ChildStatus.STARTING):
                 self._spawn(self._move(child, prefer=prefer, avoid=avoid))
 
     async def _move(self, child: Child, prefer: str | None = None, avoid: str | None = None) -> None:
@@ -933,7 +894,7 @@ class SupervisorRole:
             return
         log.info("supervisor: moving %s (incarnation %d, %s on %s)", child.spec.name, child.incarnation,
                  child.status, child.node)
-        child.status = PENDING
+        child.status = ChildStatus.PENDING
         child.restarts += 1
         self.table.set(child.spec.name, None, child.incarnation)
         self._schedule_registry()
@@ -1019,7 +980,7 @@ class SupervisorRole:
                 spec.kind, spec.args, spec.restart, child.parent):
             raise BadRequest(f"request id {rid!r} was used before for a different request: "
                              f"a request id names one request (use a new id for a new one)")
-        if child.status == RUNNING and child.node is not None:
+        if child.status == ChildStatus.RUNNING and child.node is not None:
             self.control.answer(rid, _placed(child))
         else:
             raise Unavailable(f"{child.spec.name!r} was spawned and is (re)starting now")
@@ -1043,7 +1004,7 @@ class SupervisorRole:
         err: CallError | None = Unavailable(str(outcome.error)) if outcome.error else None
         if err is None:
             err = await self._start_child(child)
-        if err is None and child.status != RUNNING:
+        if err is None and child.status != ChildStatus.RUNNING:
             err = Unavailable(f"no live node may run {spec.name!r} now")
         if err is not None:
             self._forget_dynamic(child)
@@ -1105,7 +1066,7 @@ class SupervisorRole:
             self._forget_dynamic(child)
             self.table.remove(name)
             self._schedule_registry()
-            child.status = STOPPED
+            child.status = ChildStatus.STOPPED
         done = asyncio.get_running_loop().create_future()
         self._forgetting[name] = done  # a spawn of the name waits until its state is gone
 
@@ -1175,11 +1136,11 @@ class SupervisorRole:
                           "supervisor": name == self.node.name, "store_full": view.store_full,
                           "stats": (inv or {}).get("stats", {})})
         now = self.clock.now()
-        agents = [{"name": n, "kind": c.spec.kind, "node": c.node if c.status == RUNNING else None,
+        agents = [{"name": n, "kind": c.spec.kind, "node": c.node if c.status == ChildStatus.RUNNING else None,
                    "status": c.status, "incarnation": c.incarnation, "restarts": c.restarts,
                    "mailbox": mailbox.get(n, 0), "supervisor": c.parent,
                    **({"restart_in_s": round(max(0.0, c.restart_at - now), 3), "streak": c.streak}
-                      if c.status == BACKOFF else {})}
+                      if c.status == ChildStatus.BACKOFF else {})}
                   for n, c in sorted(self.children.items())]
         self.node.respond(origin, rid, {"nodes": nodes, "agents": agents, "ready": self.ready,
                                         "failed": self.tree_failed, "failure": self.failure, "epoch": self.epoch})

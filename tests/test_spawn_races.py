@@ -13,14 +13,14 @@ Deterministic: three nodes of one host on the in-memory network, with a fake clo
 import asyncio
 
 from harness import Cluster, make_config
-from mesh.runner import RUNNING
+from mesh.runner import AgentStatus
 from mesh.wire import Kind
 
 
 def incarnations(c: Cluster, name: str) -> list[tuple[str, int]]:
     """Every (node, incarnation) of `name` running anywhere."""
     return sorted((node.name, r.incarnation) for node in c.nodes.values()
-                  for r in node.runners.values() if r.name == name and r.status == RUNNING)
+                  for r in node.runners.values() if r.name == name and r.status == AgentStatus.RUNNING)
 
 
 async def test_a_placement_pass_during_a_spawn_starts_no_second_incarnation(tmp_path):
