@@ -132,7 +132,7 @@ class Node:
         self.stopping = False
         self.stopped = asyncio.Event()
         self.listener = None
-        self.supervisor = None  # set by mesh.supervisor when this node hosts the role
+        self.supervisor = None  # the supervisor role, when this node hosts it (see add_role)
         self._llm = None
         self._served = ServedLog(config.host_dir(self.spec.host), name, self.clock.wall) if config.timing.served_log else None
 
@@ -174,6 +174,13 @@ class Node:
             if not self.stopping:
                 fn()
         self._timers[fn] = self.clock.call_after(delay, fire)
+
+    def add_role(self, role, handlers: dict[Kind, Callable[[wire.Msg, Origin], None]]) -> None:
+        """Host the supervisor role: the messages of `handlers`' kinds go to it (the node
+        passes SPAWN, STOP and STATUS on to the supervisor's node otherwise), and it hears
+        of links going up and down."""
+        self.supervisor = role
+        self.handlers.update(handlers)
 
     def pause(self) -> None:
         """Stop the node's timed work, as SIGSTOP does (tests freeze a node so)."""

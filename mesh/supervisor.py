@@ -123,13 +123,10 @@ class NodeView:
 class SupervisorRole:
     def __init__(self, node: Node):
         self.node, self.config, self.clock = node, node.config, node.clock
-        node.supervisor = self
         self.control = ControlReplies(node, node.clock)  # spawns and stops, by request id
-        for kind, handler in ((Kind.SPAWN, self._on_spawn), (Kind.STOP, self._on_stop),
-                              (Kind.STATUS, self._on_status), (Kind.HELLO, self._on_hello),
-                              (Kind.HEARTBEAT, self._on_renew),
-                              (Kind.EXIT, self._on_exit), (Kind.GOODBYE, self._on_goodbye)):
-            node.handlers[kind] = handler
+        node.add_role(self, {Kind.SPAWN: self._on_spawn, Kind.STOP: self._on_stop, Kind.STATUS: self._on_status,
+                             Kind.HELLO: self._on_hello, Kind.HEARTBEAT: self._on_renew, Kind.EXIT: self._on_exit,
+                             Kind.GOODBYE: self._on_goodbye})
         self.epoch = 0
         self._next = 0
         self.table = Table(node.boot)
