@@ -1,5 +1,5 @@
-"""Per-peer limits: request rate (a token bucket), requests awaiting an answer, and the
-time spent decoding a peer's frames.
+"""Per-peer limits: request rate (a token bucket), requests awaiting an answer, the
+time spent decoding a peer's frames, and each peer's share of a loop turn (FairQueue).
 
 A peer over a limit gets `Busy` for that request and the rest of the node serves on;
 the mesh's own nodes are not limited. Peers are forgotten when idle (least recently
@@ -8,7 +8,9 @@ seen first) so the table stays bounded however many connections come and go.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
+from typing import Callable
 
 
 class TokenBucket:
@@ -106,3 +108,68 @@ class PeerLimits:
                     return
                 continue
             del self.peers[route]
+
+
+class FairQueue:
+    """Requests read from peers and not yet handled: first in, first out per peer, and
+    served round-robin across peers, `quantum` at a time. A request waits behind at most
+    `quantum` requests of each other peer per round, however many that peer sent (in one
+    BATCH or over many connections). Only queues with requests in them are kept."""
+
+    __slots__ = ("quantum", "queues", "ready", "items")
+
+    def __init__(self, quantum: int = 1):
+        self.quantum = quantum
+        self.queues: dict = {}
+        self.ready: deque = deque()  # the peers with queued requests, in serving order
+        self.items = 0
+
+    def put(self, peer, item: tuple) -> None:
+        queue = self.queues.get(peer)
+        if queue is None:
+            queue = self.queues[peer] = deque()
+            self.ready.append(peer)
+        queue.append(item)
+        self.items += 1
+
+    def extend(self, peer, items) -> None:
+        queue = self.queues.get(peer)
+        if queue is None:
+            queue = self.queues[peer] = deque()
+            self.ready.append(peer)
+        before = len(queue)
+        queue.extend(items)
+        self.items += len(queue) - before
+
+    def serve(self, handle: Callable, limit: int, until: float,
+              emptied: Callable[[tuple], None] | None = None) -> int:
+        """Call `handle(*item)` for up to `limit` items, round-robin, until `perf_counter()`
+        passes `until` (at least one item is served). `emptied(last item)` is told when a
+        peer's queue runs empty. Returns how many were served."""
+        queues, ready, quantum, clock = self.queues, self.ready, self.quantum, time.perf_counter
+        served = 0
+        try:
+            while ready and served < limit:
+                peer = ready.popleft()
+                queue = queues[peer]
+                n = quantum if ready else limit - served  # alone: nobody else waits
+                try:
+                    while True:
+                        item = queue.popleft()
+                        served += 1
+                        n -= 1
+                        handle(*item)
+                        if not queue or n <= 0 or served >= limit or clock() >= until:
+                            break
+                finally:  # also when `handle` raised: the peer keeps its place and its queue
+                    if queue:
+                        ready.append(peer)
+                    else:
+                        del queues[peer]
+                if not queue and emptied is not None:
+                    emptied(item)
+                if clock() >= until:
+                    break
+        finally:
+            self.items -= served
+        return served

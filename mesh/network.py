@@ -28,14 +28,15 @@ class ZmqNetwork:
         self._make_auth = authenticator
         self.auth = None
 
-    def listen(self, endpoint: str, on_request: Callable[[bytes, bytes | None], None]) -> transport.Listener:
+    def listen(self, endpoint: str, on_request: Callable[[bytes, bytes | None], int],
+               serve: Callable[[float], int] | None = None) -> transport.Listener:
         if self.security is not None and self.auth is None:
             if self._make_auth is None:
                 raise RuntimeError("a secure listener needs an authenticator: CURVE alone lets any key in")
             self.auth = self._make_auth(self.ctx)  # ZAP must be up before the socket binds
             self.auth.start()
         return transport.Listener(self.ctx, endpoint, on_request, self.max_bytes, self.batch, self.security,
-                                  self.out_limit)
+                                  self.out_limit, serve)
 
     def link(self, endpoint: str, on_response: Callable[[bytes], None],
              on_state: Callable[[bool | None], None] | None = None, owner: str | None = None) -> transport.Link:
@@ -50,10 +51,33 @@ class ZmqNetwork:
 
 
 class _MemListener:
-    def __init__(self, net: "MemoryNetwork", endpoint: str, on_request):
-        self.net, self.endpoint, self.on_request = net, endpoint, on_request
+    """Each frame is read on its own loop callback; with `serve`, a turn of serving
+    follows (see transport._Drain), itself a frame in flight until it has run."""
+
+    def __init__(self, net: "MemoryNetwork", endpoint: str, on_request, serve=None):
+        self.net, self.endpoint, self.on_request, self.serve = net, endpoint, on_request, serve
         self.sent = self.dropped = 0
         self.closed = False
+        self._turn_scheduled = False
+
+    def receive(self, route: bytes, frame: bytes) -> None:
+        if self.closed:
+            return
+        self.on_request(route, frame)
+        self._schedule_turn()
+
+    def _schedule_turn(self) -> None:
+        if self.serve is not None and not self._turn_scheduled:
+            self._turn_scheduled = True
+            self.net._deliver(self.endpoint, self._turn, b"")
+
+    def _turn(self, _frame: bytes) -> None:
+        self._turn_scheduled = False
+        if not self.closed and self.serve(time.perf_counter() + transport.TURN_BUDGET_S) > 0:
+            self._schedule_turn()
+
+    def send_now(self, route: bytes) -> None:
+        pass  # frames leave at once here
 
     def identity(self, route: bytes) -> str:
         return self.net.identities.get(route, transport.ANONYMOUS)
@@ -110,7 +134,7 @@ class _MemLink:
             until = self.net.now() + ttl if ttl is not None else float("inf")
             self.pending.append((frame, until))  # dropped unsent past `until`, as a Link's are
             return
-        self.net._deliver(self.endpoint, lambda f: listener.on_request(self.route, f), frame)
+        self.net._deliver(self.endpoint, lambda f: listener.receive(self.route, f), frame)
 
     def _receive(self, frame: bytes) -> None:
         if not self.closed:
@@ -155,8 +179,8 @@ class MemoryNetwork:
     def now(self) -> float:
         return self.clock.now() if self.clock is not None else time.monotonic()
 
-    def listen(self, endpoint: str, on_request) -> _MemListener:
-        listener = _MemListener(self, endpoint, on_request)
+    def listen(self, endpoint: str, on_request, serve=None) -> _MemListener:
+        listener = _MemListener(self, endpoint, on_request, serve)
         self._listeners[endpoint] = listener
         for link in self._routes.values():
             if link.endpoint == endpoint:

@@ -1,8 +1,10 @@
 """A node: one OS process, one asyncio loop, one bound ROUTER, many agents.
 
 Inbound messages arrive in batches from the listener (see transport); each is decoded
-and validated (wire), then handed to its agent's Runner, or to the control handler of
-its kind. Everything the runners change in one loop turn goes into one commit group;
+and queued per peer, and at the end of the listener's turn the queues are served
+round-robin (limits.FairQueue): each message is validated (wire) and handed to its
+agent's Runner, or to the control handler of its kind. A peer's messages keep their
+order; one peer's flood delays another's request by at most one message per round. Everything the runners change in one loop turn goes into one commit group;
 the group is committed in one LMDB transaction on the store's thread while the next
 group fills, and only then do its replies and outbound casts leave (G1). One group is in
 flight at a time, so commits stay in order and grow with the load (group commit).
@@ -31,7 +33,7 @@ from .errors import (AgentCrashed, AgentDown, BadRequest, Busy, CallError, Moved
                      SnapshotCorrupt, StoreError, Unavailable, error_to_wire)
 from .lease import Lease
 from .served import ServedLog
-from .limits import PeerLimits
+from .limits import FairQueue, PeerLimits
 from .incarnations import Incarnations
 from .names import Names, NodeResolver
 from .security import allowed, role_of
@@ -107,6 +109,7 @@ class Node:
                                       config.limits.peer_open_requests,
                                       decode_share=config.limits.peer_decode_share,
                                       decode_burst=config.limits.peer_decode_burst_s)
+        self._fair = FairQueue()  # read and not yet handled: (msg, origin, limits key), per peer
         self._refusals: OrderedDict = OrderedDict()  # (peer, reason) -> [last logged, count since]
         self._open = Group()
         self._in_flight: Group | None = None
@@ -144,7 +147,7 @@ class Node:
 
     async def start(self) -> None:
         bind = self.endpoint
-        self.listener = self.network.listen(bind, self._on_request)
+        self.listener = self.network.listen(bind, self._on_request, self._serve)
         self._every(self.timing.heartbeat_s, self._tick)
         self.say_hello()
         self.notify(f"ready {self.name} {os.getpid()} {self.boot}")
@@ -368,7 +371,18 @@ class Node:
             self.supervisor.on_link_state(node, up)
 
     def _on_local(self, frame: bytes) -> None:
-        self._on_request(None, frame)
+        """A request from this very node: handled at once (it waited its turn in the loop)."""
+        try:
+            msg = wire.decode(frame, self.limits.max_message_bytes)
+        except ProtocolError as exc:
+            self._dispatch(exc, None, None)
+            return
+        self._schedule_flush()
+        if msg.kind == Kind.BATCH:
+            for item in msg.body:
+                self._dispatch(item, None, None)
+        else:
+            self._dispatch(msg, None, None)
 
     def _respond(self, origin: Origin, frame: bytes, counted: bool = True) -> None:
         """Send a response; `counted` ones answer a request the peer's limits admitted."""
@@ -385,32 +399,48 @@ class Node:
     def respond_error(self, origin: Origin, rid: str | None, err: CallError) -> None:
         self._respond(origin, wire.error(rid, error_to_wire(err)))
 
-    def _on_request(self, origin: Origin, frame: bytes | None) -> int:
-        """Handle one frame; returns how many messages it held."""
-        # whose limits this frame spends (None: not limited), worked out once per frame
-        key = None if origin is None or not self._limited(origin) else self._limit_key(origin)
+    def _on_request(self, origin: bytes, frame: bytes | None) -> int:
+        """Read one frame of a peer into its queue; returns how many messages it held."""
+        # who sent it, as authenticated now (its route may pass to another key's connection
+        # before it is served), and whose limits it spends (None: not limited), worked out
+        # once per frame; its share of a turn is that key's, or its connection's for a node
+        who = self.listener.identity(origin) if self.secure else None
+        key = None if not self._limited(origin) else self._limit_key(origin)
+        fair = self._fair
         if frame is None:
-            self._dispatch(ProtocolError("a request must be exactly one frame"), origin, key)
+            fair.put(key or origin, (ProtocolError("a request must be exactly one frame"), origin, key, who))
             return 1
         if key is None:
             try:
                 msg = wire.decode(frame, self.limits.max_message_bytes)
             except ProtocolError as exc:
-                self._dispatch(exc, origin, key)
+                fair.put(origin, (exc, origin, key, who))
                 return 1
         else:
-            msg = self._decode_from_peer(origin, frame, key)
+            msg = self._decode_from_peer(origin, frame, key, who)
             if msg is None:
                 return 1
-        self._schedule_flush()
         if msg.kind == Kind.BATCH and self._permitted(msg, origin):
-            for item in msg.body:
-                self._dispatch(item, origin, key)
-            return len(msg.body)
-        self._dispatch(msg, origin, key)
+            body = msg.body
+            fair.extend(key or origin, [(item, origin, key, who) for item in body])
+            return len(body)
+        fair.put(key or origin, (msg, origin, key, who))
         return 1
 
-    def _decode_from_peer(self, origin: bytes, frame, key) -> "wire.Msg | None":
+    def _serve(self, until: float) -> int:
+        """End of the listener's turn: handle what was read, round-robin across peers (up
+        to a turn's worth); returns how many messages are still queued."""
+        fair = self._fair
+        if fair.items:
+            fair.serve(self._dispatch, self.limits.batch, until, self._served_all)
+            self._schedule_flush()
+        return fair.items
+
+    def _served_all(self, item: tuple) -> None:
+        """A peer's queue ran empty: its answers leave now, not at the end of the turn."""
+        self.listener.send_now(item[1])
+
+    def _decode_from_peer(self, origin: bytes, frame, key, who: str | None) -> "wire.Msg | None":
         """Decode a frame of a peer that is no authenticated node, within its budget of
         decoding time and with its arrays and maps bounded (a million-key map within the
         size limit takes a second). A peer in debt has its frames dropped unread."""
@@ -428,7 +458,7 @@ class Node:
             msg = wire.decode(frame, self.limits.max_message_bytes, elements)
         except ProtocolError as exc:
             limits.charge_decode(key, time.perf_counter() - started)
-            self._dispatch(exc, origin, key)
+            self._fair.put(key, (exc, origin, key, who))
             return None
         limits.charge_decode(key, time.perf_counter() - started)
         return msg
@@ -447,10 +477,16 @@ class Node:
                         who if isinstance(who, str) else who.hex(), what, entry[1])
             entry[0], entry[1] = now, 0
 
-    def _dispatch(self, msg: "wire.Msg | ProtocolError", origin: Origin, key) -> None:
+    def _dispatch(self, msg: "wire.Msg | ProtocolError", origin: Origin, key, who: str | None = None) -> None:
         """One request: the peer's limits (`key`: whose, None if it has none), then its
         validity and role, then its handler. Every request with an id that is admitted
-        gets exactly one answer."""
+        gets exactly one answer, except one whose route passed to another identity (`who`:
+        the sender's when it was read) before its turn: that one is dropped and counted,
+        as its answer would reach the route's new holder."""
+        if who is not None and self.listener.identity(origin) != who:
+            self.stats["route_changed"] += 1
+            self._log_refusal(who, "lost its route before its request was served: dropped")
+            return
         self.stats["in"] += 1
         bad = type(msg) is ProtocolError
         rid = msg.request_id if bad else msg.id

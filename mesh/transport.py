@@ -13,7 +13,10 @@ Two ends, both non-blocking and driven by loop callbacks (no task per socket):
 Reading: ZMQ_FD is edge-triggered, so each wake-up drains the socket with NOBLOCK until
 EAGAIN (at most `batch` messages, then yields to the loop and continues), and every
 send re-checks ZMQ_EVENTS, because a send can swallow the read edge. This is the batch
-read that DESIGN.md asks for: one wake-up, many messages.
+read that DESIGN.md asks for: one wake-up, many messages. A listener's reader hands
+what it read to the node, which queues it per peer; at the end of each such turn the
+node serves its queues (round-robin across peers), and reading waits while a turn's
+worth is still queued.
 
 zmq errors end here: a failed send returns False or raises a mesh error.
 """
@@ -74,10 +77,16 @@ class _Drain:
 
     `read` receives exactly one ZeroMQ message, hands it on, and returns how many mesh
     messages it held (a BATCH holds many); it raises zmq.Again when the socket is empty.
-    One wake-up handles about `batch` mesh messages, then lets the loop turn."""
+    One wake-up handles about `batch` mesh messages, then lets the loop turn.
 
-    def __init__(self, sock: zmq.Socket, read: Callable[[zmq.Socket], None], batch: int):
-        self.sock, self.read, self.batch = sock, read, batch
+    With `serve`, reading only queues: `serve(until)` is called at the end of each turn
+    to handle what was read, and returns how many messages are still queued; while that
+    is `batch` or more, the next turn reads nothing and only serves."""
+
+    def __init__(self, sock: zmq.Socket, read: Callable[[zmq.Socket], None], batch: int,
+                 serve: Callable[[float], int] | None = None):
+        self.sock, self.read, self.batch, self.serve = sock, read, batch, serve
+        self.queued = 0
         self.loop = asyncio.get_running_loop()
         self.fd = sock.getsockopt(zmq.FD)
         self._scheduled = False
@@ -98,19 +107,25 @@ class _Drain:
         sock, read = self.sock, self.read
         if sock.closed:
             return
-        try:
-            handled = 0
-            # bounded in messages and in time: one costly frame must not starve the
-            # loop's timers (leases, heartbeats) or the other sockets
-            until = time.perf_counter() + TURN_BUDGET_S
-            while handled < self.batch and time.perf_counter() < until:
-                handled += read(sock) or 1
-        except zmq.Again:
-            return
-        except zmq.ZMQError as exc:  # socket closed under us during shutdown
-            log.debug("recv failed: %s", exc)
-            return
-        self.poke()  # more may be waiting: come back after others had their turn
+        # bounded in messages and in time: one costly frame must not starve the
+        # loop's timers (leases, heartbeats) or the other sockets
+        until = time.perf_counter() + TURN_BUDGET_S
+        more = True  # more may be waiting: come back after others had their turn
+        if self.queued < self.batch:
+            try:
+                handled = 0
+                while handled < self.batch and time.perf_counter() < until:
+                    handled += read(sock) or 1
+            except zmq.Again:
+                more = False
+            except zmq.ZMQError as exc:  # socket closed under us during shutdown
+                log.debug("recv failed: %s", exc)
+                return
+        if self.serve is not None:
+            self.queued = self.serve(until)
+            more = more or self.queued > 0
+        if more:
+            self.poke()
 
     def close(self) -> None:
         try:
@@ -160,10 +175,12 @@ def _rest_of(sock: zmq.Socket, frame: zmq.Frame) -> int:
 
 
 class Listener:
-    """The node's bound ROUTER. `on_request(route, frame)`; frame is None if malformed."""
+    """The node's bound ROUTER. `on_request(route, frame)`, frame None if malformed, returns
+    how many messages the frame held; `serve(until)`, if given, ends each turn (see _Drain)."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, on_request: Callable[[bytes, bytes | None], None],
-                 max_bytes: int, batch: int = 512, security=None, out_limit: int = OUT_LIMIT):
+    def __init__(self, ctx: zmq.Context, endpoint: str, on_request: Callable[[bytes, bytes | None], int],
+                 max_bytes: int, batch: int = 512, security=None, out_limit: int = OUT_LIMIT,
+                 serve: Callable[[float], int] | None = None):
         self.sock = ctx.socket(zmq.ROUTER)
         s = self.sock
         s.setsockopt(zmq.LINGER, 0)
@@ -184,7 +201,7 @@ class Listener:
         self.out_limit = out_limit
         self._out = _Backlogs(out_limit)
         self._on_request = on_request
-        self._drain = _Drain(s, self._read, batch)
+        self._drain = _Drain(s, self._read, batch, serve)
         # the connections' descriptors (from the monitor), to bound what a peer may leave
         # unfinished: a message whose last frame never comes grows inside ZeroMQ unseen
         self._monitor = s.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
@@ -245,6 +262,14 @@ class Listener:
         elif not self._flush_scheduled:
             self._flush_scheduled = True
             self._drain.loop.call_soon(self.flush)
+
+    def send_now(self, route: bytes) -> None:
+        """Send what is queued for one peer now, not at the end of the turn."""
+        box = self._outboxes.pop(route, None)
+        if box is not None:
+            frame = box.take()
+            if frame is not None:
+                self._send_now(route, frame)
 
     def flush(self) -> None:
         self._flush_scheduled = False

@@ -179,6 +179,82 @@ async def test_limits_belong_to_the_key_not_the_connection(cluster_factory):
     await c.close()
 
 
+# --- a peer's share of a loop turn ---------------------------------------------------------
+
+def _record_calls(node) -> list[str]:
+    """The request ids of the calls `node` hands on, in the order it does."""
+    order, handle = [], node.handlers[wire.Kind.CALL]
+
+    def recording(msg, origin):
+        order.append(msg.id)
+        handle(msg, origin)
+    node.handlers[wire.Kind.CALL] = recording
+    return order
+
+
+@pytest.mark.parametrize("framing", ["one batch", "many frames"])
+async def test_a_flood_from_one_peer_delays_another_peers_call_by_one_round_not_the_flood(cluster_factory, framing):
+    """Before: requests were handled first come first served, so a call that came after
+    another peer's 500 waited for all 500 (issue 11, item 7)."""
+    c = await cluster_factory()
+    admin = c.client()
+    await admin.spawn("busy", "counter")
+    node = c.nodes[(await admin.whereis("busy"))["node"]]
+    for i in range(10):  # another agent on the same node
+        quiet = f"quiet{i}"
+        if (await admin.spawn(quiet, "counter"))["node"] == node.name:
+            break
+    else:
+        pytest.fail("no second agent on the node of the first")
+    flooder, honest = c.client(), c.client()
+    for cl in (flooder, honest):  # connect both first
+        await cl.caller.request(node.name, wire.Kind.WHEREIS, "busy", {}, 1.0)
+    await c.settle()
+    order = _record_calls(node)
+    flood = [wire.encode(wire.Kind.CALL, f"flood-{i}", "busy", None, 5000, {"op": "add", "n": 1})
+             for i in range(500)]
+    if framing == "one batch":
+        flooder._send(node.name, wire.batch_frame(flood))
+    else:
+        for frame in flood:
+            flooder._send(node.name, frame)
+    honest._send(node.name, wire.encode(wire.Kind.CALL, "honest-1", quiet, None, 5000, {"op": "get"}))
+    await c.settle()
+    assert len(order) == 501
+    honest_at = next(i for i, rid in enumerate(order) if not rid.startswith("flood-"))
+    assert honest_at <= 2, f"the honest call was handled {honest_at + 1}th"
+    # and the flood kept its order: a peer's requests are handled first in, first out
+    assert [rid for rid in order if rid.startswith("flood-")] == [f"flood-{i}" for i in range(500)]
+    assert await admin.call("busy", {"op": "get"}) == 500
+    await c.close()
+
+
+def test_the_fair_queue_serves_round_robin_first_in_first_out_per_peer_within_its_bounds():
+    import math
+    from mesh.limits import FairQueue
+    q = FairQueue()
+    q.extend("a", [("a", i) for i in range(5)])
+    q.put("b", ("b", 0))
+    q.put("c", ("c", 0))
+    q.put("b", ("b", 1))
+    seen, emptied = [], []
+    assert q.serve(lambda who, i: seen.append((who, i)), 4, math.inf, emptied.append) == 4
+    assert seen == [("a", 0), ("b", 0), ("c", 0), ("a", 1)] and emptied == [("c", 0)]
+    assert q.items == 4
+    assert q.serve(lambda who, i: seen.append((who, i)), 100, math.inf, emptied.append) == 4
+    assert seen[4:] == [("b", 1), ("a", 2), ("a", 3), ("a", 4)]  # alone, a takes the rest at once
+    assert emptied == [("c", 0), ("b", 1), ("a", 4)] and q.items == 0 and not q.queues and not q.ready
+    # a turn out of time still serves one, and a handler that raises loses nobody's place
+    q.extend("a", [("a", 5), ("a", 6)])
+    assert q.serve(lambda who, i: None, 100, 0.0) == 1 and q.items == 1
+
+    def boom(who, i):
+        raise RuntimeError("handler bug")
+    with pytest.raises(RuntimeError):
+        q.serve(boom, 100, math.inf)
+    assert q.items == 0 and not q.queues and not q.ready
+
+
 # --- decoding work is bounded per message and per peer --------------------------------------
 
 def test_a_huge_map_from_an_untrusted_peer_is_refused_before_it_is_built():
