@@ -97,7 +97,7 @@ class Incarnations:
             self._begin(msg, origin, copy, old, copied=bool(msg.body.get("sources")))
         except CallError as err:
             self.node.respond_error(origin, msg.id, err)
-        self.node._schedule_flush()
+        self.node.commits.schedule_flush()
 
     async def _newest_copy(self, name: str, sources: list, incarnation: int) -> tuple[Record | None, list]:
         """The newest snapshot of `name` (and its recorded replies) among this host's store
@@ -116,7 +116,7 @@ class Incarnations:
         async def fetch(node: str):
             return await self.node.caller.request(node, Kind.FETCH, name, {"incarnation": incarnation},
                                              min(self.node.timing.call_timeout_s, 2.0))
-        mine_read, *results = await asyncio.gather(self.node._fenced_read(name, incarnation), *(fetch(n) for n in remote),
+        mine_read, *results = await asyncio.gather(self.node.replication.fenced_read(name, incarnation), *(fetch(n) for n in remote),
                                                    return_exceptions=True)
         if isinstance(mine_read, BaseException):
             raise mine_read
@@ -208,17 +208,17 @@ class Incarnations:
                                {"exception": type(exc).__name__}) from None
         runner.agent, runner.last_state, runner.status = agent, packed, AgentStatus.STARTING
         self.node.runners[name] = runner
-        group = self.node._open
+        group = self.node.commits.open
         group.batch.add_claim(name, Record(inc, seq, packed))
         # the replies that go with this state, and only those, to this host and its replicas
         group.batch.add_replies(name, [(rid, *entry) for rid, entry in runner.window.items()], [])
         group.replicas[name] = runner.replicas
         runner.pending_group = group
         group.callbacks.append(lambda outcome: self._started(runner, origin, msg.id, outcome))
-        self.node._schedule_flush()
+        self.node.commits.schedule_flush()
 
     def _started(self, runner: Runner, origin: Origin, rid: str, outcome: Outcome) -> None:
-        if runner.pending_group is not None and runner.pending_group is not self.node._open:
+        if runner.pending_group is not None and runner.pending_group is not self.node.commits.open:
             runner.pending_group = None
         name = runner.name
         if outcome.error is not None or name in outcome.fenced or name in outcome.unreplicated:
@@ -246,7 +246,7 @@ class Incarnations:
         runner.status = AgentStatus.RUNNING
         self.node.respond(origin, rid, {"node": self.node.name, "incarnation": runner.incarnation})
         runner.run_mailbox()
-        self.node._schedule_flush()
+        self.node.commits.schedule_flush()
 
     def _stop_quietly(self, runner: Runner) -> None:
         """End an incarnation without its terminate callback (it is being replaced)."""
@@ -266,10 +266,10 @@ class Incarnations:
             self._note_stop(name, body["incarnation"])
         if runner is None or runner.incarnation > body["incarnation"]:
             if forget:
-                self.node._open.batch.deletes[name] = body["incarnation"]
-                self.node._open.replicas[name] = hosts
-                self.node._open.callbacks.append(lambda outcome: self._answer_stop(origin, msg.id, outcome, name))
-                self.node._schedule_flush()
+                self.node.commits.open.batch.deletes[name] = body["incarnation"]
+                self.node.commits.open.replicas[name] = hosts
+                self.node.commits.open.callbacks.append(lambda outcome: self._answer_stop(origin, msg.id, outcome, name))
+                self.node.commits.schedule_flush()
             else:
                 self.node.respond(origin, msg.id, {"stopped": False})
             return
@@ -303,16 +303,16 @@ class Incarnations:
             await asyncio.sleep(0)
         if runner.status == AgentStatus.RUNNING and runner.agent is not None:
             await self.terminate_agent(runner, reason)
-            self.node.mark_dirty(runner)
+            self.node.commits.mark_dirty(runner)
         runner.status = AgentStatus.STOPPED
         runner.agent = None
         if forget:
             self.drop(runner, lambda: NoSuchAgent(f"{runner.name!r} was stopped"))
-            self.node._open.batch.deletes[runner.name] = max(runner.incarnation, stop_at or -1)
-            self.node._open.replicas[runner.name] = tuple(set(hosts) | set(runner.replicas))
+            self.node.commits.open.batch.deletes[runner.name] = max(runner.incarnation, stop_at or -1)
+            self.node.commits.open.replicas[runner.name] = tuple(set(hosts) | set(runner.replicas))
         done = asyncio.get_running_loop().create_future()
-        self.node._open.callbacks.append(lambda outcome: done.done() or done.set_result(outcome))
-        self.node._schedule_flush()
+        self.node.commits.open.callbacks.append(lambda outcome: done.done() or done.set_result(outcome))
+        self.node.commits.schedule_flush()
         outcome = await done
         if forget:
             self._answer_stop(origin, rid, outcome, runner.name)
@@ -342,7 +342,7 @@ class Incarnations:
         async def stop():
             if runner.agent is not None:
                 await self.terminate_agent(runner, reason)
-                self.node.mark_dirty(runner)
+                self.node.commits.mark_dirty(runner)
             runner.status = AgentStatus.STOPPED
             runner.agent = None
             self.report_exit(runner, how, reason)

@@ -24,49 +24,28 @@ import time
 from collections import Counter, OrderedDict
 from typing import Any, Callable
 
-from . import supervision, wire
-from .agent import TimerRef
+from . import wire
 from .caller import Caller
 from .clock import Clock
+from .commits import Commits
 from .config import Config, NodeSpec
-from .errors import (AgentCrashed, AgentDown, BadRequest, Busy, CallError, Moved, NotAllowed, ProtocolError,
-                     SnapshotCorrupt, StoreError, Unavailable, error_to_wire)
-from .lease import Lease
-from .served import ServedLog
-from .limits import FairQueue, PeerLimits
+from .errors import AgentDown, BadRequest, Busy, CallError, Moved, NotAllowed, ProtocolError, Unavailable, error_to_wire
 from .incarnations import Incarnations
+from .lease import Lease
+from .limits import FairQueue, PeerLimits
 from .names import Names, NodeResolver
+from .replication import Replication
+from .runner import AgentStatus, Envelope, Runner
 from .security import allowed, role_of
-from .runner import AgentStatus, Envelope, Runner, error_response
-from .store import Batch, Committer, Outcome, Record, Store, commit_failure, decode_record, replies_from_wire
+from .served import ServedLog
+from .store import Committer, Store
 from .wire import Kind
 
 log = logging.getLogger("mesh.node")
 
-UNSAFE_COMMIT_DELAY_S = 0.05  # with unsafe_reply_before_commit: so that a crash surely loses acknowledged writes
 MAX_RENEWALS = 3  # lease renewals in flight at once
-_PROBE_KEY = "node/probe/"    # + node name: the small write that tells whether a full store has room again
-_PROBE_VALUE = bytes(4096)     # a page's worth (a full disk may still take it: see _note_store)
 
 Origin = bytes | None  # a ROUTER routing id, or None for a request from this very node
-
-
-class Group:
-    """Everything that becomes durable in one transaction, and what waits for it."""
-
-    __slots__ = ("batch", "dirty", "replies", "effects", "callbacks", "replicas", "void")
-
-    def __init__(self):
-        self.batch = Batch()
-        self.dirty: set[Runner] = set()
-        self.replies: list[tuple[Runner, list, bytes]] = []
-        self.effects: list[tuple[Runner, list]] = []
-        self.callbacks: list[Callable[[Outcome], None]] = []
-        self.replicas: dict[str, tuple[str, ...]] = {}  # name -> its replica hosts, for this batch
-        self.void: set[str] = set()  # agents that crashed before this group: nothing of theirs is kept
-
-    def __bool__(self) -> bool:
-        return bool(self.batch or self.dirty or self.replies or self.effects or self.callbacks)
 
 
 class Node:
@@ -88,6 +67,8 @@ class Node:
         self.runners: dict[str, Runner] = {}
         self.busy_runners: set[Runner] = set()
         self.names = Names(self)
+        self.commits = Commits(self)
+        self.replication = Replication(self)
         self.incarnations = Incarnations(self)
         self.stats: Counter = Counter()
         self.links: dict[str, Any] = {}
@@ -98,8 +79,8 @@ class Node:
             Kind.CALL: self._to_agent, Kind.CAST: self._to_agent, Kind.INFO: self._to_agent,
             Kind.START: self.incarnations.on_start, Kind.TERMINATE: self.incarnations.on_terminate,
             Kind.WHEREIS: self.names.on_whereis, Kind.REGISTRY: self.names.on_registry,
-            Kind.INVENTORY: self._on_inventory, Kind.FETCH: self._on_fetch,
-            Kind.REPLICATE: self._on_replicate,
+            Kind.INVENTORY: self._on_inventory, Kind.FETCH: self.replication.on_fetch,
+            Kind.REPLICATE: self.replication.on_replicate,
             Kind.SPAWN: self._forward_to_supervisor, Kind.STOP: self._forward_to_supervisor,
             Kind.STATUS: self._forward_to_supervisor,
         }
@@ -111,10 +92,6 @@ class Node:
                                       decode_burst=config.limits.peer_decode_burst_s)
         self._fair = FairQueue()  # read and not yet handled: (msg, origin, limits key), per peer
         self._refusals: OrderedDict = OrderedDict()  # (peer, reason) -> [last logged, count since]
-        self._open = Group()
-        self._in_flight: Group | None = None
-        self._flush_scheduled = False
-        self._copies: tuple[Batch, list] | None = None  # replicated records of this loop turn
         self._tasks: set[asyncio.Task] = set()
         self._timers: dict[Callable, Any] = {}  # each timed function -> its next firing
         self._periodic: dict[Callable, float] = {}  # the periodic ones -> their interval
@@ -127,11 +104,6 @@ class Node:
         self._renewing = 0
         self._renewals = 0
         self._drops = 0  # times this boot dropped its agents when its lease lapsed (said in hellos)
-        # A commit on this host's store failed (a full disk), and none has succeeded
-        # since with room left: said in every hello and renewal, so that the supervisor
-        # places nothing here and moves what it can (see _note_store).
-        self.store_full = False
-        self._probing = False
         self.stopping = False
         self.stopped = asyncio.Event()
         self.listener = None
@@ -225,8 +197,8 @@ class Node:
             self.listener.check_partial()
         for runner in list(self.busy_runners):
             runner.check_deadline(now)
-        if self.store_full and not self._probing:
-            self._probe_store()
+        if self.commits.store_full and not self.commits.probing:
+            self.commits.probe_store()
         if not self._hello_acked or not self.names.synced:
             self.say_hello()
         elif self._renewing < MAX_RENEWALS:
@@ -254,6 +226,11 @@ class Node:
         self._drops += 1
         self._hello_acked = False
 
+    def renew_soon(self) -> None:
+        """A renewal now, if one may go (the supervisor should hear a change at once)."""
+        if self._hello_acked and self._renewing < MAX_RENEWALS and not self.stopping:
+            self._spawn(self._renew())
+
     async def _renew(self) -> None:
         """Ask the supervisor to extend the lease; it runs from this send time. Renewals
         overlap, so one slow answer does not hold the next back."""
@@ -262,7 +239,7 @@ class Node:
         self._renewals += 1
         body = {"node": self.name, "boot": self.boot, "seq": self._renewals, "agents": len(self.runners),
                 "mailbox": max((r.depth() for r in self.runners.values() if r.mailbox), default=0)}
-        if self.store_full:
+        if self.commits.store_full:
             body["store_full"] = True
         try:
             answer = await self.caller.request(self.config.supervisor_node, Kind.HEARTBEAT, None, body,
@@ -291,10 +268,10 @@ class Node:
         for runner in list(self.runners.values()):
             if runner.status == AgentStatus.RUNNING and runner.agent is not None:
                 await self.incarnations.terminate_agent(runner, reason)
-                self.mark_dirty(runner)
+                self.commits.mark_dirty(runner)
             runner.status = AgentStatus.STOPPED
             runner.fail_queued(lambda: AgentDown("its node is shutting down"))
-        await self.drain_commits()
+        await self.commits.drain()
         if self._llm is not None:
             await self._llm.aclose()
         if self.name != self.config.supervisor_node:
@@ -313,16 +290,6 @@ class Node:
         if self._own_store:
             self.store.close()
         self.stopped.set()
-
-    async def drain_commits(self, timeout: float = 10.0) -> None:
-        """Wait until everything handed to the store so far is committed."""
-        done = asyncio.Event()
-        self._open.callbacks.append(lambda outcome: done.set())
-        self._schedule_flush()
-        try:
-            await asyncio.wait_for(done.wait(), timeout)
-        except asyncio.TimeoutError:
-            log.error("node %s: commits did not finish within %ss", self.name, timeout)
 
     def llm_client(self):
         """One model client per node process and loop, made on first use."""
@@ -377,7 +344,7 @@ class Node:
         except ProtocolError as exc:
             self._dispatch(exc, None, None)
             return
-        self._schedule_flush()
+        self.commits.schedule_flush()
         if msg.kind == Kind.BATCH:
             for item in msg.body:
                 self._dispatch(item, None, None)
@@ -433,7 +400,7 @@ class Node:
         fair = self._fair
         if fair.items:
             fair.serve(self._dispatch, self.limits.batch, until, self._served_all)
-            self._schedule_flush()
+            self.commits.schedule_flush()
         return fair.items
 
     def _served_all(self, item: tuple) -> None:
@@ -591,372 +558,6 @@ class Node:
 
     # --- replies, effects and commit groups ---------------------------------------------------
 
-    def send_response(self, runner: Runner, origins: list, rid: str, response: bytes) -> None:
-        """Answer with a tagged response, once the runner's pending changes are committed."""
-        group = runner.pending_group
-        if group is not None and not self._unsafe:
-            group.replies.append((runner, origins, rid, response))
-            return
-        if not self.serving():
-            response = error_response(AgentDown(f"{runner.name!r}: its node lost its lease"))
-        elif runner.superseded:
-            response = error_response(AgentDown(f"{runner.name!r} was restarted"))
-        elif self._served is not None and response[:1] == wire.REPLY_TAG:
-            self._served.record(runner.name, runner.incarnation)
-        frame = wire.response_frame(rid, response)
-        for origin in origins:
-            self._respond(origin, frame)
-
-    async def commit_meta(self, puts: dict[str, bytes], deletes=()) -> Outcome:
-        """Make supervisor records durable in the next group; returns the commit's outcome."""
-        batch = self._open.batch
-        for key, value in puts.items():
-            batch.meta_deletes.discard(key)
-            batch.meta_puts[key] = value
-        for key in deletes:
-            batch.meta_puts.pop(key, None)
-            batch.meta_deletes.add(key)
-        future = asyncio.get_running_loop().create_future()
-        self._open.callbacks.append(lambda outcome: future.done() or future.set_result(outcome))
-        self._schedule_flush()
-        return await future
-
-    def mark_dirty(self, runner: Runner) -> None:
-        group = self._open
-        group.dirty.add(runner)
-        runner.pending_group = group
-        self._schedule_flush()
-
-    def queue_effects(self, runner: Runner, effects: list) -> None:
-        group = runner.pending_group or self._open
-        group.effects.append((runner, effects))
-        runner.pending_group = group
-        self._schedule_flush()
-
-    def _schedule_flush(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            if self._unsafe:  # the planted bug: acknowledged, and not on disk for a while
-                asyncio.get_running_loop().call_later(UNSAFE_COMMIT_DELAY_S, self._flush)
-            else:
-                asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        if self._in_flight is not None or not self._open:
-            return
-        group, self._open = self._open, Group()
-        batch = group.batch
-        for runner in group.dirty:
-            if self.runners.get(runner.name) is not runner or runner.name in batch.deletes:
-                continue
-            if runner.last_state is None:  # crashed since: what it did after its last commit is void
-                group.void.add(runner.name)
-                continue
-            batch.add_put(runner.name, Record(runner.incarnation, runner.seq, runner.last_state))
-            batch.add_replies(runner.name, *runner.take_replies())
-            if runner.replicas:
-                group.replicas[runner.name] = runner.replicas
-        self._in_flight = group
-        self.stats["commits"] += 1
-        self.committer.submit(batch, lambda outcome: self._committed_here(group, outcome))
-
-    def _committed_here(self, group: Group, outcome: Outcome) -> None:
-        """The local commit is done; with replicas, the copies must land before anything
-        that depends on them leaves (G6)."""
-        self._note_store(group.batch, outcome)
-        if outcome.error is None and any(group.replicas.values()):
-            self._spawn(self._replicate(group, outcome))
-        else:
-            self._committed(group, outcome)
-
-    async def _replicate(self, group: Group, outcome: Outcome) -> None:
-        batch, per_host = group.batch, {}
-        for name, hosts in group.replicas.items():
-            for host in hosts:
-                body = per_host.setdefault(host, {"puts": [], "claims": [], "deletes": [], "replies": [], "forgotten": []})
-                if name in batch.claims:
-                    body["claims"].append(batch.claims[name].to_wire(name))
-                elif name in batch.puts:
-                    body["puts"].append(batch.puts[name].to_wire(name))
-                elif name in batch.deletes:
-                    body["deletes"].append([name, batch.deletes[name]])
-                body["replies"] += [[name, *reply] for reply in batch.replies.get(name, ())]
-                body["forgotten"] += [[name, rid] for rid in batch.forgotten.get(name, ())]
-        hosts = list(per_host)
-        results = await asyncio.gather(*(self._replicate_to(h, per_host[h]) for h in hosts), return_exceptions=True)
-        for host, result in zip(hosts, results):
-            if isinstance(result, BaseException):
-                self.stats["replication_failures"] += 1
-                for name, their_hosts in group.replicas.items():
-                    if host in their_hosts:
-                        outcome.unreplicated[name] = f"its replica host {host} did not take the commit ({result})"
-            else:
-                for name, stored in (result.get("fenced") or {}).items():
-                    outcome.fenced[name] = max(stored, outcome.fenced.get(name, -1))
-        self._committed(group, outcome)
-
-    async def _replicate_to(self, host: str, body: dict) -> dict:
-        """Hand one batch of copies to a live node of `host` (they share its store)."""
-        last: Exception = Unavailable(f"host {host} has no nodes")
-        for spec in self.config.nodes_on(host):
-            try:
-                return await self.caller.request(spec.name, Kind.REPLICATE, None, body, self.timing.dead_after_s)
-            except CallError as err:
-                last = err
-        raise last
-
-    def _on_replicate(self, msg: wire.Msg, origin: Origin) -> None:
-        body = msg.body
-        try:
-            puts = dict(Record.from_wire(item) for item in body.get("puts") or ())
-            claims = dict(Record.from_wire(item) for item in body.get("claims") or ())
-            deletes = {name: inc for name, inc in body.get("deletes") or ()}
-            replies: dict[str, list] = {}
-            for name, *reply in body.get("replies") or ():
-                replies.setdefault(name, []).extend(replies_from_wire([reply]))
-            forgotten: dict[str, list] = {}
-            for name, rid in body.get("forgotten") or ():
-                forgotten.setdefault(name, []).append(str(rid))
-        except (ValueError, TypeError) as exc:
-            raise BadRequest(f"bad replicated records: {exc}") from None
-        names = set(puts) | set(claims) | set(deletes)
-        stale: dict[str, int] = {}
-
-        def done(outcome: Outcome) -> None:
-            if outcome.error is not None:
-                self.respond_error(origin, msg.id, Unavailable(f"replica commit failed: {outcome.error}"))
-            else:
-                fenced = {n: i for n, i in outcome.fenced.items() if n in names}
-                for n, i in stale.items():  # beaten in this very batch by a newer incarnation's copy
-                    fenced[n] = max(i, fenced.get(n, -1))
-                self.respond(origin, msg.id, {"fenced": fenced})
-        # Copies do not queue behind this node's own groups: those may be waiting for
-        # copies to land elsewhere, which could be waiting for this one (a deadlock).
-        batch, callbacks = self._copies_of_this_turn()
-        if batch.holds_another_incarnation({**puts, **claims}):
-            # Two incarnations' copies of one name never share a transaction: merged, the
-            # older one's record would be dropped and its replies kept, beside a record
-            # without its effects. Committed one after the other, the store fences it.
-            self._flush_copies()
-            batch, callbacks = self._copies_of_this_turn()
-        stale.update(batch.merge(puts, claims, deletes, replies, forgotten))
-        callbacks.append(done)
-        self.stats["replicated"] += len(names)
-
-    def _copies_of_this_turn(self) -> tuple[Batch, list]:
-        """The batch (and its callbacks) that copies and fenced reads of this loop turn
-        share: one commit at the end of the turn, outside this node's own groups."""
-        if self._copies is None:
-            self._copies = (Batch(), [])
-            asyncio.get_running_loop().call_soon(self._flush_copies)
-        return self._copies
-
-    def _flush_copies(self) -> None:
-        if self._copies is None:
-            return  # flushed early already (see _on_replicate)
-        batch, callbacks = self._copies
-        self._copies = None
-
-        def done(outcome: Outcome) -> None:
-            self._note_store(batch, outcome)
-            for cb in callbacks:
-                cb(outcome)
-        self.committer.submit(batch, done)
-
-    def _note_store(self, batch: Batch, outcome: Outcome) -> None:
-        """Whether this host's store can commit, as its latest write showed: full after a
-        commit that failed (a full disk fails it with ENOSPC, or with EIO when LMDB's write
-        was cut short at the disk's end); able again after one that wrote something and
-        left the disk some room (a full disk may still take a small commit into pages the
-        store freed earlier: that alone does not make it eligible again). The supervisor
-        hears a change at once, in a renewal sent now."""
-        if outcome.error is not None:
-            full = True
-        elif batch:
-            full = self.store_full and not self.store.has_room()
-        else:
-            return
-        if full == self.store_full:
-            return
-        self.store_full = full
-        if full:
-            self.stats["store_full"] += 1
-            log.warning("node %s: the store cannot commit (disk full): telling the supervisor", self.name)
-        else:
-            log.warning("node %s: the store commits again", self.name)
-        if self._hello_acked and self._renewing < MAX_RENEWALS and not self.stopping:
-            self._spawn(self._renew())
-
-    def _probe_store(self) -> None:
-        """While the store is full, write a page to it once a heartbeat: a host whose agents
-        and copies moved away commits nothing else, and this says when it has room again."""
-        self._probing = True
-        batch = Batch()
-        batch.meta_puts[_PROBE_KEY + self.name] = _PROBE_VALUE
-
-        def done(outcome: Outcome) -> None:
-            self._probing = False
-            self._note_store(batch, outcome)
-        self.committer.submit(batch, done)
-
-    def _on_fetch(self, msg: wire.Msg, origin: Origin) -> None:
-        self._spawn(self._fetch(msg, origin))
-
-    async def _fetch(self, msg: wire.Msg, origin: Origin) -> None:
-        try:
-            record, replies = await self._fenced_read(msg.target, msg.body["incarnation"])
-        except CallError as err:
-            self.respond_error(origin, msg.id, err)
-            return
-        self.respond(origin, msg.id, {"record": record.to_wire(msg.target) if record else None,
-                                      "replies": [list(r) for r in replies]})
-
-    async def _fenced_read(self, name: str, incarnation: int) -> tuple[Record | None, list]:
-        """`name`'s record and replies in this host's store, read by the incarnation about
-        to start, which fences the store against older ones in the same transaction: an
-        older incarnation still running somewhere cannot commit (and so acknowledge)
-        anything after this read that the new one would not have."""
-        future = asyncio.get_running_loop().create_future()
-        batch, callbacks = self._copies_of_this_turn()
-        batch.add_fence(name, incarnation)
-        callbacks.append(lambda outcome: future.done() or future.set_result(outcome))
-        outcome = await future
-        if outcome.error is not None:
-            raise Unavailable(f"cannot read {name!r}'s state: {outcome.error}")
-        raw, replies = outcome.read[name]
-        if raw is None:
-            return None, []
-        try:
-            return decode_record(name, raw), replies
-        except SnapshotCorrupt as exc:
-            raise AgentCrashed(str(exc), {"exception": type(exc).__name__}) from None
-
-    def _committed(self, group: Group, outcome: Outcome) -> None:
-        self._in_flight = None
-        failed = outcome.error
-        if failed is not None:
-            self.stats["commit_errors"] += 1
-        fenced = outcome.fenced
-        leased = self.serving()  # no reply leaves once the lease has lapsed, committed or not
-        for runner in group.dirty:
-            if runner.pending_group is group:
-                runner.pending_group = None
-        for runner, effects in group.effects:
-            if runner.pending_group is group:
-                runner.pending_group = None
-        for runner, origins, rid, response in group.replies:
-            if runner.pending_group is group:
-                runner.pending_group = None
-            if failed is not None:
-                response = error_response(commit_failure(failed))
-            elif runner.name in outcome.failed:
-                response = error_response(_refused(runner.name, outcome.failed[runner.name]))
-            elif runner.name in outcome.unreplicated:
-                response = error_response(Unavailable(f"{runner.name!r}: {outcome.unreplicated[runner.name]}"))
-            elif runner.name in group.void or runner.superseded:
-                response = error_response(AgentDown(f"{runner.name!r} was restarted before this was kept"))
-            elif not leased:
-                response = error_response(AgentDown(f"{runner.name!r}: its node lost its lease"))
-            elif runner.name in fenced and fenced[runner.name] > runner.incarnation:
-                response = error_response(AgentDown(f"{runner.name!r} was restarted elsewhere"))
-            elif self._served is not None and response[:1] == wire.REPLY_TAG:
-                self._served.record(runner.name, runner.incarnation)
-            frame = wire.response_frame(rid, response)
-            for origin in origins:
-                self._respond(origin, frame)
-        if failed is None:
-            self._note_durable(group.batch, outcome)
-        if failed is None and leased:
-            for runner, effects in group.effects:
-                if runner.name not in fenced and runner.name not in outcome.unreplicated \
-                        and runner.name not in outcome.failed \
-                        and runner.name not in group.void and not runner.superseded:
-                    self._release(runner, effects)
-        for callback in group.callbacks:
-            callback(outcome)
-        for name, stored in fenced.items():
-            runner = self.runners.get(name)
-            if runner is not None and runner.incarnation < stored and runner.status != AgentStatus.STARTING:
-                self.stats["fenced"] += 1
-                log.warning("agent %s incarnation %d is fenced by %d: dropped here", name, runner.incarnation, stored)
-                was_running = runner.status == AgentStatus.RUNNING
-                self.incarnations.drop(runner, lambda: AgentDown(f"{name!r} was restarted elsewhere"))
-                if was_running:
-                    # The supervisor may still count on it here (the newer incarnation's
-                    # START failed, say): tell it, so that the name runs somewhere.
-                    self.incarnations.report_exit(runner, supervision.LOST, f"fenced by incarnation {stored}")
-        for runner in group.dirty:
-            # Not kept: the agent goes back to its last committed state and serves on. The
-            # store's trouble is no fault of the agent's, so it is no crash (G5).
-            if failed is None and runner.name not in outcome.failed:
-                continue
-            if self.runners.get(runner.name) is runner and runner.status == AgentStatus.RUNNING:
-                self.stats["rollbacks"] += 1
-                err = commit_failure(failed) if failed is not None else _refused(runner.name, outcome.failed[runner.name])
-                if not runner.rollback(err, [r[0] for r in group.batch.replies.get(runner.name, ())]):
-                    runner.last_state = None  # nothing durable to go back to: a restart reads the store
-                    runner.crash(failed or StoreError(outcome.failed[runner.name]), supervision.LOST)
-        for name, why in outcome.unreplicated.items():
-            runner = self.runners.get(name)
-            if runner is not None and runner.status == AgentStatus.RUNNING:
-                # committed here but not on its replica hosts: the supervisor places it again
-                # with live replicas (no fault of the agent's: it is moved, not counted)
-                runner.last_state = None
-                runner.crash(Unavailable(why), supervision.LOST)
-        if self._open:
-            self._flush()
-
-    def _note_durable(self, batch: Batch, outcome: Outcome) -> None:
-        """Remember, per runner, the state this commit made durable (what a rollback returns to)."""
-        for part in (batch.claims, batch.puts):
-            for name, record in part.items():
-                runner = self.runners.get(name)
-                if runner is not None and runner.incarnation == record.incarnation \
-                        and name not in outcome.fenced and name not in outcome.failed:
-                    runner.durable = (record.seq, record.state)
-
-    def discard_pending(self, runner: Runner, err: CallError) -> None:
-        """Take a runner's uncommitted work out of the open group: its replies are answered
-        with `err`, its put and its effects are dropped."""
-        group = self._open
-        group.dirty.discard(runner)
-        mine = [item for item in group.replies if item[0] is runner]
-        if mine:
-            group.replies = [item for item in group.replies if item[0] is not runner]
-        group.effects = [item for item in group.effects if item[0] is not runner]
-        runner.pending_group = None
-        response = error_response(err)
-        for _, origins, rid, _ in mine:
-            frame = wire.response_frame(rid, response)
-            for origin in origins:
-                self._respond(origin, frame)
-
-    def _release(self, runner: Runner, effects: list) -> None:
-        for effect in effects:
-            if effect[0] == "cast":
-                try:
-                    self.caller.cast(effect[1], effect[2])
-                except CallError as err:
-                    log.warning("agent %s: cast to %s failed: %s", runner.name, effect[1], err)
-            elif effect[0] == "timer":
-                _, delay, msg, ref = effect
-                self.arm_timer(runner, delay, msg, ref)
-
-    def arm_timer(self, runner: Runner, delay: float, msg: Any, ref: TimerRef) -> None:
-        if ref.cancelled:
-            return
-        name, inc = runner.name, runner.incarnation
-
-        def fire():
-            r = self.runners.get(name) if self.serving() else None
-            if ref.cancelled or r is None or r.incarnation != inc:
-                return
-            r.deliver(Envelope(wire.Msg(Kind.INFO, None, name, f"agent:{name}", None, msg), None, self.clock.now(),
-                               f"node:{self.name}"))
-            self._schedule_flush()
-        ref._timer = self.clock.call_after(delay, fire)
-
     # --- tasks ----------------------------------------------------------------------------------
 
     def _spawn(self, coro) -> None:
@@ -981,7 +582,7 @@ class Node:
             body["previous"] = self.previous
         if self._drops:
             body["drops"] = self._drops
-        if self.store_full:
+        if self.commits.store_full:
             body["store_full"] = True
         self._spawn(self._hello(body))
 
@@ -1044,8 +645,3 @@ class Node:
         return await self.caller.request(self.config.supervisor_node, Kind.SPAWN, None, body,
                                          self.timing.call_timeout_s, rid=rid)
 
-
-def _refused(name: str, why: str) -> CallError:
-    """What a caller hears when the store refused the record of its agent (never retried:
-    the same record would be refused again)."""
-    return BadRequest(f"{name!r}: the store refused its record: {why}")

@@ -127,7 +127,7 @@ class Runner:
             # reply of a call whose commit failed; the next incarnation's window is the store's
             recorded = self.window.get(rid) if self.status == AgentStatus.RUNNING else None
             if recorded is not None:
-                self.node.send_response(self, [env.origin], rid, self._replay(env, recorded))
+                self.node.commits.send_response(self, [env.origin], rid, self._replay(env, recorded))
                 return
             joined = self.inflight.get(rid)
             if joined is not None:
@@ -143,7 +143,7 @@ class Runner:
                 self.node.stats["mailbox_full"] += 1
                 if rid is not None:
                     err = Busy(f"mailbox of {self.name!r} is full ({self.node.limits.mailbox})")
-                    self.node.send_response(self, [env.origin], rid, error_response(err))
+                    self.node.commits.send_response(self, [env.origin], rid, error_response(err))
                 return
             self.mailbox.append(env)
             if rid is not None:
@@ -323,9 +323,9 @@ class Runner:
             for env, response in zip(envs, responses):
                 if response is not None:
                     self._record(env, response)
-            self.node.mark_dirty(self)
+            self.node.commits.mark_dirty(self)
             if effects:
-                self.node.queue_effects(self, effects)
+                self.node.commits.queue_effects(self, effects)
         for env, response in zip(envs, responses):
             if response is not None:
                 self._answer(env, response)
@@ -399,7 +399,7 @@ class Runner:
     def _answer(self, env: Envelope, response: bytes) -> None:
         rid = env.msg.id
         origins = self.inflight.pop(rid, None) or [env.origin]
-        self.node.send_response(self, origins, rid, response)
+        self.node.commits.send_response(self, origins, rid, response)
         if self.waiting:
             self._release_waiting(rid)
 
@@ -410,7 +410,7 @@ class Runner:
         if sum(map(len, self.waiting.values())) >= self.node.limits.mailbox:
             self.node.stats["mailbox_full"] += 1
             err = Busy(f"mailbox of {self.name!r} is full ({self.node.limits.mailbox})")
-            self.node.send_response(self, [env.origin], env.msg.id, error_response(err))
+            self.node.commits.send_response(self, [env.origin], env.msg.id, error_response(err))
             return
         self.waiting.setdefault(env.msg.id, []).append(env)
 
@@ -424,7 +424,7 @@ class Runner:
         recorded = self.window.get(rid)
         if recorded is not None:
             for env in waiting:
-                self.node.send_response(self, [env.origin], rid, self._replay(env, recorded))
+                self.node.commits.send_response(self, [env.origin], rid, self._replay(env, recorded))
             return
         first = waiting[0]
         self.inflight[rid] = [first.origin]
@@ -466,7 +466,7 @@ class Runner:
         on from its durable state. False when there is no durable state to return to."""
         if self.durable is None or self.agent is None:
             return False
-        self.node.discard_pending(self, err)
+        self.node.commits.discard_pending(self, err)
         if self.task is not None and not self.interrupted:
             self._rollback_error = err
             self.task.cancel()
@@ -510,9 +510,9 @@ class Runner:
                 else:
                     self.node.stats["casts_dropped"] += 1
         for rid, origins in self.inflight.items():
-            self.node.send_response(self, origins, rid, error_response(make_error()))
+            self.node.commits.send_response(self, origins, rid, error_response(make_error()))
         for rid, envs in self.waiting.items():
-            self.node.send_response(self, [env.origin for env in envs], rid, error_response(make_error()))
+            self.node.commits.send_response(self, [env.origin for env in envs], rid, error_response(make_error()))
         self.inflight, self.waiting = {}, {}
 
     # --- services for Agent ----------------------------------------------------------------
@@ -547,7 +547,7 @@ class Runner:
         if self.effects is not None:
             self.effects.append(("timer", delay_s, msg, ref))
         else:
-            self.node.arm_timer(self, delay_s, msg, ref)
+            self.node.commits.arm_timer(self, delay_s, msg, ref)
         return ref
 
     def request_stop(self, reason: str) -> None:

@@ -159,7 +159,7 @@ class SupervisorRole:
         store = self.node.store
         raw = store.get_meta(_EPOCH_KEY)
         self.epoch = (msgpack.unpackb(raw) if raw else 0) + 1
-        await self.node.commit_meta({_EPOCH_KEY: msgpack.packb(self.epoch)})
+        await self.node.commits.commit_meta({_EPOCH_KEY: msgpack.packb(self.epoch)})
         self._build_tree()
         for key, raw in store.meta_items(_DYNAMIC_PREFIX):
             try:
@@ -551,7 +551,7 @@ class SupervisorRole:
         never to this supervisor (a lost answer, a restart)."""
         if not self._add_holders(child, hosts):
             return True
-        outcome = await self.node.commit_meta({_PLACE_PREFIX + child.spec.name: self._placement(child)})
+        outcome = await self.node.commits.commit_meta({_PLACE_PREFIX + child.spec.name: self._placement(child)})
         if outcome.error is not None:
             log.error("supervisor: cannot record where %s keeps its state: %s", child.spec.name, outcome.error)
             return False
@@ -569,7 +569,7 @@ class SupervisorRole:
             return
         child.home, child.holders = host, current
         self._set_replicas(child, replicas)
-        self._spawn(self.node.commit_meta({_PLACE_PREFIX + child.spec.name: self._placement(child)}))
+        self._spawn(self.node.commits.commit_meta({_PLACE_PREFIX + child.spec.name: self._placement(child)}))
 
     async def _terminate_instance(self, node: str, name: str, inc: int, reason: str, forget: bool = False,
                                   replicas: tuple[str, ...] = ()) -> None:
@@ -995,7 +995,7 @@ class SupervisorRole:
         # failed and forget a child whose incarnation runs on (issue 21).
         child.busy = True
         try:
-            outcome = await self.node.commit_meta({key: msgpack.packb(record)})
+            outcome = await self.node.commits.commit_meta({key: msgpack.packb(record)})
         finally:
             child.busy = False
         err: CallError | None = Unavailable(str(outcome.error)) if outcome.error else None
@@ -1018,7 +1018,7 @@ class SupervisorRole:
             sup = self.sups[child.parent]
             if child.spec.name in sup.children:
                 sup.children.remove(child.spec.name)
-        self._spawn(self.node.commit_meta({}, [_DYNAMIC_PREFIX + child.spec.name, _PLACE_PREFIX + child.spec.name]))
+        self._spawn(self.node.commits.commit_meta({}, [_DYNAMIC_PREFIX + child.spec.name, _PLACE_PREFIX + child.spec.name]))
 
     def _forget_state(self, child: Child, incarnation: int, reason: str) -> None:
         """Delete the state (and its copies) of an incarnation that exited for good, so a

@@ -190,8 +190,8 @@ async def test_two_incarnations_copies_arriving_in_one_turn_leave_no_orphaned_re
         "replies": [["x", "append-x", b"R\x02", 1.0, 61.0, None]]})
     newer = wire.Msg(Kind.REPLICATE, "rep-new", None, "node:n3", None, {
         "claims": [["x", 5, 10, msgpack.packb(["a", "b"])]]})
-    node._on_replicate(older, None)
-    node._on_replicate(newer, None)  # the same loop turn
+    node.replication.on_replicate(older, None)
+    node.replication.on_replicate(newer, None)  # the same loop turn
     await c.run(_until(lambda: len(answers) == 2, 2000))
     assert node.store.replies("x") == []
     assert answers["rep-old"]["fenced"] == {"x": 5}     # its sender learns it did not land
