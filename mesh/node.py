@@ -1,18 +1,17 @@
 """A node: one OS process, one asyncio loop, one bound ROUTER, many agents.
 
-Inbound messages arrive in batches from the listener (see transport); each is decoded
-and queued per peer, and at the end of the listener's turn the queues are served
-round-robin (limits.FairQueue): each message is validated (wire) and handed to its
-agent's Runner, or to the control handler of its kind. A peer's messages keep their
-order; one peer's flood delays another's request by at most one message per round. Everything the runners change in one loop turn goes into one commit group;
-the group is committed in one LMDB transaction on the store's thread while the next
-group fills, and only then do its replies and outbound casts leave (G1). One group is in
-flight at a time, so commits stay in order and grow with the load (group commit).
+The node is the shell that owns the sockets, the store, the runners and the lease, and
+hands each concern to the part made for it:
 
-The node also keeps a replica of the registry and answers WHEREIS (names.py), starts and
-terminates agents on the supervisor's word, reports exits,
-answers heartbeats, and cancels handlers that run past their deadline. Bad input is
-answered with an error and counted; it never reaches an agent or stops the node (G5).
+    intake.py        frames read, decoded and served per peer, fairly; limits and roles
+    runner.py        one incarnation of an agent: its mailbox, handlers, reply window
+    commits.py       one commit group per loop turn; replies leave after it (G1)
+    replication.py   copies on the replica hosts before replies leave (G6); FETCH
+    incarnations.py  START and TERMINATE: an incarnation's first and last moments
+    names.py         the registry replica, WHEREIS, waiting for a name to be placed
+
+What stays here: the lease (a node serves only while the supervisor renews it, G3), the
+hellos, sending and answering, messages to agents, timers, and an orderly shutdown.
 """
 
 from __future__ import annotations
@@ -20,8 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from typing import Any, Callable
 
 from . import wire
@@ -29,14 +27,13 @@ from .caller import Caller
 from .clock import Clock
 from .commits import Commits
 from .config import Config, NodeSpec
-from .errors import AgentDown, BadRequest, Busy, CallError, Moved, NotAllowed, ProtocolError, Unavailable, error_to_wire
+from .errors import AgentDown, CallError, Moved, ProtocolError, Unavailable, error_to_wire
 from .incarnations import Incarnations
+from .intake import Intake
 from .lease import Lease
-from .limits import FairQueue, PeerLimits
 from .names import Names, NodeResolver
 from .replication import Replication
 from .runner import AgentStatus, Envelope, Runner
-from .security import allowed, role_of
 from .served import ServedLog
 from .store import Committer, Store
 from .wire import Kind
@@ -67,6 +64,7 @@ class Node:
         self.runners: dict[str, Runner] = {}
         self.busy_runners: set[Runner] = set()
         self.names = Names(self)
+        self.intake = Intake(self)
         self.commits = Commits(self)
         self.replication = Replication(self)
         self.incarnations = Incarnations(self)
@@ -86,12 +84,6 @@ class Node:
         }
         self.secure = config.secure
         self._unsafe = config.timing.unsafe_reply_before_commit
-        self.peer_limits = PeerLimits(config.limits.peer_rate, config.limits.peer_burst,
-                                      config.limits.peer_open_requests,
-                                      decode_share=config.limits.peer_decode_share,
-                                      decode_burst=config.limits.peer_decode_burst_s)
-        self._fair = FairQueue()  # read and not yet handled: (msg, origin, limits key), per peer
-        self._refusals: OrderedDict = OrderedDict()  # (peer, reason) -> [last logged, count since]
         self._tasks: set[asyncio.Task] = set()
         self._timers: dict[Callable, Any] = {}  # each timed function -> its next firing
         self._periodic: dict[Callable, float] = {}  # the periodic ones -> their interval
@@ -119,7 +111,7 @@ class Node:
 
     async def start(self) -> None:
         bind = self.endpoint
-        self.listener = self.network.listen(bind, self._on_request, self._serve)
+        self.listener = self.network.listen(bind, self.intake.on_request, self.intake.serve)
         self._every(self.timing.heartbeat_s, self._tick)
         self.say_hello()
         self.notify(f"ready {self.name} {os.getpid()} {self.boot}")
@@ -342,14 +334,14 @@ class Node:
         try:
             msg = wire.decode(frame, self.limits.max_message_bytes)
         except ProtocolError as exc:
-            self._dispatch(exc, None, None)
+            self.intake.dispatch(exc, None, None)
             return
         self.commits.schedule_flush()
         if msg.kind == Kind.BATCH:
             for item in msg.body:
-                self._dispatch(item, None, None)
+                self.intake.dispatch(item, None, None)
         else:
-            self._dispatch(msg, None, None)
+            self.intake.dispatch(msg, None, None)
 
     def _respond(self, origin: Origin, frame: bytes, counted: bool = True) -> None:
         """Send a response; `counted` ones answer a request the peer's limits admitted."""
@@ -357,7 +349,7 @@ class Node:
             asyncio.get_running_loop().call_soon(self.caller.on_response, frame)
         else:
             if counted:
-                self.peer_limits.answered(self._limit_key(origin))
+                self.intake.answered(origin)
             self.listener.send(origin, frame)
 
     def respond(self, origin: Origin, rid: str, body: Any) -> None:
@@ -366,127 +358,6 @@ class Node:
     def respond_error(self, origin: Origin, rid: str | None, err: CallError) -> None:
         self._respond(origin, wire.error(rid, error_to_wire(err)))
 
-    def _on_request(self, origin: bytes, frame: bytes | None) -> int:
-        """Read one frame of a peer into its queue; returns how many messages it held."""
-        # who sent it, as authenticated now (its route may pass to another key's connection
-        # before it is served), and whose limits it spends (None: not limited), worked out
-        # once per frame; its share of a turn is that key's, or its connection's for a node
-        who = self.listener.identity(origin) if self.secure else None
-        key = None if not self._limited(origin) else self._limit_key(origin)
-        fair = self._fair
-        if frame is None:
-            fair.put(key or origin, (ProtocolError("a request must be exactly one frame"), origin, key, who))
-            return 1
-        if key is None:
-            try:
-                msg = wire.decode(frame, self.limits.max_message_bytes)
-            except ProtocolError as exc:
-                fair.put(origin, (exc, origin, key, who))
-                return 1
-        else:
-            msg = self._decode_from_peer(origin, frame, key, who)
-            if msg is None:
-                return 1
-        if msg.kind == Kind.BATCH and self._permitted(msg, origin):
-            body = msg.body
-            fair.extend(key or origin, [(item, origin, key, who) for item in body])
-            return len(body)
-        fair.put(key or origin, (msg, origin, key, who))
-        return 1
-
-    def _serve(self, until: float) -> int:
-        """End of the listener's turn: handle what was read, round-robin across peers (up
-        to a turn's worth); returns how many messages are still queued."""
-        fair = self._fair
-        if fair.items:
-            fair.serve(self._dispatch, self.limits.batch, until, self._served_all)
-            self.commits.schedule_flush()
-        return fair.items
-
-    def _served_all(self, item: tuple) -> None:
-        """A peer's queue ran empty: its answers leave now, not at the end of the turn."""
-        self.listener.send_now(item[1])
-
-    def _decode_from_peer(self, origin: bytes, frame, key, who: str | None) -> "wire.Msg | None":
-        """Decode a frame of a peer that is no authenticated node, within its budget of
-        decoding time and with its arrays and maps bounded (a million-key map within the
-        size limit takes a second). A peer in debt has its frames dropped unread."""
-        now = self.clock.now()
-        limits = self.peer_limits
-        if not limits.may_decode(key, now):
-            self.stats["over_decode_budget"] += 1
-            self._log_refusal(key, "over its decoding budget: frames dropped unread")
-            return None
-        # only an authenticated node may send large inventories; without CURVE every
-        # peer is a local one (loopback only) and gets the node's bound
-        elements = self.limits.max_elements if self.secure else None
-        started = time.perf_counter()
-        try:
-            msg = wire.decode(frame, self.limits.max_message_bytes, elements)
-        except ProtocolError as exc:
-            limits.charge_decode(key, time.perf_counter() - started)
-            self._fair.put(key, (exc, origin, key, who))
-            return None
-        limits.charge_decode(key, time.perf_counter() - started)
-        return msg
-
-    def _log_refusal(self, who, what: str) -> None:
-        """Log a refusal at most once a second per peer and reason, with the count since."""
-        now = self.clock.now()
-        entry = self._refusals.get((who, what))
-        if entry is None:
-            if len(self._refusals) >= 1000:
-                self._refusals.pop(next(iter(self._refusals)))
-            entry = self._refusals[(who, what)] = [now - 2.0, 0]
-        entry[1] += 1
-        if now - entry[0] >= 1.0:
-            log.warning("node %s: peer %s %s (%d times since the last report)", self.name,
-                        who if isinstance(who, str) else who.hex(), what, entry[1])
-            entry[0], entry[1] = now, 0
-
-    def _dispatch(self, msg: "wire.Msg | ProtocolError", origin: Origin, key, who: str | None = None) -> None:
-        """One request: the peer's limits (`key`: whose, None if it has none), then its
-        validity and role, then its handler. Every request with an id that is admitted
-        gets exactly one answer, except one whose route passed to another identity (`who`:
-        the sender's when it was read) before its turn: that one is dropped and counted,
-        as its answer would reach the route's new holder."""
-        if who is not None and self.listener.identity(origin) != who:
-            self.stats["route_changed"] += 1
-            self._log_refusal(who, "lost its route before its request was served: dropped")
-            return
-        self.stats["in"] += 1
-        bad = type(msg) is ProtocolError
-        rid = msg.request_id if bad else msg.id
-        if key is not None:
-            problem = self.peer_limits.admit(key, rid is not None, self.clock.now())
-            if problem is not None:
-                self.stats["over_limit"] += 1
-                self._log_refusal(key, "is over its limits: answered Busy")
-                if rid is not None:
-                    self._respond(origin, wire.error(rid, error_to_wire(Busy(problem))), counted=False)
-                return
-        if bad:
-            self._bad(origin, msg)
-            return
-        if not self._permitted(msg, origin):
-            return
-        handler = self.handlers.get(msg.kind)
-        if handler is None:
-            self._bad(origin, ProtocolError(f"{msg.kind.name} is not a request", msg.id))
-            return
-        try:
-            handler(msg, origin)
-        except CallError as err:
-            if msg.id is not None:
-                self.respond_error(origin, msg.id, err)
-
-    def _limit_key(self, origin: bytes) -> bytes | str:
-        """Whose share a request spends: the authenticated key's (however many connections
-        it opens), or, in a cluster without CURVE, the connection's."""
-        if self.secure:
-            return self.listener.identity(origin) or origin
-        return origin
-
     def peer(self, origin: Origin) -> str | None:
         """The authenticated identity behind `origin`, as agents see it in ctx.sender:
         "role:name" in a secure cluster, this node for its own agents, else None (without
@@ -494,27 +365,6 @@ class Node:
         if origin is None:
             return f"node:{self.name}"
         return self.listener.identity(origin) if self.secure else None
-
-    def _limited(self, origin: bytes) -> bool:
-        """Rate and open-request limits hold for every peer but authenticated nodes."""
-        return not (self.secure and role_of(self.listener.identity(origin)) == "node")
-
-    def _permitted(self, msg: wire.Msg, origin: Origin) -> bool:
-        if not self.secure or origin is None or allowed(self.listener.identity(origin), msg.kind):
-            return True
-        self.stats["not_allowed"] += 1
-        who = self.listener.identity(origin) or "an unidentified peer"
-        self._log_refusal(who, f"may not send {msg.kind.name}")
-        if msg.id is not None:
-            self.respond_error(origin, msg.id, NotAllowed(f"{who} may not send {msg.kind.name}"))
-        return False
-
-    def _bad(self, origin: Origin, exc: ProtocolError) -> None:
-        self.stats["bad_messages"] += 1
-        self._log_refusal(self._limit_key(origin) if origin is not None else "this node",
-                          f"sent a bad message: {str(exc)[:120]}")
-        if exc.request_id is not None:
-            self.respond_error(origin, exc.request_id, BadRequest(str(exc)))
 
     # --- messages to agents -----------------------------------------------------------------
 

@@ -288,7 +288,7 @@ async def test_a_peer_that_costs_too_much_decoding_is_dropped_unread_and_others_
     for who, cl in (("greedy", greedy), ("polite", polite)):
         await cl.caller.request(node.name, wire.Kind.WHEREIS, "c1", {}, 1.0)  # connects, as a node would
         c.net.identities[cl.links[node.name].route] = f"client:{who}"
-    node.peer_limits.decode_share = node.peer_limits.decode_burst = 1e-6  # one message's worth
+    node.intake.peer_limits.decode_share = node.intake.peer_limits.decode_burst = 1e-6  # one message's worth
     await greedy.caller.request(node.name, wire.Kind.CALL, "c1", {"op": "get"}, 1.0)  # its budget is spent
     late = asyncio.ensure_future(greedy.caller.request(node.name, wire.Kind.CALL, "c1", {"op": "get"}, 1.0))
     assert await polite.caller.request(node.name, wire.Kind.CALL, "c1", {"op": "get"}, 1.0) == 0
