@@ -253,14 +253,14 @@ class Commits:
                 self.node.stats["rollbacks"] += 1
                 err = commit_failure(failed) if failed is not None else _refused(runner.name, outcome.failed[runner.name])
                 if not runner.rollback(err, [r[0] for r in group.batch.replies.get(runner.name, ())]):
-                    runner.last_state = None  # nothing durable to go back to: a restart reads the store
+                    runner.disown_memory()  # nothing durable to go back to: a restart reads the store
                     runner.crash(failed or StoreError(outcome.failed[runner.name]), supervision.LOST)
         for name, why in outcome.unreplicated.items():
             runner = self.node.runners.get(name)
             if runner is not None and runner.status == AgentStatus.RUNNING:
                 # committed here but not on its replica hosts: the supervisor places it again
                 # with live replicas (no fault of the agent's: it is moved, not counted)
-                runner.last_state = None
+                runner.disown_memory()
                 runner.crash(Unavailable(why), supervision.LOST)
         if self.open:
             self._flush()

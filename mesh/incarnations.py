@@ -91,7 +91,7 @@ class Incarnations:
             if old is not None and old.incarnation < msg.body.get("since", 0):
                 # the same: an earlier agent of the name ran here. Neither its state nor
                 # the messages that waited for it (a burst of its calls) are this one's.
-                old.last_state = None
+                old.disown_memory()
                 old.fail_queued(lambda: NoSuchAgent(f"{msg.target!r} was stopped; another agent of "
                                                     f"the name runs now"), forward=False)
             self._begin(msg, origin, copy, old, copied=bool(msg.body.get("sources")))
@@ -149,7 +149,7 @@ class Incarnations:
         record, replies = copy if copy is not None else (None, [])
         if old is not None and old.last_state is not None and record is not None \
                 and record.newer_than(Record(old.incarnation, old.seq, b"")):
-            old.last_state = None  # a later incarnation ran elsewhere: its record wins over this one's memory
+            old.disown_memory()  # a later incarnation ran elsewhere: its record wins over this one's memory
         inc = body["incarnation"]
         if self.node.stopping:
             raise Unavailable(f"node {self.node.name} is shutting down")
@@ -206,7 +206,7 @@ class Incarnations:
             self.node.stats["init_failures"] += 1
             raise AgentCrashed(f"{name}: init failed: {type(exc).__name__}: {exc}"[:500],
                                {"exception": type(exc).__name__}) from None
-        runner.agent, runner.last_state, runner.status = agent, packed, AgentStatus.STARTING
+        runner.begin(agent, packed)
         self.node.runners[name] = runner
         group = self.node.commits.open
         group.batch.add_claim(name, Record(inc, seq, packed))
@@ -243,16 +243,14 @@ class Incarnations:
             self.node.respond_error(origin, rid, AlreadyExists(f"{name!r} was stopped while starting",
                                                           {"incarnation": self._stops[name]}))
             return
-        runner.status = AgentStatus.RUNNING
         self.node.respond(origin, rid, {"node": self.node.name, "incarnation": runner.incarnation})
-        runner.run_mailbox()
+        runner.started()
         self.node.commits.schedule_flush()
 
     def _stop_quietly(self, runner: Runner) -> None:
         """End an incarnation without its terminate callback (it is being replaced)."""
         runner.interrupt()
-        runner.status = AgentStatus.STOPPED
-        runner.agent = None
+        runner.end()
 
     def on_terminate(self, msg: wire.Msg, origin: Origin) -> None:
         """End the incarnation named, and any older one of the name here. With `forget`
@@ -304,8 +302,7 @@ class Incarnations:
         if runner.status == AgentStatus.RUNNING and runner.agent is not None:
             await self.terminate_agent(runner, reason)
             self.node.commits.mark_dirty(runner)
-        runner.status = AgentStatus.STOPPED
-        runner.agent = None
+        runner.end()
         if forget:
             self.drop(runner, lambda: NoSuchAgent(f"{runner.name!r} was stopped"))
             self.node.commits.open.batch.deletes[runner.name] = max(runner.incarnation, stop_at or -1)
@@ -333,9 +330,7 @@ class Incarnations:
         except Exception as exc:
             log.warning("agent %s: terminate raised %s: %s", runner.name, type(exc).__name__, exc)
             return
-        if packed != runner.last_state:
-            runner.seq += 1
-            runner.last_state = packed
+        runner.keep(packed)
 
     def stop_runner(self, runner: Runner, reason: str, how: str) -> None:
         """The agent asked to stop: terminate it in order, then tell the supervisor."""
@@ -343,10 +338,9 @@ class Incarnations:
             if runner.agent is not None:
                 await self.terminate_agent(runner, reason)
                 self.node.commits.mark_dirty(runner)
-            runner.status = AgentStatus.STOPPED
-            runner.agent = None
+            runner.end()
             self.report_exit(runner, how, reason)
-        runner.status = AgentStatus.STOPPED  # nothing more is handled meanwhile
+        runner.hold()
         self.node._spawn(stop())
 
     def drop(self, runner: Runner, make_error: Callable[[], CallError]) -> None:
@@ -354,7 +348,7 @@ class Incarnations:
         if self.node.runners.get(runner.name) is runner:
             del self.node.runners[runner.name]
         runner.interrupt()
-        runner.status = AgentStatus.STOPPED
+        runner.hold()
         runner.fail_queued(make_error)
         self.node.busy_runners.discard(runner)
 

@@ -261,7 +261,7 @@ class Node:
             if runner.status == AgentStatus.RUNNING and runner.agent is not None:
                 await self.incarnations.terminate_agent(runner, reason)
                 self.commits.mark_dirty(runner)
-            runner.status = AgentStatus.STOPPED
+            runner.hold()
             runner.fail_queued(lambda: AgentDown("its node is shutting down"))
         await self.commits.drain()
         if self._llm is not None:

@@ -333,6 +333,37 @@ class Runner:
             reason, self.stop_reason = self.stop_reason, None
             self.node.incarnations.stop_runner(self, reason, supervision.stop_exit(reason))
 
+    # --- its life, as its node moves it on -------------------------------------------------------
+
+    def begin(self, agent: Agent, packed: bytes) -> None:
+        """`init` ran and left `packed`: STARTING until its claim is committed."""
+        self.agent, self.last_state, self.status = agent, packed, AgentStatus.STARTING
+
+    def started(self) -> None:
+        """Its claim is committed: it serves, beginning with what waited for it."""
+        self.status = AgentStatus.RUNNING
+        self.run_mailbox()
+
+    def hold(self) -> None:
+        """Nothing more is handled (its terminate is about to run)."""
+        self.status = AgentStatus.STOPPED
+
+    def end(self) -> None:
+        """It ended: stopped, replaced, or its node stops."""
+        self.status = AgentStatus.STOPPED
+        self.agent = None
+
+    def disown_memory(self) -> None:
+        """What it holds in memory may not be what is durable (a commit of it failed, or a
+        newer incarnation ran elsewhere): a successor reads the store, not this runner."""
+        self.last_state = None
+
+    def keep(self, packed: bytes) -> None:
+        """A state to commit that no handler made (its `terminate` changed it)."""
+        if packed != self.last_state:
+            self.seq += 1
+            self.last_state = packed
+
     def agent_now(self) -> float:
         """The agent's own time: how long its incarnations have run, carried over from the
         replies it recorded. Windows age by it, never by a host's wall clock, so a move to
