@@ -11,6 +11,7 @@ clocks are skewed (+0, +600, -300 s). Longer runs: scripts/chaos/run.py --minute
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -31,12 +32,40 @@ JUDGE = "none"
 
 
 def chaos(tmp_path, *args, timeout=240):
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "chaos" / "run.py"), "--out", str(tmp_path / "run"),
-                        *args], capture_output=True, text=True, env=env(), timeout=timeout, cwd=ROOT)
-    report = (tmp_path / "run" / "report.txt")
+    """Run the chaos script; however the test ends, what it started ends too: SIGTERM first
+    (the script heals its faults and stops its mesh), then every process that names the
+    run's folder, by pid."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "chaos" / "run.py"), "--out", str(out), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=ROOT)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+        end_processes_naming(str(out))
+    r = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    report = (out / "report.txt")
     text = report.read_text() if report.exists() else r.stdout + r.stderr
     # the run's folder holds the mesh's logs, config and data: a failure message names it
     return r, f"{text}\n(the run's logs, config and data are in {tmp_path / 'run'})"
+
+
+def end_processes_naming(marker: str) -> None:
+    """SIGKILL every process whose command line names `marker` (a run's folder)."""
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() not in f.read():
+                    continue
+            os.kill(pid, signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
 
 
 def assert_counts_match_the_history(tmp_path, report):
@@ -55,6 +84,7 @@ def assert_counts_match_the_history(tmp_path, report):
     return faults
 
 
+@pytest.mark.timeout(300)  # past chaos()'s own limit, so that it ends what it started
 def test_the_checker_catches_a_planted_bug(tmp_path):
     r, report = chaos(tmp_path, "--unsafe", "--faults", "kill", "--seconds", "20", "--every", "0.5,1.5", "--seed", "3",
                       "--judge", "none")
@@ -64,6 +94,7 @@ def test_the_checker_catches_a_planted_bug(tmp_path):
     assert lost > 0, report
 
 
+@pytest.mark.timeout(300)
 def test_one_host_under_every_fault_loses_nothing(tmp_path):
     # cut needs namespaced hosts: left out, and the report says so
     r, report = chaos(tmp_path, "--faults", "kill,stop,term,supervisor,llm,disk,cut", "--skip-missing",
@@ -86,6 +117,7 @@ def test_one_host_under_every_fault_loses_nothing(tmp_path):
 
 
 @pytest.mark.netns
+@pytest.mark.timeout(300)
 def test_three_hosts_under_every_fault_lose_nothing(tmp_path):
     why = hosts_tool.available()
     if why:
