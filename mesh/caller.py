@@ -236,11 +236,11 @@ class Caller:
         deadline = self.clock.now() + timeout
         known = self.resolver.where(name)
         node, inc = (known if known and known[0] else (self.resolver.any_node(), -1))
-        meta = {"stream": True} if stream is not None else None
         fail_fast = True
         p: _Pending | None = None
         mover: asyncio.Future | None = None  # watches for the agent to move, once the call is slow
         watch = False
+        uncertain = 0  # attempts sent that may have run (not refused unrun, as Moved is)
         try:
             while True:
                 remaining = deadline - self.clock.now()
@@ -248,7 +248,9 @@ class Caller:
                     raise CallTimeout(f"call to {name!r} got no reply within {timeout:.3g}s")
                 try:
                     if p is None:
-                        p = self._open(node, Kind.CALL, rid, name, body, remaining, stream, meta, fail_fast)
+                        p = self._open(node, Kind.CALL, rid, name, body, remaining, stream, _meta(stream, inc),
+                                       fail_fast)
+                        uncertain += 1
                     wait = min(remaining, self.recheck_s) if mover is None else remaining
                     return await self._wait(p, wait, mover)
                 except _Recheck:
@@ -263,7 +265,20 @@ class Caller:
                             p, (node, inc), fail_fast = None, where, True
                     continue
                 except Moved as moved:
+                    uncertain -= 1
                     node, inc = self._follow(name, moved)
+                    fail_fast = True
+                except NoSuchAgent as gone:
+                    # Sent to an earlier agent of the name (a stale location), which was
+                    # stopped: another runs there now. If no attempt of this call may have
+                    # run, it is a new call to that agent; else it was meant for the old one.
+                    uncertain -= 1
+                    where, newer = gone.data.get("node"), gone.data.get("incarnation")
+                    if not gone.data.get("earlier_life") or uncertain > 0 or type(where) is not str \
+                            or type(newer) is not int:
+                        raise
+                    node, inc = where, newer
+                    self.resolver.learn(name, node, inc)
                     fail_fast = True
                 except LinkDown as down:
                     # Where is it now? Perhaps still there: the node was restarted and already
@@ -372,3 +387,12 @@ class ClientResolver:
                 continue  # not placed yet; ask again
             self.learn(name, body["node"], body.get("incarnation", -1))
             return body["node"], body.get("incarnation", -1)
+
+
+def _meta(stream, inc: int) -> dict | None:
+    """A call's flags: a stream of replies wanted, and the incarnation it is sent to (so
+    that a late copy is never run by a later agent of the name: see Node._to_agent)."""
+    meta = {"stream": True} if stream is not None else None
+    if inc >= 0:
+        meta = {**(meta or {}), "inc": inc}
+    return meta

@@ -184,6 +184,7 @@ class Incarnations:
         runner.seq, runner.mailbox, runner.inflight, runner.restarts = seq, mailbox, inflight, restarts
         runner.waiting = waiting
         runner.supervisor = body.get("supervisor")
+        runner.since = body.get("since", 0)
         runner.replicas = tuple(h for h in body.get("replicas") or () if h in self.node.config.hosts and h != self.node.spec.host)
         if window is not None:
             runner.window = window

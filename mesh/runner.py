@@ -65,7 +65,7 @@ class Runner:
         "inflight", "window", "unsaved", "forgotten", "last_state", "pending_group", "effects", "stop_reason",
         "task", "started_at", "handled", "restarts", "_current_rid", "_parent", "_nested", "supervisor",
         "interrupted", "replicas", "superseded", "durable", "_rollback_error", "time_base", "time_started",
-        "_running", "waiting",
+        "_running", "waiting", "since",
     )
 
     def __init__(self, node: "Node", name: str, kind: str, args: dict, incarnation: int):
@@ -100,6 +100,7 @@ class Runner:
         self._parent: list[Envelope] = []         # ... with the requests (bodies) it names
         self._nested = 0
         self.supervisor: str | None = None
+        self.since = 0  # the first incarnation of its life (since its spawn): calls to earlier ones are not its
         self.interrupted = False
         self.replicas: tuple[str, ...] = ()  # hosts that hold a copy of every commit
         # dropped, or replaced by an incarnation that did not take over its memory: nothing

@@ -501,3 +501,27 @@ async def test_a_late_copy_of_a_stop_or_a_spawn_does_not_act_again(cluster_facto
         await m.call("s", {"op": "get"})                          # brings nothing back
     assert placed["name"] == "s"
     await c.close()
+
+
+async def test_a_late_copy_of_a_call_to_a_stopped_agent_does_not_run_on_the_next_agent_of_its_name(cluster_factory):
+    """Seen in the 30-minute soak (seed 3023): a lifecycle ledger spawned again started
+    with the last burst of its earlier life. Copies of those calls (sent again to a
+    restarted incarnation, and held on a link while it was down) arrived after the name
+    was stopped and spawned anew, and ran on the new agent, whose reply window is its own.
+    A call says which incarnation it was sent to; one sent to an earlier life of the name
+    is refused (NoSuchAgent: that agent was stopped)."""
+    c = await cluster_factory()
+    m = c.client()
+    first = await m.spawn("s", "counter")
+    assert await m.call("s", {"op": "add", "n": 1}, request_id="late-1") == 1
+    await m.stop("s")
+    second = await m.spawn("s", "counter")
+    assert second["incarnation"] > first["incarnation"]
+    with pytest.raises(NoSuchAgent, match="stopped"):
+        await m.caller.request(second["node"], Kind.CALL, "s", {"op": "add", "n": 1}, 5, rid="late-1",
+                               meta={"inc": first["incarnation"]})
+    assert await m.call("s", {"op": "get"}) == 0
+    stale = c.client()                        # a caller that knew only the earlier agent's place
+    stale.resolver.learn("s", second["node"], first["incarnation"])
+    assert await stale.call("s", {"op": "add", "n": 5}) == 5   # a new call: it goes to the new agent
+    await c.close()
