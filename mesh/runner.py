@@ -41,7 +41,7 @@ log = logging.getLogger("mesh.runner")
 
 class AgentStatus(StrEnum):
     """Where one incarnation of an agent is, on its node (a supervisor's view of a child
-    is another machine: supervisor.ChildStatus)."""
+    is another machine: tree.ChildStatus)."""
 
     STARTING = "starting"  # init ran; its first commit (the claim) is under way
     RUNNING = "running"    # it handles messages

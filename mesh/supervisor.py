@@ -25,8 +25,6 @@ import asyncio
 import logging
 import os
 from collections import Counter
-from dataclasses import dataclass, field
-from enum import StrEnum
 
 import msgpack
 
@@ -39,7 +37,8 @@ from . import placement
 from .control import ControlReplies
 from .node import Node, Origin
 from .registry import Table
-from .supervision import ChildSpec, SupervisorSpec
+from .supervision import ChildSpec
+from .tree import Child, ChildStatus, NodeView, Sup
 from .wire import Kind
 
 log = logging.getLogger("mesh.supervisor")
@@ -50,74 +49,6 @@ MIN_LIVENESS_WAIT_S = 0.001  # a deadline that float rounding left a hair in the
 _DYNAMIC_PREFIX = "sup/child/"
 _PLACE_PREFIX = "sup/place/"
 _EPOCH_KEY = "sup/epoch"
-
-class ChildStatus(StrEnum):
-    """Where a child is, as its supervisor sees it (the node's view of one incarnation is
-    another machine: runner.AgentStatus)."""
-
-    PENDING = "pending"    # to be started (its node died, or a start failed for want of one)
-    STARTING = "starting"  # a START is under way
-    RUNNING = "running"
-    STOPPING = "stopping"  # a terminate is under way
-    STOPPED = "stopped"    # ended for good (stopped, or a temporary/transient child exited)
-    FAILED = "failed"      # its supervisor gave up on it
-    BACKOFF = "backoff"    # it exited and waits out its restart backoff
-
-
-@dataclass
-class Child:
-    spec: ChildSpec
-    parent: str
-    dynamic: bool = False
-    status: ChildStatus = ChildStatus.PENDING
-    node: str | None = None
-    incarnation: int = -1
-    restarts: int = 0
-    busy: bool = False  # a start or terminate is under way
-    last_exit: str = ""
-    next_try: float = 0.0   # when a start that the environment refused is tried again
-    backoff: float = 0.0
-    started_at: float = float("-inf")  # when its latest START was sent
-    streak: int = 0                     # restarts in a row, each soon after the one before
-    restart_at: float = 0.0             # in ChildStatus.BACKOFF: when it is restarted
-    home: str | None = None            # the host of its latest incarnation (its state is there)
-    replicas: tuple[str, ...] = ()     # the hosts that hold copies of that state
-    # The host sets (home first, then replicas) of every incarnation that may have
-    # acknowledged the newest state: the last one known to have started, and each one
-    # sent a START since. Each acknowledged commit is on every host of its set, so a new
-    # incarnation reads one host of each set and keeps the newest record.
-    holders: list[tuple[str, ...]] = field(default_factory=list)
-    # A dynamic child's first incarnation number, taken when it was spawned: a record of
-    # its name older than this is an earlier agent's (one stopped while a host that holds
-    # a copy was down), never its state. 0: no such bound (static children).
-    born: int = 0
-    # The request id of the spawn that made a dynamic child (kept with its record): a
-    # repeat of that spawn after a supervisor restart is answered with where it runs.
-    spawn_rid: str | None = None
-
-
-@dataclass
-class Sup:
-    spec: SupervisorSpec
-    parent: str | None
-    children: list[str] = field(default_factory=list)
-    history: tuple[float, ...] = ()
-    failed: bool = False
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-
-@dataclass
-class NodeView:
-    name: str
-    boot: str | None = None
-    pid: int | None = None
-    alive: bool = False
-    last_heard: float = 0.0
-    health: dict = field(default_factory=dict)
-    audited_at: float = float("-inf")  # when its agents were last compared with this view
-    short_renewals: int = 0            # renewals in a row that counted fewer agents than this view
-    drops: int = 0                     # the node's count of lease lapses, from its last hello
-    store_full: bool = False           # its store cannot commit (disk full), as its last hello or renewal said
 
 
 class SupervisorRole:
