@@ -11,6 +11,15 @@ from enum import StrEnum
 
 from .supervision import ChildSpec, SupervisorSpec
 
+# the supervisor's records in the store (meta keys)
+DYNAMIC_PREFIX = "sup/child/"   # + name: a dynamic child's spec, its spawn's id and its birth
+PLACE_PREFIX = "sup/place/"     # + name: where a child's state lives (home, replicas, holders)
+EPOCH_KEY = "sup/epoch"         # the supervisor's starts so far (incarnation numbers' epoch)
+
+MAX_START_BACKOFF_S = 5.0       # the longest wait before a start the environment refused is tried again
+START_CONCURRENCY = 512         # starts under way at once
+MIN_LIVENESS_WAIT_S = 0.001     # a deadline that float rounding left a hair in the future
+
 
 class ChildStatus(StrEnum):
     """Where a child is, as its supervisor sees it (the node's view of one incarnation is
@@ -79,3 +88,8 @@ class NodeView:
     short_renewals: int = 0            # renewals in a row that counted fewer agents than this view
     drops: int = 0                     # the node's count of lease lapses, from its last hello
     store_full: bool = False           # its store cannot commit (disk full), as its last hello or renewal said
+
+
+def placed(child: Child) -> dict:
+    """A spawn's answer: where the child runs, as which incarnation."""
+    return {"name": child.spec.name, "node": child.node, "incarnation": child.incarnation}

@@ -1,0 +1,164 @@
+"""Nodes as the supervisor sees them: hellos and lease renewals (a node serves only under
+its lease), audits of what runs where, and a node declared dead moving its agents.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from . import wire
+from . import supervision as sv
+from .errors import BadRequest, CallError
+from .node import Origin
+from .tree import MIN_LIVENESS_WAIT_S, Child, ChildStatus, NodeView
+from .wire import Kind
+
+log = logging.getLogger("mesh.supervisor")
+
+
+class Membership:
+    """The part of SupervisorRole that keeps its view of the nodes (a mixin)."""
+
+    def _on_hello(self, msg: wire.Msg, origin: Origin) -> None:
+        body = msg.body
+        name = body["node"]
+        view = self.nodes.get(name)
+        if view is None:
+            raise BadRequest(f"no node named {name!r} in the config")
+        restarted = view.boot is not None and view.boot != body["boot"]
+        drops = body.get("drops", 0)
+        # a drop counts once: hellos retried while this supervisor was away repeat it
+        dropped = view.boot == body["boot"] and drops > view.drops
+        view.boot, view.pid, view.last_heard, view.drops = body["boot"], body["pid"], self.clock.now(), drops
+        was_alive, view.alive = view.alive, True
+        full_before, view.store_full = view.store_full, bool(body.get("store_full"))
+        if not self.ready:
+            self._inventories[name] = body["agents"]  # a lease only with an inventory (see _learn_view)
+        self.node.respond(origin, msg.id, {"epoch": self.table.epoch})  # grants a lease, too
+        if not self.ready:
+            return
+        if restarted or dropped:
+            log.warning("supervisor: node %s %s", name, f"restarted ({body.get('previous') or 'new boot'})"
+                        if restarted else "dropped its agents when its lease lapsed")
+            if restarted and name != self.node.name:
+                self.node.reconnect(name)  # no waiting out the old connection's backoff
+            self._node_lost(name, prefer=name)
+        # A hello from a node with the same boot only asks for the registry; the agents it
+        # lists may predate STARTs still on their way, so they are not compared here.
+        self._send_snapshot(name)
+        if not was_alive or restarted or full_before != view.store_full:
+            self._place_pending()
+
+    def _note_store_full(self, view: NodeView, full: bool) -> None:
+        """A node said its store cannot commit (disk full), or can again."""
+        if full == view.store_full:
+            return
+        view.store_full = full
+        host = self.config.nodes[view.name].host
+        if full:
+            log.warning("supervisor: host %s's disk is full (node %s): nothing is placed there, "
+                        "and its agents and copies move where they can", host, view.name)
+        else:
+            log.info("supervisor: host %s has room again (node %s)", host, view.name)
+        self._place_pending()
+
+    def _on_renew(self, msg: wire.Msg, origin: Origin) -> None:
+        """A node's lease renewal. Only a node this supervisor knows as alive, with the
+        boot it knows, gets one; any other is told to say hello first."""
+        body = msg.body
+        view = self.nodes.get(body["node"])
+        known = view is not None and view.alive and view.boot == body["boot"]
+        if known:
+            view.last_heard = self.clock.now()
+            view.health = {"agents": body.get("agents", 0), "mailbox": body.get("mailbox", 0)}
+            self._note_store_full(view, bool(body.get("store_full")))
+            short = view.health["agents"] < self.table.running[view.name]
+            view.short_renewals = view.short_renewals + 1 if short else 0
+            if view.short_renewals >= 2 and self.ready:  # not a start that crossed the renewal
+                self._audit_soon(view)
+        self.node.respond(origin, msg.id, {"known": known})
+
+    def _audit_soon(self, view: NodeView) -> None:
+        """A node hosts fewer agents than this supervisor counts there: some exit never
+        reached it (sent while it was down or restarting). Ask the node, at most once a
+        liveness window."""
+        now = self.clock.now()
+        if now - view.audited_at < self.config.timing.dead_after_s:
+            return
+        view.audited_at = now
+        self._spawn(self._audit(view.name))
+
+    async def _audit(self, node: str) -> None:
+        """Move every agent this supervisor believes runs on `node` but that is not there
+        (and that did not change while the node was asked)."""
+        before = {c.spec.name: c.incarnation for c in self.children.values() if c.node == node and c.status == ChildStatus.RUNNING}
+        try:
+            body = await self.node.caller.request(node, Kind.INVENTORY, None, None, self.config.timing.call_timeout_s)
+        except CallError as err:
+            log.debug("supervisor: audit of %s: %s", node, err)
+            return
+        there = {item[0]: item[2] for item in body.get("agents") or () if item[3] in ("running", "starting")}
+        for name, inc in before.items():
+            child = self.children.get(name)
+            if (child is not None and child.node == node and child.status == ChildStatus.RUNNING and child.incarnation == inc
+                    and there.get(name, -1) < inc):
+                log.warning("supervisor: %s (incarnation %d) is not on %s any more: starting it again",
+                            child.spec.name, child.incarnation, node)
+                self._spawn(self._move(child, prefer=node))
+
+    def _on_goodbye(self, msg: wire.Msg, origin: Origin) -> None:
+        name = msg.body["node"]
+        view = self.nodes.get(name)
+        self.node.respond(origin, msg.id, {"ok": True})
+        if view is not None and view.boot == msg.body["boot"] and view.alive:
+            log.info("supervisor: node %s left", name)
+            view.alive = False
+            self._node_lost(name, avoid=name)
+
+    def _check_liveness(self) -> None:
+        """Declare silent nodes dead, then wait for the next one that could be."""
+        now = self.clock.now()
+        timing = self.config.timing
+        self.nodes[self.node.name].last_heard = now
+        for view in self.nodes.values():
+            if view.alive and sv.liveness_expired(view.last_heard, now, timing.heartbeat_s, timing.liveness):
+                log.warning("supervisor: node %s silent for %.2fs: declared dead", view.name, now - view.last_heard)
+                view.alive = False
+                self._node_lost(view.name, avoid=view.name)
+        self._arm_liveness()
+
+    def _arm_liveness(self) -> None:
+        """Wake at the end of the earliest silence window of a live node, so that a node
+        is declared dead when its window ends, not up to a polling interval later. A
+        renewal only moves a window's end later, and a node that comes alive ends its
+        window no sooner than this one, so re-arming when the timer fires is enough."""
+        now, window = self.clock.now(), self.config.timing.dead_after_s
+        ends = [v.last_heard + window for v in self.nodes.values() if v.alive and v.name != self.node.name]
+        wake = min(ends, default=now + window)
+        self.node._once(max(wake - now, MIN_LIVENESS_WAIT_S), self._check_liveness)
+
+    def on_link_state(self, node: str, up: bool | None) -> None:
+        pass  # liveness comes from heartbeats and hellos, not from TCP
+
+    def _node_lost(self, name: str, prefer: str | None = None, avoid: str | None = None) -> None:
+        """Move the agents of a node that died (prefer: it came back at once; avoid: it
+        went silent, so its host is suspect too)."""
+        if self.stopping:
+            return
+        for child in self.children.values():
+            if child.node == name and child.status in (ChildStatus.RUNNING, ChildStatus.STARTING):
+                self._spawn(self._move(child, prefer=prefer, avoid=avoid))
+
+    async def _move(self, child: Child, prefer: str | None = None, avoid: str | None = None) -> None:
+        if child.busy:
+            # A start is under way: its answer decides, and a failed one is tried again.
+            # Marking it pending now would disown an incarnation that may be running.
+            return
+        log.info("supervisor: moving %s (incarnation %d, %s on %s)", child.spec.name, child.incarnation,
+                 child.status, child.node)
+        child.status = ChildStatus.PENDING
+        child.restarts += 1
+        self.table.set(child.spec.name, None, child.incarnation)
+        self._schedule_registry()
+        if not self.sups[child.parent].failed and not self.tree_failed:
+            await self._start_or_crash(child, prefer=prefer, avoid=avoid)

@@ -1,0 +1,235 @@
+"""Requests from clients: spawns and stops of dynamic children (answered through
+control.ControlReplies, so that a copy never acts twice), and the status of the mesh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import msgpack
+
+from . import wire
+from .errors import AlreadyExists, BadRequest, CallError, NoSuchAgent, NotAllowed, SupervisorDown, Unavailable
+from .node import Origin
+from .supervision import ChildSpec
+from .tree import DYNAMIC_PREFIX, PLACE_PREFIX, Child, ChildStatus, placed
+from .wire import Kind
+
+log = logging.getLogger("mesh.supervisor")
+
+
+class Requests:
+    """The part of SupervisorRole that answers spawns, stops and status (a mixin)."""
+
+    def _on_spawn(self, msg: wire.Msg, origin: Origin) -> None:
+        if self.control.repeat(msg.id, origin, msg.body):
+            return
+        try:
+            self._spawn_request(msg)
+        except CallError as err:
+            self.control.fail(msg.id, err)
+
+    def _spawn_request(self, msg: wire.Msg) -> None:
+        body = msg.body
+        name, kind = body["name"], body["kind"]
+        parent = body.get("supervisor") or self.config.dynamic_supervisor
+        if not self.ready:
+            raise Unavailable("the supervisor is still learning what runs where")
+        if self.tree_failed:
+            raise SupervisorDown(f"cannot spawn {name!r}: {self.failure}")
+        existing = self.children.get(name)
+        if existing is not None and existing.spawn_rid == msg.id:
+            self._spawn_again(existing, body, parent, msg.id)
+            return
+        if name in self._unstopped:
+            raise Unavailable(f"the stop of {name!r} is not confirmed yet (its node could not carry it out): "
+                              f"stop it again before spawning the name")
+        if name in self.children or name in self.sups:
+            existing = self.children.get(name)
+            raise AlreadyExists(f"an agent named {name!r} exists already" +
+                                (f" (on node {existing.node})" if existing and existing.node else ""))
+        if self.config.resolve_kind(kind) is None:
+            raise NotAllowed(f"kind {kind!r} is not in the config's allow-list")
+        sup = self.sups.get(parent)
+        if sup is None or not sup.spec.dynamic:
+            raise BadRequest(f"{parent!r} is not a dynamic supervisor")
+        spec = ChildSpec(name, kind, body.get("args") or {}, body.get("restart") or "permanent")
+        child = Child(spec, parent, dynamic=True, born=self._new_incarnation(), spawn_rid=msg.id)
+        self.children[name] = child
+        sup.children.append(name)
+        self._spawn(self._spawn_child(child, msg.id))
+
+    def _spawn_again(self, child: Child, body: dict, parent: str, rid: str) -> None:
+        """A repeat of the spawn that made `child` that the control replies no longer know
+        (the supervisor restarted since): it gets where the child runs; a reused id is
+        refused."""
+        spec = child.spec
+        if (body["kind"], body.get("args") or {}, body.get("restart") or "permanent", parent) != (
+                spec.kind, spec.args, spec.restart, child.parent):
+            raise BadRequest(f"request id {rid!r} was used before for a different request: "
+                             f"a request id names one request (use a new id for a new one)")
+        if child.status == ChildStatus.RUNNING and child.node is not None:
+            self.control.answer(rid, placed(child))
+        else:
+            raise Unavailable(f"{child.spec.name!r} was spawned and is (re)starting now")
+
+    async def _spawn_child(self, child: Child, rid: str) -> None:
+        spec = child.spec
+        forgetting = self._forgetting.get(spec.name)
+        if forgetting is not None:  # an earlier agent of this name exited for good: its state goes first
+            await asyncio.shield(forgetting)
+        key = DYNAMIC_PREFIX + spec.name
+        record = {"name": spec.name, "kind": spec.kind, "args": spec.args, "restart": spec.restart, "parent": child.parent,
+                  "born": child.born, "rid": rid}
+        # Its own start follows the commit: nothing else (a placement pass, a node's hello)
+        # may start it meanwhile, or this start would find one under way, call itself
+        # failed and forget a child whose incarnation runs on (issue 21).
+        child.busy = True
+        try:
+            outcome = await self.node.commits.commit_meta({key: msgpack.packb(record)})
+        finally:
+            child.busy = False
+        err: CallError | None = Unavailable(str(outcome.error)) if outcome.error else None
+        if err is None:
+            err = await self._start_child(child)
+        if err is None and child.status != ChildStatus.RUNNING:
+            err = Unavailable(f"no live node may run {spec.name!r} now")
+        if err is not None:
+            self._forget_dynamic(child)
+            self.table.remove(spec.name)
+            self._schedule_registry()
+            self.control.fail(rid, err)
+            return
+        self.control.answer(rid, placed(child))
+
+    def _forget_dynamic(self, child: Child) -> None:
+        if self.children.get(child.spec.name) is child:
+            self._set_replicas(child, ())
+            del self.children[child.spec.name]
+            sup = self.sups[child.parent]
+            if child.spec.name in sup.children:
+                sup.children.remove(child.spec.name)
+        self._spawn(self.node.commits.commit_meta({}, [DYNAMIC_PREFIX + child.spec.name, PLACE_PREFIX + child.spec.name]))
+
+    def _forget_state(self, child: Child, incarnation: int, reason: str) -> None:
+        """Delete the state (and its copies) of an incarnation that exited for good, so a
+        later spawn of the name, of any kind, starts from nothing. A spawn of the name
+        waits for this (see _spawn_child); the delete is fenced by incarnation, so it never
+        removes a newer incarnation's record."""
+        name = child.spec.name
+        node = child.node if child.node and self.nodes[child.node].alive else self._any_node_on_host(child.node)
+        copies = tuple(sorted({h for hosts in child.holders for h in hosts} | set(child.replicas)))
+        done = asyncio.get_running_loop().create_future()
+        self._forgetting[name] = done
+
+        async def forget() -> None:
+            try:
+                await self._terminate_instance(node, name, incarnation, reason, forget=True, replicas=copies)
+            finally:
+                if self._forgetting.get(name) is done:
+                    del self._forgetting[name]
+                done.set_result(None)
+        self._spawn(forget())
+
+    def _on_stop(self, msg: wire.Msg, origin: Origin) -> None:
+        if self.control.repeat(msg.id, origin, msg.target):
+            return  # a copy of a stop: it must not stop what was spawned since
+        try:
+            self._stop_request(msg)
+        except CallError as err:
+            self.control.fail(msg.id, err)
+
+    def _stop_request(self, msg: wire.Msg) -> None:
+        name = msg.target
+        child = self.children.get(name)
+        if child is None:
+            child = self._unstopped.get(name)  # a stop answered "not confirmed": this is its repeat
+            if child is None:
+                raise NoSuchAgent(f"no agent named {name!r}")
+            if name in self._forgetting:
+                raise Unavailable(f"the stop of {name!r} is under way")
+        elif not child.dynamic:
+            raise NotAllowed(f"{name!r} is a static agent of the config's tree; remove it from the config instead")
+        else:
+            self._forget_dynamic(child)
+            self.table.remove(name)
+            self._schedule_registry()
+            child.status = ChildStatus.STOPPED
+        done = asyncio.get_running_loop().create_future()
+        self._forgetting[name] = done  # a spawn of the name waits until its state is gone
+
+        async def stop() -> None:
+            try:
+                await self._stop_child(child, msg.id)
+            finally:
+                if self._forgetting.get(name) is done:
+                    del self._forgetting[name]
+                done.set_result(None)
+        self._spawn(stop())
+
+    async def _stop_child(self, child: Child, rid: str) -> None:
+        """End every incarnation of a dynamic child and delete its state. The stop takes an
+        incarnation number of its own, newer than any START sent (one may be under way): the
+        node ends whatever runs the name below it, deletes the record fenced at it, and refuses
+        every older START from then on. It answers stopped only once that is done."""
+        name = child.spec.name
+        node = child.node if child.node and self.nodes[child.node].alive else self._any_node_on_host(child.node)
+        copies = {h for hosts in child.holders for h in hosts} | set(child.replicas)
+        stop_at = self._new_incarnation(child.incarnation)
+        body = {"incarnation": stop_at, "reason": "stopped", "forget": True}
+        if copies:
+            body["replicas"] = sorted(copies)
+        try:
+            answer = await self.node.caller.request(node, Kind.TERMINATE, name, body, self.config.timing.call_timeout_s)
+        except CallError as err:
+            log.warning("supervisor: stopping %s on %s: %s", name, node, err)
+            # the name stays reserved for the stop's repeat: until a stop is confirmed, a
+            # spawn of it is refused (its state may still be in the store)
+            self._unstopped[name] = child
+            self.control.fail(rid, Unavailable(
+                f"the stop of {name!r} is not confirmed: node {node} did not carry it out ({err}); "
+                f"stop it again when the node is back"))
+            return
+        self._unstopped.pop(name, None)
+        self.control.answer(rid, {"name": name, "stopped": bool(answer.get("stopped"))})
+
+    def _any_node_on_host(self, node: str | None) -> str:
+        host = self.config.nodes[node].host if node else self.config.nodes[self.node.name].host
+        for view in self.nodes.values():
+            if view.alive and self.config.nodes[view.name].host == host:
+                return view.name
+        return self.node.name
+
+    def _on_status(self, msg: wire.Msg, origin: Origin) -> None:
+        self._spawn(self._status(origin, msg.id))
+
+    async def _status(self, origin: Origin, rid: str) -> None:
+        async def inventory(name: str):
+            try:
+                return await self.node.caller.request(name, Kind.INVENTORY, None, None, self.config.timing.dead_after_s)
+            except CallError:
+                return None
+        live = [v.name for v in self.nodes.values() if v.alive]
+        answers = dict(zip(live, await asyncio.gather(*(inventory(n) for n in live))))
+        mailbox: dict[str, int] = {}
+        nodes = []
+        for name, view in self.nodes.items():
+            inv = answers.get(name)
+            spec = self.config.nodes[name]
+            for item in (inv or {}).get("agents", ()):
+                mailbox[item[0]] = item[4]
+            nodes.append({"name": name, "host": spec.host, "address": f"{spec.address}:{spec.port}",
+                          "alive": view.alive and inv is not None, "pid": view.pid,
+                          "agents": len(inv["agents"]) if inv else 0,
+                          "supervisor": name == self.node.name, "store_full": view.store_full,
+                          "stats": (inv or {}).get("stats", {})})
+        now = self.clock.now()
+        agents = [{"name": n, "kind": c.spec.kind, "node": c.node if c.status == ChildStatus.RUNNING else None,
+                   "status": c.status, "incarnation": c.incarnation, "restarts": c.restarts,
+                   "mailbox": mailbox.get(n, 0), "supervisor": c.parent,
+                   **({"restart_in_s": round(max(0.0, c.restart_at - now), 3), "streak": c.streak}
+                      if c.status == ChildStatus.BACKOFF else {})}
+                  for n, c in sorted(self.children.items())]
+        self.node.respond(origin, rid, {"nodes": nodes, "agents": agents, "ready": self.ready,
+                                        "failed": self.tree_failed, "failure": self.failure, "epoch": self.epoch})
