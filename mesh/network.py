@@ -176,6 +176,11 @@ class MemoryNetwork:
         self._idle.set()
         self.max_bytes = 1 << 30
 
+
+    @property
+    def in_flight(self) -> int:
+        """Frames sent and not yet delivered (tests wait for none)."""
+        return self._in_flight
     def now(self) -> float:
         return self.clock.now() if self.clock is not None else time.monotonic()
 

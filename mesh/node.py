@@ -143,11 +143,12 @@ class Node:
         self._timers[fn] = self.clock.call_after(delay, fire)
 
     def add_role(self, role, handlers: dict[Kind, Callable[[wire.Msg, Origin], None]]) -> None:
-        """Host the supervisor role: the messages of `handlers`' kinds go to it (the node
-        passes SPAWN, STOP and STATUS on to the supervisor's node otherwise), and it hears
-        of links going up and down."""
+        """Host the supervisor role and start it: the messages of `handlers`' kinds go to
+        it (the node passes SPAWN, STOP and STATUS on to the supervisor's node otherwise),
+        and it hears of links going up and down."""
         self.supervisor = role
         self.handlers.update(handlers)
+        self._spawn(role.start())
 
     def pause(self) -> None:
         """Stop the node's timed work, as SIGSTOP does (tests freeze a node so)."""

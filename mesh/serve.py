@@ -202,7 +202,6 @@ async def _serve(config: Config, name: str, boot: str, previous: dict | None, co
                               ) from None
         if name == config.supervisor_node:
             role = SupervisorRole(node)
-            node._spawn(role.start())
         await stop.wait()
     finally:
         watchdog.stop()

@@ -57,9 +57,6 @@ class SupervisorRole(Starts, Exits, Membership, Requests):
     def __init__(self, node: Node):
         self.node, self.config, self.clock = node, node.config, node.clock
         self.control = ControlReplies(node, node.clock)  # spawns and stops, by request id
-        node.add_role(self, {Kind.SPAWN: self._on_spawn, Kind.STOP: self._on_stop, Kind.STATUS: self._on_status,
-                             Kind.HELLO: self._on_hello, Kind.HEARTBEAT: self._on_renew, Kind.EXIT: self._on_exit,
-                             Kind.GOODBYE: self._on_goodbye})
         self.epoch = 0
         self._next = 0
         self.table = Table(node.boot)
@@ -85,6 +82,9 @@ class SupervisorRole(Starts, Exits, Membership, Requests):
         self._forgetting: dict[str, asyncio.Future] = {}  # name -> done once its state is deleted
         self._unstopped: dict[str, "Child"] = {}  # stopped names whose node could not carry the stop out
         self._leaving: set[str] = set()  # names being moved off a host whose disk is full
+        node.add_role(self, {Kind.SPAWN: self._on_spawn, Kind.STOP: self._on_stop, Kind.STATUS: self._on_status,
+                             Kind.HELLO: self._on_hello, Kind.HEARTBEAT: self._on_renew, Kind.EXIT: self._on_exit,
+                             Kind.GOODBYE: self._on_goodbye})
 
     # --- boot ------------------------------------------------------------------------------------
 

@@ -103,7 +103,6 @@ class Cluster:
         self.nodes[name] = node
         if name == self.cfg.supervisor_node:
             self.role = SupervisorRole(node)
-            node._spawn(self.role.start())
         return node
 
     def kill(self, name: str) -> dict:
@@ -152,7 +151,7 @@ class Cluster:
         quiet = 0
         while quiet < rounds:
             await asyncio.sleep(0)
-            quiet = quiet + 1 if self.net._in_flight == 0 else 0
+            quiet = quiet + 1 if self.net.in_flight == 0 else 0
 
     async def advance(self, seconds: float, step: float = 0.05) -> None:
         """Move the fake clock in steps, letting the loop run after each."""
