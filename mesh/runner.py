@@ -23,7 +23,7 @@ import logging
 from collections import OrderedDict, deque
 from enum import StrEnum
 from types import CoroutineType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import msgpack
 
@@ -35,9 +35,36 @@ from .errors import AgentCrashed, AgentDown, BadRequest, Busy, CallError, CallTi
 from .wire import Kind
 
 if TYPE_CHECKING:
-    from .node import Node, Origin
+    from collections import Counter
+
+    from .caller import Caller
+    from .clock import Clock
+    from .commits import Commits
+    from .config import Limits, Timing
+    from .incarnations import Incarnations
+    from .node import Origin
 
 log = logging.getLogger("mesh.runner")
+
+
+class Host(Protocol):
+    """What a runner needs of the node it runs in (Node is one; so could a test be)."""
+
+    clock: "Clock"
+    limits: "Limits"
+    timing: "Timing"
+    stats: "Counter"
+    caller: "Caller"              # for the calls its agent makes
+    commits: "Commits"            # its changes, replies and effects, durable before they leave
+    incarnations: "Incarnations"  # its own stop, and its exits reported to the supervisor
+    busy_runners: set             # runners whose async handler is under way (deadlines)
+
+    def streamer(self, env: "Envelope") -> Callable[[Any], None]: ...
+
+    def forward(self, env: "Envelope") -> None: ...
+
+    async def spawn_via_supervisor(self, name: str, kind: str, args: dict, restart: str, rid: str | None,
+                                   supervisor: str | None = None) -> dict: ...
 
 class AgentStatus(StrEnum):
     """Where one incarnation of an agent is, on its node (a supervisor's view of a child
@@ -68,7 +95,7 @@ class Runner:
         "_running", "waiting", "since",
     )
 
-    def __init__(self, node: "Node", name: str, kind: str, args: dict, incarnation: int):
+    def __init__(self, node: Host, name: str, kind: str, args: dict, incarnation: int):
         self.node, self.name, self.kind, self.args = node, name, kind, args
         self.incarnation = incarnation
         self.agent: Agent | None = None
