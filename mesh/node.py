@@ -485,10 +485,14 @@ class Node:
         })
 
     def _forward_to_supervisor(self, msg: wire.Msg, origin: Origin) -> None:
+        """Pass a client's SPAWN, STOP or STATUS on to the supervisor's node, under the
+        client's own request id: a copy sent there directly, or through another node, is
+        then known to be the same request and never acts twice (see control.py)."""
         async def forward():
             ttl = msg.ttl_ms / 1000 if msg.ttl_ms else self.timing.call_timeout_s
             try:
-                result = await self.caller.request(self.config.supervisor_node, msg.kind, msg.target, msg.body, ttl)
+                result = await self.caller.request(self.config.supervisor_node, msg.kind, msg.target, msg.body, ttl,
+                                                   rid=msg.id)
             except CallError as err:
                 self.respond_error(origin, msg.id, err)
             else:

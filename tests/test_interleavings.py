@@ -494,6 +494,8 @@ async def test_a_late_copy_of_a_stop_or_a_spawn_does_not_act_again(cluster_facto
     placed = await m.spawn("s", "counter")                       # the next era
     assert await m.call("s", {"op": "add", "n": 2}) == 2
     assert (await ask(sup, Kind.STOP, "s", None, 5, rid="stop-1"))["stopped"] is True  # the late copy
+    other = next(n for n in c.nodes if n != sup)                 # and one passed on by another node
+    assert (await ask(other, Kind.STOP, "s", None, 5, rid="stop-1"))["stopped"] is True
     assert await m.call("s", {"op": "get"}) == 2                  # the new era serves on
     assert (await m.stop("s"))["stopped"] is True
     await ask(sup, Kind.SPAWN, None, spawn, 5, rid="spawn-1")    # a late copy of the first spawn
