@@ -103,14 +103,17 @@ class Requests:
             return
         self.control.answer(rid, placed(child))
 
-    def _forget_dynamic(self, child: Child) -> None:
+    def _forget_dynamic(self, child: Child) -> asyncio.Future:
+        """Forget a dynamic child here and in the store; returns the store's outcome, to
+        await before saying it is gone (a supervisor started after would find it)."""
         if self.children.get(child.spec.name) is child:
             self._set_replicas(child, ())
             del self.children[child.spec.name]
             sup = self.sups[child.parent]
             if child.spec.name in sup.children:
                 sup.children.remove(child.spec.name)
-        self._spawn(self.node.commits.commit_meta({}, [DYNAMIC_PREFIX + child.spec.name, PLACE_PREFIX + child.spec.name]))
+        return asyncio.ensure_future(self.node.commits.commit_meta(
+            {}, [DYNAMIC_PREFIX + child.spec.name, PLACE_PREFIX + child.spec.name]))
 
     def _forget_state(self, child: Child, incarnation: int, reason: str) -> None:
         """Delete the state (and its copies) of an incarnation that exited for good, so a
@@ -149,10 +152,11 @@ class Requests:
                 raise NoSuchAgent(f"no agent named {name!r}")
             if name in self._forgetting:
                 raise Unavailable(f"the stop of {name!r} is under way")
+            forgotten = self._forget_dynamic(child)  # again: the first stop's record may not have landed
         elif not child.dynamic:
             raise NotAllowed(f"{name!r} is a static agent of the config's tree; remove it from the config instead")
         else:
-            self._forget_dynamic(child)
+            forgotten = self._forget_dynamic(child)
             self.table.remove(name)
             self._schedule_registry()
             child.status = ChildStatus.STOPPED
@@ -161,14 +165,14 @@ class Requests:
 
         async def stop() -> None:
             try:
-                await self._stop_child(child, msg.id)
+                await self._stop_child(child, msg.id, forgotten)
             finally:
                 if self._forgetting.get(name) is done:
                     del self._forgetting[name]
                 done.set_result(None)
         self._spawn(stop())
 
-    async def _stop_child(self, child: Child, rid: str) -> None:
+    async def _stop_child(self, child: Child, rid: str, forgotten: asyncio.Future | None = None) -> None:
         """End every incarnation of a dynamic child and delete its state. The stop takes an
         incarnation number of its own, newer than any START sent (one may be under way): the
         node ends whatever runs the name below it, deletes the record fenced at it, and refuses
@@ -191,6 +195,13 @@ class Requests:
                 f"the stop of {name!r} is not confirmed: node {node} did not carry it out ({err}); "
                 f"stop it again when the node is back"))
             return
+        if forgotten is not None:
+            outcome = await forgotten
+            if outcome.error is not None:  # a supervisor started after this would still know it
+                self._unstopped[name] = child
+                self.control.fail(rid, Unavailable(f"the stop of {name!r} could not be recorded: {outcome.error}; "
+                                                   f"stop it again"))
+                return
         self._unstopped.pop(name, None)
         self.control.answer(rid, {"name": name, "stopped": bool(answer.get("stopped"))})
 
