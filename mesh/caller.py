@@ -5,6 +5,9 @@ hosts the name; then, until its deadline:
 
     reply                        -> done
     error Moved(node)            -> learn the new place, send there at once
+    error NoSuchAgent, sent to   -> if no attempt may have run, learn the new agent's
+      an earlier life               place and send there; else raised (the call was
+                                    meant for the stopped agent)
     error Retryable              -> wait until the name is placed again, send there
     (AgentDown, Unavailable)        (unless the error says {"retry": false}: raised as is)
     the node's link went down    -> same (a killed node is seen at once, see transport)
