@@ -15,7 +15,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from . import wire
-from .errors import BadRequest, CallError
+from .errors import CallError, reused_id
 
 if TYPE_CHECKING:
     from .clock import Clock
@@ -40,9 +40,7 @@ class ControlReplies:
         done = self._done.get(rid)
         known = done[1] if done is not None else self._open[rid][0] if rid in self._open else None
         if known is not None and known != digest:
-            self.node.respond_error(origin, rid, BadRequest(
-                f"request id {rid!r} was used before for a different request: a request id names one request "
-                f"(use a new id for a new one)"))
+            self.node.respond_error(origin, rid, reused_id(rid))
             return True
         if done is not None:
             self._send([origin], rid, done[2], done[3])
@@ -67,7 +65,7 @@ class ControlReplies:
         now = self.clock.now()
         self._done[rid] = (now, digest, ok, answer)
         while self._done:
-            first, (at, *_) = next(iter(self._done.items()))
+            at = next(iter(self._done.values()))[0]
             if at > now - KEEP_S and len(self._done) <= MAX_KEPT:
                 break
             self._done.popitem(last=False)

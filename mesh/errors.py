@@ -128,6 +128,12 @@ class Unavailable(Retryable):
     pass
 
 
+def reused_id(rid: str) -> BadRequest:
+    """The refusal of a request id used before for a different request (an id names one)."""
+    return BadRequest(f"request id {rid!r} was used before for a different request: "
+                      f"a request id names one request (use a new id for a new one)")
+
+
 class SupervisorDown(CallError):
     """The root supervisor gave up (more restarts than its intensity allows): no agent
     of the tree runs, none is spawned or restarted, until the supervisor role restarts.

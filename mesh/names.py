@@ -24,9 +24,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mesh.node")
 
-Placed = tuple  # (node or None, incarnation)
-
-
 class Names:
     """The registry replica of one node, and the waiters for names to be placed."""
 
@@ -39,7 +36,7 @@ class Names:
     def synced(self) -> bool:
         return self.replica.synced
 
-    def placed(self, name: str) -> Placed | None:
+    def placed(self, name: str) -> tuple[str | None, int] | None:
         """(node, incarnation) of `name`: this node's if it runs it, else the registry's."""
         runner = self.node.runners.get(name)
         if runner is not None and runner.status == AgentStatus.RUNNING:

@@ -378,12 +378,13 @@ class Node:
     def _to_agent(self, msg: wire.Msg, origin: Origin) -> None:
         runner = self.runners.get(msg.target) if self.serving() else None
         if runner is not None:
-            if msg.meta and msg.meta.get("inc", -1) < runner.since:
+            inc = msg.meta.get("inc") if msg.meta else None
+            if type(inc) is int and inc < runner.since:
                 # sent to an earlier agent of the name (a late copy: held on a link, or sent
                 # again to a restart), which was stopped: never run by the agent spawned since
                 self.stats["earlier_life"] += 1
                 raise NoSuchAgent(f"{msg.target!r}: the agent this call was sent to (incarnation "
-                                  f"{msg.meta['inc']}) was stopped; another of the name runs now",
+                                  f"{inc}) was stopped; another of the name runs now",
                                   {"earlier_life": True, "node": self.name, "incarnation": runner.incarnation})
             runner.deliver(Envelope(msg, origin, self._deadline(msg), self.peer(origin)))
             return

@@ -31,7 +31,7 @@ from . import supervision, wire
 from .agent import Agent, CallContext, TimerRef
 from .caller import derived_id
 from .store import unpack_state
-from .errors import AgentCrashed, AgentDown, BadRequest, Busy, CallError, CallTimeout, error_to_wire
+from .errors import AgentCrashed, AgentDown, BadRequest, Busy, CallError, CallTimeout, error_to_wire, reused_id
 from .wire import Kind
 
 if TYPE_CHECKING:
@@ -445,7 +445,7 @@ class Runner:
         if digest is None or _rerun(env) or digest == wire.digest(env.msg.body):
             self.node.stats["replayed"] += 1
             return recorded[0]
-        return error_response(_reused(env.msg.id))
+        return error_response(reused_id(env.msg.id))
 
     def _same_request(self, rid: str, body: Any) -> bool:
         """Whether a repeat of `rid` that arrives while the first is queued or in hand asks
@@ -624,11 +624,6 @@ def _rerun(env: Envelope) -> bool:
     Its body may differ (a handler need not be deterministic); the recorded reply is its
     answer all the same, which is what makes the nested effect happen once."""
     return ">" in env.msg.id and (env.peer is None or env.peer.startswith("node:"))
-
-
-def _reused(rid: str) -> BadRequest:
-    return BadRequest(f"request id {rid!r} was used before for a different request: "
-                      f"a request id names one request (use a new id for a new one)")
 
 
 def error_response(err: CallError) -> bytes:

@@ -10,7 +10,7 @@ import logging
 import msgpack
 
 from . import wire
-from .errors import AlreadyExists, BadRequest, CallError, NoSuchAgent, NotAllowed, SupervisorDown, Unavailable
+from .errors import AlreadyExists, BadRequest, CallError, NoSuchAgent, NotAllowed, SupervisorDown, Unavailable, reused_id
 from .node import Origin
 from .supervision import ChildSpec
 from .tree import DYNAMIC_PREFIX, PLACE_PREFIX, Child, ChildStatus, placed
@@ -67,8 +67,7 @@ class Requests:
         spec = child.spec
         if (body["kind"], body.get("args") or {}, body.get("restart") or "permanent", parent) != (
                 spec.kind, spec.args, spec.restart, child.parent):
-            raise BadRequest(f"request id {rid!r} was used before for a different request: "
-                             f"a request id names one request (use a new id for a new one)")
+            raise reused_id(rid)
         if child.status == ChildStatus.RUNNING and child.node is not None:
             self.control.answer(rid, placed(child))
         else:

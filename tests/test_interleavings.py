@@ -523,6 +523,9 @@ async def test_a_late_copy_of_a_call_to_a_stopped_agent_does_not_run_on_the_next
         await m.caller.request(second["node"], Kind.CALL, "s", {"op": "add", "n": 1}, 5, rid="late-1",
                                meta={"inc": first["incarnation"]})
     assert await m.call("s", {"op": "get"}) == 0
+    for odd in ("x", None, True, [1]):        # a peer's odd incarnation is no refusal, and no crash
+        await m.caller.request(second["node"], Kind.CALL, "s", {"op": "get"}, 5, rid=f"odd-{odd}",
+                               meta={"inc": odd})
     stale = c.client()                        # a caller that knew only the earlier agent's place
     stale.resolver.learn("s", second["node"], first["incarnation"])
     assert await stale.call("s", {"op": "add", "n": 5}) == 5   # a new call: it goes to the new agent
