@@ -1,0 +1,132 @@
+"""The etcd client against real etcd members (tests/etcds.py)."""
+
+import asyncio
+
+import pytest
+
+from etcds import etcd_factory  # noqa: F401  (fixture)
+from mesh.etcd import Etcd, EtcdError, EtcdUnavailable, absent, created_at, delete_op, prefix_end, put_op, range_op
+from mesh.etcd_member import wait_serving
+
+
+async def _client(cluster, timeout_s=1.0) -> Etcd:
+    etcd = Etcd(cluster.endpoints, timeout_s=timeout_s)
+    await wait_serving(etcd, 10)
+    return etcd
+
+
+def test_prefix_end_covers_exactly_the_prefix():
+    assert prefix_end("a/") == b"a0"
+    assert prefix_end("a\xff") == "a\xff".encode()[:-1] + b"\xc0"
+    assert prefix_end("") == b"\0"
+
+
+async def test_keys_values_and_transactions(etcd_factory):
+    etcd = await _client(etcd_factory())
+    try:
+        rev = await etcd.put("m/a", b"\x00\xff binary")
+        await etcd.put("m/b", b"2")
+        await etcd.put("n/c", b"3")
+        a = await etcd.get("m/a")
+        assert a.value == b"\x00\xff binary" and a.create_revision == rev
+        kvs, at = await etcd.range("m/", prefix=True)
+        assert [kv.key for kv in kvs] == ["m/a", "m/b"] and at >= rev
+        # compare-and-swap on the create revision: only the first of two creators wins
+        first = await etcd.txn([absent("m/x")], [put_op("m/x", b"one")], [range_op("m/x")])
+        second = await etcd.txn([absent("m/x")], [put_op("m/x", b"two")], [range_op("m/x")])
+        assert first.succeeded and not second.succeeded
+        assert second.kvs(0)[0].value == b"one" and second.kvs(0)[0].create_revision == first.revision
+        guarded = await etcd.txn([created_at("m/x", first.revision)], [delete_op("m/", prefix=True)])
+        assert guarded.succeeded
+        assert (await etcd.range("m/", prefix=True))[0] == []
+        assert (await etcd.get("n/c")).value == b"3"
+    finally:
+        await etcd.close()
+
+
+async def test_leases_keep_keys_and_take_them_with_them(etcd_factory):
+    etcd = await _client(etcd_factory())
+    try:
+        lease = await etcd.grant(5)
+        await etcd.put("held", b"x", lease=lease)
+        assert 4 <= await etcd.keepalive(lease) <= 5
+        assert (await etcd.get("held")).lease == lease
+        await etcd.revoke(lease)
+        assert await etcd.get("held") is None
+        assert await etcd.keepalive(lease) == 0  # gone
+        await etcd.revoke(lease)                 # twice is harmless
+        with pytest.raises(EtcdError) as err:
+            await etcd.put("held", b"x", lease=lease)
+        assert err.value.code == 5 and "lease not found" in str(err.value)
+    finally:
+        await etcd.close()
+
+
+async def test_a_short_lease_expires_and_a_watch_sees_it_go(etcd_factory):
+    etcd = await _client(etcd_factory())
+    try:
+        _, rev = await etcd.range("w/", prefix=True)
+        lease = await etcd.grant(1)
+        await etcd.put("w/n1", b"alive", lease=lease)
+        seen = []
+        async for events in etcd.watch("w/", prefix=True, start_revision=rev + 1):
+            seen += [(e.kind, e.kv.key) for e in events]
+            if ("delete", "w/n1") in seen:
+                assert events[-1].prev.value == b"alive"
+                break
+        assert seen == [("put", "w/n1"), ("delete", "w/n1")]
+    finally:
+        await etcd.close()
+
+
+@pytest.mark.async_timeout(60)
+async def test_a_watch_resumes_on_another_member_without_missing_an_event(etcd_factory):
+    cluster = etcd_factory(3)
+    etcd = await _client(cluster)
+    writer = await _client(cluster)
+    try:
+        _, rev = await etcd.range("r/", prefix=True)
+        got: list[str] = []
+        killed = asyncio.Event()
+
+        async def follow():
+            async for events in etcd.watch("r/", prefix=True, start_revision=rev + 1):
+                got.extend(e.kv.key for e in events)
+                if len(got) == 1:
+                    cluster.kill("e1")  # the member the watch's stream came from
+                    killed.set()
+                if len(got) == 20:
+                    return
+        task = asyncio.ensure_future(follow())
+        writer.endpoints = writer.endpoints[1:]  # the writer never needs the dead one
+        await writer.put("r/00", b"")
+        await asyncio.wait_for(killed.wait(), 10)
+        for i in range(1, 20):
+            while True:
+                try:
+                    await writer.put(f"r/{i:02}", b"")
+                    break
+                except EtcdUnavailable as exc:  # the etcd leader may have been e1: a new one is elected
+                    if exc.unknown and await writer.get(f"r/{i:02}") is not None:
+                        break
+                    await asyncio.sleep(0.05)
+        await asyncio.wait_for(task, 20)
+        assert got == [f"r/{i:02}" for i in range(20)]
+    finally:
+        await etcd.close()
+        await writer.close()
+
+
+async def test_no_member_answering_is_unavailable_within_the_timeout(etcd_factory):
+    cluster = etcd_factory()
+    etcd = await _client(cluster, timeout_s=0.5)
+    try:
+        cluster.kill("e1")
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        with pytest.raises(EtcdUnavailable) as err:
+            await etcd.put("k", b"v")
+        assert not err.value.unknown  # refused before anything was sent
+        assert loop.time() - began < 2
+    finally:
+        await etcd.close()
