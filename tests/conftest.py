@@ -5,6 +5,8 @@ import inspect
 
 import pytest
 
+from etcds import etcd_factory  # noqa: F401  (a fixture: real etcd members, ended by pid)
+
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_pyfunc_call(pyfuncitem):

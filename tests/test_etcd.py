@@ -4,7 +4,6 @@ import asyncio
 
 import pytest
 
-from etcds import etcd_factory  # noqa: F401  (fixture)
 from mesh.etcd import Etcd, EtcdError, EtcdUnavailable, absent, created_at, delete_op, prefix_end, put_op, range_op
 from mesh.etcd_member import wait_serving
 
