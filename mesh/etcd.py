@@ -168,14 +168,15 @@ class Etcd:
     async def close(self) -> None:
         await self._http.aclose()
 
-    async def _post(self, path: str, body: dict, write: bool) -> dict:
+    async def _post(self, path: str, body: dict, write: bool, timeout_s: float | None = None) -> dict:
         """POST to one endpoint after another until one answers; raise what etcd said."""
         last: Exception | None = None
         sent = False
+        timeout = httpx.Timeout(timeout_s) if timeout_s is not None else httpx.USE_CLIENT_DEFAULT
         for i in range(len(self.endpoints)):
             at = (self._at + i) % len(self.endpoints)
             try:
-                reply = await self._http.post(self.endpoints[at] + path, content=json.dumps(body))
+                reply = await self._http.post(self.endpoints[at] + path, content=json.dumps(body), timeout=timeout)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 last = exc  # never reached it: the next endpoint may take it
                 continue
@@ -227,9 +228,9 @@ class Etcd:
         data = await self._post("/v3/lease/grant", {"TTL": int(ttl_s)}, write=True)
         return int(data["ID"])
 
-    async def keepalive(self, lease: int) -> int:
+    async def keepalive(self, lease: int, timeout_s: float | None = None) -> int:
         """Renew `lease`; its TTL in seconds from now, 0 when it is gone (expired or revoked)."""
-        data = await self._post("/v3/lease/keepalive", {"ID": str(lease)}, write=True)
+        data = await self._post("/v3/lease/keepalive", {"ID": str(lease)}, write=True, timeout_s=timeout_s)
         return int(data.get("result", {}).get("TTL", 0))
 
     async def revoke(self, lease: int) -> None:
