@@ -147,6 +147,11 @@ def absent(key: str) -> dict:
     return created_at(key, 0)
 
 
+def modified_at(key: str, revision: int) -> dict:
+    """Holds while `key` was last written at `revision` (0: while it is absent)."""
+    return {"key": _b64(key), "target": "MOD", "result": "EQUAL", "mod_revision": str(revision)}
+
+
 # --- the client ---------------------------------------------------------------------------------
 
 class Etcd:
@@ -169,9 +174,13 @@ class Etcd:
         await self._http.aclose()
 
     async def _post(self, path: str, body: dict, write: bool, timeout_s: float | None = None) -> dict:
-        """POST to one endpoint after another until one answers; raise what etcd said."""
+        """POST to one endpoint after another until one answers; raise what etcd said.
+
+        A write that reached a member and got no clear answer is not sent again
+        (EtcdUnavailable with `unknown`): the caller knows whether a repeat is safe.
+        The next request starts at the member after the one that failed.
+        """
         last: Exception | None = None
-        sent = False
         timeout = httpx.Timeout(timeout_s) if timeout_s is not None else httpx.USE_CLIENT_DEFAULT
         for i in range(len(self.endpoints)):
             at = (self._at + i) % len(self.endpoints)
@@ -181,19 +190,27 @@ class Etcd:
                 last = exc  # never reached it: the next endpoint may take it
                 continue
             except httpx.HTTPError as exc:
-                last, sent = exc, True
-                continue  # sent, and the answer lost: a read may go on; a write's fate is unknown
+                self._at = at + 1
+                if write:
+                    raise EtcdUnavailable(f"etcd at {self.endpoints[at]} did not answer {path}: {exc!r}",
+                                          unknown=True) from None
+                last = exc
+                continue
             data = _json(reply)
             if reply.status_code == 200 and "error" not in data:
                 self._at = at
                 return data
             code = int(data.get("code", 0) or 0)
             message = str(data.get("message") or data.get("error") or f"HTTP {reply.status_code}")
-            if code == 14 or reply.status_code == 503:  # unavailable: no leader, or it just changed
-                last, sent = EtcdError(message, code), True
+            if code == 14 or reply.status_code == 503:  # no leader, or it just changed: perhaps applied
+                self._at = at + 1
+                if write:
+                    raise EtcdUnavailable(f"etcd at {self.endpoints[at]}: {message}", unknown=True)
+                last = EtcdError(message, code)
                 continue
             raise EtcdError(message, code)
-        raise EtcdUnavailable(f"no etcd member answered {path}: {last}", unknown=write and sent)
+        self._at += 1
+        raise EtcdUnavailable(f"no etcd member answered {path}: {last}")
 
     # --- keys ---
 
