@@ -21,8 +21,9 @@ records of tree.py: boot and the registry here, starts and placement
 (supervisor_starts), exits and strategies (supervisor_exits), the view of the nodes
 (supervisor_nodes), and clients' spawns, stops and status (supervisor_requests).
 
-Incarnations are `epoch * 10**9 + n`: the epoch grows by one each time a supervisor
-starts (kept in the store), so a restarted supervisor never reuses a number.
+Incarnations are `epoch * 10**9 + n`: the epoch grows each time a supervisor starts (kept
+with its records, `mesh.records`; with etcd it is the leader's term), so a restarted or
+newly elected supervisor never reuses a number.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ from .supervisor_exits import Exits
 from .supervisor_nodes import Membership
 from .supervisor_requests import Requests
 from .supervisor_starts import Starts
-from .tree import DYNAMIC_PREFIX, EPOCH_KEY, PLACE_PREFIX, START_CONCURRENCY, Child, ChildStatus, NodeView, Sup
+from .records import LocalRecords
+from .tree import DYNAMIC_PREFIX, PLACE_PREFIX, START_CONCURRENCY, Child, ChildStatus, NodeView, Sup
 from .wire import Kind
 
 log = logging.getLogger("mesh.supervisor")
@@ -54,8 +56,9 @@ log = logging.getLogger("mesh.supervisor")
 
 
 class SupervisorRole(Starts, Exits, Membership, Requests):
-    def __init__(self, node: Node):
+    def __init__(self, node: Node, records=None):
         self.node, self.config, self.clock = node, node.config, node.clock
+        self.records = records if records is not None else LocalRecords(node)  # or EtcdRecords (G8)
         self.control = ControlReplies(node, node.clock)  # spawns and stops, by request id
         self.epoch = 0
         self._next = 0
@@ -89,12 +92,10 @@ class SupervisorRole(Starts, Exits, Membership, Requests):
     # --- boot ------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        store = self.node.store
-        raw = store.get_meta(EPOCH_KEY)
-        self.epoch = (msgpack.unpackb(raw) if raw else 0) + 1
-        await self.node.commits.commit_meta({EPOCH_KEY: msgpack.packb(self.epoch)})
+        await self.records.load()
+        self.epoch = await self.records.begin_epoch()
         self._build_tree()
-        for key, raw in store.meta_items(DYNAMIC_PREFIX):
+        for key, raw in self.records.items(DYNAMIC_PREFIX):
             try:
                 d = msgpack.unpackb(raw, raw=False)
                 spec = ChildSpec(d["name"], d["kind"], d.get("args") or {}, d.get("restart", "permanent"))
@@ -109,7 +110,7 @@ class SupervisorRole(Starts, Exits, Membership, Requests):
                 continue
             self.children[spec.name] = Child(spec, parent, dynamic=True, born=born, spawn_rid=rid)
             self.sups[parent].children.append(spec.name)
-        for key, raw in store.meta_items(PLACE_PREFIX):
+        for key, raw in self.records.items(PLACE_PREFIX):
             child = self.children.get(key[len(PLACE_PREFIX):])
             try:
                 place = msgpack.unpackb(raw, raw=False)

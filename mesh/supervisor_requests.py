@@ -86,7 +86,7 @@ class Requests:
         # failed and forget a child whose incarnation runs on (issue 21).
         child.busy = True
         try:
-            outcome = await self.node.commits.commit_meta({key: msgpack.packb(record)})
+            outcome = await self.records.write({key: msgpack.packb(record)})
         finally:
             child.busy = False
         err: CallError | None = Unavailable(str(outcome.error)) if outcome.error else None
@@ -111,7 +111,7 @@ class Requests:
             sup = self.sups[child.parent]
             if child.spec.name in sup.children:
                 sup.children.remove(child.spec.name)
-        return asyncio.ensure_future(self.node.commits.commit_meta(
+        return asyncio.ensure_future(self.records.write(
             {}, [DYNAMIC_PREFIX + child.spec.name, PLACE_PREFIX + child.spec.name]))
 
     def _forget_state(self, child: Child, incarnation: int, reason: str) -> None:

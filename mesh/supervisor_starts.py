@@ -251,7 +251,7 @@ class Starts:
         never to this supervisor (a lost answer, a restart)."""
         if not self._add_holders(child, hosts):
             return True
-        outcome = await self.node.commits.commit_meta({PLACE_PREFIX + child.spec.name: self._placement(child)})
+        outcome = await self.records.write({PLACE_PREFIX + child.spec.name: self._placement(child)})
         if outcome.error is not None:
             log.error("supervisor: cannot record where %s keeps its state: %s", child.spec.name, outcome.error)
             return False
@@ -269,7 +269,7 @@ class Starts:
             return
         child.home, child.holders = host, current
         self._set_replicas(child, replicas)
-        self._spawn(self.node.commits.commit_meta({PLACE_PREFIX + child.spec.name: self._placement(child)}))
+        self._spawn(self.records.write({PLACE_PREFIX + child.spec.name: self._placement(child)}))
 
     async def _terminate_instance(self, node: str, name: str, inc: int, reason: str, forget: bool = False,
                                   replicas: tuple[str, ...] = ()) -> None:
