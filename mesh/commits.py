@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from . import supervision, wire
 from .agent import TimerRef
 from .errors import AgentDown, BadRequest, CallError, StoreError, Unavailable
-from .runner import AgentStatus, Envelope, Runner, error_response
+from .replies import error_response
+from .runner import AgentStatus, Envelope, Runner
 from .store import Batch, Outcome, Record, commit_failure
 from .wire import Kind
 

@@ -9,18 +9,16 @@ Relative paths are resolved against the config file's folder. See docs/config.md
 
 from __future__ import annotations
 
-import math
 import os
-import re
 import tomllib
 import dataclasses
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
 
 from .errors import ConfigError
+from .schema import (Reader, between, field_type, host_address, mesh_name, non_negative, positive, tables,
+                     z85_key)
 from .supervision import RESTARTS, STRATEGIES, ChildSpec, Placement, SupervisorSpec
-from .wire import valid_name
 
 ENV_CONFIG = "MESH_CONFIG"
 DEFAULT_CONFIG = "configs/local.toml"
@@ -111,22 +109,17 @@ class LLMSettings:
         return url.hostname, port
 
 
-def _field_type(f) -> type:
-    """A dataclass field's type (annotations are strings under `from __future__ import annotations`)."""
-    return f.type if isinstance(f.type, type) else {"str": str, "float": float, "int": int, "bool": bool}[f.type]
-
-
 _LLM_ENV = {"base_url": "MESH_LLM_URL", "model": "MESH_LLM_MODEL", "embedding_model": "MESH_LLM_EMBEDDING_MODEL"}
 
 
 def _llm_settings(path: str, table: dict) -> LLMSettings:
-    r = _Reader(path, "llm", table)
+    r = Reader(path, "llm", table)
     values = {}
     for f in fields(LLMSettings):
-        typ = _field_type(f)
-        check = _positive if typ in (int, float) and f.name != "max_retries" else None
+        typ = field_type(f)
+        check = positive if typ in (int, float) and f.name != "max_retries" else None
         if f.name == "max_retries":
-            check = _non_negative
+            check = non_negative
         values[f.name] = r.get(f.name, typ, f.default, check)
     r.done()
     for key, var in _LLM_ENV.items():
@@ -224,96 +217,6 @@ class Config:
         return {c: s.name for s in self.tree.values() for c in s.children}
 
 
-# --- schema ----------------------------------------------------------------------------
-
-class _Reader:
-    """Reads keys out of one TOML table, remembering which were used."""
-
-    def __init__(self, path: str, where: str, table: Any):
-        self.path, self.where = path, where
-        if not isinstance(table, dict):
-            raise ConfigError(path, where, "must be a table")
-        self.table, self.used = table, set()
-
-    def key(self, k: str) -> str:
-        return f"{self.where}.{k}" if self.where else k
-
-    def get(self, k: str, typ: type | tuple, default: Any = ..., check: Callable[[Any], str | None] | None = None) -> Any:
-        self.used.add(k)
-        if k not in self.table:
-            if default is ...:
-                raise ConfigError(self.path, self.key(k), "is required")
-            return default
-        value = self.table[k]
-        if typ is float and type(value) is int:
-            value = float(value)
-        if type(value) is float and not math.isfinite(value):
-            raise ConfigError(self.path, self.key(k), f"must be a finite number, got {value!r}")
-        ok = type(value) is int if typ is int else isinstance(value, typ)
-        if not ok or (typ is not bool and type(value) is bool):
-            want = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
-            raise ConfigError(self.path, self.key(k), f"must be {want}, got {type(value).__name__} {value!r:.60}")
-        if check:
-            problem = check(value)
-            if problem:
-                raise ConfigError(self.path, self.key(k), problem)
-        return value
-
-    def strings(self, k: str, default: tuple = ()) -> tuple[str, ...]:
-        values = self.get(k, list, list(default))
-        for v in values:
-            if not isinstance(v, str):
-                raise ConfigError(self.path, self.key(k), f"must be a list of strings, has {v!r:.40}")
-        return tuple(values)
-
-    def done(self) -> None:
-        unknown = sorted(set(self.table) - self.used)
-        if unknown:
-            raise ConfigError(self.path, self.key(unknown[0]), "unknown key")
-
-
-def _positive(v: Any) -> str | None:
-    return None if v > 0 else "must be positive"
-
-
-def _between(low: float, high: float) -> Callable[[Any], str | None]:
-    return lambda v: None if low <= v <= high else f"must be between {low:,} and {high:,}, got {v!r}"
-
-
-def _address(v: Any) -> str | None:
-    """An IP address or a host name (RFC 1123), which is what a ZeroMQ endpoint can hold."""
-    import ipaddress
-    try:
-        ipaddress.ip_address(v)
-        return None
-    except ValueError:
-        pass
-    if re.fullmatch(r"(?=.{1,253}\Z)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*", v) \
-            and not re.fullmatch(r"[0-9.]+", v):
-        return None
-    return f"is not an IP address or a host name: {v!r:.60}"
-
-
-def _non_negative(v: Any) -> str | None:
-    return None if v >= 0 else "must not be negative"
-
-
-def _name(v: Any) -> str | None:
-    return None if valid_name(v) else "is not a valid name (letters, digits and _.:@/+=- only)"
-
-
-def _tables(path: str, root: dict, section: str) -> dict[str, dict]:
-    value = root.get(section, {})
-    if not isinstance(value, dict):
-        raise ConfigError(path, section, "must be a table of tables")
-    for name, table in value.items():
-        if not isinstance(table, dict):
-            raise ConfigError(path, f"{section}.{name}", "must be a table")
-        if not valid_name(name):
-            raise ConfigError(path, f"{section}.{name}", "is not a valid name")
-    return value
-
-
 def load(path: str | os.PathLike | None = None) -> Config:
     """Load and validate a config file; `None` means $MESH_CONFIG, then configs/local.toml."""
     path = os.fspath(path or os.environ.get(ENV_CONFIG) or DEFAULT_CONFIG)
@@ -334,7 +237,7 @@ def load(path: str | os.PathLike | None = None) -> Config:
 def parse(raw: dict, path: str = "<config>") -> Config:
     """A validated Config from a TOML document: one reader per section, each default
     written once (on the settings' dataclasses), every unknown key an error."""
-    top = _Reader(path, "", raw)
+    top = Reader(path, "", raw)
     base = Path(path).resolve().parent
     name, data_dir, secure, timing = _cluster(path, base, top.get("cluster", dict, {}))
     limits = _limits(path, top.get("limits", dict, {}))
@@ -368,18 +271,18 @@ def _ms(seconds: float) -> int:
 
 
 def _cluster(path: str, base: Path, table: dict) -> tuple[str, str, bool, Timing]:
-    cluster = _Reader(path, "cluster", table)
-    name = cluster.get("name", str, Path(path).stem, _name)
+    cluster = Reader(path, "cluster", table)
+    name = cluster.get("name", str, Path(path).stem, mesh_name)
     data_dir = cluster.get("data_dir", str, "../var/" + name)
     data_dir = str((base / data_dir).resolve()) if not os.path.isabs(data_dir) else data_dir
     secure = cluster.get("secure", bool, False)
     d = Timing
     timing = Timing(
-        heartbeat_s=cluster.get("heartbeat_ms", int, _ms(d.heartbeat_s), _positive) / 1000,
-        liveness=cluster.get("liveness", int, d.liveness, _positive),
-        lease_s=cluster.get("lease_ms", int, _ms(d.lease_s), _positive) / 1000,
-        call_timeout_s=cluster.get("call_timeout_s", float, d.call_timeout_s, _between(0.001, 86_400)),
-        handler_timeout_s=cluster.get("handler_timeout_s", float, d.handler_timeout_s, _between(0.001, 86_400)),
+        heartbeat_s=cluster.get("heartbeat_ms", int, _ms(d.heartbeat_s), positive) / 1000,
+        liveness=cluster.get("liveness", int, d.liveness, positive),
+        lease_s=cluster.get("lease_ms", int, _ms(d.lease_s), positive) / 1000,
+        call_timeout_s=cluster.get("call_timeout_s", float, d.call_timeout_s, between(0.001, 86_400)),
+        handler_timeout_s=cluster.get("handler_timeout_s", float, d.handler_timeout_s, between(0.001, 86_400)),
         served_log=cluster.get("served_log", bool, d.served_log),
         unsafe_reply_before_commit=cluster.get("unsafe_reply_before_commit", bool, d.unsafe_reply_before_commit),
     )
@@ -396,35 +299,35 @@ def _cluster(path: str, base: Path, table: dict) -> tuple[str, str, bool, Timing
 
 
 _LIMIT_CHECKS = {
-    "max_message_bytes": _between(1024, 1 << 30), "dedup_window": _non_negative, "dedup_min_s": _non_negative,
-    "peer_rate": _non_negative, "peer_out_bytes": _non_negative,
+    "max_message_bytes": between(1024, 1 << 30), "dedup_window": non_negative, "dedup_min_s": non_negative,
+    "peer_rate": non_negative, "peer_out_bytes": non_negative,
 }
 
 
 def _limits(path: str, table: dict) -> Limits:
-    lim = _Reader(path, "limits", table)
-    values = {f.name: lim.get(f.name, _field_type(f), f.default, _LIMIT_CHECKS.get(f.name, _positive))
+    lim = Reader(path, "limits", table)
+    values = {f.name: lim.get(f.name, field_type(f), f.default, _LIMIT_CHECKS.get(f.name, positive))
               for f in fields(Limits)}
     lim.done()
     return Limits(**values)
 
 
 def _store(path: str, table: dict) -> StoreSettings:
-    st, d = _Reader(path, "store", table), StoreSettings
+    st, d = Reader(path, "store", table), StoreSettings
     store = StoreSettings(
         sync=st.get("sync", bool, d.sync),
-        map_size_mb=st.get("map_size_mb", int, d.map_size_mb, _between(1, 1 << 24)),
-        replicas=st.get("replicas", int, d.replicas, _non_negative),
+        map_size_mb=st.get("map_size_mb", int, d.map_size_mb, between(1, 1 << 24)),
+        replicas=st.get("replicas", int, d.replicas, non_negative),
     )
     st.done()
     return store
 
 
 def _launcher(path: str, table: dict) -> LauncherSettings:
-    la, d = _Reader(path, "launcher", table), LauncherSettings
+    la, d = Reader(path, "launcher", table), LauncherSettings
     launcher = LauncherSettings(
-        max_restarts=la.get("max_restarts", int, d.max_restarts, _non_negative),
-        period_s=la.get("period_s", float, d.period_s, _positive),
+        max_restarts=la.get("max_restarts", int, d.max_restarts, non_negative),
+        period_s=la.get("period_s", float, d.period_s, positive),
     )
     la.done()
     return launcher
@@ -439,11 +342,11 @@ def _kinds(path: str, table: dict) -> dict[str, str]:
     return kinds
 
 
-def _hosts(path: str, top: _Reader) -> dict[str, Host]:
+def _hosts(path: str, top: Reader) -> dict[str, Host]:
     hosts: dict[str, Host] = {}
-    for hname, table in _tables(path, top.table, "hosts").items():
-        r = _Reader(path, f"hosts.{hname}", table)
-        hosts[hname] = Host(hname, r.get("address", str, ..., _address), r.strings("tags"))
+    for hname, table in tables(path, top.table, "hosts").items():
+        r = Reader(path, f"hosts.{hname}", table)
+        hosts[hname] = Host(hname, r.get("address", str, ..., host_address), r.strings("tags"))
         r.done()
     top.used.add("hosts")
     if not hosts:
@@ -451,11 +354,11 @@ def _hosts(path: str, top: _Reader) -> dict[str, Host]:
     return hosts
 
 
-def _nodes(path: str, top: _Reader, hosts: dict[str, Host], secure: bool) -> dict[str, NodeSpec]:
+def _nodes(path: str, top: Reader, hosts: dict[str, Host], secure: bool) -> dict[str, NodeSpec]:
     nodes: dict[str, NodeSpec] = {}
     seen_ports: dict[tuple[str, int], str] = {}
-    for nname, table in _tables(path, top.table, "nodes").items():
-        r = _Reader(path, f"nodes.{nname}", table)
+    for nname, table in tables(path, top.table, "nodes").items():
+        r = Reader(path, f"nodes.{nname}", table)
         host = r.get("host", str)
         if host not in hosts:
             raise ConfigError(path, f"nodes.{nname}.host", f"no host named {host!r}")
@@ -464,7 +367,7 @@ def _nodes(path: str, top: _Reader, hosts: dict[str, Host], secure: bool) -> dic
         if key in seen_ports:
             raise ConfigError(path, f"nodes.{nname}.port", f"port {port} on {key[0]} is also used by node {seen_ports[key]!r}")
         seen_ports[key] = nname
-        public_key = r.get("public_key", str, "", _z85_key if secure else None)
+        public_key = r.get("public_key", str, "", z85_key if secure else None)
         nodes[nname] = NodeSpec(nname, host, hosts[host].address, port, r.strings("tags"), public_key)
         r.done()
     top.used.add("nodes")
@@ -474,34 +377,34 @@ def _nodes(path: str, top: _Reader, hosts: dict[str, Host], secure: bool) -> dic
 
 
 def _supervisor(path: str, table: dict, nodes: dict[str, NodeSpec]) -> tuple[str, str]:
-    sup = _Reader(path, "supervisor", table)
+    sup = Reader(path, "supervisor", table)
     supervisor_node = sup.get("node", str, next(iter(nodes)))
     if supervisor_node not in nodes:
         raise ConfigError(path, "supervisor.node", f"no node named {supervisor_node!r}")
-    dynamic_name = sup.get("dynamic", str, "dynamic", _name)
+    dynamic_name = sup.get("dynamic", str, "dynamic", mesh_name)
     sup.done()
     return supervisor_node, dynamic_name
 
 
-def _tree(path: str, top: _Reader) -> dict[str, SupervisorSpec]:
+def _tree(path: str, top: Reader) -> dict[str, SupervisorSpec]:
     tree: dict[str, SupervisorSpec] = {}
     d = SupervisorSpec
-    for sname, table in _tables(path, top.table, "tree").items():
-        r = _Reader(path, f"tree.{sname}", table)
+    for sname, table in tables(path, top.table, "tree").items():
+        r = Reader(path, f"tree.{sname}", table)
         strategy = r.get("strategy", str, d.strategy, lambda s: None if s in STRATEGIES else f"must be one of {', '.join(STRATEGIES)}")
         dynamic = r.get("dynamic", bool, d.dynamic)
         children = r.strings("children")
         if dynamic and (children or strategy != "one_for_one"):
             raise ConfigError(path, f"tree.{sname}", "a dynamic supervisor is one_for_one and lists no children")
-        backoff_s = r.get("backoff_s", float, d.backoff_s, _non_negative)
-        backoff_max_s = r.get("backoff_max_s", float, max(d.backoff_max_s, backoff_s), _non_negative)
+        backoff_s = r.get("backoff_s", float, d.backoff_s, non_negative)
+        backoff_max_s = r.get("backoff_max_s", float, max(d.backoff_max_s, backoff_s), non_negative)
         if backoff_max_s < backoff_s:
             raise ConfigError(path, f"tree.{sname}.backoff_max_s", f"must be at least backoff_s ({backoff_s:g})")
         tree[sname] = SupervisorSpec(
             name=sname,
             strategy=strategy,
-            intensity=r.get("intensity", int, d.intensity, _non_negative),
-            period_s=r.get("period_s", float, d.period_s, _positive),
+            intensity=r.get("intensity", int, d.intensity, non_negative),
+            period_s=r.get("period_s", float, d.period_s, positive),
             children=children,
             dynamic=dynamic,
             backoff_s=backoff_s,
@@ -512,15 +415,15 @@ def _tree(path: str, top: _Reader) -> dict[str, SupervisorSpec]:
     return tree
 
 
-def _agents(path: str, top: _Reader, kinds: dict[str, str], hosts: dict[str, Host]) -> dict[str, ChildSpec]:
+def _agents(path: str, top: Reader, kinds: dict[str, str], hosts: dict[str, Host]) -> dict[str, ChildSpec]:
     agents: dict[str, ChildSpec] = {}
-    for aname, table in _tables(path, top.table, "agents").items():
-        r = _Reader(path, f"agents.{aname}", table)
+    for aname, table in tables(path, top.table, "agents").items():
+        r = Reader(path, f"agents.{aname}", table)
         kind = r.get("kind", str)
         if kind not in kinds and kind not in kinds.values():
             raise ConfigError(path, f"agents.{aname}.kind", f"kind {kind!r} is not in [kinds]")
         placement_table = r.get("placement", dict, {})
-        pr = _Reader(path, f"agents.{aname}.placement", placement_table)
+        pr = Reader(path, f"agents.{aname}.placement", placement_table)
         placement = Placement(pr.strings("hosts"), pr.strings("tags"))
         pr.done()
         for h in placement.hosts:
@@ -538,13 +441,6 @@ def _agents(path: str, top: _Reader, kinds: dict[str, str], hosts: dict[str, Hos
     return agents
 
 
-def _z85_key(value: str) -> str | None:
-    return None if len(value) == 40 and all(c in _Z85 for c in value) else "must be a 40-character z85 CURVE key"
-
-
-_Z85 = set("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#")
-
-
 def _loopback(address: str) -> bool:
     import ipaddress
     try:
@@ -554,7 +450,7 @@ def _loopback(address: str) -> bool:
 
 
 def _security(path: str, base: Path, table: dict, nodes: dict, secure: bool) -> tuple[SecuritySettings, dict]:
-    r = _Reader(path, "security", table)
+    r = Reader(path, "security", table)
     keys_dir = r.get("keys_dir", str, "keys")
     client_key = r.get("client_key", str, "")
     clients_table = r.get("clients", dict, {})
@@ -568,8 +464,8 @@ def _security(path: str, base: Path, table: dict, nodes: dict, secure: bool) -> 
                 nodes[name] = NodeSpec(spec.name, spec.host, spec.address, spec.port, spec.tags, key)
     clients: dict[str, tuple[str, str]] = {}
     for cname, entry in clients_table.items():
-        cr = _Reader(path, f"security.clients.{cname}", entry)
-        key = cr.get("public_key", str, "", _z85_key)
+        cr = Reader(path, f"security.clients.{cname}", entry)
+        key = cr.get("public_key", str, "", z85_key)
         role = cr.get("role", str, "client", lambda v: None if v in ("client", "admin") else "must be client or admin")
         cr.done()
         key = key or _public_key_file(path, f"security.clients.{cname}.public_key", keys_dir, cname)
@@ -589,7 +485,7 @@ def _public_key_file(path: str, key: str, keys_dir: str, name: str) -> str:
             for line in f:
                 if line.strip().startswith("public-key"):
                     value = line.split("=", 1)[1].strip().strip('"')
-                    if _z85_key(value) is None:
+                    if z85_key(value) is None:
                         return value
     except OSError:
         pass

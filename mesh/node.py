@@ -447,7 +447,7 @@ class Node:
 
     async def _hello(self, body: dict) -> None:
         sent_at = self.clock.now()
-        self._hellos_in_flight += 1
+        self.hello_sent()
         try:
             await self.caller.request(self.config.supervisor_node, Kind.HELLO, None, body, self.timing.dead_after_s)
         except CallError as err:
@@ -458,8 +458,18 @@ class Node:
             self.previous = None
             self.lease.granted(sent_at)
         finally:
-            self._hellos_in_flight -= 1
-            self._run_parked_starts()
+            self.hello_answered()
+
+    def hello_sent(self) -> None:
+        """A HELLO is on its way: until its answer comes, a START that finds no lease is
+        parked (the lease may come with that answer) instead of refused."""
+        self._hellos_in_flight += 1
+
+    def hello_answered(self) -> None:
+        """A HELLO's answer came (or it failed): the STARTs parked for it are handled now
+        (refused if no lease came), unless another HELLO is still under way."""
+        self._hellos_in_flight -= 1
+        self._run_parked_starts()
 
     def _run_parked_starts(self) -> None:
         """Handle the STARTs that came before the lease (now granted, or refused)."""

@@ -13,6 +13,8 @@ still uncommitted, in which case it waits for that commit too.
 A crash (an exception that is not a CallError) answers the caller with AgentCrashed,
 throws away what the handler did, keeps the last good state and the mailbox, and
 reports the exit to the supervisor, which decides whether and how to restart.
+
+The window and the requests that share an id are Runner's base class, in replies.py.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections import OrderedDict, deque
+from collections import deque
 from enum import StrEnum
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any, Callable, Protocol
@@ -31,7 +33,8 @@ from . import supervision, wire
 from .agent import Agent, CallContext, TimerRef
 from .caller import derived_id
 from .store import unpack_state
-from .errors import AgentCrashed, AgentDown, BadRequest, Busy, CallError, CallTimeout, error_to_wire, reused_id
+from .errors import AgentCrashed, AgentDown, BadRequest, Busy, CallError, CallTimeout
+from .replies import Replies, error_response, rerun
 from .wire import Kind
 
 if TYPE_CHECKING:
@@ -86,16 +89,17 @@ class Envelope:
         self.peer = peer  # the authenticated identity that delivered it (see Node.peer)
 
 
-class Runner:
+class Runner(Replies):
     __slots__ = (
         "node", "name", "kind", "args", "agent", "incarnation", "seq", "status", "mailbox",
-        "inflight", "window", "unsaved", "forgotten", "last_state", "pending_group", "effects", "stop_reason",
+        "inflight", "last_state", "pending_group", "effects", "stop_reason",
         "task", "started_at", "handled", "restarts", "_current_rid", "_parent", "_nested", "supervisor",
-        "interrupted", "replicas", "superseded", "durable", "_rollback_error", "time_base", "time_started",
-        "_running", "waiting", "since",
+        "interrupted", "replicas", "superseded", "durable", "_rollback_error",
+        "_running", "since",
     )
 
     def __init__(self, node: Host, name: str, kind: str, args: dict, incarnation: int):
+        super().__init__(node.clock)
         self.node, self.name, self.kind, self.args = node, name, kind, args
         self.incarnation = incarnation
         self.agent: Agent | None = None
@@ -103,15 +107,6 @@ class Runner:
         self.status = AgentStatus.STARTING
         self.mailbox: deque[Envelope] | None = None
         self.inflight: dict[str, list] = {}
-        # rid -> other requests under an id whose first request is in hand: they wait for
-        # it, since only a recorded reply can show the id is taken (see _release_waiting)
-        self.waiting: dict[str, list[Envelope]] = {}
-        # rid -> (response, agent time recorded, kept at least until, request digest)
-        self.window: OrderedDict[str, tuple[bytes, float, float, bytes | None]] = OrderedDict()
-        self.unsaved: list[tuple] = []  # replies recorded since the last commit (store.Reply)
-        self.time_base = 0.0            # agent time when this incarnation started ...
-        self.time_started = node.clock.now()  # ... and the node's clock then
-        self.forgotten: list[str] = []                     # aged out since the last commit
         self.last_state: bytes | None = msgpack.packb(None)  # None: not durable, read the store
         self.durable: tuple[int, bytes] | None = None  # (seq, state) of its last commit
         self._rollback_error: CallError | None = None    # set while a rollback cancels a handler
@@ -159,7 +154,7 @@ class Runner:
                 return
             joined = self.inflight.get(rid)
             if joined is not None:
-                if _rerun(env) or self._same_request(rid, msg.body):
+                if rerun(env) or self._same_request(rid, msg.body):
                     joined.append(env.origin)
                 else:
                     self._wait_for_first(env)
@@ -392,109 +387,12 @@ class Runner:
             self.seq += 1
             self.last_state = packed
 
-    def agent_now(self) -> float:
-        """The agent's own time: how long its incarnations have run, carried over from the
-        replies it recorded. Windows age by it, never by a host's wall clock, so a move to
-        a host whose clock is ahead expires nothing (and downtime only keeps replies longer)."""
-        return self.time_base + (self.clock.now() - self.time_started)
-
-    def resume_time(self, base: float) -> None:
-        self.time_base, self.time_started = base, self.clock.now()
-
-    def _record(self, env: Envelope, response: bytes) -> None:
-        """Keep the response for a repeat of the call's request id.
-
-        A reply is kept for `dedup_s` seconds of agent time. `dedup_window` bounds memory
-        only: past it the oldest replies go, but never one kept less than `dedup_min_s`
-        nor one whose caller may still be waiting for it (its deadline has not passed, or
-        it is not committed yet), so a retry within those bounds is always answered from
-        the record."""
-        window, limits = self.window, self.node.limits
-        if limits.dedup_window <= 0:
-            return
-        now = self.agent_now()
-        until = max(now + limits.dedup_min_s, now + (env.deadline - self.clock.now()))
-        rid = env.msg.id
-        entry = (response, now, until, wire.digest(env.msg.body))
-        window[rid] = entry
-        window.move_to_end(rid)
-        self.unsaved.append((rid, *entry))
-        oldest = now - limits.dedup_s
-        unsaved = None
-        while window:
-            first, (_, t, kept_until, _) = next(iter(window.items()))
-            if t >= oldest and (len(window) <= limits.dedup_window or kept_until > now):
-                break
-            if unsaved is None:
-                unsaved = {r[0] for r in self.unsaved}
-            if first in unsaved:
-                break  # not even committed: its caller has not seen it
-            window.popitem(last=False)
-            self.forgotten.append(first)
-
-    def take_replies(self) -> tuple[list, list]:
-        """The replies recorded and forgotten since the last commit (for the next one)."""
-        unsaved, forgotten = self.unsaved, self.forgotten
-        self.unsaved, self.forgotten = [], []
-        return unsaved, forgotten
-
-    def _replay(self, env: Envelope, recorded: tuple) -> bytes:
-        """The answer to a repeat of a recorded request id: the recorded response, or a
-        refusal when the repeat asks for something else (an id names one request)."""
-        digest = recorded[3]
-        if digest is None or _rerun(env) or digest == wire.digest(env.msg.body):
-            self.node.stats["replayed"] += 1
-            return recorded[0]
-        return error_response(reused_id(env.msg.id))
-
-    def _same_request(self, rid: str, body: Any) -> bool:
-        """Whether a repeat of `rid` that arrives while the first is queued or in hand asks
-        for the same thing (compared only in this rare case)."""
-        for env in (*self._running, *(self.mailbox or ())):
-            if env.msg.id == rid:
-                return env.msg.body == body
-        return True
-
     def _answer(self, env: Envelope, response: bytes) -> None:
         rid = env.msg.id
         origins = self.inflight.pop(rid, None) or [env.origin]
         self.node.commits.send_response(self, origins, rid, response)
         if self.waiting:
             self._release_waiting(rid)
-
-    def _wait_for_first(self, env: Envelope) -> None:
-        """Another request under the id of one in hand: it may be refused only once the
-        first has recorded a reply (a refusal resting on a request that then crashes would
-        stand while a later copy of the refused request runs), so it waits for that."""
-        if sum(map(len, self.waiting.values())) >= self.node.limits.mailbox:
-            self.node.stats["mailbox_full"] += 1
-            err = Busy(f"mailbox of {self.name!r} is full ({self.node.limits.mailbox})")
-            self.node.commits.send_response(self, [env.origin], env.msg.id, error_response(err))
-            return
-        self.waiting.setdefault(env.msg.id, []).append(env)
-
-    def _release_waiting(self, rid: str) -> None:
-        """The first request under `rid` was answered. If it recorded a reply, each waiting
-        request is a repeat or a refusal, sent once that reply is committed; if not, the
-        id is free and the next in line goes first in the mailbox as if it came now."""
-        waiting = self.waiting.pop(rid, None)
-        if not waiting:
-            return
-        recorded = self.window.get(rid)
-        if recorded is not None:
-            for env in waiting:
-                self.node.commits.send_response(self, [env.origin], rid, self._replay(env, recorded))
-            return
-        first = waiting[0]
-        self.inflight[rid] = [first.origin]
-        if self.mailbox is None:
-            self.mailbox = deque()
-        self.mailbox.appendleft(first)
-        for env in waiting[1:]:
-            if env.msg.body == first.msg.body:
-                self.inflight[rid].append(env.origin)
-            else:
-                self.waiting.setdefault(rid, []).append(env)
 
     def _crash(self, envs: list[Envelope], exc: BaseException, how: str) -> None:
         reason = f"{type(exc).__name__}: {exc}"[:500]
@@ -616,15 +514,3 @@ class Runner:
 
     async def spawn_out(self, name: str, kind: str, args: dict, restart: str, supervisor: str | None = None) -> dict:
         return await self.node.spawn_via_supervisor(name, kind, args, restart, self._next_rid(), supervisor)
-
-
-def _rerun(env: Envelope) -> bool:
-    """A call an agent makes again because the handler that made it runs again (after a
-    crash or a move): its id is derived (see derived_id) and it comes from a mesh node.
-    Its body may differ (a handler need not be deterministic); the recorded reply is its
-    answer all the same, which is what makes the nested effect happen once."""
-    return ">" in env.msg.id and (env.peer is None or env.peer.startswith("node:"))
-
-
-def error_response(err: CallError) -> bytes:
-    return wire.ERROR_TAG + msgpack.packb(error_to_wire(err))

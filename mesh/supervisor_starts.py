@@ -280,3 +280,29 @@ class Starts:
             await self.node.caller.request(node, Kind.TERMINATE, name, body, self.config.timing.call_timeout_s)
         except CallError as err:
             log.warning("supervisor: terminating %s on %s: %s", name, node, err)
+
+    # --- public seams: one step of the above at a time, for tests and tools --------------------
+
+    def place_pending(self) -> None:
+        """One placement pass now, as each heartbeat tick and a node's hello make: start
+        every child that should run and is not, and move what full disks hold."""
+        self._place_pending()
+
+    def full_hosts(self) -> set[str]:
+        """Hosts whose disk is full, as their live nodes last said: placed on last."""
+        return self._full_hosts()
+
+    def sources(self, child: Child, host: str) -> list[list[str]] | None:
+        """Where a start of `child` on `host` would read its newest state (placement.sources):
+        one group of live nodes per holder set without `host`; None if a set has none."""
+        return self._sources(child, host)
+
+    async def note_holders(self, child: Child, hosts: tuple[str, ...]) -> bool:
+        """Record, as a START about to leave does, that `hosts` may hold `child`'s newest
+        state; False if that could not be committed."""
+        return await self._note_holders(child, hosts)
+
+    def placed(self, child: Child, host: str, replicas: tuple[str, ...]) -> None:
+        """Record, as a confirmed START does, that `child`'s state lives on `host` and
+        `replicas` alone."""
+        self._placed(child, host, replicas)

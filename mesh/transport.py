@@ -36,6 +36,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from . import wire
+from .backlogs import Backlogs, bytes_received
 from .errors import Busy
 
 log = logging.getLogger("mesh.transport")
@@ -63,9 +64,6 @@ BATCH_BYTES = 256 * 1024    # ... of at most this many frames and bytes
 TURN_BUDGET_S = 0.02        # a socket's drain yields to the loop after this long
 HANDSHAKE_IVL_MS = 3000     # a connection that has not finished its handshake by then is closed
 OUT_LIMIT = 64 << 20        # answers queued for one peer that does not read them (bytes)
-LOOK_EVERY = 256 << 10      # bytes sent to a peer between looks at its connection's send queue
-_TCPI_BYTES_ACKED = 120     # Linux: offsets in struct tcp_info (4.1+): bytes the peer acknowledged ...
-_TCPI_BYTES_RECEIVED = 128  # ... and bytes received from it
 PARTIAL_LIMIT = 64 << 20    # bytes a connection may hold unread or unfinished before it is cut
 
 _NOBLOCK = int(zmq.NOBLOCK)  # plain ints: pyzmq's enum flags cost a conversion per call
@@ -199,7 +197,7 @@ class Listener:
         self.sent = self.dropped = self.unread_dropped = 0
         self._identities: dict[bytes, str] = {}
         self.out_limit = out_limit
-        self._out = _Backlogs(out_limit)
+        self._out = Backlogs(out_limit, IDENTITY_CACHE)
         self._on_request = on_request
         self._drain = _Drain(s, self._read, batch, serve)
         # the connections' descriptors (from the monitor), to bound what a peer may leave
@@ -308,7 +306,7 @@ class Listener:
         """Cut connections that hold too much unfinished: bytes received from the peer that
         never became a whole message. Called a few times a second by the node."""
         for fd, (delivered, messages) in list(self._conns.items()):
-            received = _bytes_received(fd)
+            received = bytes_received(fd)
             if received is None:
                 self._conns.pop(fd, None)
                 continue
@@ -332,92 +330,6 @@ class Listener:
         if not self.sock.closed:
             self.flush()
         _close_watched(self.sock, self._drain, self._monitor, self._monitor_drain, 0)
-
-
-def _bytes_received(fd: int) -> int | None:
-    """tcpi_bytes_received of a TCP connection (Linux), None if it is gone or not TCP."""
-    return _tcp_info(fd, _TCPI_BYTES_RECEIVED)
-
-
-class _Backlogs:
-    """How far each peer has fallen behind in reading its answers, so a peer that never
-    reads cannot make the node queue answers without bound (ZeroMQ bounds its queues in
-    messages, not bytes, and an answer may be megabytes).
-
-    Per connection: the bytes of answers handed to ZeroMQ, against the bytes the peer's
-    TCP has acknowledged (TCP_INFO); the difference waits in ZeroMQ or in the kernel. Past
-    `limit` bytes, answers to that peer are dropped (counted) and its requests left unread,
-    until it catches up. The connection's descriptor comes with each message (ZMQ_SRCFD)."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.fds: dict[bytes, int] = {}
-        # route -> [bytes handed to ZeroMQ since the last look, bytes handed in all, acked at the start]
-        self.conns: dict[bytes, list[int]] = {}
-        self.over: set[bytes] = set()  # routes whose answers were refused: looked at when they send
-
-    def learn(self, route: bytes, payload: zmq.Frame) -> bool:
-        """Note the connection of `route`; True when its requests are to be left unread."""
-        if route not in self.fds:
-            if len(self.fds) >= IDENTITY_CACHE:
-                old = next(iter(self.fds))
-                self.fds.pop(old)
-                self.conns.pop(old, None)
-                self.over.discard(old)
-            try:
-                fd = payload.get(zmq.SRCFD)
-            except zmq.ZMQError:
-                fd = -1
-            self.fds[route] = fd
-            acked = _tcp_info(fd, _TCPI_BYTES_ACKED) if fd >= 0 else None
-            if acked is not None and self.limit > 0:
-                self.conns[route] = [0, 0, acked]
-        if route not in self.over:  # the usual case: no look at the connection per message
-            return False
-        entry = self.conns.get(route)
-        if entry is None or self._behind(route, entry) + LOOK_EVERY <= self.limit:
-            self.over.discard(route)  # it caught up (or is gone): room for answers again
-            return False
-        return True
-
-    def may_send(self, route: bytes, size: int) -> bool:
-        entry = self.conns.get(route)
-        if entry is None:
-            return True
-        entry[0] += size
-        if entry[0] < LOOK_EVERY:
-            entry[1] += size
-            return True
-        entry[0] = 0
-        if self._behind(route, entry) + size > self.limit:
-            self.over.add(route)
-            return False  # not handed over: not counted
-        entry[1] += size
-        return True
-
-    def _behind(self, route: bytes, entry: list[int]) -> int:
-        acked = _tcp_info(self.fds.get(route, -1), _TCPI_BYTES_ACKED)
-        if acked is None:  # the connection is gone (or its descriptor was reused)
-            self.conns.pop(route, None)
-            self.over.discard(route)
-            return 0
-        return entry[1] - (acked - entry[2])
-
-
-def _tcp_info(fd: int, offset: int) -> int | None:
-    """One unsigned 64-bit field of a TCP connection's tcp_info (Linux), None if it is
-    gone or not TCP (ipc, inproc)."""
-    if fd < 0:
-        return None
-    try:
-        sock = socket.socket(fileno=fd)
-        try:
-            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
-        finally:
-            sock.detach()
-    except OSError:
-        return None
-    return struct.unpack_from("Q", info, offset)[0] if len(info) >= offset + 8 else None
 
 
 class Link:

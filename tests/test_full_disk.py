@@ -124,7 +124,7 @@ async def test_with_one_host_left_with_room_agents_stay_where_they_are(tmp_path)
     with pytest.raises(Unavailable, match="disk full"):
         await m.call(name, {"op": "append", "value": "lost"}, request_id="lost-1", timeout=1)
     await c.advance(1.0)
-    assert c.role._full_hosts() == {first, second}
+    assert c.role.full_hosts() == {first, second}
     assert {n: (ch.node, ch.incarnation) for n, ch in c.role.children.items()} == before
     assert all(ch.status == "running" for ch in c.role.children.values())
     for n in sorted(c.role.children):

@@ -43,16 +43,16 @@ async def test_an_unanswered_start_counts_where_the_state_may_be_until_a_start_i
     other = next(h for h in c.cfg.hosts if h not in first)
     # a START to `other` with `replica` as its copy leaves, and its answer never comes back:
     # a later start on `home` must not take its own store for the newest state
-    assert await c.role._note_holders(child, (other, replica))
+    assert await c.role.note_holders(child, (other, replica))
     node_of = {spec.host: name for name, spec in c.cfg.nodes.items()}
-    assert c.role._sources(child, home) == [sorted([node_of[other], node_of[replica]])]
-    assert c.role._sources(child, replica) == []  # in every set: its own store has the newest
+    assert c.role.sources(child, home) == [sorted([node_of[other], node_of[replica]])]
+    assert c.role.sources(child, replica) == []  # in every set: its own store has the newest
 
     await c.restart(c.cfg.supervisor_node)  # the record outlives the supervisor
     await c.role.ready_event.wait()
     assert c.role.children["x"].holders == [first, (other, replica)]
 
-    c.role._placed(c.role.children["x"], other, (replica,))  # a START confirmed: that set alone
+    c.role.placed(c.role.children["x"], other, (replica,))  # a START confirmed: that set alone
     assert c.role.children["x"].holders == [(other, replica)]
     await c.close()
 

@@ -152,14 +152,13 @@ async def test_a_start_that_overtakes_the_lease_waits_for_it(tmp_path):
     c = await cluster(tmp_path)
     node = next(n for name, n in c.nodes.items() if name != c.cfg.supervisor_node)
     node.lease.revoke()
-    node._hellos_in_flight += 1           # as if its HELLO's answer were still on its way
+    node.hello_sent()                     # as if its HELLO's answer were still on its way
     body = {"kind": "counter", "incarnation": 7_000_000_001, "replicas": [], "sources": []}
     start = asyncio.ensure_future(c.role.node.caller.request(node.name, Kind.START, "early", body, 5))
     await c.settle()
     assert not start.done() and "early" not in node.runners
-    node._hellos_in_flight -= 1           # the answer arrives: lease granted
-    node.lease.granted(c.clock.now())
-    node._run_parked_starts()
+    node.lease.granted(c.clock.now())     # the answer arrives: lease granted
+    node.hello_answered()
     assert (await c.run(start))["incarnation"] == 7_000_000_001
     assert node.serving() and "early" in node.runners
 

@@ -35,7 +35,7 @@ async def test_a_placement_pass_during_a_spawn_starts_no_second_incarnation(tmp_
             break
         await asyncio.sleep(0)
     assert "x" in c.role.children and c.role.children["x"].node is None
-    c.role._place_pending()  # a heartbeat tick (or a node's hello) lands here
+    c.role.place_pending()  # a heartbeat tick (or a node's hello) lands here
     placed = await c.run(spawn)
     await c.settle()
     child = c.role.children["x"]
