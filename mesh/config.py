@@ -15,6 +15,7 @@ import dataclasses
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from .control_settings import ControlSettings, control_settings
 from .errors import ConfigError
 from .schema import (Reader, between, field_type, host_address, mesh_name, non_negative, positive, tables,
                      z85_key)
@@ -197,6 +198,7 @@ class Config:
     llm: LLMSettings = LLMSettings()
     secure: bool = False
     security: SecuritySettings = SecuritySettings()
+    control: ControlSettings | None = None  # [control]: etcd behind leadership and leases (G8)
 
     def host_dir(self, host: str) -> str:
         return os.path.join(self.data_dir, host)
@@ -251,6 +253,12 @@ def parse(raw: dict, path: str = "<config>") -> Config:
     agents = _agents(path, top, kinds, hosts)
     tree = _complete_tree(path, tree, agents, dynamic_name)
     llm = _llm_settings(path, top.get("llm", dict, {}))
+    control = control_settings(path, base, top.get("control", dict, None), name, hosts, nodes)
+    if control is not None:
+        if "node" in (raw.get("supervisor") or {}):
+            raise ConfigError(path, "supervisor.node", "with [control] the supervisor is elected among "
+                              "control.candidates: leave this out")
+        supervisor_node = control.candidates[0]  # the first to ask; any node passes requests on to the leader
     security, nodes = _security(path, base, top.get("security", dict, {}), nodes, secure)
     if not secure:
         exposed = sorted(h.name for h in hosts.values() if not _loopback(h.address))
@@ -262,7 +270,7 @@ def parse(raw: dict, path: str = "<config>") -> Config:
         path=str(Path(path).resolve()), name=name, data_dir=data_dir, timing=timing, limits=limits,
         store=store, launcher=launcher, kinds=kinds, hosts=hosts, nodes=nodes,
         supervisor_node=supervisor_node, dynamic_supervisor=dynamic_name, tree=tree,
-        agents=agents, llm=llm, secure=secure, security=security,
+        agents=agents, llm=llm, secure=secure, security=security, control=control,
     )
 
 

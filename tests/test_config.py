@@ -168,3 +168,83 @@ def test_the_stand_in_is_started_only_on_loopback(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"llm.stand_in: needs a base_url on loopback"):
         load(tmp_path, BASE + '[llm]\nbase_url = "https://api.example.com/v1"\nstand_in = true\n')
     assert load(tmp_path, BASE + '[llm]\nbase_url = "https://api.example.com/v1"\n').llm.stand_in_address() is None
+
+
+# --- [control]: etcd behind leadership and leases ----------------------------------------------
+
+THREE_HOSTS = """
+[kinds]
+counter = "nodes.counter:Counter"
+
+[hosts.h1]
+address = "127.0.0.1"
+[hosts.h2]
+address = "127.0.0.2"
+[hosts.h3]
+address = "127.0.0.3"
+
+[nodes.n1]
+host = "h1"
+port = 7001
+[nodes.n2]
+host = "h1"
+port = 7002
+[nodes.n3]
+host = "h2"
+port = 7003
+[nodes.n4]
+host = "h3"
+port = 7004
+"""
+
+
+def _control(tmp_path, text):
+    path = tmp_path / "c.toml"
+    path.write_text(textwrap.dedent(BASE + text))
+    return config.load(path)
+
+
+def test_no_control_section_means_no_etcd(tmp_path):
+    assert load(tmp_path, BASE).control is None
+
+
+def test_control_members_run_here_give_endpoints_and_candidates(tmp_path):
+    cfg = _control(tmp_path, '\n[control]\nmembers = ["h1"]\nclient_port = 23790\npeer_port = 23791\n')
+    c = cfg.control
+    assert c.endpoints == ("http://127.0.0.1:23790",) and c.members == ("h1",)
+    assert c.candidates == ("n1",)           # the first node of each host
+    assert cfg.supervisor_node == "n1"
+    assert c.prefix == "mesh/c/" and c.lease_s == 1 and not c.tls
+
+
+def test_control_candidates_default_to_one_node_per_host(tmp_path):
+    cfg = load(tmp_path, THREE_HOSTS + '\n[control]\nmembers = ["h1", "h2", "h3"]\n')
+    assert cfg.control.candidates == ("n1", "n3", "n4")
+    assert cfg.control.endpoints == ("http://127.0.0.1:2379", "http://127.0.0.2:2379", "http://127.0.0.3:2379")
+
+
+@pytest.mark.parametrize("text, key, words", [
+    ('endpoints = ["http://127.0.0.1:2379"]\nmembers = ["h1"]', "control", "not both"),
+    ('lease_s = 1', "control", "either endpoints"),
+    ('members = ["h9"]', "control.members", "no host named 'h9'"),
+    ('members = ["h1"]\ncandidates = ["n9"]', "control.candidates", "no node named 'n9'"),
+    ('members = ["h1"]\nlease_s = 0', "control.lease_s", "at least 1"),
+    ('members = ["h1"]\nelection_ms = 1000', "control.lease_s", "1.5 x election_ms"),
+    ('members = ["h1"]\nheartbeat_ms = 100', "control.election_ms", "5 x heartbeat_ms"),
+    ('members = ["h1"]\nclient_port = 2380', "control.peer_port", "must differ"),
+    ('members = ["h1"]\nca = "ca.pem"', "control", "all of ca, cert and key"),
+    ('endpoints = ["http://10.1.2.3:2379"]', "control.endpoints", "unencrypted"),
+    ('endpoints = ["https://10.1.2.3:2379"]', "control.endpoints", "needs ca, cert and key"),
+    ('endpoints = ["etcd:2379"]', "control.endpoints", "not an http(s) URL"),
+    ('members = ["h1"]\nlease = 3', "control.lease", "unknown key"),
+])
+def test_control_mistakes_name_the_key(tmp_path, text, key, words):
+    with pytest.raises(ConfigError) as err:
+        _control(tmp_path, "\n[control]\n" + text + "\n")
+    assert err.value.key == key and words in str(err.value), str(err.value)
+
+
+def test_control_leaves_no_place_for_a_fixed_supervisor(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        _control(tmp_path, '\n[supervisor]\nnode = "n2"\n\n[control]\nmembers = ["h1"]\n')
+    assert err.value.key == "supervisor.node" and "elected" in str(err.value)
