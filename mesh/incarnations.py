@@ -357,6 +357,6 @@ class Incarnations:
         body = {"name": runner.name, "incarnation": runner.incarnation, "how": how,
                 "reason": reason if isinstance(reason, str) else repr(reason)[:500], "node": self.node.name}
         try:
-            self.node.send(self.node.config.supervisor_node, wire.encode(Kind.EXIT, None, None, f"node:{self.node.name}", None, body))
+            self.node.send(self.node.supervisor_node, wire.encode(Kind.EXIT, None, None, f"node:{self.node.name}", None, body))
         except CallError as err:
             log.warning("could not report the exit of %s: %s", runner.name, err)

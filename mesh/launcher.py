@@ -9,8 +9,9 @@ and how it ended, so its agents are put back with no wait for heartbeats. Too ma
 restarts within the configured period and it gives up on that node.
 
 With `[llm] stand_in = true` and nothing answering at the loopback `base_url`, it also
-starts the stand-in model server (scripts/llm_server.py) there before the nodes, says
-so in one line, restarts it if it dies, and stops it after the nodes.
+starts the stand-in model server (scripts/llm_server.py) there before the nodes; with
+[control] members naming its host, it starts this host's etcd member. Each says so in
+one line, is restarted if it dies, and stops after the nodes (`sidecars`).
 
 Each child runs in its own session (its process group is killed as a whole) and holds
 one end of a socket pair: it writes status lines ("ready ...", "supervisor-ready") into
@@ -25,14 +26,11 @@ import os
 import select
 import signal
 import socket
-import sys
-import subprocess
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
-from . import supervision
+from . import sidecars, supervision
 from .config import Config
 
 log = logging.getLogger("mesh.launcher")
@@ -67,7 +65,7 @@ class Launcher:
     _helpers: list[int] = field(default_factory=list)
     mesh_ready: bool = False     # the supervisor started the tree (once)
     start_failed: str = ""       # the tree could not start: `mesh up` exits 1
-    stand_in: "StandIn | None" = None  # the stand-in model server this launcher started
+    sidecars: list = field(default_factory=list)  # the stand-in model server, this host's etcd member
 
     def preimport(self) -> None:
         """Import what nodes need, so a forked child starts with it loaded."""
@@ -102,7 +100,7 @@ class Launcher:
             signal.signal(sig, lambda s, f: stopping.append(s))
         signal.signal(signal.SIGCHLD, lambda s, f: None)  # deaths are read from pidfds
         self._wake_fds = (wake_r, wake_w)
-        self._start_stand_in()
+        self._start_sidecars()
         for node in self.nodes:
             self.children[node] = Child(node)
             self._fork(self.children[node])
@@ -116,9 +114,10 @@ class Launcher:
                         if fd >= 0 and fd not in self._registered:
                             self._poller.register(fd, select.POLLIN)
                             self._registered.add(fd)
-                if self.stand_in is not None and self.stand_in.pidfd >= 0 and self.stand_in.pidfd not in self._registered:
-                    self._poller.register(self.stand_in.pidfd, select.POLLIN)
-                    self._registered.add(self.stand_in.pidfd)
+                for sidecar in self.sidecars:
+                    if sidecar.pidfd >= 0 and sidecar.pidfd not in self._registered:
+                        self._poller.register(sidecar.pidfd, select.POLLIN)
+                        self._registered.add(sidecar.pidfd)
                 if self.cannot_start:
                     self.say("a node cannot start as configured; stopping")
                     return 2
@@ -133,9 +132,10 @@ class Launcher:
                     if fd == wake_r:
                         _drain(wake_r)
                         continue
-                    if self.stand_in is not None and fd == self.stand_in.pidfd:
+                    dead = next((sc for sc in self.sidecars if sc.pidfd == fd), None)
+                    if dead is not None:
                         self._forget_fd(fd)
-                        self._restart_stand_in()
+                        self._restart_sidecar(dead)
                         continue
                     for child in list(self.children.values()):
                         if fd == child.pidfd:
@@ -147,54 +147,42 @@ class Launcher:
             return 0
         finally:
             self.stop()
-            self._stop_stand_in()
+            self._stop_sidecars()
             signal.set_wakeup_fd(-1)
             os.close(wake_r)
             os.close(wake_w)
 
-    # --- the stand-in model server ---------------------------------------------------------------
+    # --- sidecars: the stand-in model server, this host's etcd member ----------------------------
 
-    def _start_stand_in(self) -> None:
-        """Start scripts/llm_server.py at [llm] base_url when the config asks for it and
-        nothing answers there; one line says what happened."""
-        llm = self.config.llm
-        address = llm.stand_in_address()
-        if not llm.stand_in or address is None or _answers(*address):
-            return
-        script = STAND_IN_SCRIPT
-        if not script.exists():
-            self.say(f"llm: nothing answers at {llm.base_url}, and the stand-in ({script.name}) is not here; "
-                     "agents that use the model get LLMError (see docs/troubleshooting.md)")
-            return
-        self.stand_in = StandIn([sys.executable, str(script), "--host", address[0], "--port", str(address[1])])
-        why = self.stand_in.start()
+    def _start_sidecars(self) -> None:
+        """Start what runs beside the nodes (each says in one line what happened)."""
+        host = self.config.nodes[self.nodes[0]].host if self.nodes else None
+        for sidecar in (sidecars.stand_in(self.config), sidecars.etcd_for_host(self.config, host) if host else None):
+            if isinstance(sidecar, str):
+                self.say(sidecar)
+            elif sidecar is not None:
+                why = sidecar.start()
+                if why:
+                    self.say(f"{sidecar.label} did not start: {why}")  # the nodes start all the same
+                    continue
+                self.sidecars.append(sidecar)
+                self.say(sidecar.started())
+
+    def _restart_sidecar(self, sidecar: sidecars.Sidecar) -> None:
+        code = sidecar.reap()
+        allowed, sidecar.history = supervision.allow_restart(
+            sidecar.history, time.monotonic(), self.config.launcher.max_restarts, self.config.launcher.period_s)
+        why = sidecar.start() if allowed else "it exited too often"
         if why:
-            self.say(f"llm: the stand-in model server did not start at {llm.base_url}: {why}")
-            self.stand_in = None
+            self.say(f"{sidecar.label} (pid {sidecar.pid}) exited ({code}); not restarted: {why}")
+            self.sidecars.remove(sidecar)
             return
-        self.say(f"llm: nothing answered at {llm.base_url}; started the stand-in model server there "
-                 f"(scripts/llm_server.py, pid {self.stand_in.pid})")
+        self.say(f"{sidecar.label} exited ({code}); restarted (pid {sidecar.pid})")
 
-    def _restart_stand_in(self) -> None:
-        stand_in = self.stand_in
-        code = stand_in.reap()
-        allowed, stand_in.history = supervision.allow_restart(
-            stand_in.history, time.monotonic(), self.config.launcher.max_restarts, self.config.launcher.period_s)
-        if not allowed:
-            self.say(f"llm: the stand-in model server (pid {stand_in.pid}) exited ({code}) too often; not restarting it")
-            self.stand_in = None
-            return
-        why = stand_in.start()
-        if why:
-            self.say(f"llm: the stand-in model server could not be restarted: {why}")
-            self.stand_in = None
-            return
-        self.say(f"llm: the stand-in model server exited ({code}); restarted (pid {stand_in.pid})")
-
-    def _stop_stand_in(self) -> None:
-        if self.stand_in is not None:
-            self.stand_in.stop()
-            self.stand_in = None
+    def _stop_sidecars(self) -> None:
+        for sidecar in reversed(self.sidecars):
+            sidecar.stop()
+        self.sidecars.clear()
 
     # --- children -------------------------------------------------------------------------------
 
@@ -234,11 +222,12 @@ class Launcher:
                         os.close(fd)
                     except OSError:
                         pass
-        if self.stand_in is not None and self.stand_in.pidfd >= 0:
-            try:
-                os.close(self.stand_in.pidfd)
-            except OSError:
-                pass
+        for sidecar in self.sidecars:
+            if sidecar.pidfd >= 0:
+                try:
+                    os.close(sidecar.pidfd)
+                except OSError:
+                    pass
         for fd in getattr(self, "_wake_fds", ()):
             try:
                 os.close(fd)
@@ -381,62 +370,6 @@ class Launcher:
                     if child.control is not None:
                         child.control.close()
                         child.control = None
-
-
-STAND_IN_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "llm_server.py"
-STAND_IN_START_S = 10.0
-
-
-@dataclass
-class StandIn:
-    """The stand-in model server as a child process of the launcher."""
-    argv: list[str]
-    proc: subprocess.Popen | None = None
-    pidfd: int = -1
-    history: tuple[float, ...] = ()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid if self.proc else 0
-
-    def start(self) -> str:
-        """Start it and wait for its "listening on" line; returns why it failed, or ''."""
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     start_new_session=True)
-        self.pidfd = os.pidfd_open(self.proc.pid)
-        ready, _, _ = select.select([self.proc.stdout], [], [], STAND_IN_START_S)
-        line = self.proc.stdout.readline().decode(errors="replace").strip() if ready else ""
-        self.proc.stdout.close()  # it prints nothing after that line
-        if not line.startswith("listening on "):
-            self.stop()
-            if line:
-                return line
-            return f"it exited with code {self.proc.returncode}" if ready else f"no answer within {STAND_IN_START_S:g}s"
-        return ""
-
-    def reap(self) -> int:
-        code = self.proc.wait()
-        os.close(self.pidfd)
-        self.pidfd = -1
-        return code
-
-    def stop(self) -> None:
-        if self.proc is None or self.pidfd < 0:
-            return
-        _signal_group(self.proc.pid, signal.SIGTERM)
-        ready, _, _ = select.select([self.pidfd], [], [], 5.0)
-        if not ready:
-            _signal_group(self.proc.pid, signal.SIGKILL)
-        self.reap()
-
-
-def _answers(host: str, port: int) -> bool:
-    """Whether something accepts TCP connections at host:port."""
-    try:
-        with socket.create_connection((host, port), timeout=1.0):
-            return True
-    except OSError:
-        return False
 
 
 def _tell(control: socket.socket, line: bytes) -> bool:

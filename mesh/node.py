@@ -30,6 +30,7 @@ from .config import Config, NodeSpec
 from .errors import AgentDown, CallError, Moved, NoSuchAgent, ProtocolError, Unavailable, error_to_wire
 from .incarnations import Incarnations
 from .intake import Intake
+from .controlplane import ControlPlane
 from .lease import Lease
 from .names import Names, NodeResolver
 from .replication import Replication
@@ -92,7 +93,15 @@ class Node:
         self._hellos_in_flight = 0
         self._parked_starts: list[tuple[wire.Msg, Origin]] = []  # STARTs waiting for this node's lease
         self._last_hello = -1e9
-        self.lease = Lease(self.clock, config.timing.lease_s)
+        # with [control] the lease is this node's own, in etcd (controlplane.py); else the supervisor's
+        self.control = ControlPlane(self, config.control) if config.control is not None else None
+        self.lease = self.control.lease if self.control is not None else Lease(self.clock, config.timing.lease_s)
+        self.on_elected: Callable[[Any], None] | None = None  # hosts the supervisor role once elected (serve.py)
+        if self.control is not None:
+            for kind in (Kind.START, Kind.TERMINATE, Kind.INVENTORY, Kind.REGISTRY):
+                self.handlers[kind] = self._fenced(self.handlers[kind])
+            for kind in (Kind.HELLO, Kind.HEARTBEAT, Kind.EXIT, Kind.GOODBYE):  # until elected (add_role)
+                self.handlers[kind] = self._to_the_leader
         self._renewing = 0
         self._renewals = 0
         self._drops = 0  # times this boot dropped its agents when its lease lapsed (said in hellos)
@@ -113,7 +122,10 @@ class Node:
         bind = self.endpoint
         self.listener = self.network.listen(bind, self.intake.on_request, self.intake.serve)
         self._every(self.timing.heartbeat_s, self._tick)
-        self.say_hello()
+        if self.control is not None:
+            self.control.start()  # a hello follows the lease
+        else:
+            self.say_hello()
         self.notify(f"ready {self.name} {os.getpid()} {self.boot}")
         log.info("node %s listening on %s (boot %s)", self.name, bind, self.boot)
 
@@ -149,6 +161,53 @@ class Node:
         self.supervisor = role
         self.handlers.update(handlers)
         self._spawn(role.start())
+
+    @property
+    def supervisor_node(self) -> str:
+        """Where the supervisor runs now: the elected leader with [control], else the
+        config's supervisor node (also while no leader is known: a node passes requests on)."""
+        if self.control is not None and self.control.leader is not None:
+            return self.control.leader
+        return self.config.supervisor_node
+
+    def lead(self, records) -> None:
+        """This node was elected (control plane): host the supervisor role, keeping its
+        records in etcd."""
+        if self.on_elected is None:
+            log.error("node %s: elected, but this process cannot host the supervisor role", self.name)
+            return
+        self.on_elected(records)
+
+    def leader_changed(self) -> None:
+        """Another node leads now: say hello to it (it learns this node's agents, and this
+        node its registry)."""
+        self._hello_acked = False
+        self._last_hello = -1e9
+        if self.lease.valid():
+            self.say_hello()
+
+    def lease_taken(self) -> None:
+        """A new lease from etcd: tell the leader (a node that dropped its agents says so)."""
+        self.leader_changed()
+        self._run_parked_starts()
+
+    def _to_the_leader(self, msg: wire.Msg, origin: Origin) -> None:
+        """A message for the supervisor reached a node that does not lead (the sender's view
+        of the leader is behind): an EXIT goes on to the leader; a request is refused."""
+        leader = self.supervisor_node
+        if msg.kind == Kind.EXIT:  # passed on once (two stale views must not bounce it); audits find the rest
+            if leader != self.name and not (msg.meta or {}).get("passed"):
+                self.send(leader, wire.encode(msg.kind, msg.id, msg.target, msg.sender, msg.ttl_ms, msg.body,
+                                              {**(msg.meta or {}), "passed": True}))
+            return
+        raise Unavailable(f"node {self.name} does not lead; {leader if leader != self.name else 'no node'} does "
+                          "as far as it knows")
+
+    def _fenced(self, handler: Callable[[wire.Msg, Origin], None]) -> Callable[[wire.Msg, Origin], None]:
+        def fenced(msg: wire.Msg, origin: Origin) -> None:
+            self.control.check_term(msg)
+            handler(msg, origin)
+        return fenced
 
     def pause(self) -> None:
         """Stop the node's timed work, as SIGSTOP does (tests freeze a node so)."""
@@ -202,17 +261,17 @@ class Node:
     def serving(self) -> bool:
         """Whether this node may serve its agents now. A lapsed lease drops them all first.
 
-        The supervisor's own node holds no lease: only the supervisor moves agents, so
-        nothing can have replaced its agents while its loop stood still."""
-        if self.supervisor is not None or self.lease.valid():
+        Without [control] the supervisor's own node holds no lease: only the supervisor
+        moves agents, so nothing can have replaced its agents while its loop stood still."""
+        if (self.supervisor is not None and self.control is None) or self.lease.valid():
             return True
         if self.runners:
             self._lease_lapsed()
         return False
 
     def _lease_lapsed(self) -> None:
-        log.warning("node %s: lease lapsed (no word from the supervisor): dropping %d agents",
-                    self.name, len(self.runners))
+        log.warning("node %s: lease lapsed (no word from %s): dropping %d agents",
+                    self.name, "etcd" if self.control is not None else "the supervisor", len(self.runners))
         self.stats["lease_lapses"] += 1
         for runner in list(self.runners.values()):
             self.incarnations.drop(runner, lambda: AgentDown("its node lost its lease"))
@@ -235,7 +294,7 @@ class Node:
         if self.commits.store_full:
             body["store_full"] = True
         try:
-            answer = await self.caller.request(self.config.supervisor_node, Kind.HEARTBEAT, None, body,
+            answer = await self.caller.request(self.supervisor_node, Kind.HEARTBEAT, None, body,
                                                self.timing.lease_s)
         except CallError as err:
             log.debug("node %s: lease renewal: %s", self.name, err)
@@ -243,7 +302,8 @@ class Node:
         finally:
             self._renewing -= 1
         if answer.get("known"):
-            self.lease.granted(sent_at)
+            if self.control is None:
+                self.lease.granted(sent_at)
         else:  # the supervisor does not know this boot (it restarted, or declared us dead)
             self._hello_acked = False
             self.say_hello()
@@ -267,9 +327,11 @@ class Node:
         await self.commits.drain()
         if self._llm is not None:
             await self._llm.aclose()
-        if self.name != self.config.supervisor_node:
+        if self.control is not None:
+            await self.control.stop()
+        if self.name != self.supervisor_node:
             try:
-                await self.caller.request(self.config.supervisor_node, Kind.GOODBYE, None,
+                await self.caller.request(self.supervisor_node, Kind.GOODBYE, None,
                                           {"node": self.name, "boot": self.boot}, 1.0)
             except CallError:
                 pass
@@ -449,14 +511,15 @@ class Node:
         sent_at = self.clock.now()
         self.hello_sent()
         try:
-            await self.caller.request(self.config.supervisor_node, Kind.HELLO, None, body, self.timing.dead_after_s)
+            await self.caller.request(self.supervisor_node, Kind.HELLO, None, body, self.timing.dead_after_s)
         except CallError as err:
             log.debug("hello to the supervisor: %s", err)
             return
         else:
             self._hello_acked = True
             self.previous = None
-            self.lease.granted(sent_at)
+            if self.control is None:
+                self.lease.granted(sent_at)
         finally:
             self.hello_answered()
 
@@ -502,7 +565,7 @@ class Node:
         async def forward():
             ttl = msg.ttl_ms / 1000 if msg.ttl_ms else self.timing.call_timeout_s
             try:
-                result = await self.caller.request(self.config.supervisor_node, msg.kind, msg.target, msg.body, ttl,
+                result = await self.caller.request(self.supervisor_node, msg.kind, msg.target, msg.body, ttl,
                                                    rid=msg.id)
             except CallError as err:
                 self.respond_error(origin, msg.id, err)
@@ -515,6 +578,6 @@ class Node:
         body = {"name": name, "kind": kind, "args": args, "restart": restart}
         if supervisor:
             body["supervisor"] = supervisor
-        return await self.caller.request(self.config.supervisor_node, Kind.SPAWN, None, body,
+        return await self.caller.request(self.supervisor_node, Kind.SPAWN, None, body,
                                          self.timing.call_timeout_s, rid=rid)
 

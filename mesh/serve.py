@@ -75,6 +75,7 @@ def configure_logging(level: str | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per etcd request otherwise
 
 
 def node_network(config: Config, name: str) -> ZmqNetwork:
@@ -109,7 +110,10 @@ def raise_file_limit() -> None:
 
 
 def report_gone(config: Config, name: str, boot: str, timeout_s: float = 2.0) -> int:
-    """Say GOODBYE to the supervisor for a node that died and will not be restarted."""
+    """Say GOODBYE to the supervisor for a node that died and will not be restarted.
+    With [control] there is nothing to say: its lease in etcd runs out on its own."""
+    if config.control is not None:
+        return 0
     import zmq
     from . import wire
     from .wire import Kind
@@ -192,7 +196,6 @@ async def _serve(config: Config, name: str, boot: str, previous: dict | None, co
                 stop.set()
         loop.add_reader(control.fileno(), on_control)
     watchdog = _Watchdog(loop, WATCHDOG_S, name)
-    role = None
     try:
         try:
             await node.start()
@@ -200,13 +203,15 @@ async def _serve(config: Config, name: str, boot: str, previous: dict | None, co
             raise CannotStart(f"cannot listen on {node.endpoint}: {exc.strerror}"
                               f"{' (another process holds the port)' if exc.errno == errno.EADDRINUSE else ''}"
                               ) from None
-        if name == config.supervisor_node:
-            role = SupervisorRole(node)
+        if config.control is not None:  # elected in etcd: the role comes with a term
+            node.on_elected = lambda records: SupervisorRole(node, records, control=node.control)
+        elif name == config.supervisor_node:
+            SupervisorRole(node)
         await stop.wait()
     finally:
         watchdog.stop()
-        if role is not None and whole_mesh:
-            await role.stop_tree(STOP_TREE_S)
+        if node.supervisor is not None and whole_mesh:
+            await node.supervisor.stop_tree(STOP_TREE_S)
         await node.shutdown()
         network.close()
 

@@ -56,9 +56,13 @@ log = logging.getLogger("mesh.supervisor")
 
 
 class SupervisorRole(Starts, Exits, Membership, Requests):
-    def __init__(self, node: Node, records=None):
+    def __init__(self, node: Node, records=None, control=None):
         self.node, self.config, self.clock = node, node.config, node.clock
         self.records = records if records is not None else LocalRecords(node)  # or EtcdRecords (G8)
+        self.plane = control  # the node's ControlPlane when leadership comes from etcd
+        self.command_meta: dict | None = None  # carried by every command: the term, with [control]
+        if control is not None:
+            control.on_node_gone = self._on_node_gone
         self.control = ControlReplies(node, node.clock)  # spawns and stops, by request id
         self.epoch = 0
         self._next = 0
@@ -94,6 +98,8 @@ class SupervisorRole(Starts, Exits, Membership, Requests):
     async def start(self) -> None:
         await self.records.load()
         self.epoch = await self.records.begin_epoch()
+        if self.plane is not None:
+            self.command_meta = {"term": self.epoch}
         self._build_tree()
         for key, raw in self.records.items(DYNAMIC_PREFIX):
             try:
@@ -126,6 +132,10 @@ class SupervisorRole(Starts, Exits, Membership, Requests):
         self.node._every(self.config.timing.heartbeat_s, self._place_pending)
         self._arm_liveness()
 
+    def command(self, node: str, kind: Kind, target: str | None, body, timeout: float):
+        """A request to a node that only the supervisor sends: it carries the term."""
+        return self.node.caller.request(node, kind, target, body, timeout, meta=self.command_meta)
+
     def _build_tree(self) -> None:
         tree, agents = self.config.tree, self.config.agents
 
@@ -144,16 +154,21 @@ class SupervisorRole(Starts, Exits, Membership, Requests):
 
         A node is granted a lease only once its inventory is known (an INVENTORY answer or
         a HELLO, which carries one), so a node this supervisor has not heard from is a node
-        without a lease: by the time the window ends, it serves nothing any more."""
+        without a lease: by the time the window ends, it serves nothing any more. With
+        [control] a node holds its lease in etcd: one without a key there serves nothing
+        now, and one silent past the window while its key lives is evicted (its lease
+        revoked) and counted out once its own count of the lease has surely run out."""
         deadline = self.started_at + self.config.timing.dead_after_s
         inventories = self._inventories
+        control = self.plane
 
         async def ask(name: str) -> None:
             backoff = Backoff(self.clock)
-            while self.clock.now() < deadline and name not in inventories:
+            while (self.clock.now() < deadline and name not in inventories
+                   and (control is None or name in control.live)):
                 try:
-                    body = await self.node.caller.request(name, Kind.INVENTORY, None, None,
-                                                          max(0.05, min(self.config.timing.heartbeat_s, deadline - self.clock.now())))
+                    body = await self.command(name, Kind.INVENTORY, None, None,
+                                              max(0.05, min(self.config.timing.heartbeat_s, deadline - self.clock.now())))
                 except CallTimeout:
                     continue
                 except CallError:  # its link is down: each try would fail at once
@@ -165,6 +180,12 @@ class SupervisorRole(Starts, Exits, Membership, Requests):
                     inventories[name] = body["agents"]
                 return
         await asyncio.gather(*(ask(n) for n in self.config.nodes))
+        if control is not None:
+            silent = [n for n in control.live if n not in inventories]
+            if silent:
+                log.warning("supervisor: nodes %s hold leases but do not answer: evicting them", ", ".join(silent))
+                await asyncio.gather(*(control.evict(n) for n in silent))
+                await asyncio.sleep(control.settings.lease_s)  # what they may still serve under
         self._reconcile(dict(inventories))
         self._inventories = {}
         self.ready = True
@@ -268,7 +289,7 @@ class SupervisorRole(Starts, Exits, Membership, Requests):
         body = self.table.take_updates()
         if body is None:
             return
-        frame = wire.encode(Kind.REGISTRY, None, None, "supervisor", None, body)
+        frame = wire.encode(Kind.REGISTRY, None, None, "supervisor", None, body, self.command_meta)
         for view in self.nodes.values():
             if view.alive:
                 self._send(view.name, frame)
@@ -276,7 +297,7 @@ class SupervisorRole(Starts, Exits, Membership, Requests):
     def _send_snapshot(self, node: str) -> None:
         self._push_registry()
         for body in self.table.snapshot():
-            self._send(node, wire.encode(Kind.REGISTRY, None, None, "supervisor", None, body))
+            self._send(node, wire.encode(Kind.REGISTRY, None, None, "supervisor", None, body, self.command_meta))
 
     def _send(self, node: str, frame: bytes) -> None:
         try:

@@ -93,7 +93,7 @@ class Membership:
         (and that did not change while the node was asked)."""
         before = {c.spec.name: c.incarnation for c in self.children.values() if c.node == node and c.status == ChildStatus.RUNNING}
         try:
-            body = await self.node.caller.request(node, Kind.INVENTORY, None, None, self.config.timing.call_timeout_s)
+            body = await self.command(node, Kind.INVENTORY, None, None, self.config.timing.call_timeout_s)
         except CallError as err:
             log.debug("supervisor: audit of %s: %s", node, err)
             return
@@ -122,10 +122,31 @@ class Membership:
         self.nodes[self.node.name].last_heard = now
         for view in self.nodes.values():
             if view.alive and sv.liveness_expired(view.last_heard, now, timing.heartbeat_s, timing.liveness):
+                if self.plane is not None:  # its lease is in etcd, not granted here: revoke it first
+                    if view.evicted_until < now:
+                        log.warning("supervisor: node %s silent for %.2fs: evicting it", view.name, now - view.last_heard)
+                        view.evicted_until = now + self.plane.settings.lease_s
+                        self._spawn(self.plane.evict(view.name))
+                    continue
                 log.warning("supervisor: node %s silent for %.2fs: declared dead", view.name, now - view.last_heard)
                 view.alive = False
                 self._node_lost(view.name, avoid=view.name)
         self._arm_liveness()
+
+    def _on_node_gone(self, name: str, last: dict) -> None:
+        """[control]: a node's key left etcd: its lease ran out (so it serves nothing: it
+        counts its lease out first), it stopped, or this supervisor evicted it (then it
+        may serve until its own count runs out, `evicted_until`)."""
+        view = self.nodes.get(name)
+        if view is None or not view.alive or last.get("boot") not in (None, view.boot):
+            return  # not known alive here, or an earlier boot's lease (its successor holds its own)
+        wait = view.evicted_until - self.clock.now()
+        if wait > 0:
+            self.clock.call_after(wait, lambda: self._on_node_gone(name, last))
+            return
+        log.warning("supervisor: node %s holds no lease any more: its agents move", name)
+        view.alive = False
+        self._node_lost(name, avoid=name)
 
     def _arm_liveness(self) -> None:
         """Wake at the end of the earliest silence window of a live node, so that a node

@@ -184,7 +184,7 @@ class Requests:
         if copies:
             body["replicas"] = sorted(copies)
         try:
-            answer = await self.node.caller.request(node, Kind.TERMINATE, name, body, self.config.timing.call_timeout_s)
+            answer = await self.command(node, Kind.TERMINATE, name, body, self.config.timing.call_timeout_s)
         except CallError as err:
             log.warning("supervisor: stopping %s on %s: %s", name, node, err)
             # the name stays reserved for the stop's repeat: until a stop is confirmed, a
@@ -217,7 +217,7 @@ class Requests:
     async def _status(self, origin: Origin, rid: str) -> None:
         async def inventory(name: str):
             try:
-                return await self.node.caller.request(name, Kind.INVENTORY, None, None, self.config.timing.dead_after_s)
+                return await self.command(name, Kind.INVENTORY, None, None, self.config.timing.dead_after_s)
             except CallError:
                 return None
         live = [v.name for v in self.nodes.values() if v.alive]

@@ -102,7 +102,7 @@ class Starts:
                         "to node " + node if node != old else "with other replica hosts")
             if node != old:
                 try:
-                    await self.node.caller.request(old, Kind.TERMINATE, name, {
+                    await self.command(old, Kind.TERMINATE, name, {
                         "incarnation": inc, "reason": "its host's disk is full"}, self.config.timing.call_timeout_s)
                 except CallError as err:
                     if not err.data.get("disk_full"):  # not known to have ended: tried again next tick
@@ -184,7 +184,7 @@ class Starts:
             if child.born:
                 body["since"] = child.born
             try:
-                await self.node.caller.request(node, Kind.START, name, body, self.config.timing.call_timeout_s)
+                await self.command(node, Kind.START, name, body, self.config.timing.call_timeout_s)
             except AlreadyExists as err:
                 log.info("supervisor: starting %s on %s as %d: %s", name, node, inc, err)
                 at_least = int(err.data.get("incarnation", at_least))
@@ -277,7 +277,7 @@ class Starts:
         if forget and replicas:
             body["replicas"] = list(replicas)  # the copies go too
         try:
-            await self.node.caller.request(node, Kind.TERMINATE, name, body, self.config.timing.call_timeout_s)
+            await self.command(node, Kind.TERMINATE, name, body, self.config.timing.call_timeout_s)
         except CallError as err:
             log.warning("supervisor: terminating %s on %s: %s", name, node, err)
 

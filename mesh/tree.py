@@ -88,6 +88,7 @@ class NodeView:
     short_renewals: int = 0            # renewals in a row that counted fewer agents than this view
     drops: int = 0                     # the node's count of lease lapses, from its last hello
     store_full: bool = False           # its store cannot commit (disk full), as its last hello or renewal said
+    evicted_until: float = float("-inf")  # [control]: its lease was revoked; it may serve until then
 
 
 def placed(child: Child) -> dict:

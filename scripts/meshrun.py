@@ -1,8 +1,8 @@
 """Real mesh processes, for tests and the chaos suite: run `mesh up` / `mesh node`, read
 their output, and end every pid they ever showed.
 
-Every pid a run saw (the launcher's, and each node's from its "ready" lines) is killed
-at the end if still alive. Waits are on output lines and on pidfds, each with a deadline.
+Every pid a run saw (the launcher's, each node's from its "ready" lines, each sidecar's
+from its "started" lines) is killed at the end if still alive. Waits are on output lines and on pidfds, each with a deadline.
 A run asked to keep its evidence (after a failed check) keeps its output, config and data
 once its processes are gone (scripts/evidence.py); the meshes log at INFO unless MESH_LOG
 says otherwise.
@@ -40,6 +40,7 @@ class MeshRun:
     """One `mesh up` (or `mesh node`) process tree."""
 
     READY = re.compile(r"node (\S+) ready \(pid (\d+)")
+    STARTED = re.compile(r"\b(?:started|restarted)\b.*\(.*\bpid (\d+)\)")  # sidecars: etcd, the stand-in model
     started: list["MeshRun"] | None = None  # when a list: every run started since (tests set it)
 
     def __init__(self, *args: str, prefix: list[str] | None = None, env: dict | None = None):
@@ -74,6 +75,9 @@ class MeshRun:
                 if m:
                     self.pids[m.group(1)] = int(m.group(2))
                     self.seen.add(int(m.group(2)))
+                m = self.STARTED.search(line)
+                if m:
+                    self.seen.add(int(m.group(1)))
                 self._cond.notify_all()
         with self._cond:
             self._cond.notify_all()

@@ -1,0 +1,71 @@
+"""[control] with real processes: `mesh up` runs an etcd member, nodes hold their own
+leases in etcd, the supervisor is elected, and the leader's death stops nothing else."""
+
+import json
+import os
+import re
+import signal
+import time
+
+import pytest
+
+from mesh import etcd_member
+from mesh.demo import free_ports
+from procs import MeshRun, mesh_cmd, write_config
+
+pytestmark = pytest.mark.skipif(etcd_member.binary() is None, reason="etcd is not installed (apt-get install etcd-server)")
+
+
+def control_config(tmp_path, candidates=("n1", "n2")):
+    path = write_config(tmp_path, nodes=3)
+    client, peer = free_ports(2)
+    text = path.read_text().replace('[supervisor]\nnode = "n1"\n', "[supervisor]\n")
+    text += (f'\n[control]\nmembers = ["local"]\nclient_port = {client}\npeer_port = {peer}\n'
+             f"candidates = {json.dumps(list(candidates))}\n")
+    path.write_text(text)
+    return path
+
+
+def cli(cfg, *args, timeout=30):
+    done = mesh_cmd(*args, "-c", str(cfg), timeout=timeout)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout)
+
+
+def _leader(run) -> str:
+    """The node that last said it leads."""
+    said = [m.group(1) for line in run.lines if (m := re.search(r"leadership: (\S+) leads, term \d+", line))]
+    assert said, "\n".join(run.lines)
+    return said[-1]
+
+
+@pytest.mark.timeout(180)
+def test_the_leaders_node_dies_and_the_rest_serve_on(tmp_path):
+    cfg = control_config(tmp_path)
+    run = MeshRun("up", "-c", str(cfg)).start(timeout=60)
+    try:
+        assert any(line.startswith("etcd: member local: started") for line in run.lines)
+        leader = _leader(run)
+        placed = {}
+        for i in range(6):
+            placed[f"c{i}"] = cli(cfg, "spawn", f"c{i}", "counter")["node"]
+            cli(cfg, "call", f"c{i}", '{"op": "add", "n": 5}')
+        elsewhere = [n for n, node in placed.items() if node != leader]
+        assert elsewhere, placed
+        mark = run.mark()
+        os.kill(run.pids[leader], signal.SIGKILL)
+        # agents on the other nodes never stop answering (their leases are their own)
+        began = time.monotonic()
+        worst = 0.0
+        while time.monotonic() - began < 3:
+            for name in elsewhere:
+                t = time.monotonic()
+                assert cli(cfg, "call", name, '{"op": "get"}') == 5
+                worst = max(worst, time.monotonic() - t)
+        run.wait_for(r"leadership: (\S+) leads, term", start=mark, timeout=30)
+        # every agent answers with its acknowledged state, the dead leader's too
+        for name in placed:
+            assert cli(cfg, "call", name, '{"op": "add", "n": 1}', timeout=60) == 6
+        assert worst < 2.5, worst  # a CLI call is a new process: this bounds outages, not latency
+    finally:
+        run.stop()
