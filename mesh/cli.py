@@ -314,6 +314,23 @@ def keys(name, directory, role, config_path, all_):
         click.echo(f"\nand connect with: mesh call --key {secret_path} NAME JSON (or MESH_KEY={secret_path})")
 
 
+@main.command()
+@config_only
+def certs(config_path):
+    """Create the TLS files of [control] tls_dir: a CA and a certificate for each host."""
+    from pathlib import Path
+    from .certs import CertError, make_all
+    cfg = _load(config_path)
+    if cfg.control is None or not cfg.control.tls:
+        raise click.UsageError(f"{cfg.path} has no [control] tls_dir: there is nothing to make")
+    try:
+        made = make_all(Path(cfg.control.tls_dir), cfg.name, {h.name: h.address for h in cfg.hosts.values()})
+    except CertError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"wrote {len(made)} files in {cfg.control.tls_dir}")
+    click.echo("each host needs ca.crt and its own HOST.crt and HOST.key there; keep ca.key where you made them")
+
+
 def _all_keys(config_path: str | None) -> None:
     """Create KEYS_DIR/NAME.key(_secret) for every node and client the config lists."""
     import os

@@ -34,21 +34,31 @@ class ControlSettings:
     peer_port: int = 2380
     heartbeat_ms: int = 20            # the members' raft timings (members only)
     election_ms: int = 200
-    ca: str = ""                      # TLS: the CA that signed every member's and client's certificate
-    cert: str = ""                    # this host's certificate and key (client and peer)
-    key: str = ""
+    tls_dir: str = ""                 # TLS: ca.crt, and HOST.crt / HOST.key for each host (`mesh certs`)
     timeout_s: float = 1.0            # one request to etcd
 
     @property
     def tls(self) -> bool:
-        return bool(self.ca)
+        return bool(self.tls_dir)
 
-    def ssl_context(self) -> ssl.SSLContext | None:
-        """The client side of TLS (verifying the members, showing this host's certificate)."""
+    def tls_files(self, host: str) -> dict[str, str]:
+        """The CA's certificate and `host`'s own pair (its member's and its nodes')."""
+        return {"ca": os.path.join(self.tls_dir, "ca.crt"), "cert": os.path.join(self.tls_dir, f"{host}.crt"),
+                "key": os.path.join(self.tls_dir, f"{host}.key")}
+
+    def ssl_context(self, host: str, path: str = "<config>") -> ssl.SSLContext | None:
+        """The client side of TLS for `host`'s nodes: verify the members, show its certificate.
+        Raises ConfigError naming the file that is missing or unreadable."""
         if not self.tls:
             return None
-        context = ssl.create_default_context(cafile=self.ca)
-        context.load_cert_chain(self.cert, self.key)
+        files = self.tls_files(host)
+        try:
+            context = ssl.create_default_context(cafile=files["ca"])
+            context.load_cert_chain(files["cert"], files["key"])
+        except (OSError, ssl.SSLError) as exc:
+            missing = next((f for f in files.values() if not os.path.exists(f)), None)
+            why = f"{missing} is missing (`mesh certs` makes it)" if missing else f"cannot be used: {exc}"
+            raise ConfigError(path, "control.tls_dir", why) from None
         return context
 
     def member_url(self, address: str, port: int) -> str:
@@ -86,7 +96,7 @@ def control_settings(path: str, base: Path, table: dict | None, cluster: str, ho
     heartbeat_ms = r.get("heartbeat_ms", int, d.heartbeat_ms, positive)
     election_ms = r.get("election_ms", int, d.election_ms, positive)
     timeout_s = r.get("timeout_s", float, d.timeout_s, positive)
-    tls = {k: r.get(k, str, "") for k in ("ca", "cert", "key")}
+    tls_dir = r.get("tls_dir", str, "")
     r.done()
     if bool(endpoints) == bool(members):
         raise ConfigError(path, "control", "needs either endpoints (an etcd cluster of your own) or members "
@@ -108,12 +118,9 @@ def control_settings(path: str, base: Path, table: dict | None, cluster: str, ho
     if members and lease_s * 1000 < 1.5 * election_ms:
         raise ConfigError(path, "control.lease_s", f"etcd honours no lease shorter than 1.5 x election_ms "
                           f"({1.5 * election_ms / 1000:g} s)")
-    if any(tls.values()) and not all(tls.values()):
-        raise ConfigError(path, "control", "TLS needs all of ca, cert and key")
-    for k, value in tls.items():
-        if value:
-            tls[k] = value if os.path.isabs(value) else str((base / value).resolve())
-    scheme = "https" if tls["ca"] else "http"
+    if tls_dir and not os.path.isabs(tls_dir):
+        tls_dir = str((base / tls_dir).resolve())
+    scheme = "https" if tls_dir else "http"
     if members:
         endpoints = tuple(f"{scheme}://{_url_host(hosts[h].address)}:{client_port}" for h in members)
     for url in endpoints:
@@ -121,13 +128,12 @@ def control_settings(path: str, base: Path, table: dict | None, cluster: str, ho
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(path, "control.endpoints", f"{url!r} is not an http(s) URL")
         if parts.scheme == "http" and not _loopback_url(url):
-            raise ConfigError(path, "control.endpoints", f"{url!r} leaves this host unencrypted: "
-                              "give ca, cert and key, and https endpoints (etcd with client certificates)")
-        if parts.scheme == "https" and not tls["ca"]:
-            raise ConfigError(path, "control.endpoints", f"{url!r} needs ca, cert and key")
+            raise ConfigError(path, "control.endpoints", f"{url!r} leaves this host unencrypted: give tls_dir "
+                              "(`mesh certs` makes its files) and https endpoints (etcd with client certificates)")
+        if parts.scheme == "https" and not tls_dir:
+            raise ConfigError(path, "control.endpoints", f"{url!r} needs tls_dir (`mesh certs` makes its files)")
     return ControlSettings(tuple(u.rstrip("/") for u in endpoints), members, candidates, f"mesh/{cluster}/",
-                           lease_s, client_port, peer_port, heartbeat_ms, election_ms,
-                           tls["ca"], tls["cert"], tls["key"], timeout_s)
+                           lease_s, client_port, peer_port, heartbeat_ms, election_ms, tls_dir, timeout_s)
 
 
 def _port(v: int) -> str | None:

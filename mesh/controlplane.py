@@ -52,7 +52,7 @@ DEPOSED_EXIT = 75  # a leader whose term ended: its launcher starts its node aga
 class ControlPlane:
     def __init__(self, node: "Node", settings: "ControlSettings"):
         self.node, self.settings = node, settings
-        self.etcd = Etcd(settings.endpoints, settings.timeout_s, settings.ssl_context())
+        self.etcd = Etcd(settings.endpoints, settings.timeout_s, settings.ssl_context(node.spec.host, node.config.path))
         self.lease = KeptLease(self.etcd, settings.lease_s, node.clock)
         self.leader: str | None = None   # the node that leads, as last seen in etcd
         self.term = 0                    # the newest term seen: older commands are refused

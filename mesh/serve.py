@@ -29,7 +29,7 @@ import zmq
 
 from .clock import wall_offset
 from .config import Config
-from .errors import StoreError
+from .errors import ConfigError, StoreError
 from .network import ZmqNetwork
 from .node import Node
 from .security import Authenticator, Security, node_keypair
@@ -174,6 +174,9 @@ async def _serve(config: Config, name: str, boot: str, previous: dict | None, co
     except StoreError as exc:
         network.close()
         raise CannotStart(f"{exc} (check [cluster] data_dir in {config.path})") from None
+    except ConfigError as exc:  # found only on this host (its TLS files for etcd, say)
+        network.close()
+        raise CannotStart(str(exc)) from None
     stop = asyncio.Event()
     whole_mesh = []  # the launcher said the whole mesh stops: the supervisor stops the tree first
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -149,7 +149,7 @@ def etcd_for_host(config: Config, host: str) -> EtcdMember | str | None:
                                   control.member_url(config.hosts[h].address, control.peer_port))
                for h in control.members]
     me = members[control.members.index(host)]
-    tls = {"ca": control.ca, "cert": control.cert, "key": control.key} if control.tls else None
+    tls = control.tls_files(host) if control.tls else None
     data = os.path.join(config.host_dir(host), "etcd")
     os.makedirs(data, exist_ok=True)
     argv = etcd_member.command(me, members, data, control.heartbeat_ms, control.election_ms, tls)

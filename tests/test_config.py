@@ -232,9 +232,8 @@ def test_control_candidates_default_to_one_node_per_host(tmp_path):
     ('members = ["h1"]\nelection_ms = 1000', "control.lease_s", "1.5 x election_ms"),
     ('members = ["h1"]\nheartbeat_ms = 100', "control.election_ms", "5 x heartbeat_ms"),
     ('members = ["h1"]\nclient_port = 2380', "control.peer_port", "must differ"),
-    ('members = ["h1"]\nca = "ca.pem"', "control", "all of ca, cert and key"),
     ('endpoints = ["http://10.1.2.3:2379"]', "control.endpoints", "unencrypted"),
-    ('endpoints = ["https://10.1.2.3:2379"]', "control.endpoints", "needs ca, cert and key"),
+    ('endpoints = ["https://10.1.2.3:2379"]', "control.endpoints", "needs tls_dir"),
     ('endpoints = ["etcd:2379"]', "control.endpoints", "not an http(s) URL"),
     ('members = ["h1"]\nlease = 3', "control.lease", "unknown key"),
 ])
