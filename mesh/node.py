@@ -441,6 +441,13 @@ class Node:
         runner = self.runners.get(msg.target) if self.serving() else None
         if runner is not None:
             inc = msg.meta.get("inc") if msg.meta else None
+            if type(inc) is not int and msg.kind == Kind.CALL:
+                # a call must name the incarnation it is for: one that names none may be a
+                # late copy from an earlier life of the name. It is told which runs here,
+                # and sent again naming it (a round trip, once per caller and name).
+                self.stats["calls_unnamed"] += 1
+                raise Moved(f"{msg.target!r} runs here as incarnation {runner.incarnation}: name it",
+                            {"node": self.name, "incarnation": runner.incarnation})
             if type(inc) is int and inc < runner.since:
                 # sent to an earlier agent of the name (a late copy: held on a link, or sent
                 # again to a restart), which was stopped: never run by the agent spawned since

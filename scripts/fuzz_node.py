@@ -60,6 +60,16 @@ ATTACKS = ("frames", "ids", "maps", "multipart", "slow", "keys")
 EMOJI_ID = "\U0001F600" * 128   # 128 characters, 512 bytes of UTF-8
 
 
+INCARNATIONS: dict[str, int] = {}  # the agents' incarnations, learned before the attacks
+
+
+def call_frame(rid, target: str, ttl, body) -> bytes:
+    """A CALL naming the incarnation of `target` (a call that names none is only told
+    where the agent runs: see docs/protocol.md)."""
+    inc = INCARNATIONS.get(target)
+    return wire.encode(Kind.CALL, rid, target, "fuzz", ttl, body, {"inc": inc} if inc is not None else None)
+
+
 def rss_kb(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
@@ -71,7 +81,7 @@ class Generator:
     def __init__(self, rng: random.Random, max_bytes: int):
         self.rng, self.max_bytes = rng, max_bytes
         self.valid = [
-            wire.encode(Kind.CALL, "r1", WITNESS, "fuzz", 1000, {"op": "add", "n": 1}),
+            call_frame("r1", WITNESS, 1000, {"op": "add", "n": 1}),
             wire.encode(Kind.CAST, None, WITNESS, "fuzz", None, {"op": "add", "n": 1}),
             wire.encode(Kind.SPAWN, "r2", None, "fuzz", 1000, {"name": "x", "kind": "counter"}),
         ]
@@ -207,7 +217,7 @@ def attack_ids(ctx, endpoint, curve, server_key, seconds: float, count: int = 20
         if time.monotonic() > end:
             break
         rid = EMOJI_ID[:-1] + chr(0x1F600 + i % 64)
-        sock.send(wire.encode(Kind.CALL, rid, WITNESS, "fuzz", 2000, {"op": "add", "n": 1}))
+        sock.send(call_frame(rid, WITNESS, 2000, {"op": "add", "n": 1}))
         sent += 1
     got = _drain_answers(sock, 2000, sent)
     sock.close(0)
@@ -217,7 +227,7 @@ def attack_ids(ctx, endpoint, curve, server_key, seconds: float, count: int = 20
 def huge_map_call(entries: int) -> bytes:
     """A CALL whose body is a map of `entries` entries (all of key "a": 3 bytes each)."""
     sentinel = b"\x00SENTINEL-BODY\x00"
-    frame = wire.encode(Kind.CALL, os.urandom(6).hex(), WITNESS, "fuzz", 2000, sentinel)
+    frame = call_frame(os.urandom(6).hex(), WITNESS, 2000, sentinel)
     raw = b"\xdf" + struct.pack(">I", entries) + b"\xa1a\xc0" * entries
     packed = msgpack.packb(sentinel)
     assert frame.count(packed) == 1
@@ -299,7 +309,7 @@ def attack_slow(ctx, endpoint, curve, server_key, seconds: float, reads: int = 3
     for _ in range(reads):
         if time.monotonic() > end:
             break
-        sock.send(wire.encode(Kind.CALL, os.urandom(6).hex(), BIG, "fuzz", 10_000, {"op": "read"}))
+        sock.send(call_frame(os.urandom(6).hex(), BIG, 10_000, {"op": "read"}))
         sent += 1
     return {"sent": sent, "_sock": sock}
 
@@ -313,7 +323,7 @@ def attack_keys(ctx, endpoint, keys: list, server_key: bytes, seconds: float, co
     socks = [_dealer(ctx, endpoint, k, server_key, sndhwm=each + 10) for k in keys for _ in range(connections)]
     for sock in socks:
         for _ in range(each):
-            sock.send(wire.encode(Kind.CALL, os.urandom(8).hex(), WITNESS, "fuzz", 5000, {"op": "get"}))
+            sock.send(call_frame(os.urandom(8).hex(), WITNESS, 5000, {"op": "get"}))
             out["sent"] += 1
     end, waiting = time.monotonic() + min(seconds, 10), dict.fromkeys(socks, each)
     poller = zmq.Poller()
@@ -348,7 +358,6 @@ async def main(args) -> int:
         return 2
     spec = cfg.nodes[args.node]
     rng = random.Random(args.seed)
-    gen = Generator(rng, cfg.limits.max_message_bytes)
     admin = load_keypair(args.key) if cfg.secure else None
     async with mesh.connect(cfg, key=args.key) as m:
         try:
@@ -356,6 +365,8 @@ async def main(args) -> int:
         except CallError:
             pass  # exists from an earlier run
         before_value = await _retry(lambda: m.call(WITNESS, {"op": "get"}), args.hostile)
+        INCARNATIONS[WITNESS] = (await _retry(lambda: m.whereis(WITNESS), args.hostile)).get("incarnation", -1)
+        gen = Generator(rng, cfg.limits.max_message_bytes)
         st = await _retry(m.status, args.hostile)
         node_info = next(n for n in st["nodes"] if n["name"] == args.node)
         pid, stats_before = node_info["pid"], node_info["stats"]
@@ -371,7 +382,8 @@ async def main(args) -> int:
         no_big = await _fill_big(m, args.big_kib) if "slow" in attacks else None
         args.big_node = args.node
         if "slow" in attacks and not no_big:  # a slow reader asks the node that holds the ledger
-            args.big_node = (await _retry(lambda: m.whereis(BIG), args.hostile)).get("node") or args.node
+            big = await _retry(lambda: m.whereis(BIG), args.hostile)
+            args.big_node, INCARNATIONS[BIG] = big.get("node") or args.node, big.get("incarnation", -1)
         rounds = 0
         started = time.monotonic()
         while True:

@@ -27,8 +27,13 @@ async def start(c, node: str, name: str, inc: int, sources: list) -> dict:
     return await c.run(c.role.node.caller.request(node, Kind.START, name, body, 5))
 
 
+def named(c, node: str, name: str) -> dict:
+    """A call's meta naming the incarnation that runs on `node` (calls must name it)."""
+    return {"inc": c.nodes[node].runners[name].incarnation}
+
+
 async def get(c, node: str, name: str):
-    return await c.run(c.role.node.caller.request(node, Kind.CALL, name, {"op": "get"}, 5))
+    return await c.run(c.role.node.caller.request(node, Kind.CALL, name, {"op": "get"}, 5, meta=named(c, node, name)))
 
 
 async def test_an_unanswered_start_counts_where_the_state_may_be_until_a_start_is_confirmed(tmp_path):
@@ -77,9 +82,9 @@ async def test_a_start_reads_one_host_of_every_set_and_keeps_the_newest(tmp_path
 async def test_a_newer_copy_wins_over_the_memory_of_an_older_incarnation_here(tmp_path):
     c = await three_hosts(tmp_path, replicas=0)
     await start(c, "n1", "x", 1_000_000_005, [])
-    await c.run(c.role.node.caller.request("n1", Kind.CALL, "x", {"op": "add", "n": 1}, 5))
+    await c.run(c.role.node.caller.request("n1", Kind.CALL, "x", {"op": "add", "n": 1}, 5, meta=named(c, "n1", "x")))
     with pytest.raises(Exception, match="asked to crash"):
-        await c.run(c.role.node.caller.request("n1", Kind.CALL, "x", {"op": "crash"}, 5))
+        await c.run(c.role.node.caller.request("n1", Kind.CALL, "x", {"op": "crash"}, 5, meta=named(c, "n1", "x")))
     assert c.nodes["n1"].runners["x"].last_state is not None  # kept for a restart in place
     put(c, "h2", "x", 1_000_000_007, 9, 5)  # meanwhile a later incarnation ran on h2
     await start(c, "n1", "x", 1_000_000_009, [["n2"]])
@@ -95,10 +100,11 @@ async def test_an_older_incarnation_acknowledges_nothing_once_a_newer_one_read_i
     c = await three_hosts(tmp_path, replicas=0)
     await start(c, "n2", "x", 1_000_000_005, [])
     call = c.role.node.caller.request
-    assert await c.run(call("n2", Kind.CALL, "x", {"op": "add", "n": 1}, 5)) == 1
+    old = named(c, "n2", "x")
+    assert await c.run(call("n2", Kind.CALL, "x", {"op": "add", "n": 1}, 5, meta=old)) == 1
     await start(c, "n1", "x", 1_000_000_009, [["n2"]])  # h1 keeps its state; h2 is only read
     with pytest.raises(AgentDown, match="restarted elsewhere"):
-        await c.run(call("n2", Kind.CALL, "x", {"op": "add", "n": 1}, 5))
+        await c.run(call("n2", Kind.CALL, "x", {"op": "add", "n": 1}, 5, meta=old))
     assert "x" not in c.nodes["n2"].runners
     assert await get(c, "n1", "x") == 1
     await c.close()

@@ -159,7 +159,7 @@ async def test_limits_belong_to_the_key_not_the_connection(cluster_factory):
     """Before: ten connections with one key got ten bursts."""
     c = await cluster_factory(limits=LIMITS)
     admin = c.client()
-    await admin.spawn("c1", "counter")
+    named = {"inc": (await admin.spawn("c1", "counter"))["incarnation"]}
     node = c.nodes[(await admin.whereis("c1"))["node"]]
     node.secure = True
     clients = [c.client() for _ in range(4)]
@@ -170,7 +170,7 @@ async def test_limits_belong_to_the_key_not_the_connection(cluster_factory):
     for _ in range(3):
         for cl in clients:
             try:
-                await cl.caller.request(node.name, wire.Kind.CALL, "c1", {"op": "get"}, 1.0)
+                await cl.caller.request(node.name, wire.Kind.CALL, "c1", {"op": "get"}, 1.0, meta=named)
                 answered += 1
             except Exception as exc:
                 assert type(exc).__name__ == "Busy"
@@ -198,11 +198,12 @@ async def test_a_flood_from_one_peer_delays_another_peers_call_by_one_round_not_
     another peer's 500 waited for all 500 (issue 11, item 7)."""
     c = await cluster_factory()
     admin = c.client()
-    await admin.spawn("busy", "counter")
+    busy = (await admin.spawn("busy", "counter"))["incarnation"]
     node = c.nodes[(await admin.whereis("busy"))["node"]]
     for i in range(10):  # another agent on the same node
         quiet = f"quiet{i}"
-        if (await admin.spawn(quiet, "counter"))["node"] == node.name:
+        placed = await admin.spawn(quiet, "counter")
+        if placed["node"] == node.name:
             break
     else:
         pytest.fail("no second agent on the node of the first")
@@ -211,14 +212,15 @@ async def test_a_flood_from_one_peer_delays_another_peers_call_by_one_round_not_
         await cl.caller.request(node.name, wire.Kind.WHEREIS, "busy", {}, 1.0)
     await c.settle()
     order = _record_calls(node)
-    flood = [wire.encode(wire.Kind.CALL, f"flood-{i}", "busy", None, 5000, {"op": "add", "n": 1})
+    flood = [wire.encode(wire.Kind.CALL, f"flood-{i}", "busy", None, 5000, {"op": "add", "n": 1}, {"inc": busy})
              for i in range(500)]
     if framing == "one batch":
         flooder._send(node.name, wire.batch_frame(flood))
     else:
         for frame in flood:
             flooder._send(node.name, frame)
-    honest._send(node.name, wire.encode(wire.Kind.CALL, "honest-1", quiet, None, 5000, {"op": "get"}))
+    honest._send(node.name, wire.encode(wire.Kind.CALL, "honest-1", quiet, None, 5000, {"op": "get"},
+                                        {"inc": placed["incarnation"]}))
     await c.settle()
     assert len(order) == 501
     honest_at = next(i for i, rid in enumerate(order) if not rid.startswith("flood-"))
@@ -280,7 +282,7 @@ async def test_a_peer_that_costs_too_much_decoding_is_dropped_unread_and_others_
     """Before: 45 frames that each took a second to decode froze a node for 33 s."""
     c = await cluster_factory()
     admin = c.client()
-    await admin.spawn("c1", "counter")
+    named = {"inc": (await admin.spawn("c1", "counter"))["incarnation"]}
     node = c.nodes[(await admin.whereis("c1"))["node"]]
     greedy, polite = c.client(), c.client()
     for n in c.nodes.values():
@@ -289,9 +291,9 @@ async def test_a_peer_that_costs_too_much_decoding_is_dropped_unread_and_others_
         await cl.caller.request(node.name, wire.Kind.WHEREIS, "c1", {}, 1.0)  # connects, as a node would
         c.net.identities[cl.links[node.name].route] = f"client:{who}"
     node.intake.peer_limits.decode_share = node.intake.peer_limits.decode_burst = 1e-6  # one message's worth
-    await greedy.caller.request(node.name, wire.Kind.CALL, "c1", {"op": "get"}, 1.0)  # its budget is spent
-    late = asyncio.ensure_future(greedy.caller.request(node.name, wire.Kind.CALL, "c1", {"op": "get"}, 1.0))
-    assert await polite.caller.request(node.name, wire.Kind.CALL, "c1", {"op": "get"}, 1.0) == 0
+    await greedy.caller.request(node.name, wire.Kind.CALL, "c1", {"op": "get"}, 1.0, meta=named)  # its budget is spent
+    late = asyncio.ensure_future(greedy.caller.request(node.name, wire.Kind.CALL, "c1", {"op": "get"}, 1.0, meta=named))
+    assert await polite.caller.request(node.name, wire.Kind.CALL, "c1", {"op": "get"}, 1.0, meta=named) == 0
     await c.settle()
     assert not late.done() and node.stats["over_decode_budget"] >= 1
     late.cancel()

@@ -7,7 +7,7 @@ import msgpack
 import pytest
 
 from harness import GatedCommitter
-from mesh.errors import AgentCrashed, NoSuchAgent
+from mesh.errors import AgentCrashed, CallError, Moved, NoSuchAgent
 from mesh.wire import Kind
 
 
@@ -26,7 +26,10 @@ def hold(node, kind, target=None):
     def release():
         node.handlers[kind] = real
         for msg, origin in held:
-            real(msg, origin)
+            try:
+                real(msg, origin)
+            except CallError as err:  # answered as the node's intake would
+                node.respond_error(origin, msg.id, err)
     return held, release
 
 
@@ -523,9 +526,11 @@ async def test_a_late_copy_of_a_call_to_a_stopped_agent_does_not_run_on_the_next
         await m.caller.request(second["node"], Kind.CALL, "s", {"op": "add", "n": 1}, 5, rid="late-1",
                                meta={"inc": first["incarnation"]})
     assert await m.call("s", {"op": "get"}) == 0
-    for odd in ("x", None, True, [1]):        # a peer's odd incarnation is no refusal, and no crash
-        await m.caller.request(second["node"], Kind.CALL, "s", {"op": "get"}, 5, rid=f"odd-{odd}",
-                               meta={"inc": odd})
+    for odd in ("x", None, True, [1]):        # a peer's odd incarnation: told which runs there, no crash
+        with pytest.raises(Moved) as moved:
+            await m.caller.request(second["node"], Kind.CALL, "s", {"op": "get"}, 5, rid=f"odd-{odd}",
+                                   meta={"inc": odd})
+        assert moved.value.data == {"node": second["node"], "incarnation": second["incarnation"]}
     stale = c.client()                        # a caller that knew only the earlier agent's place
     stale.resolver.learn("s", second["node"], first["incarnation"])
     assert await stale.call("s", {"op": "add", "n": 5}) == 5   # a new call: it goes to the new agent
@@ -553,4 +558,33 @@ async def test_a_stop_is_answered_only_once_the_supervisor_has_forgotten_the_nam
     node.committer = Committer(node.store, inline=True)
     gate.release()
     assert (await c.run(stop))["stopped"] is True
+    await c.close()
+
+
+async def test_a_late_call_that_named_no_incarnation_does_not_run_on_the_next_agent(cluster_factory):
+    """Seen in the 30-minute three-host soak (seed 3028): a lifecycle ledger spawned again
+    held three appends its earlier life was sent (and never acknowledged), and a counter
+    one increment too many. The caller knew the agent's node but not its incarnation, so
+    the call named none, and a copy held on a link while the node was away ran on the
+    next agent of the name. A call that names no incarnation is now answered with where
+    the agent runs and as which incarnation (Moved), never run; the caller sends it again
+    naming it."""
+    c = await cluster_factory()
+    m = c.client()
+    first = await m.spawn("s", "counter")
+    node = c.nodes[first["node"]]
+    late = c.client()
+    late.resolver.learn("s", first["node"], -1)         # it knows where, not which incarnation
+    held, release = hold(node, Kind.CALL, "s")
+    call = asyncio.ensure_future(late.caller.request(first["node"], Kind.CALL, "s", {"op": "add", "n": 1}, 5,
+                                                     rid="late-2"))
+    await c.run(_until(lambda: held))                   # held, as on a link that is down
+    await m.stop("s")
+    second = await m.spawn("s", "counter")
+    assert second["node"] == first["node"] and second["incarnation"] > first["incarnation"]
+    release()                                           # the copy arrives in the next life
+    with pytest.raises(CallError):
+        await c.run(call)
+    assert await m.call("s", {"op": "get"}) == 0        # it did not run there
+    assert await late.call("s", {"op": "add", "n": 2}) == 2   # a caller that names none is told, then runs
     await c.close()

@@ -35,7 +35,8 @@ async def test_a_frozen_node_is_declared_dead_and_serves_nothing_stale_after(tmp
     mine = [p for p in placed if p["node"] == victim]
     c.freeze(victim)
     # a request that can only be answered by the frozen node, once it wakes up
-    stale = asyncio.ensure_future(direct.caller.request(victim, Kind.CALL, mine[0]["name"], {"op": "get"}, 30))
+    stale = asyncio.ensure_future(direct.caller.request(victim, Kind.CALL, mine[0]["name"], {"op": "get"}, 30,
+                                                        meta={"inc": mine[0]["incarnation"]}))
     # and a call that must not get stuck on it
     moving = asyncio.ensure_future(m.call(mine[0]["name"], {"op": "add", "n": 1}, timeout=5, request_id="add-1"))
     await c.advance(0.3)
@@ -121,11 +122,11 @@ async def test_a_dropped_runner_acknowledges_nothing_even_if_its_commit_lands_la
     c = await three_hosts(tmp_path, replicas=0)  # a store per host: no shared store to fence it
     m = c.client()
     placed, victim = await spawn_on_victim(c, m)
-    name = next(p["name"] for p in placed if p["node"] == victim)
+    name, inc = next((p["name"], p["incarnation"]) for p in placed if p["node"] == victim)
     node = c.nodes[victim]
     gate = node.committer = GatedCommitter(node.store)
     first = asyncio.ensure_future(m.caller.request(victim, __import__("mesh").wire.Kind.CALL, name,
-                                                   {"op": "add", "n": 1}, 30, rid="in-flight"))
+                                                   {"op": "add", "n": 1}, 30, rid="in-flight", meta={"inc": inc}))
     await c.settle()
     assert len(gate.held) == 1
     node.pause()

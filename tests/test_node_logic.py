@@ -217,7 +217,7 @@ async def test_bad_frames_get_errors_are_counted_and_reach_no_agent(cluster_fact
     link.send(b"\xc1 not msgpack")
     link.send(msgpack.packb([1, 1, "rid-1", "c1", None, None, {"op": "add"}, "meta?"]))
     link.send(msgpack.packb([1, 3, "rid-2", None, None, None, 1, None]))  # a REPLY sent as a request
-    link.send(wire.batch_frame([msgpack.packb([1, 1, "rid-3", "c1", None, 9, {"op": "add"}, None]),
+    link.send(wire.batch_frame([msgpack.packb([1, 1, "rid-3", "c1", None, 9, {"op": "add"}, {"inc": placed["incarnation"]}]),
                                 msgpack.packb([7])]))
     await c.settle()
     got = {}
@@ -651,7 +651,7 @@ async def test_a_stale_incarnation_is_fenced_by_the_store(cluster_factory):
     batch.add_claim("c1", Record(placed["incarnation"] + 100, 1, msgpack.packb({"value": 0})))
     node.store.write(batch)
     with pytest.raises(AgentDown):
-        await node.caller.request(node.name, Kind.CALL, "c1", {"op": "add"}, 1.0)
+        await node.caller.request(node.name, Kind.CALL, "c1", {"op": "add"}, 1.0, meta={"inc": placed["incarnation"]})
     assert "c1" not in node.runners and node.stats["fenced"] == 1
     await c.close()
 
@@ -692,6 +692,7 @@ async def test_a_retry_after_a_failed_commit_is_not_answered_from_memory(cluster
     m = c.client()
     placed = await m.spawn("l1", "ledger")
     node = c.nodes[placed["node"]]
+    named = {"inc": placed["incarnation"]}  # raw calls name the incarnation they are for
     real_write = node.store._write_once
 
     def disk_full(batch):
@@ -700,10 +701,10 @@ async def test_a_retry_after_a_failed_commit_is_not_answered_from_memory(cluster
     node.store._write_once = disk_full
     from mesh.errors import Unavailable
     with pytest.raises(Unavailable):  # its commit failed: not acknowledged
-        await node.caller.request(node.name, Kind.CALL, "l1", {"op": "append", "value": "v"}, 5, rid="r1")
+        await node.caller.request(node.name, Kind.CALL, "l1", {"op": "append", "value": "v"}, 5, rid="r1", meta=named)
     node.store._write_once = real_write
-    retry = node.caller.request(node.name, Kind.CALL, "l1", {"op": "append", "value": "v"}, 5, rid="r1")
+    retry = node.caller.request(node.name, Kind.CALL, "l1", {"op": "append", "value": "v"}, 5, rid="r1", meta=named)
     assert await c.run(retry) == 0  # run again, once, on the committed state
-    assert await node.caller.request(node.name, Kind.CALL, "l1", {"op": "append", "value": "v"}, 5, rid="r1") == 0
+    assert await node.caller.request(node.name, Kind.CALL, "l1", {"op": "append", "value": "v"}, 5, rid="r1", meta=named) == 0
     assert await m.call("l1", {"op": "read"}) == ["v"]
     await c.close()

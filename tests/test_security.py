@@ -92,13 +92,14 @@ async def test_a_peer_over_its_limits_gets_busy_and_others_do_not(tmp_path):
     await c.start()
     admin = c.client()
     await admin.spawn("w", "waiter")
-    node = c.nodes[(await admin.whereis("w"))["node"]]
+    where = await admin.whereis("w")
+    node, named = c.nodes[where["node"]], {"inc": where["incarnation"]}
     greedy, polite = c.client(), c.client()
     # open requests: two may wait for an answer, the third is refused at once
     held = [asyncio.ensure_future(greedy.call("w", {"op": "wait", "key": f"g{i}"}, timeout=30)) for i in range(2)]
     await c.settle()
     with pytest.raises(Busy, match="awaiting an answer"):
-        await greedy.caller.request(node.name, mesh.wire.Kind.CALL, "w", {"op": "get"}, 1.0)
+        await greedy.caller.request(node.name, mesh.wire.Kind.CALL, "w", {"op": "get"}, 1.0, meta=named)
     # another peer is not affected
     polite_call = asyncio.ensure_future(polite.call("w", {"op": "get"}))
     import kinds
@@ -109,7 +110,7 @@ async def test_a_peer_over_its_limits_gets_busy_and_others_do_not(tmp_path):
     # rate: the burst is spent, so the next requests in the same instant are refused
     with pytest.raises(Busy, match="rate limit"):
         for _ in range(10):
-            await greedy.caller.request(node.name, mesh.wire.Kind.CALL, "w", {"op": "get"}, 1.0)
+            await greedy.caller.request(node.name, mesh.wire.Kind.CALL, "w", {"op": "get"}, 1.0, meta=named)
     await c.advance(1.0)  # ten more tokens a second later (renewing leases on the way)
     assert await greedy.call("w", {"op": "get"}) == 2
     assert node.stats["over_limit"] >= 2

@@ -294,7 +294,7 @@ def raw_server(port: int) -> None:
 def bench_raw(size: dict) -> dict:
     """DEALER->ROUTER round trip and one-way rate with blocking sockets, mesh-sized frames."""
     port = free_ports(1)[0]
-    call = wire.encode(wire.Kind.CALL, "a1b2c3d4e5f6-1", "c0", "client:bench:1", 10000, GET)
+    call = wire.encode(wire.Kind.CALL, "a1b2c3d4e5f6-1", "c0", "client:bench:1", 10000, GET, {"inc": 10**9 + 1})
     cast = wire.encode(wire.Kind.CAST, None, "c0", "client:bench:1", None, ADD)
     out = {"rt_p50": [], "rt_p99": [], "oneway": []}
     ctx = zmq.Context()

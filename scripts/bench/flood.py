@@ -30,7 +30,7 @@ from mesh import wire  # noqa: E402
 from mesh.config import load  # noqa: E402
 
 
-def flood(endpoint: str, target: str, connections: int, batch: int, stop, sent) -> None:
+def flood(endpoint: str, target: str, inc: int, connections: int, batch: int, stop, sent) -> None:
     """The flooder, in a process of its own (in this one it would share the GIL with the
     honest client and measure that instead)."""
     ctx = zmq.Context()
@@ -45,8 +45,8 @@ def flood(endpoint: str, target: str, connections: int, batch: int, stop, sent) 
         while not stop.is_set():
             for s in socks:
                 try:
-                    calls = [wire.encode(wire.Kind.CALL, f"flood-{n + i}", target, None, 5000, {"op": "get"})
-                             for i in range(batch)]
+                    calls = [wire.encode(wire.Kind.CALL, f"flood-{n + i}", target, None, 5000, {"op": "get"},
+                                         {"inc": inc}) for i in range(batch)]
                     s.send(calls[0] if batch == 1 else wire.batch_frame(calls), zmq.NOBLOCK)
                     n += batch
                 except zmq.Again:
@@ -84,16 +84,15 @@ def main() -> int:
     with Mesh(1) as m:
         async def setup():
             async with mesh.connect(m.config) as c:
-                await c.spawn("busy", "counter")
-                await c.spawn("quiet", "counter")
-        asyncio.run(setup())
+                return {name: (await c.spawn(name, "counter"))["incarnation"] for name in ("busy", "quiet")}
+        incarnations = asyncio.run(setup())
         endpoint = load(m.config).nodes["n1"].endpoint
         lat = asyncio.run(honest(m.config, "quiet", args.seconds))
         rows.append(("no flood", lat, 0))
         for target, label in (("busy", "flood to another agent"), ("quiet", "flood to the same agent")):
             ctx = multiprocessing.get_context("spawn")
             stop, sent = ctx.Event(), ctx.Value("q", 0)
-            flooder = ctx.Process(target=flood, args=(endpoint, target, args.connections, args.batch, stop, sent), daemon=True)
+            flooder = ctx.Process(target=flood, args=(endpoint, target, incarnations[target], args.connections, args.batch, stop, sent), daemon=True)
             flooder.start()
             try:
                 time.sleep(0.5)  # let the flood build up before measuring
