@@ -1,6 +1,7 @@
 """[control] with real processes: `mesh up` runs an etcd member, nodes hold their own
 leases in etcd, the supervisor is elected, and the leader's death stops nothing else."""
 
+import asyncio
 import json
 import os
 import re
@@ -32,6 +33,21 @@ def cli(cfg, *args, timeout=30):
     return json.loads(done.stdout)
 
 
+async def _read_for(cfg, names: list[str], seconds: float) -> float:
+    """Read each of `names` over and over for `seconds` (every call must answer with its
+    value, 5); the slowest single call."""
+    import mesh
+    worst = 0.0
+    async with mesh.connect(str(cfg)) as m:
+        began = time.monotonic()
+        while time.monotonic() - began < seconds:
+            for name in names:
+                t = time.monotonic()
+                assert await m.call(name, {"op": "get"}, timeout=10) == 5
+                worst = max(worst, time.monotonic() - t)
+    return worst
+
+
 def _leader(run) -> str:
     """The node that last said it leads."""
     said = [m.group(1) for line in run.lines if (m := re.search(r"leadership: (\S+) leads, term \d+", line))]
@@ -54,18 +70,11 @@ def test_the_leaders_node_dies_and_the_rest_serve_on(tmp_path):
         assert elsewhere, placed
         mark = run.mark()
         os.kill(run.pids[leader], signal.SIGKILL)
-        # agents on the other nodes never stop answering (their leases are their own)
-        began = time.monotonic()
-        worst = 0.0
-        while time.monotonic() - began < 3:
-            for name in elsewhere:
-                t = time.monotonic()
-                assert cli(cfg, "call", name, '{"op": "get"}') == 5
-                worst = max(worst, time.monotonic() - t)
+        worst = asyncio.run(_read_for(cfg, elsewhere, 3.0))
         run.wait_for(r"leadership: (\S+) leads, term", start=mark, timeout=30)
         # every agent answers with its acknowledged state, the dead leader's too
         for name in placed:
             assert cli(cfg, "call", name, '{"op": "add", "n": 1}', timeout=60) == 6
-        assert worst < 2.5, worst  # a CLI call is a new process: this bounds outages, not latency
+        assert worst < 2.0, worst  # no outage (a bound for a loaded machine, not a latency goal)
     finally:
         run.stop()
