@@ -74,12 +74,13 @@ class ControlPlane:
         if self.leadership is not None:
             self._tasks.append(asyncio.ensure_future(self._campaign()))
 
-    async def stop(self) -> None:
+    async def stop(self, resign: bool = True) -> None:
         """An orderly stop: give the lease and any leadership up at once, so nobody waits
-        for their TTLs."""
+        for their TTLs. When the whole mesh stops, the leader keeps its term to the end
+        (`resign=False`): another candidate elected meanwhile would start the agents again."""
         for task in self._tasks:
             task.cancel()
-        if self.leadership is not None and self.leadership.term:
+        if resign and self.leadership is not None and self.leadership.term:
             await self.leadership.resign()
         await self.lease.revoke()
         await self.etcd.close()

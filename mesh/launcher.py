@@ -66,6 +66,7 @@ class Launcher:
     mesh_ready: bool = False     # the supervisor started the tree (once)
     start_failed: str = ""       # the tree could not start: `mesh up` exits 1
     sidecars: list = field(default_factory=list)  # the stand-in model server, this host's etcd member
+    leader: str = ""             # the node that said its supervisor is ready, last
 
     def preimport(self) -> None:
         """Import what nodes need, so a forked child starts with it loaded."""
@@ -321,6 +322,7 @@ class Launcher:
             elif words[:1] == ["cannot-start"]:
                 child.why = " ".join(words[1:])
             elif words[:1] == ["supervisor-ready"]:
+                self.leader = child.node  # with [control], the node elected last
                 self.mesh_ready = True
                 self.say("mesh ready")
             elif words[:1] == ["tree-failed"]:
@@ -338,7 +340,7 @@ class Launcher:
         live = [c for c in self.children.values() if c.pidfd >= 0]
         if not live:
             return
-        first = [c for c in live if c.node == self.config.supervisor_node]
+        first = [c for c in live if c.node == (self.leader or self.config.supervisor_node)]
         whole_mesh = set(self.nodes) == set(self.config.nodes)
         for group in (first, [c for c in live if c not in first]):
             for child in group:

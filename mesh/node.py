@@ -308,8 +308,9 @@ class Node:
             self._hello_acked = False
             self.say_hello()
 
-    async def shutdown(self, reason: str = "shutdown") -> None:
-        """Stop in order: finish or cancel handlers, terminate agents, commit, say goodbye."""
+    async def shutdown(self, reason: str = "shutdown", whole_mesh: bool = False) -> None:
+        """Stop in order: finish or cancel handlers, terminate agents, commit, say goodbye.
+        `whole_mesh`: every node stops (a leader keeps its term to the end)."""
         if self.stopping:
             return
         self.stopping = True
@@ -328,7 +329,7 @@ class Node:
         if self._llm is not None:
             await self._llm.aclose()
         if self.control is not None:
-            await self.control.stop()
+            await self.control.stop(resign=not whole_mesh)
         if self.name != self.supervisor_node:
             try:
                 await self.caller.request(self.supervisor_node, Kind.GOODBYE, None,

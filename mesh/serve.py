@@ -215,7 +215,7 @@ async def _serve(config: Config, name: str, boot: str, previous: dict | None, co
         watchdog.stop()
         if node.supervisor is not None and whole_mesh:
             await node.supervisor.stop_tree(STOP_TREE_S)
-        await node.shutdown()
+        await node.shutdown(whole_mesh=bool(whole_mesh))
         network.close()
 
 

@@ -78,3 +78,22 @@ def test_the_leaders_node_dies_and_the_rest_serve_on(tmp_path):
         assert worst < 2.0, worst  # no outage (a bound for a loaded machine, not a latency goal)
     finally:
         run.stop()
+
+
+@pytest.mark.timeout(120)
+def test_stopping_the_whole_mesh_elects_nobody_else_and_ends_the_etcd_member(tmp_path):
+    from procs import wait_gone
+    cfg = control_config(tmp_path)
+    run = MeshRun("up", "-c", str(cfg)).start(timeout=60)
+    try:
+        for i in range(3):
+            cli(cfg, "spawn", f"c{i}", "counter")
+        etcd_pid = int(next(m.group(1) for line in run.lines
+                            if (m := re.search(r"etcd: member local: started \(pid (\d+)\)", line))))
+        mark = run.mark()
+        assert run.stop() == 0
+        after = run.lines[mark:]
+        assert not any("leads, term" in line for line in after), "\n".join(after)  # nobody took over
+        assert wait_gone([etcd_pid]) == []
+    finally:
+        run.stop()
