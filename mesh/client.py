@@ -23,7 +23,7 @@ from typing import Any, Callable
 from .caller import Caller, ClientResolver
 from .clock import Backoff, Clock
 from .config import Config, load
-from .errors import CallError, CallTimeout, Retryable, Unavailable
+from .errors import CallError, CallTimeout, NoSuchAgent, Retryable, Unavailable
 from .network import ZmqNetwork
 from .security import Security, client_keypair
 from .wire import Kind
@@ -156,7 +156,20 @@ class Client:
         return result
 
     async def stop(self, name: str, timeout: float | None = None) -> dict:
-        return await self._control(Kind.STOP, name, None, timeout)
+        """Stop agent `name`. The stop names the incarnation it was sent for, so a copy of it
+        that arrives late (held on a link) never stops an agent of the name spawned since."""
+        for attempt in range(2):
+            try:
+                inc = (await self.whereis(name, timeout)).get("incarnation")
+            except NoSuchAgent:  # not in the registry: perhaps a stop not yet confirmed, repeated
+                inc = None
+            body = {"incarnation": inc} if type(inc) is int and inc >= 0 else None
+            try:
+                return await self._control(Kind.STOP, name, body, timeout)
+            except NoSuchAgent as err:
+                if attempt or not err.data.get("earlier_life"):
+                    raise
+                # the node asked first had an older view of the name: ask again
 
     async def status(self, timeout: float | None = None) -> dict:
         return await self._control(Kind.STATUS, None, None, timeout)

@@ -145,6 +145,12 @@ class Requests:
     def _stop_request(self, msg: wire.Msg) -> None:
         name = msg.target
         child = self.children.get(name)
+        named = msg.body.get("incarnation") if isinstance(msg.body, dict) else None
+        if child is not None and child.born and type(named) is int and named < child.born:
+            # meant for an earlier agent of the name (a late copy, held on a link): the
+            # agent spawned since is not its to stop
+            raise NoSuchAgent(f"{name!r}: the agent this stop was sent for (incarnation {named}) was stopped "
+                              f"already; another of the name runs now", {"earlier_life": True, "incarnation": child.born})
         if child is None:
             child = self._unstopped.get(name)  # a stop answered "not confirmed": this is its repeat
             if child is None:

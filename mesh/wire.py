@@ -296,7 +296,7 @@ _SPECS: dict[Kind, tuple[bool, bool, Callable[[Any], str | None] | None]] = {
     Kind.BATCH: (False, False, lambda b: None if type(b) is list and 0 < len(b) <= MAX_BATCH
                  else f"body must be a list of 1..{MAX_BATCH} envelopes"),
     Kind.SPAWN: (True, False, _spawn_body),
-    Kind.STOP: (True, True, None),
+    Kind.STOP: (True, True, lambda body: None if body is None else _fields({}, {"incarnation": int})(body)),
     Kind.STATUS: (True, False, None),
     Kind.WHEREIS: (True, True, _fields({}, {"after": int, "wait_ms": int})),
     Kind.HELLO: (True, False, _fields(

@@ -588,3 +588,33 @@ async def test_a_late_call_that_named_no_incarnation_does_not_run_on_the_next_ag
     assert await m.call("s", {"op": "get"}) == 0        # it did not run there
     assert await late.call("s", {"op": "add", "n": 2}) == 2   # a caller that names none is told, then runs
     await c.close()
+
+
+async def test_a_late_copy_of_a_stop_does_not_stop_the_agent_spawned_since(cluster_factory):
+    """Seen in the 30-minute three-host soak (seed 3029): a lifecycle counter spawned again
+    answered NoSuchAgent from then on. A stop of its earlier life, held on a link (its
+    first node went away), reached the supervisor after the new spawn and stopped the new
+    agent. A stop names the incarnation it was sent for, and one for an earlier life is
+    refused."""
+    c = await cluster_factory()
+    m = c.client()
+    first = await m.spawn("s", "counter")
+    sup = c.nodes[c.cfg.supervisor_node]
+    held, release = hold(sup, Kind.STOP, "s")
+    late = asyncio.ensure_future(m.caller.request(sup.name, Kind.STOP, "s", {"incarnation": first["incarnation"]},
+                                                  10, rid="stop-late"))
+    await c.run(_until(lambda: held))                       # held, as on a link that is down
+    parked = held.pop()
+    release()                                               # later stops go through
+    assert (await m.stop("s"))["stopped"] is True
+    second = await m.spawn("s", "counter")
+    assert await m.call("s", {"op": "add", "n": 1}) == 1
+    try:                                                    # the first stop arrives now
+        sup.handlers[Kind.STOP](*parked)
+    except CallError as err:
+        sup.respond_error(parked[1], parked[0].id, err)
+    with pytest.raises(NoSuchAgent, match="stopped already"):
+        await c.run(late)
+    assert await m.call("s", {"op": "get"}) == 1            # the new agent runs on
+    assert second["incarnation"] > first["incarnation"]
+    await c.close()
