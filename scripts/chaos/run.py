@@ -241,7 +241,7 @@ class Env:
 
 
 async def chaos(args) -> int:
-    out = Path(args.out or ROOT / "var" / "chaos" / time.strftime("%Y%m%d-%H%M%S"))
+    out = Path(args.out or ROOT / "var" / "chaos" / time.strftime("%Y%m%d-%H%M%S")).resolve()  # the config names it
     if not args.hostile:
         code, _ = await chaos_once(args, out)
         return code
