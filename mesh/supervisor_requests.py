@@ -144,6 +144,8 @@ class Requests:
 
     def _stop_request(self, msg: wire.Msg) -> None:
         name = msg.target
+        if not self.ready:  # its records or the nodes' inventories are still on their way
+            raise Unavailable("the supervisor is still learning what runs where")
         child = self.children.get(name)
         if child is None:
             child = self._unstopped.get(name)  # a stop answered "not confirmed": this is its repeat
