@@ -273,6 +273,9 @@ def test_the_leaders_host_killed_counts_its_own_agents_and_the_others_apart(tmp_
     assert [m.split(":", 2)[:2] for m in judged.missed] == [["leaderhost", "own"]]
     assert "could not be served for 3.50 s" in judged.missed[0] and "#1 leaderhost on h1" in judged.missed[0]
     assert check.goal("leaderhost:others") == 1.0 and check.goal("leaderhost") is None
+    each = check.each_fault(tmp_path)  # --each: one line per row
+    assert [line.split()[1] for line in each] == ["leaderhost:others", "leaderhost:own"]
+    assert "unserved  0.80 s  counter-2" in each[0] and "unserved  3.50 s  counter-1" in each[1]
 
 
 def test_the_control_planes_other_faults_are_measured_without_a_goal(tmp_path):

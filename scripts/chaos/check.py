@@ -502,10 +502,13 @@ def availability(r: Report, h: History, by_agent: dict[str, list[Op]], homes: Ho
 
 
 def each_fault(run_dir: Path) -> list[str]:
-    """One line per injected fault: how long it lasted, and the agent it kept unserved longest
-    (counted as for its kind, see the docstring)."""
+    """One line per injected fault (per row, for a kind with several): how long it lasted,
+    and the agent it kept unserved longest (counted as for its kind, see the docstring)."""
     h = read_history(run_dir / "history.jsonl")
     faults = sorted((f for f in h.faults.values() if f.injected), key=lambda f: f.start)
+    header = h.header.get("skew") or {}
+    homes = Homes(run_dir / "data" if (run_dir / "data").exists() else None,
+                  {k: float(v) for k, v in header.items()})
     worst: dict = {}
     by_agent: dict[str, list[Op]] = defaultdict(list)
     for op in h.ops.values():
@@ -516,14 +519,16 @@ def each_fault(run_dir: Path) -> list[str]:
             met = meeting(faults, w, h.t_end)
             if met:
                 solo = Window(w.agent, max(w.start, met[0].start), min(w.end, met[1].start) if len(met) > 1 else w.end)
-                if solo.seconds > worst.get(met[0].id, Window("", 0, 0)).seconds:
-                    worst[met[0].id] = solo
+                key = (met[0].id, met[0].row(w.agent, homes))
+                if solo.seconds > worst.get(key, Window("", 0, 0)).seconds:
+                    worst[key] = solo
     out = []
     for f in faults:
-        w = worst.get(f.id)
         lasted = (f.end if f.end is not None else h.t_end) - f.start
-        out.append(f"#{f.id:<4} {f.key:<15} {str(f.target):<9.9} {f.start - h.t0:8.2f} s  lasted {lasted:5.2f} s  "
-                   + (f"unserved {w.seconds:5.2f} s  {w.agent}" if w else "unserved  -"))
+        for row in f.rows:
+            w = worst.get((f.id, row))
+            out.append(f"#{f.id:<4} {row:<17} {str(f.target):<9.9} {f.start - h.t0:8.2f} s  lasted {lasted:5.2f} s  "
+                       + (f"unserved {w.seconds:5.2f} s  {w.agent}" if w else "unserved  -"))
     return out
 
 
