@@ -435,6 +435,29 @@ async def test_the_supervisor_fault_follows_the_leader(control_env):
     assert [e["supervisor"] for e in nem.history.of("fault")] == [True, True]
 
 
+async def test_no_fault_begins_after_the_run_ended(control_env):
+    """A kind drawn while a long fault held the slot is not started once the run is over
+    (a leaderhost begun then would keep a host down after the workload stopped)."""
+    env = control_env()
+    nem = nemesis_mod.Nemesis(env, ["leaderhost"], seed=1, history=Events(), interval=(0.01, 0.01))
+    stop = asyncio.Event()
+    holding = asyncio.Event()
+    release = asyncio.Event()
+
+    async def hold(duration):
+        holding.set()
+        await release.wait()
+
+    nem.hold = hold
+    running = asyncio.ensure_future(nem.run(stop))
+    await holding.wait()
+    await asyncio.sleep(0.05)  # the next kind is drawn, and waits for the slot
+    stop.set()
+    release.set()
+    await asyncio.wait_for(running, 5)
+    assert len(nem.log) == 1 and env.hosts.killed == ["h2"]
+
+
 def test_the_leader_is_the_node_that_said_so_with_the_highest_term():
     class Run:
         def __init__(self, *lines):

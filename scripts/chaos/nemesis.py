@@ -166,6 +166,9 @@ class Nemesis:
                     pass
                 kind = self.rng.choice(self.faults)
                 await self.slots.acquire()
+                if stop.is_set():  # the run ended while the previous fault held the slot
+                    self.slots.release()
+                    break
                 self.spawn(kind, self.rng.uniform(*self.duration))
             await asyncio.gather(*self._active, return_exceptions=True)
         finally:
