@@ -10,8 +10,10 @@ What the gateway does that surprises (checked against etcd 3.4 and 3.5):
   * keys and values are base64, int64s come back as JSON strings, absent fields mean 0;
   * a write whose answer is lost may have been applied: `EtcdUnavailable.unknown` says
     so, and every write the mesh makes is safe to repeat (compare-and-swap on revisions);
-  * a quiet watch must not have a read timeout (liveness is the caller's), and a member's
-    death ends its stream: `watch` resumes on the next endpoint from the next revision.
+  * a quiet watch must not have a read timeout, and a member's death ends its stream, but
+    a member cut off ends nothing: `watch` asks a silent stream's member for a read, and
+    resumes on the next endpoint from the next revision when the stream ends or that
+    read goes unanswered.
 
 Keys are text (the mesh's own names), values bytes.
 """
@@ -263,48 +265,89 @@ class Etcd:
         """Yield the events at `key` (or under it) from `start_revision` on, batch by batch.
 
         Resumes on another endpoint from the revision after the last one seen when a
-        stream ends; raises Compacted when the revision asked for is gone, and
-        EtcdUnavailable when no member answers.
+        stream ends, or when it has been silent for `timeout_s` and its member does not
+        answer a read either (a member cut off sends nothing, not even an end: without
+        that check the stream would wait for ever). Raises Compacted when the revision
+        asked for is gone, and EtcdUnavailable when no member answers.
         """
         next_rev = start_revision
         failures = 0
         while True:
             at = self._at % len(self.endpoints)
-            request = {"create_request": {**_range_body(key, prefix), "prev_kv": True}}
-            if next_rev:
-                request["create_request"]["start_revision"] = str(next_rev)
+            stream = self._stream(at, key, prefix, next_rev)
+            pending: asyncio.Future | None = None
             try:
-                async with self._http.stream("POST", self.endpoints[at] + "/v3/watch", content=json.dumps(request),
-                                             timeout=httpx.Timeout(self.timeout_s, read=None)) as reply:
-                    if reply.status_code != 200:
-                        raise EtcdError(f"watch refused: HTTP {reply.status_code}")
-                    async for line in reply.aiter_lines():
-                        data = _json_text(line)
-                        if "error" in data:  # the stream broke inside its 200: resume elsewhere
-                            log.debug("etcd watch on %s: %s", self.endpoints[at], data["error"])
-                            break
-                        result = data.get("result")
-                        if result is None:
-                            continue
-                        failures = 0
-                        if result.get("canceled"):
-                            compact = int(result.get("compact_revision", 0))
-                            if compact:
-                                raise Compacted(compact)
-                            raise EtcdError(f"watch canceled: {result.get('cancel_reason', '')}")
-                        events = [Event("delete" if e.get("type") == "DELETE" else "put", _kv(e.get("kv", {})),
-                                        _kv(e["prev_kv"]) if e.get("prev_kv") else None)
-                                  for e in result.get("events", [])]
-                        if events:
-                            next_rev = events[-1].kv.mod_revision + 1
-                            yield events
+                while True:
+                    if pending is None:
+                        pending = asyncio.ensure_future(stream.__anext__())
+                    done, _ = await asyncio.wait({pending}, timeout=self.timeout_s)
+                    if not done:
+                        if await self._answers(at, key, prefix):
+                            continue  # a quiet key, not a silent member
+                        log.debug("etcd watch on %s: the member is silent", self.endpoints[at])
+                        break
+                    try:
+                        events = pending.result()
+                    except StopAsyncIteration:
+                        break
+                    finally:
+                        pending = None
+                    failures = 0
+                    if events:
+                        next_rev = events[-1].kv.mod_revision + 1
+                        yield events
             except httpx.HTTPError as exc:
                 log.debug("etcd watch on %s ended: %s", self.endpoints[at], exc)
+            finally:
+                if pending is not None:
+                    pending.cancel()
+                    await asyncio.gather(pending, return_exceptions=True)
+                await stream.aclose()
             failures += 1
             self._at = at + 1
             if failures >= 2 * len(self.endpoints):
                 raise EtcdUnavailable(f"no etcd member keeps a watch on {key!r}")
             await asyncio.sleep(min(0.5, 0.02 * 2 ** failures))
+
+    async def _stream(self, at: int, key: str, prefix: bool, start_revision: int) -> AsyncIterator[list[Event]]:
+        """One watch stream from endpoint `at`: each result's events (an empty list for a
+        result without any), until the stream ends."""
+        request = {"create_request": {**_range_body(key, prefix), "prev_kv": True}}
+        if start_revision:
+            request["create_request"]["start_revision"] = str(start_revision)
+        async with self._http.stream("POST", self.endpoints[at] + "/v3/watch", content=json.dumps(request),
+                                     timeout=httpx.Timeout(self.timeout_s, read=None)) as reply:
+            if reply.status_code != 200:
+                raise EtcdError(f"watch refused: HTTP {reply.status_code}")
+            async for line in reply.aiter_lines():
+                data = _json_text(line)
+                if "error" in data:  # the stream broke inside its 200: resume elsewhere
+                    log.debug("etcd watch on %s: %s", self.endpoints[at], data["error"])
+                    return
+                result = data.get("result")
+                if result is None:
+                    continue
+                if result.get("canceled"):
+                    compact = int(result.get("compact_revision", 0))
+                    if compact:
+                        raise Compacted(compact)
+                    raise EtcdError(f"watch canceled: {result.get('cancel_reason', '')}")
+                yield [Event("delete" if e.get("type") == "DELETE" else "put", _kv(e.get("kv", {})),
+                             _kv(e["prev_kv"]) if e.get("prev_kv") else None)
+                       for e in result.get("events", [])]
+
+    async def _answers(self, at: int, key: str, prefix: bool) -> bool:
+        """Whether endpoint `at` answers a linearizable read within the timeout (it can
+        reach its cluster's majority, so a watch there would hear of changes)."""
+        try:
+            reply = await self._http.post(self.endpoints[at] + "/v3/kv/range",
+                                          content=json.dumps({**_range_body(key, prefix), "count_only": True}))
+        except httpx.HTTPError:
+            return False
+        try:
+            return reply.status_code == 200 and "error" not in _json(reply)
+        except EtcdError:
+            return False
 
 
 def _json(reply: httpx.Response) -> dict:

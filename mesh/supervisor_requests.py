@@ -144,6 +144,8 @@ class Requests:
 
     def _stop_request(self, msg: wire.Msg) -> None:
         name = msg.target
+        if not self.ready:  # its records or the nodes' inventories are still on their way
+            raise Unavailable("the supervisor is still learning what runs where")
         child = self.children.get(name)
         named = msg.body.get("incarnation") if isinstance(msg.body, dict) else None
         if child is not None and child.born and type(named) is int and named < child.born:

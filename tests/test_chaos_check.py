@@ -236,6 +236,66 @@ def test_a_window_that_begins_just_after_the_heal_is_still_the_faults(tmp_path):
     assert r.missed and r.missed[0].startswith("kill: counter-1 could not be served for 1.20 s")
 
 
+# --- the control plane's faults (--control) -------------------------------------------------------
+
+def served(tmp_path, host, node, agent, times, offset=0.0):
+    """Served records of `agent` on `host`'s node at these times (seconds after T0), written
+    with the host's wall-clock offset as the nodes write them."""
+    folder = tmp_path / "data" / host / "served"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{node}.log", "a") as f:
+        for t in times:
+            f.write(f"{T0 + t + offset:.6f} {agent} 7{host[1]}\n")
+
+
+def test_the_leaders_host_killed_counts_its_own_agents_and_the_others_apart(tmp_path):
+    rec = Recorder(tmp_path, skew={"h1": 0.0, "h2": 600.0})
+    for agent in ("counter-1", "counter-2", "counter-3"):
+        busy(rec, agent, 0, 40)
+    served(tmp_path, "h1", "n1", "counter-1", [1.0, 4.9])          # on the leader's host when it died
+    served(tmp_path, "h2", "n2", "counter-2", [1.0, 4.9], 600.0)   # elsewhere (its clock 600 s ahead)
+    served(tmp_path, "h2", "n2", "counter-1", [8.0], 600.0)        # moved there after the kill
+    rec.fault(1, "leaderhost", 5.0, 30.0, target="h1", supervisor=True)
+    rec.gap("counter-1", 5.0, 8.5)   # the dead host's agent: 3.5 s
+    rec.gap("counter-2", 5.2, 6.0)   # another host's: 0.8 s
+    rec.gap("counter-3", 5.0, 6.5)   # never served before the kill: counted as the dead host's
+    r = rec.check()
+    assert round(r.worst["leaderhost:own"].seconds, 2) == 3.5 and r.worst["leaderhost:own"].agent == "counter-1"
+    assert round(r.worst["leaderhost:others"].seconds, 2) == 0.8
+    assert "leaderhost" not in r.worst and "leaderhost:supervisor" not in r.worst
+    assert r.measured["leaderhost:own"] == r.measured["leaderhost:others"] == 1
+    assert dict(r.injected) == {"leaderhost": 1}
+    rows = {line.split()[0]: line for line in r.lines() if line.startswith("  leaderhost")}
+    assert set(rows) == {"leaderhost:others", "leaderhost:own"}
+    assert "(goal 3 s: not judged) longest fault 25.00 s" in rows["leaderhost:own"]  # not judged by default
+    assert "(goal 1 s: not judged)" in rows["leaderhost:others"] and r.ok
+    judged = rec.check(judged=["leaderhost:others", "leaderhost:own"])
+    assert [m.split(":", 2)[:2] for m in judged.missed] == [["leaderhost", "own"]]
+    assert "could not be served for 3.50 s" in judged.missed[0] and "#1 leaderhost on h1" in judged.missed[0]
+    assert check.goal("leaderhost:others") == 1.0 and check.goal("leaderhost") is None
+    each = check.each_fault(tmp_path)  # --each: one line per row
+    assert [line.split()[1] for line in each] == ["leaderhost:others", "leaderhost:own"]
+    assert "unserved  0.80 s  counter-2" in each[0] and "unserved  3.50 s  counter-1" in each[1]
+
+
+def test_the_control_planes_other_faults_are_measured_without_a_goal(tmp_path):
+    rec = Recorder(tmp_path)
+    busy(rec, "counter-1", 0, 30)
+    rec.fault(1, "leadercut", 2.0, 5.0, target="h2", supervisor=True)
+    rec.gap("counter-1", 2.5, 6.0)
+    rec.fault(2, "etcdall", 10.0, 10.2, target="h1,h2,h3")
+    rec.gap("counter-1", 10.1, 13.0)
+    rec.fault(3, "etcdkill", 20.0, 20.1, target="h3")
+    rec.fault(4, "leaderhost", 25.0, injected=False)
+    r = rec.check(judged=list(check.JUDGED))
+    assert r.ok  # no goal, whatever the figures
+    rows = {line.split()[0]: line for line in r.lines() if line.startswith("  ")}
+    assert "3.50 s (no goal)" in rows["leadercut"] and "leadercut:supervisor" not in rows
+    assert "2.90 s (no goal)" in rows["etcdall"] and "#2 etcdall on h1,h2,h3" in rows["etcdall"]
+    assert "(no goal)" in rows["etcdkill"]
+    assert "none injected: not measured" in rows["leaderhost:own"] and "leaderhost" not in rows
+
+
 # --- what the workload does besides calling (issue 12): eras, crashes, shared request ids ----
 
 

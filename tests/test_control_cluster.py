@@ -38,9 +38,9 @@ async def _counters(m, n: int) -> dict[str, str]:
 
 @pytest.mark.async_timeout(150)
 async def test_the_supervisors_host_dies_for_good_and_the_mesh_serves_on(cluster):
-    leader = cluster.leader()
     async with cluster.client() as m:
         placed = await _counters(m, 9)
+        leader = cluster.leader()  # now: on a loaded machine leadership may move once after the start
         survivors = [n for n, node in placed.items() if node != leader]
         lost = [n for n, node in placed.items() if node == leader]
         assert survivors and lost, placed

@@ -1,6 +1,8 @@
 """The etcd client against real etcd members (tests/etcds.py)."""
 
 import asyncio
+import os
+import signal
 
 import pytest
 
@@ -114,6 +116,53 @@ async def test_a_watch_resumes_on_another_member_without_missing_an_event(etcd_f
     finally:
         await etcd.close()
         await writer.close()
+
+
+@pytest.mark.async_timeout(60)
+async def test_a_watch_leaves_a_member_that_went_silent(etcd_factory):
+    """A member cut off (here: stopped) ends no stream; the watch finds out by asking it
+    for a read, and resumes on another member without missing an event."""
+    cluster = etcd_factory(3)
+    etcd = await _client(cluster)
+    writer = await _client(cluster)
+    writer.endpoints = writer.endpoints[1:]  # the writer never needs the silent one
+    stopped = cluster.procs["e1"].pid
+    try:
+        _, rev = await etcd.range("s/", prefix=True)
+        etcd._at = 0  # the watch's stream comes from e1
+        got: list[str] = []
+        first = asyncio.Event()
+
+        async def follow():
+            async for events in etcd.watch("s/", prefix=True, start_revision=rev + 1):
+                got.extend(e.kv.key for e in events)
+                first.set()
+                if len(got) == 5:
+                    return
+        task = asyncio.ensure_future(follow())
+        await _put_surely(writer, "s/0")
+        await asyncio.wait_for(first.wait(), 10)
+        os.kill(stopped, signal.SIGSTOP)  # its streams stay open, and silent
+        for i in range(1, 5):
+            await _put_surely(writer, f"s/{i}")
+        await asyncio.wait_for(task, 15)
+        assert got == [f"s/{i}" for i in range(5)]
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+        await etcd.close()
+        await writer.close()
+
+
+async def _put_surely(etcd, key):
+    """Put `key`, again until it is surely there (the etcd leader may be the stopped member)."""
+    while True:
+        try:
+            await etcd.put(key, b"")
+            return
+        except EtcdUnavailable as exc:
+            if exc.unknown and await etcd.get(key) is not None:
+                return
+            await asyncio.sleep(0.05)
 
 
 async def test_no_member_answering_is_unavailable_within_the_timeout(etcd_factory):

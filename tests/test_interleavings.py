@@ -618,3 +618,30 @@ async def test_a_late_copy_of_a_stop_does_not_stop_the_agent_spawned_since(clust
     assert await m.call("s", {"op": "get"}) == 1            # the new agent runs on
     assert second["incarnation"] > first["incarnation"]
     await c.close()
+
+
+async def test_a_stop_waits_for_a_new_supervisor_to_learn_what_runs_where(cluster_factory):
+    """Seen in a three-host run with [control] (seed 4001): a stop that reached a supervisor
+    elected a moment before, still reading its records, was answered NoSuchAgent for a
+    name that ran; the next spawn of the name found the old agent, with its state. A stop,
+    like a spawn, is answered Unavailable (and retried) until the supervisor is ready."""
+    c = await cluster_factory()
+    m = c.client()
+    sup = c.cfg.supervisor_node
+    placed = [await m.spawn(f"s{i}", "counter") for i in range(4)]
+    name = next(p["name"] for p in placed if p["node"] != sup)
+    assert await m.call(name, {"op": "add", "n": 5}) == 5
+    silent = next(n for n in c.nodes if n not in (sup, placed[[p["name"] for p in placed].index(name)]["node"]))
+    c.freeze(silent)  # the new supervisor waits for its inventory up to the liveness window
+    await c.restart(sup)
+    role = c.role
+    stop = asyncio.ensure_future(m.stop(name))
+    await c.settle()
+    assert not role.ready and not stop.done()  # not answered before the supervisor knows
+    assert (await c.run(stop))["stopped"] is True and role.ready
+    c.thaw(silent)
+    with pytest.raises(NoSuchAgent):
+        await c.run(m.call(name, {"op": "get"}))
+    await m.spawn(name, "counter")
+    assert await c.run(m.call(name, {"op": "get"})) == 0  # from nothing
+    await c.close()

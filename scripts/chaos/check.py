@@ -51,6 +51,14 @@ Verdict rules:
                 host is judged on its own, as KIND:supervisor)
 Exit status 1 on any violation.
 
+The control plane's faults (run.py --control) have rows of their own: leadercut,
+etcdkill and etcdall (no goal: measured), and leaderhost, split by where each agent was
+when the leader's host was killed (its last answer before, in the served records):
+leaderhost:others (agents of the other hosts, goal 1 s) and leaderhost:own (agents of
+the killed host, or not yet served, goal 3 s). They are judged only when --judge names
+them. Faults aimed at the supervisor by definition (supervisor, leaderhost, leadercut)
+have no KIND:supervisor row.
+
 Counts of faults are of the history's fault lines: attempted (every line) and injected
 (those with "injected": true); nothing else is counted.
 
@@ -73,6 +81,7 @@ host until it is started again): a goal met only by faults shorter than it says 
 from __future__ import annotations
 
 import argparse
+import bisect
 import heapq
 import json
 import sys
@@ -88,10 +97,19 @@ GOALS = {"kill": 0.5, "stop": 2.0, "cut": 2.0, "host": 3.0, "disk": 3.0}
 # A kill, stop or cut aimed at the supervisor's node or host is its own row, KIND:supervisor,
 # with the kind's goal: the runtime has one supervisor, and those faults take it away.
 JUDGED = [*GOALS, "kill:supervisor", "stop:supervisor", "cut:supervisor"]
+# The control plane's faults (--control). The leader's host killed (leaderhost) has two rows,
+# with issue 14's goals (G8): the agents on the other hosts ("others") and the agents that
+# were on the killed host ("own"). Not in JUDGED: on a loaded 2-core machine they are
+# reported, and judged only when asked for (--judge leaderhost:others,...).
+ROW_GOALS = {"leaderhost:others": 1.0, "leaderhost:own": 3.0}
+ROWS = {"leaderhost": ("leaderhost:others", "leaderhost:own")}   # a kind -> its rows, where it has several
+AT_SUPERVISOR = ("supervisor", "leaderhost", "leadercut")         # aimed at the supervisor by definition
 
 
 def goal(key: str) -> float | None:
-    return GOALS.get(key.split(":")[0])
+    if key in ROW_GOALS:
+        return ROW_GOALS[key]
+    return GOALS.get(key.split(":")[0]) if key.split(":")[0] not in ROWS else None
 SHORT = 0.05  # windows shorter than this are not attributed to faults (they are ordinary latency)
 AFTER = 1.0   # a fault still meets windows that begin this long after its heal (the mesh's own recovery)
 
@@ -139,8 +157,20 @@ class Fault:
 
     @property
     def key(self) -> str:
-        """Its row in the availability verdicts."""
-        return f"{self.kind}:supervisor" if self.on_supervisor and self.kind != "supervisor" else self.kind
+        """Its row in the availability verdicts (its kind's, for a kind with several rows)."""
+        return f"{self.kind}:supervisor" if self.on_supervisor and self.kind not in AT_SUPERVISOR else self.kind
+
+    @property
+    def rows(self) -> tuple:
+        return ROWS.get(self.kind, (self.key,))
+
+    def row(self, agent: str, homes: "Homes") -> str:
+        """The row a window of `agent` counts for: leaderhost's by where the agent was
+        served last before the fault began (on the killed host, or not served yet: "own")."""
+        if self.kind != "leaderhost":
+            return self.key
+        home = homes.at(agent, self.start)
+        return "leaderhost:others" if home is not None and home != self.target else "leaderhost:own"
 
     def describe(self, t0: float) -> str:
         end = f"{self.end - t0:.2f}" if self.end is not None else "never healed"
@@ -237,7 +267,8 @@ class Report:
 
     def availability_lines(self) -> list[str]:
         out = ["availability longest time an agent could not be served, one fault in force (goal)"]
-        rows = sorted((set(self.attempted) | set(self.measured) | set(self.worst)) - {"overlapping", "no fault"})
+        attempted = {row for kind in self.attempted for row in ROWS.get(kind, (kind,))}
+        rows = sorted((attempted | set(self.measured) | set(self.worst)) - {"overlapping", "no fault"})
         for kind in [*rows, "overlapping", "no fault"]:
             w = self.worst.get(kind)
             figure = f"{w.seconds:6.2f} s" if w else f"  <{SHORT:.2f} s"
@@ -294,7 +325,7 @@ class Report:
             f"stopped; {len(self.not_fresh)} not fresh, {len(self.not_stopped)} not stopped",
             f"outstanding  up to {self.outstanding[0]} operations in flight on one agent ({self.outstanding[1] or '-'})"
             + (f", reply window {self.window}" if self.window is not None else ""),
-            *([f"clock skew   " + ", ".join(f"{h} {o:+g} s" for h, o in sorted(self.skew.items()))
+            *(["clock skew   " + ", ".join(f"{h} {o:+g} s" for h, o in sorted(self.skew.items()))
                + " (served records compared after taking each host's offset off)"] if self.skew else []),
             f"goals missed {len(self.missed)}",
             "longest wait " + (", ".join(f"{a} {s:.2f}s" for a, s in worst) or "-"),
@@ -372,6 +403,43 @@ def read_history(path: Path) -> History:
     return History(ops, faults, failed, header, in_force, t0 or 0.0, t_end or 0.0, dict(eras))
 
 
+class Homes:
+    """Where each agent was served, from the nodes' served records (DATA/HOST/served/NODE.log,
+    each time less its host's known clock offset): `at(agent, t)` is the host of its last
+    answer at or before t. Read once, when first asked."""
+
+    def __init__(self, data: Path | None, offsets: dict[str, float] | None = None):
+        self.data, self.offsets = data, offsets or {}
+        self._by_name: dict[str, tuple[list[float], list[str]]] | None = None
+
+    def _read(self) -> dict:
+        found: dict[str, list[tuple[float, str]]] = defaultdict(list)
+        if self.data is not None:
+            for path in self.data.glob("*/served/*.log"):
+                host = path.parent.parent.name
+                skew = self.offsets.get(host, 0.0)
+                with open(path) as f:
+                    for line in f:
+                        parts = line.split()
+                        if len(parts) == 3:
+                            try:
+                                found[parts[1]].append((float(parts[0]) - skew, host))
+                            except ValueError:
+                                continue  # a line cut short by a kill
+        out = {}
+        for name, seen in found.items():
+            seen.sort()
+            out[name] = ([t for t, _ in seen], [h for _, h in seen])
+        return out
+
+    def at(self, agent: str, t: float) -> str | None:
+        if self._by_name is None:
+            self._by_name = self._read()
+        times, hosts = self._by_name.get(agent, ([], []))
+        i = bisect.bisect_right(times, t)
+        return hosts[i - 1] if i else None
+
+
 def unserved_windows(ops: list[Op], t_end: float) -> list[Window]:
     """An agent's windows without an answer while an operation on it waited (see the docstring)."""
     events = [(op.invoked, 0, i) for i, op in enumerate(ops)]
@@ -398,8 +466,9 @@ def unserved_windows(ops: list[Op], t_end: float) -> list[Window]:
     return out
 
 
-def availability(r: Report, h: History, by_agent: dict[str, list[Op]]) -> None:
+def availability(r: Report, h: History, by_agent: dict[str, list[Op]], homes: Homes | None = None) -> None:
     faults = sorted((f for f in h.faults.values() if f.injected), key=lambda f: f.start)
+    homes = homes or Homes(None)
     for agent_ops in by_agent.values():
         agent_ops = [op for op in agent_ops if op.effect and op.refused is None]
         if not agent_ops:
@@ -416,7 +485,7 @@ def availability(r: Report, h: History, by_agent: dict[str, list[Op]]) -> None:
                 # next one began is not its doing alone
                 first, start = met[0], max(w.start, met[0].start)
                 solo_end = min(w.end, met[1].start) if len(met) > 1 else w.end
-                candidates.append((first.key, Window(w.agent, start, solo_end, [first], met[1:])))
+                candidates.append((first.row(w.agent, homes), Window(w.agent, start, solo_end, [first], met[1:])))
                 if len(met) > 1:
                     candidates.append(("overlapping", Window(w.agent, start, w.end, met)))
             for key, c in candidates:
@@ -433,10 +502,13 @@ def availability(r: Report, h: History, by_agent: dict[str, list[Op]]) -> None:
 
 
 def each_fault(run_dir: Path) -> list[str]:
-    """One line per injected fault: how long it lasted, and the agent it kept unserved longest
-    (counted as for its kind, see the docstring)."""
+    """One line per injected fault (per row, for a kind with several): how long it lasted,
+    and the agent it kept unserved longest (counted as for its kind, see the docstring)."""
     h = read_history(run_dir / "history.jsonl")
     faults = sorted((f for f in h.faults.values() if f.injected), key=lambda f: f.start)
+    header = h.header.get("skew") or {}
+    homes = Homes(run_dir / "data" if (run_dir / "data").exists() else None,
+                  {k: float(v) for k, v in header.items()})
     worst: dict = {}
     by_agent: dict[str, list[Op]] = defaultdict(list)
     for op in h.ops.values():
@@ -447,14 +519,16 @@ def each_fault(run_dir: Path) -> list[str]:
             met = meeting(faults, w, h.t_end)
             if met:
                 solo = Window(w.agent, max(w.start, met[0].start), min(w.end, met[1].start) if len(met) > 1 else w.end)
-                if solo.seconds > worst.get(met[0].id, Window("", 0, 0)).seconds:
-                    worst[met[0].id] = solo
+                key = (met[0].id, met[0].row(w.agent, homes))
+                if solo.seconds > worst.get(key, Window("", 0, 0)).seconds:
+                    worst[key] = solo
     out = []
     for f in faults:
-        w = worst.get(f.id)
         lasted = (f.end if f.end is not None else h.t_end) - f.start
-        out.append(f"#{f.id:<4} {f.key:<15} {str(f.target):<9.9} {f.start - h.t0:8.2f} s  lasted {lasted:5.2f} s  "
-                   + (f"unserved {w.seconds:5.2f} s  {w.agent}" if w else "unserved  -"))
+        for row in f.rows:
+            w = worst.get((f.id, row))
+            out.append(f"#{f.id:<4} {row:<17} {str(f.target):<9.9} {f.start - h.t0:8.2f} s  lasted {lasted:5.2f} s  "
+                       + (f"unserved {w.seconds:5.2f} s  {w.agent}" if w else "unserved  -"))
     return out
 
 
@@ -472,8 +546,9 @@ def check(run_dir: Path, judged=None) -> Report:
         r.injected[f.kind] += f.injected
         if f.injected:
             lasted = (f.end if f.end is not None else h.t_end) - f.start
-            r.longest[f.key] = max(r.longest.get(f.key, 0.0), lasted)
-            r.measured[f.key] += 1
+            for row in f.rows:
+                r.longest[row] = max(r.longest.get(row, 0.0), lasted)
+                r.measured[row] += 1
         if f.injected and f.end is None:
             r.in_force.append(f"{f.describe(r.t0)}: no heal in the history" + (f" ({f.error})" if f.error else ""))
     r.in_force += h.in_force
@@ -495,7 +570,8 @@ def check(run_dir: Path, judged=None) -> Report:
             wait = op.acked - op.invoked
             r.unavailable[op.agent] = max(r.unavailable.get(op.agent, 0.0), wait)
             r.latencies.append(wait)
-    availability(r, h, by_agent)
+    data = run_dir / "data"
+    availability(r, h, by_agent, Homes(data if data.exists() else None, r.skew))
     r.outstanding = most_outstanding(h.ops.values())
     _check_shared_ids(r, h.ops.values())
     for agent, agent_ops in by_agent.items():
@@ -526,7 +602,6 @@ def check(run_dir: Path, judged=None) -> Report:
             elif kind == "say":
                 _check_conversation(r, label, era_ops, state)
         _check_eras(r, agent, eras)
-    data = run_dir / "data"
     if data.exists():
         r.overlaps = [str(o) for o in overlaps(str(data), offsets=r.skew)]
     return r

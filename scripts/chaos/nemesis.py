@@ -11,6 +11,22 @@
     loss        a host drops a third of its packets, both ways       (hosts only)
     host        every process of a host killed, then the host back   (hosts only)
 
+With --control (an etcd member on every host, the supervisor elected among the nodes):
+
+    leaderhost  every process of the leader's host killed (its etcd member too), the
+                host kept down for `down` seconds (20-40 s), then started again
+    leadercut   the leader's host cut off from the others (for the drawn duration, at
+                least LEADER_CUT_MIN_S: long enough for its term to run out), then healed
+    etcdkill    kill -9 of one etcd member (its launcher restarts it: in force until it says so)
+    etcdall     kill -9 of all three etcd members at once (in force until every launcher
+                has restarted its own)
+
+"The supervisor" is whoever leads now: the environment reads it from the nodes' output
+(`supervisor_node`, `supervisor_host`), so `supervisor` kills the current leader's node,
+and a kill, stop, term, cut, loss or host that happens to hit it is marked as aimed at
+the supervisor. Without --control, `host` spares the supervisor's host (nothing would
+take its place); with it, any host may be killed.
+
 Each attempt is one `Fault`. It is written to the history once its outcome is known:
 injected (with the time it really came into force, after the action took effect) or
 not (with the reason). An injected fault is healed on every path out of it (a
@@ -39,14 +55,21 @@ from pathlib import Path
 
 ONE_HOST = ("kill", "stop", "term", "supervisor", "llm", "disk")
 HOSTS = ONE_HOST + ("cut", "loss", "host")
-NEEDS_HOSTS = ("cut", "loss", "host")
+CONTROL = ("leaderhost", "leadercut", "etcdkill", "etcdall")
+EVERY = HOSTS + CONTROL
+NEEDS_HOSTS = ("cut", "loss", "host") + CONTROL
+AT_SUPERVISOR = ("supervisor", "leaderhost", "leadercut")  # aimed at the supervisor by definition
+LEADER_CUT_MIN_S = 2.0   # a leader cut off this long has surely lost its term (lease_s = 1 s)
+ETCD_BACK_S = 20.0       # an etcd member's launcher restarts it within this, or something is wrong
 
 
-def missing(faults, hosts: bool, root: bool, which=shutil.which) -> dict[str, str]:
+def missing(faults, hosts: bool, root: bool, which=shutil.which, control: bool = False) -> dict[str, str]:
     """Why each of `faults` cannot be injected on this machine ({kind: reason}); {} if all can."""
     why = {}
     for kind in faults:
-        if kind in NEEDS_HOSTS and not hosts:
+        if kind in CONTROL and not control:
+            why[kind] = "needs --control (an etcd member on every host)"
+        elif kind in NEEDS_HOSTS and not hosts:
             why[kind] = "needs --hosts (namespaced hosts)"
         elif kind in NEEDS_HOSTS and not root:
             why[kind] = "needs root (network namespaces)"
@@ -96,15 +119,18 @@ class Fault:
     error: str | None = None     # why it was not injected, or why its heal failed
     note: str | None = None
     pid: int | None = None       # stop: the stopped process
+    pids: tuple = ()             # etcdkill, etcdall: the killed members' pids
     filler: str | None = None    # disk: the file that fills the disk
 
 
 class Nemesis:
     def __init__(self, env, faults: list[str], seed: int, history, interval: tuple[float, float] = (1.5, 4.0),
-                 duration: tuple[float, float] = (0.5, 2.5), concurrent: int = 1, back_s: float = 10.0):
+                 duration: tuple[float, float] = (0.5, 2.5), concurrent: int = 1, back_s: float = 10.0,
+                 down: tuple[float, float] = (20.0, 40.0)):
+        """`down`: how long (drawn) a leaderhost fault keeps the leader's host down."""
         self.env, self.faults, self.history = env, faults, history
         self.rng = random.Random(seed)
-        self.interval, self.duration, self.back_s = interval, duration, back_s
+        self.interval, self.duration, self.back_s, self.down = interval, duration, back_s, down
         self.slots = asyncio.Semaphore(concurrent)
         self.log: list[Fault] = []
         self.hold = asyncio.sleep  # how a fault is kept in force for its duration (tests replace it)
@@ -140,6 +166,9 @@ class Nemesis:
                     pass
                 kind = self.rng.choice(self.faults)
                 await self.slots.acquire()
+                if stop.is_set():  # the run ended while the previous fault held the slot
+                    self.slots.release()
+                    break
                 self.spawn(kind, self.rng.uniform(*self.duration))
             await asyncio.gather(*self._active, return_exceptions=True)
         finally:
@@ -176,8 +205,10 @@ class Nemesis:
     def _started(self, fault: Fault, target: str) -> None:
         fault.target, fault.injected, fault.start = target, True, time.time()
         # a fault aimed at the supervisor's node or host takes the supervisor away too
-        sup = (fault.kind in ("kill", "stop", "term", "supervisor") and target == getattr(self.env, "supervisor_node", None)
-               or fault.kind in NEEDS_HOSTS and target == getattr(self.env, "supervisor_host", None))
+        # (the supervisor as known when the fault came into force)
+        sup = (fault.kind in AT_SUPERVISOR
+               or fault.kind in ("kill", "stop", "term") and target == getattr(self.env, "supervisor_node", None)
+               or fault.kind in ("cut", "loss", "host") and target == getattr(self.env, "supervisor_host", None))
         self.history.write(e="fault", id=fault.id, fault=fault.kind, target=target, injected=True, t=fault.start,
                            supervisor=sup)
 
@@ -200,6 +231,31 @@ class Nemesis:
             await self.hold(duration)
         finally:
             self._healed(fault, heal)
+
+    async def _healed_off_loop(self, fault: Fault, heal) -> None:
+        """`_healed`, with a `heal` that blocks (it waits for processes to start) run in a
+        thread, so that the workload goes on meanwhile. Cancelled while it runs, it still
+        waits for the heal to finish and records it before the cancellation goes on."""
+        box: dict = {}
+
+        def run():
+            try:
+                box["note"] = heal()
+            except Exception as exc:
+                box["error"] = exc
+
+        def outcome():
+            if "error" in box:
+                raise box["error"]
+            return box.get("note")
+
+        job = asyncio.ensure_future(asyncio.to_thread(run))
+        try:
+            await asyncio.shield(job)
+        finally:
+            if not job.done():
+                await asyncio.wait({job})
+            self._healed(fault, outcome)
 
     # --- the faults -------------------------------------------------------------------------
 
@@ -282,10 +338,65 @@ class Nemesis:
 
     async def _host(self, fault: Fault, duration: float) -> None:
         hosts = self._hosts()
-        host = self.rng.choice([h for h in hosts.hosts if h != self.env.supervisor_host] or list(hosts.hosts))
+        spared = None if getattr(self.env, "control", False) else self.env.supervisor_host
+        host = self.rng.choice([h for h in hosts.hosts if h != spared] or list(hosts.hosts))
+        await self._down(fault, hosts, host, duration)
+
+    async def _down(self, fault: Fault, hosts, host: str, seconds: float) -> None:
+        """Kill every process of `host`, keep it down `seconds`, start it again (the fault
+        lasts until its node is ready again)."""
         if not hosts.kill(host):
             raise RuntimeError(f"{host} had no processes to kill")
-        await self._held(fault, host, duration, lambda: self.env.restart_host(host))
+        self._started(fault, host)
+        try:
+            await self.hold(seconds)
+        finally:
+            await self._healed_off_loop(fault, lambda: self.env.restart_host(host))
+
+    # --- the control plane's faults (--control) ---------------------------------------------
+
+    async def _leaderhost(self, fault: Fault, duration: float) -> None:
+        hosts = self._hosts()
+        down = self.rng.uniform(*self.down)  # drawn before any wait: the schedule stays the seed's
+        await self._down(fault, hosts, self.env.supervisor_host, down)
+
+    async def _leadercut(self, fault: Fault, duration: float) -> None:
+        hosts = self._hosts()
+        host = self.env.supervisor_host
+        try:
+            hosts.cut(host)
+        except BaseException:
+            hosts.heal(host)
+            raise
+        await self._held(fault, host, max(duration, LEADER_CUT_MIN_S), lambda: hosts.heal(host))
+
+    async def _etcdkill(self, fault: Fault, duration: float) -> None:
+        self._hosts()
+        await self._etcd_killed(fault, [self.rng.choice(self.env.etcd_hosts())])
+
+    async def _etcdall(self, fault: Fault, duration: float) -> None:
+        self._hosts()
+        await self._etcd_killed(fault, list(self.env.etcd_hosts()))
+
+    async def _etcd_killed(self, fault: Fault, members: list[str]) -> None:
+        """kill -9 of these hosts' etcd members at once; in force until each one's launcher
+        says it restarted it (at most ETCD_BACK_S)."""
+        pids = {host: self.env.etcd_pid(host) for host in members}
+        if not all(pids.values()):
+            raise RuntimeError(f"no etcd member runs on {', '.join(h for h, p in pids.items() if not p)}")
+        marks = {host: self.env.mark_host(host) for host in members}
+        for pid in pids.values():
+            os.kill(pid, signal.SIGKILL)
+        fault.pids = tuple(pids.values())
+        self._started(fault, ",".join(members))
+        notes: list[str] = []
+        try:
+            for host in members:
+                note = await self.env.etcd_back(host, marks[host], ETCD_BACK_S)
+                if note:
+                    notes.append(note)
+        finally:
+            self._healed(fault, lambda: "; ".join(notes) or None)
 
     # --- after the run ----------------------------------------------------------------------
 
@@ -300,11 +411,27 @@ class Nemesis:
                 out.append(f"#{f.id} disk: {f.filler} is still there")
             elif f.kind == "stop" and _stopped(f.pid):
                 out.append(f"#{f.id} stop: pid {f.pid} on {f.target} is still stopped")
-            elif f.kind == "cut" and hosts is not None and f.target in hosts.hosts and _link_down(hosts.veth(f.target)):
-                out.append(f"#{f.id} cut: the link of {f.target} is still down")
+            elif (f.kind in ("cut", "leadercut") and hosts is not None and f.target in hosts.hosts
+                  and _link_down(hosts.veth(f.target))):
+                out.append(f"#{f.id} {f.kind}: the link of {f.target} is still down")
+            elif f.kind in ("etcdkill", "etcdall") and hasattr(self.env, "etcd_pid"):
+                for host in f.target.split(","):
+                    pid = self.env.etcd_pid(host)
+                    if not pid or not _running(pid):
+                        out.append(f"#{f.id} {f.kind}: the etcd member of {host} is not running")
+            elif f.kind in ("host", "leaderhost") and hasattr(self.env, "host_up") and not self.env.host_up(f.target):
+                out.append(f"#{f.id} {f.kind}: {f.target} was not started again")
             elif f.kind == "loss" and hosts is not None and f.target in hosts.hosts and _dropping(hosts.ns(f.target)):
                 out.append(f"#{f.id} loss: {f.target} still drops packets")
         return list(dict.fromkeys(out))
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def _stopped(pid: int) -> bool:

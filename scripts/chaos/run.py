@@ -4,6 +4,7 @@
     python3 scripts/chaos/run.py --seconds 60                  # one host, three nodes
     sudo python3 scripts/chaos/run.py --hosts --seconds 60     # three namespaced hosts, replicas = 1
     sudo python3 scripts/chaos/run.py --hosts --minutes 30     # a soak
+    sudo python3 scripts/chaos/run.py --hosts --control --seconds 180   # etcd on every host, an elected supervisor
     python3 scripts/chaos/run.py --seconds 30 --unsafe         # with a planted bug: must FAIL
     python3 scripts/chaos/run.py --seconds 90 --hostile        # twice: without, then with a hostile peer
 
@@ -17,6 +18,14 @@ violation. Everything it starts is ended, also on Ctrl-C.
 
 --faults chooses among: kill stop term supervisor llm disk, and with --hosts also
 cut loss host. The disk fault mounts a small tmpfs for the data (root only).
+
+--control (with --hosts) gives the config a [control] section: each host's `mesh up`
+runs an etcd member (TLS, certificates made for the run), every node is a candidate,
+and the supervisor is whichever node leads (read from the runs' output: the highest
+term said wins). It adds the faults leaderhost (the leader's host killed, kept down
+--down seconds), leadercut (the leader's host cut off), etcdkill (kill -9 of one etcd
+member) and etcdall (kill -9 of all three at once); "supervisor" faults hit the
+current leader, and host may kill any host, the leader's included.
 
 Before it starts anything it asks which of those faults cannot be injected on this
 machine (no --hosts, no root, no nft ...): it names them and refuses to start, unless
@@ -41,6 +50,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -53,6 +63,7 @@ ROOT = HERE.parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts"), str(HERE)]
 
 import mesh  # noqa: E402
+from mesh import etcd_member  # noqa: E402
 from mesh.clock import WALL_OFFSET_ENV  # noqa: E402
 from mesh.demo import free_ports  # noqa: E402
 from mesh.security import create_keypair  # noqa: E402
@@ -99,14 +110,56 @@ breaker_reset_s = 1
 {hosts}
 
 [supervisor]
-node = "n1"
-dynamic = "sessions"
+{supervisor_node}dynamic = "sessions"
 
 [tree.sessions]
 dynamic = true
 intensity = 1000
 period_s = 10
 """
+
+
+CONTROL = """
+[control]
+members = ["h1", "h2", "h3"]
+candidates = ["n1", "n2", "n3"]
+tls_dir = "{tls}"
+"""
+
+LEADS = re.compile(r"leadership: (\S+) leads, term (\d+)")
+ETCD_LINE = re.compile(r"^etcd: member (\S+?):? (.*)$")
+ETCD_RUNS = re.compile(r"(?:^started|; restarted) \(pid (\d+)\)$")
+
+
+class Leaders:
+    """Who leads, from the nodes' output: the highest term any "leadership: NODE leads,
+    term N" line gave wins. Reads each run's lines once (runs only ever grow)."""
+
+    def __init__(self):
+        self.best: tuple[int, str] | None = None
+        self._read: dict[int, tuple[object, int]] = {}  # id(run) -> (run, lines read)
+
+    def read(self, runs) -> str | None:
+        for run in runs:
+            _, done = self._read.get(id(run), (run, 0))
+            lines = run.lines[done:]
+            for line in lines:
+                m = LEADS.search(line)
+                if m and (self.best is None or int(m.group(2)) > self.best[0]):
+                    self.best = (int(m.group(2)), m.group(1))
+            self._read[id(run)] = (run, done + len(lines))
+        return self.best[1] if self.best else None
+
+
+def etcd_pid(lines: list[str], host: str) -> int | None:
+    """The pid of `host`'s etcd member as its launcher last told it; None when it said the
+    member did not start or was not restarted (or said nothing)."""
+    for line in reversed(lines):
+        m = ETCD_LINE.match(line)
+        if m and m.group(1) == host:
+            running = ETCD_RUNS.search(m.group(2))
+            return int(running.group(1)) if running else None
+    return None
 
 
 class StandIn:
@@ -133,14 +186,18 @@ class Env:
     """The mesh under test: its processes, its hosts (or none), its stand-in model API."""
 
     def __init__(self, out: Path, use_hosts: bool, unsafe: bool, disk: bool, window: int = 8,
-                 skew: dict[str, float] | None = None):
+                 skew: dict[str, float] | None = None, control: bool = False):
         self.out, self.use_hosts, self.disk_dir, self.disk_host = out, use_hosts, None, None
         self.skew = dict(skew or {})  # host -> its wall-clock offset (s), in $MESH_WALL_OFFSET_S
+        self.control = control        # [control]: etcd on every host, the supervisor elected
         self.standin = None
         self.runs: dict[str, meshrun.MeshRun] = {}
+        self.past: list[meshrun.MeshRun] = []  # runs of hosts killed since (their lines still count)
+        self.leaders = Leaders()
         self.hosts = None
-        self.supervisor_node, self.supervisor_host = "n1", "h1"
+        self._supervisor = ("n1", "h1")  # without [control]: the config's supervisor.node
         data = out / "data"
+        control_text = ""
         security, hosts_text, secure, self.key = "", "", "false", None
         if use_hosts:
             import hosts as hosts_tool
@@ -153,6 +210,10 @@ class Env:
             hosts_text = "\n".join(f'[hosts.h{i}]\naddress = "{net}.{i}"\n[nodes.n{i}]\nhost = "h{i}"\nport = 7101\n'
                                    for i in (1, 2, 3))
             secure = "true"
+            if control:
+                from mesh.certs import make_all
+                make_all(out / "tls", "chaos", {f"h{i}": f"{net}.{i}" for i in (1, 2, 3)})
+                control_text = CONTROL.format(tls=out / "tls")
             self.hosts = hosts_tool.Hosts({f"h{i}": f"{net}.{i}" for i in (1, 2, 3)}).create()
             self.standin = StandIn(self.hosts.gateway)  # where the namespaced hosts can reach it
         else:
@@ -160,7 +221,7 @@ class Env:
             ports = free_ports(3)
             hosts_text = '[hosts.local]\naddress = "127.0.0.1"\n' + "\n".join(
                 f'[nodes.n{i}]\nhost = "local"\nport = {p}\n' for i, p in enumerate(ports, 1))
-            self.supervisor_host = "local"
+            self._supervisor = ("n1", "local")
         if disk:  # the store only: the served records beside it must outlive the mount
             self.disk_host = "local" if not use_hosts else "h2"
             self.disk_dir = data / self.disk_host / "store"
@@ -169,7 +230,46 @@ class Env:
         self.config = out / "chaos.toml"
         self.config.write_text(textwrap.dedent(CONFIG.format(
             data=data, secure=secure, unsafe=str(unsafe).lower(), replicas=1 if use_hosts else 0,
-            security=security, llm=self.standin.url, hosts=hosts_text, window=window)))
+            security=security, llm=self.standin.url, hosts=hosts_text + control_text, window=window,
+            supervisor_node="" if control else 'node = "n1"\n')))
+
+    @property
+    def supervisor_node(self) -> str:
+        """The node that runs the supervisor role: with [control], whichever leads now (as
+        the nodes last said; the highest term wins)."""
+        if not self.control:
+            return self._supervisor[0]
+        return self.leaders.read([*self.past, *list(self.runs.values())]) or "n1"
+
+    @property
+    def supervisor_host(self) -> str:
+        return self._supervisor[1] if not self.control else f"h{self.supervisor_node[1]}"
+
+    def etcd_hosts(self) -> list[str]:
+        return ["h1", "h2", "h3"] if self.control else []
+
+    def etcd_pid(self, host: str) -> int | None:
+        run = self.runs.get(host)
+        return etcd_pid(list(run.lines), host) if run is not None else None
+
+    def mark_host(self, host: str) -> tuple:
+        run = self.runs[host]
+        return run, run.mark()
+
+    async def etcd_back(self, host: str, mark: tuple, timeout: float) -> str | None:
+        """Wait until `host`'s launcher says it restarted its etcd member after `mark`;
+        None, or what went wrong."""
+        run, start = mark
+        try:
+            m = await asyncio.to_thread(run.wait_for, rf"^etcd: member {host} .*(; restarted \(pid|not restarted)",
+                                        timeout, start)
+        except meshrun.NoSuchLine:
+            return f"the etcd member of {host} not restarted within {timeout:g} s"
+        return None if "; restarted" in m.group(1) else m.string
+
+    def host_up(self, host: str) -> bool:
+        run = self.runs.get(host)
+        return run is not None and run.proc is not None and run.proc.poll() is None
 
     def _env(self, host: str) -> dict:
         e = meshrun.env()
@@ -182,16 +282,34 @@ class Env:
             self.runs["local"] = meshrun.MeshRun("up", "-c", str(self.config), env=self._env("local")).start(
                 "mesh ready", 60)
             return
+        if self.control:  # whichever node is elected says "mesh ready" once the tree runs
+            for host in ("h1", "h2", "h3"):
+                self._start_host(host, f"node n{host[1]} ready")
+            self._wait_any("mesh ready", 90)
+            return
         for host in ("h2", "h3", "h1"):
             self._start_host(host, "mesh ready" if host == "h1" else f"node n{host[1]} ready")
 
+    def _wait_any(self, pattern: str, timeout: float) -> None:
+        """Wait for a line matching `pattern` in any host's output."""
+        rx, deadline = re.compile(pattern), time.monotonic() + timeout
+        while not any(rx.search(line) for run in list(self.runs.values()) for line in list(run.lines)):
+            if time.monotonic() > deadline:
+                raise meshrun.NoSuchLine(f"no line matching {pattern!r} from any host within {timeout:g} s")
+            time.sleep(0.1)
+
     def _start_host(self, host: str, wait: str) -> None:
-        self.runs[host] = meshrun.MeshRun("up", "-c", str(self.config), "--host", host, env=self._env(host),
-                                          prefix=["ip", "netns", "exec", self.hosts.ns(host)]).start(wait, 60)
+        run = meshrun.MeshRun("up", "-c", str(self.config), "--host", host, env=self._env(host),
+                              prefix=["ip", "netns", "exec", self.hosts.ns(host)])
+        self.runs[host] = run  # known before it is ready: whatever happens, it is ended with the rest
+        run.start(wait, 60)
 
     def restart_host(self, host: str) -> None:
+        """Start a killed host again (its launcher, nodes and sidecars); returns once its
+        node is ready. Blocks: the nemesis runs it in a thread."""
         old = self.runs.pop(host)
         old.kill_all()
+        self.past.append(old)
         with open(self.out / f"mesh-{host}.log", "a") as f:
             f.write("\n".join(old.lines) + "\n--- host killed ---\n")
         self._start_host(host, f"node n{host[1]} ready")
@@ -213,7 +331,11 @@ class Env:
         return ["n1", "n2", "n3"]
 
     def _run_of(self, node: str) -> meshrun.MeshRun:
-        return self.runs["local"] if self.hosts is None else self.runs[f"h{node[1]}"]
+        host = "local" if self.hosts is None else f"h{node[1]}"
+        run = self.runs.get(host)
+        if run is None:
+            raise RuntimeError(f"{host} is being started again")
+        return run
 
     def signal_node(self, node: str, sig: int) -> int | None:
         pid = self._run_of(node).pids.get(node)
@@ -228,6 +350,9 @@ class Env:
         return mesh.connect(self.config, key=self.key)
 
     def stop(self) -> None:
+        for run in self.runs.values() if self.control else ():  # at once: none waits on etcd's majority
+            if run.proc is not None and run.proc.poll() is None:
+                run.proc.send_signal(signal.SIGTERM)
         for name, run in self.runs.items():
             run.stop(timeout=15)
             with open(self.out / f"mesh-{name}.log", "a") as f:  # after what earlier runs of the host wrote
@@ -241,7 +366,7 @@ class Env:
 
 
 async def chaos(args) -> int:
-    out = Path(args.out or ROOT / "var" / "chaos" / time.strftime("%Y%m%d-%H%M%S"))
+    out = Path(args.out or ROOT / "var" / "chaos" / time.strftime("%Y%m%d-%H%M%S")).resolve()  # the config names it
     if not args.hostile:
         code, _ = await chaos_once(args, out)
         return code
@@ -296,20 +421,29 @@ def stop_hostile(proc: subprocess.Popen | None, grace_s: float = 0.0) -> None:
 
 
 async def chaos_once(args, out: Path, hostile: bool = False) -> tuple[int, "check.Report | None"]:
-    faults = args.faults.split(",") if args.faults else list(nemesis_mod.HOSTS if args.hosts else nemesis_mod.ONE_HOST)
-    unknown = set(faults) - set(nemesis_mod.HOSTS)
+    default = nemesis_mod.EVERY if args.control else nemesis_mod.HOSTS if args.hosts else nemesis_mod.ONE_HOST
+    faults = args.faults.split(",") if args.faults else list(default)
+    unknown = set(faults) - set(nemesis_mod.EVERY)
     if unknown:
         print(f"chaos: unknown faults {sorted(unknown)}", file=sys.stderr)
         return 2, None
     judged = list(check.JUDGED) if args.judge is None else [k for k in args.judge.split(",") if k and k != "none"]
     if args.judge is None and not args.hosts:
         judged.remove("disk")  # one host has one disk: no other host can take over while it is full
-    if set(judged) - set(check.JUDGED):
-        print(f"chaos: --judge: no goal for {sorted(set(judged) - set(check.JUDGED))} "
-              f"(goals: {', '.join(f'{k} {v:g} s' for k, v in check.GOALS.items())})", file=sys.stderr)
+    no_goal = sorted(k for k in judged if check.goal(k) is None)
+    if no_goal:
+        print(f"chaos: --judge: no goal for {no_goal} "
+              f"(goals: {', '.join(f'{k} {v:g} s' for k, v in {**check.GOALS, **check.ROW_GOALS}.items())})",
+              file=sys.stderr)
+        return 2, None
+    if args.control and not args.hosts:
+        print("chaos: --control needs --hosts (an etcd member on each of three hosts)", file=sys.stderr)
+        return 2, None
+    if args.control and etcd_member.binary() is None:
+        print("chaos: --control needs etcd (Debian and Ubuntu: apt-get install etcd-server)", file=sys.stderr)
         return 2, None
     root = os.geteuid() == 0
-    skipped = nemesis_mod.missing(faults, args.hosts, root)
+    skipped = nemesis_mod.missing(faults, args.hosts, root, control=args.control)
     if skipped:
         for kind, why in skipped.items():
             print(f"chaos: fault {kind} cannot be injected here: {why}", file=sys.stderr)
@@ -329,17 +463,18 @@ async def chaos_once(args, out: Path, hostile: bool = False) -> tuple[int, "chec
     history = History(out / "history.jsonl")
     skew = parse_skew(args.skew, args.hosts)
     history.write(e="run", faults=faults, skipped=skipped, judged=judged, seed=args.seed, seconds=seconds,
-                  hosts=args.hosts, dedup_window=args.window, skew=skew,
+                  hosts=args.hosts, control=args.control, dedup_window=args.window, skew=skew,
                   hostile=HOSTILE_NODE if hostile else None)
     env = None
     try:
-        env = Env(out, args.hosts, args.unsafe, "disk" in faults, window=args.window, skew=skew)
+        env = Env(out, args.hosts, args.unsafe, "disk" in faults, window=args.window, skew=skew, control=args.control)
     except BaseException:
         history.close()
         raise
     print(f"chaos: {seconds:g} s, seed {args.seed}, faults {', '.join(faults)}"
           f"{' (skipped: ' + ', '.join(skipped) + ')' if skipped else ''}, "
           f"{'three namespaced hosts' if args.hosts else 'one host'}"
+          f"{' with etcd on each ([control])' if args.control else ''}"
           f"{', wall clocks ' + ', '.join(f'{h} {o:+g} s' for h, o in skew.items()) if skew else ''}; record in {out}")
     nemesis = None
     peer = None
@@ -361,8 +496,9 @@ async def chaos_once(args, out: Path, hostile: bool = False) -> tuple[int, "chec
                             crash_rate=args.crash_rate, share_rate=args.share_rate, burst=args.burst)
             every = tuple(float(x) for x in args.every.split(","))
             duration = tuple(float(x) for x in args.duration.split(","))  # straddles the goals (2-3 s)
+            down = tuple(float(x) for x in args.down.split(","))
             nemesis = nemesis_mod.Nemesis(env, faults, args.seed, history, interval=every, duration=duration,
-                                          concurrent=args.concurrent)
+                                          concurrent=args.concurrent, down=down)
             if hostile:
                 peer = start_hostile(env, out, seconds)
             stop = asyncio.Event()
@@ -425,6 +561,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--faults", default=None, help="comma-separated (default: every one that applies)")
     p.add_argument("--hosts", action="store_true", help="three hosts as network namespaces, replicas = 1 (root)")
+    p.add_argument("--control", action="store_true",
+                   help="with --hosts: a [control] section (etcd on every host, the supervisor elected), and the "
+                        "faults leaderhost, leadercut, etcdkill, etcdall")
+    p.add_argument("--down", default="20,40", help="seconds a leaderhost fault keeps the leader's host down: MIN,MAX")
     p.add_argument("--concurrent", type=int, default=1, help="faults that may be active at once")
     p.add_argument("--every", default="1.5,4", help="seconds between faults: MIN,MAX (drawn uniformly)")
     p.add_argument("--duration", default="0.5,5",
