@@ -53,7 +53,11 @@ class Leadership:
                                              [range_op(self.key)])
                 held = None if result.succeeded else (result.kvs(0) or [None])[0]
                 if result.succeeded or (held is not None and held.lease == self.lease.id):
-                    # won now, or by an earlier attempt whose answer was lost
+                    # won now, or by an earlier attempt whose answer was lost; but the lease
+                    # counts from its grant: a slow win (etcd without a leader yet) may find it
+                    # out here, and then the term must be renewed before it is used
+                    if not self.lease.valid() and not await self.lease.renew():
+                        continue  # gone in etcd too (the key with it): campaign again
                     self.term = result.revision if result.succeeded else held.create_revision
                     log.info("leadership: %s leads, term %d", self.identity.decode(errors="replace"), self.term)
                     return self.term

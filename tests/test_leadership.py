@@ -124,3 +124,37 @@ async def test_killing_etcds_own_leader_does_not_end_the_term(etcd_factory):
         holding.cancel()
     finally:
         await _close(cands)
+
+
+class _SkewableClock(Clock):
+    """The real clock, plus seconds a test adds (as if an answer took that long)."""
+
+    def __init__(self):
+        self.extra = 0.0
+
+    def now(self) -> float:
+        return super().now() + self.extra
+
+
+async def test_a_win_that_came_after_the_lease_ran_out_here_renews_it_before_leading(etcd_factory):
+    """Seen in a namespaced run: etcd had no leader yet, the campaign's transaction took
+    longer than the lease, and the winner's term ended 100 ms after it began (its node
+    exited). A win found late renews the lease first."""
+    cluster = etcd_factory()
+    etcd = Etcd(cluster.endpoints, timeout_s=1.0)
+    await wait_serving(etcd, 10)
+    clock = _SkewableClock()
+    a = Leadership(etcd, KEY, b"slow", 2, clock)
+    real_txn = etcd.txn
+
+    async def slow_txn(*args, **kwargs):
+        result = await real_txn(*args, **kwargs)
+        clock.extra += 3.0      # the answer "took" longer than the lease
+        return result
+    etcd.txn = slow_txn
+    try:
+        term = await a.campaign()
+        assert a.leading() and a.lease.remaining() > 1.0
+        assert await current_leader(etcd, KEY) == (b"slow", term)
+    finally:
+        await etcd.close()
