@@ -163,7 +163,7 @@ class Client:
                 inc = (await self.whereis(name, timeout)).get("incarnation")
             except NoSuchAgent:  # not in the registry: perhaps a stop not yet confirmed, repeated
                 inc = None
-            body = {"incarnation": inc} if type(inc) is int and inc >= 0 else None
+            body = {"incarnation": inc} if type(inc) is int and inc > 0 else None  # 0: not known yet
             try:
                 return await self._control(Kind.STOP, name, body, timeout)
             except NoSuchAgent as err:

@@ -148,9 +148,10 @@ class Requests:
             raise Unavailable("the supervisor is still learning what runs where")
         child = self.children.get(name)
         named = msg.body.get("incarnation") if isinstance(msg.body, dict) else None
-        if child is not None and child.born and type(named) is int and named < child.born:
+        if child is not None and child.born and type(named) is int and 0 < named < child.born:
             # meant for an earlier agent of the name (a late copy, held on a link): the
-            # agent spawned since is not its to stop
+            # agent spawned since is not its to stop. (0 or less names none: a registry
+            # that does not know the incarnation yet, after a supervisor restart.)
             raise NoSuchAgent(f"{name!r}: the agent this stop was sent for (incarnation {named}) was stopped "
                               f"already; another of the name runs now", {"earlier_life": True, "incarnation": child.born})
         if child is None:
