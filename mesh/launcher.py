@@ -346,12 +346,12 @@ class Launcher:
             for child in group:
                 if whole_mesh and child in first and child.control is not None and _tell(child.control, b"stop-tree\n"):
                     continue
-                _signal_group(child.pid, signal.SIGTERM)
+                sidecars.signal_group(child.pid, signal.SIGTERM)
             self._wait_all(group, STOP_GRACE_S)
         for child in live:
             if child.pidfd >= 0:
                 self.say(f"node {child.node} did not stop in {STOP_GRACE_S:g}s: killing it")
-                _signal_group(child.pid, signal.SIGKILL)
+                sidecars.signal_group(child.pid, signal.SIGKILL)
         self._wait_all(live, 5.0)
 
     def _wait_all(self, children: list[Child], timeout: float) -> None:
@@ -380,13 +380,6 @@ def _tell(control: socket.socket, line: bytes) -> bool:
         return True
     except OSError:
         return False
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _drain(fd: int) -> None:

@@ -122,7 +122,11 @@ class EtcdRecords:
             while self._pending:
                 batch, self._pending = self._pending, {}
                 waiting, self._waiting = self._waiting, []
-                error = await self._send(batch)
+                try:
+                    error = await self._send(batch)
+                except Exception as exc:  # whatever failed, no writer waits forever
+                    log.exception("records: a write to etcd failed")
+                    error = exc
                 for done in waiting:
                     if not done.done():
                         done.set_result(Written(error))

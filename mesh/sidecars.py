@@ -64,10 +64,10 @@ class Sidecar:
     def stop(self) -> None:
         if self.proc is None or self.pidfd < 0:
             return
-        _signal_group(self.proc.pid, signal.SIGTERM)
+        signal_group(self.proc.pid, signal.SIGTERM)
         ready, _, _ = select.select([self.pidfd], [], [], 5.0)
         if not ready:
-            _signal_group(self.proc.pid, signal.SIGKILL)
+            signal_group(self.proc.pid, signal.SIGKILL)
         self.reap()
 
 
@@ -166,7 +166,8 @@ def answers(host: str, port: int) -> bool:
         return False
 
 
-def _signal_group(pid: int, sig: int) -> None:
+def signal_group(pid: int, sig: int) -> None:
+    """Signal a child's whole process group (each child runs in a session of its own)."""
     try:
         os.killpg(pid, sig)
     except ProcessLookupError:
