@@ -115,7 +115,7 @@ class SupervisorRole(Starts, Exits, Membership, Requests):
                 log.error("supervisor: dynamic child %s names unknown supervisor %s", spec.name, parent)
                 continue
             self.children[spec.name] = Child(spec, parent, dynamic=True, born=born, spawn_rid=rid)
-            self.sups[parent].children.append(spec.name)
+            self.sups[parent].children[spec.name] = None
         for key, raw in self.records.items(PLACE_PREFIX):
             child = self.children.get(key[len(PLACE_PREFIX):])
             try:
@@ -141,7 +141,7 @@ class SupervisorRole(Starts, Exits, Membership, Requests):
 
         def add(name: str, parent: str | None) -> None:
             spec = tree[name]
-            self.sups[name] = Sup(spec, parent, list(spec.children))
+            self.sups[name] = Sup(spec, parent, dict.fromkeys(spec.children))
             for child in spec.children:
                 if child in tree:
                     add(child, name)

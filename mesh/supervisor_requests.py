@@ -60,7 +60,7 @@ class Requests:
             {"name": name, "kind": spec.kind, "args": spec.args, "restart": spec.restart, "parent": parent,
              "born": child.born, "rid": msg.id})
         self.children[name] = child
-        sup.children.append(name)
+        sup.children[name] = None
         self._spawn(self._spawn_child(child, msg.id))
 
     def _spawn_again(self, child: Child, body: dict, parent: str, rid: str) -> None:
@@ -103,9 +103,7 @@ class Requests:
         if self.children.get(child.spec.name) is child:
             self._set_replicas(child, ())
             del self.children[child.spec.name]
-            sup = self.sups[child.parent]
-            if child.spec.name in sup.children:
-                sup.children.remove(child.spec.name)
+            self.sups[child.parent].children.pop(child.spec.name, None)
         return asyncio.ensure_future(self.records.write(
             {}, [DYNAMIC_PREFIX + child.spec.name, PLACE_PREFIX + child.spec.name]))
 

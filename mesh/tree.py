@@ -73,7 +73,10 @@ class Child:
 class Sup:
     spec: SupervisorSpec
     parent: str | None
-    children: list[str] = field(default_factory=list)
+    # Its children's names in start order. A dict (values unused) keeps insertion order,
+    # which rest_for_one needs, and adds or removes one name in O(1): a dynamic supervisor
+    # holds every spawned agent, and a list's remove() walked them all on each stop.
+    children: dict[str, None] = field(default_factory=dict)
     history: tuple[float, ...] = ()
     failed: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
