@@ -59,7 +59,7 @@ class Requests:
         child.unrecorded[DYNAMIC_PREFIX + name] = msgpack.packb(
             {"name": name, "kind": spec.kind, "args": spec.args, "restart": spec.restart, "parent": parent,
              "born": child.born, "rid": msg.id})
-        self.children[name] = child
+        self._add_child(child)
         sup.children[name] = None
         self._spawn(self._spawn_child(child, msg.id))
 
