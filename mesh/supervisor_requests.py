@@ -87,6 +87,14 @@ class Requests:
         # on (issue 21). Its record goes to the store in the same write as its placement.
         child.busy = False
         err = await self._start_child(child)
+        if self.children.get(spec.name) is not child or child.status == ChildStatus.STOPPED:
+            # A stop came while it started, and was answered: the stop forgot it (and a
+            # spawn of the name since is another agent's). The answer is final, kept for
+            # this id: a retryable one would have the client's retry spawn the name again,
+            # after its stop was confirmed.
+            self.control.fail(rid, NoSuchAgent(f"{spec.name!r} was stopped while its spawn was under way",
+                                               {"stopped": True}))
+            return
         if err is None and child.status != ChildStatus.RUNNING:
             err = Unavailable(f"no live node may run {spec.name!r} now")
         if err is not None:
