@@ -116,11 +116,15 @@ class Incarnations:
         async def fetch(node: str):
             return await self.node.caller.request(node, Kind.FETCH, name, {"incarnation": incarnation},
                                              min(self.node.timing.call_timeout_s, 2.0))
-        mine_read, *results = await asyncio.gather(self.node.replication.fenced_read(name, incarnation), *(fetch(n) for n in remote),
-                                                   return_exceptions=True)
-        if isinstance(mine_read, BaseException):
-            raise mine_read
-        best, best_replies = mine_read
+        if not remote:  # the common case: no task per start for a gather of one
+            best, best_replies = await self.node.replication.fenced_read(name, incarnation)
+            results = []
+        else:
+            mine_read, *results = await asyncio.gather(self.node.replication.fenced_read(name, incarnation),
+                                                       *(fetch(n) for n in remote), return_exceptions=True)
+            if isinstance(mine_read, BaseException):
+                raise mine_read
+            best, best_replies = mine_read
         for node, result in zip(remote, results):
             if isinstance(result, BaseException):
                 log.warning("node %s: no copy of %s from %s: %s", self.node.name, name, node, result)

@@ -33,7 +33,7 @@ one start per `backoff_max_s`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Collection, Iterable
 
 STRATEGIES = ("one_for_one", "one_for_all", "rest_for_one")
 RESTARTS = ("permanent", "transient", "temporary")
@@ -100,14 +100,17 @@ def should_restart(restart: str, how: str) -> bool:
     return False
 
 
-def to_restart(strategy: str, children: list[str], exited: str) -> list[str]:
-    """The children, in order, that a strategy restarts when `exited` exits."""
+def to_restart(strategy: str, children: Collection[str], exited: str) -> list[str]:
+    """The children, in order, that a strategy restarts when `exited` exits. `children`
+    is ordered (a list, or a dict's keys: its insertion order is the start order); only
+    one_for_all and rest_for_one walk it, and only they restart more than one child."""
     if strategy == "one_for_one" or exited not in children:
         return [exited]
     if strategy == "one_for_all":
         return list(children)
     if strategy == "rest_for_one":
-        return children[children.index(exited):]
+        names = list(children)
+        return names[names.index(exited):]
     raise ValueError(f"unknown strategy {strategy!r}")
 
 

@@ -73,6 +73,7 @@ class SupervisorRole(Starts, Exits, Membership, Requests):
         me = self.nodes[node.name]
         me.boot, me.pid, me.alive = node.boot, os.getpid(), True
         self.children: dict[str, Child] = {}
+        self.pending: dict[str, Child] = {}  # children that may wait for a start (see Child.pending_index)
         self.sups: dict[str, Sup] = {}
         self.ready = False
         self.ready_event = asyncio.Event()
@@ -114,8 +115,8 @@ class SupervisorRole(Starts, Exits, Membership, Requests):
             if parent not in self.sups or spec.name in self.children:
                 log.error("supervisor: dynamic child %s names unknown supervisor %s", spec.name, parent)
                 continue
-            self.children[spec.name] = Child(spec, parent, dynamic=True, born=born, spawn_rid=rid)
-            self.sups[parent].children.append(spec.name)
+            self._add_child(Child(spec, parent, dynamic=True, born=born, spawn_rid=rid))
+            self.sups[parent].children[spec.name] = None
         for key, raw in self.records.items(PLACE_PREFIX):
             child = self.children.get(key[len(PLACE_PREFIX):])
             try:
@@ -141,13 +142,20 @@ class SupervisorRole(Starts, Exits, Membership, Requests):
 
         def add(name: str, parent: str | None) -> None:
             spec = tree[name]
-            self.sups[name] = Sup(spec, parent, list(spec.children))
+            self.sups[name] = Sup(spec, parent, dict.fromkeys(spec.children))
             for child in spec.children:
                 if child in tree:
                     add(child, name)
                 else:
-                    self.children[child] = Child(agents[child], name)
+                    self._add_child(Child(agents[child], name))
         add("root", None)
+
+    def _add_child(self, child: Child) -> None:
+        """Take `child` into the records; a pending one is placed by the next pass."""
+        child.pending_index = self.pending
+        self.children[child.spec.name] = child
+        if child.status == ChildStatus.PENDING:
+            self.pending[child.spec.name] = child
 
     async def _learn_view(self) -> None:
         """Ask every node what runs on it; give up on those silent past the liveness window.

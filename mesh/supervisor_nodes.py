@@ -70,7 +70,7 @@ class Membership:
         known = view is not None and view.alive and view.boot == body["boot"]
         if known:
             view.last_heard = self.clock.now()
-            view.health = {"agents": body.get("agents", 0), "mailbox": body.get("mailbox", 0)}
+            view.health = {"agents": body.get("agents", 0)}
             self._note_store_full(view, bool(body.get("store_full")))
             short = view.health["agents"] < self.table.running[view.name]
             view.short_renewals = view.short_renewals + 1 if short else 0

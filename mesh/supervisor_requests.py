@@ -59,8 +59,8 @@ class Requests:
         child.unrecorded[DYNAMIC_PREFIX + name] = msgpack.packb(
             {"name": name, "kind": spec.kind, "args": spec.args, "restart": spec.restart, "parent": parent,
              "born": child.born, "rid": msg.id})
-        self.children[name] = child
-        sup.children.append(name)
+        self._add_child(child)
+        sup.children[name] = None
         self._spawn(self._spawn_child(child, msg.id))
 
     def _spawn_again(self, child: Child, body: dict, parent: str, rid: str) -> None:
@@ -87,6 +87,14 @@ class Requests:
         # on (issue 21). Its record goes to the store in the same write as its placement.
         child.busy = False
         err = await self._start_child(child)
+        if self.children.get(spec.name) is not child or child.status == ChildStatus.STOPPED:
+            # A stop came while it started, and was answered: the stop forgot it (and a
+            # spawn of the name since is another agent's). The answer is final, kept for
+            # this id: a retryable one would have the client's retry spawn the name again,
+            # after its stop was confirmed.
+            self.control.fail(rid, NoSuchAgent(f"{spec.name!r} was stopped while its spawn was under way",
+                                               {"stopped": True}))
+            return
         if err is None and child.status != ChildStatus.RUNNING:
             err = Unavailable(f"no live node may run {spec.name!r} now")
         if err is not None:
@@ -103,9 +111,7 @@ class Requests:
         if self.children.get(child.spec.name) is child:
             self._set_replicas(child, ())
             del self.children[child.spec.name]
-            sup = self.sups[child.parent]
-            if child.spec.name in sup.children:
-                sup.children.remove(child.spec.name)
+            self.sups[child.parent].children.pop(child.spec.name, None)
         return asyncio.ensure_future(self.records.write(
             {}, [DYNAMIC_PREFIX + child.spec.name, PLACE_PREFIX + child.spec.name]))
 

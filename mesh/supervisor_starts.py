@@ -40,9 +40,10 @@ class Starts:
         if not self.ready or self.tree_failed or self.booting or self.stopping:
             return
         now = self.clock.now()
-        for child in list(self.children.values()):
-            if (child.status == ChildStatus.PENDING and not child.busy and child.next_try <= now
-                    and not self.sups[child.parent].failed):
+        for name, child in list(self.pending.items()):  # not every child: this runs each tick
+            if self.children.get(name) is not child or child.status != ChildStatus.PENDING:
+                del self.pending[name]  # started, stopped or forgotten since; back when pending again
+            elif not child.busy and child.next_try <= now and not self.sups[child.parent].failed:
                 self._spawn(self._start_or_crash(child))
         self._leave_full_hosts()
 

@@ -67,13 +67,27 @@ class Child:
     # Records that must reach the store with its first placement, in the same write: a
     # spawned child's own record (one consensus write per spawn, not two in a row).
     unrecorded: dict[str, bytes] = field(default_factory=dict)
+    # The supervisor's index of children that may wait for a start (SupervisorRole.pending):
+    # a child that turns PENDING enters it, so a placement pass (every heartbeat tick)
+    # visits those, not every child of the tree.
+    pending_index: dict | None = field(default=None, repr=False, compare=False)
+
+    def __setattr__(self, key: str, value) -> None:
+        object.__setattr__(self, key, value)
+        if key == "status" and value == ChildStatus.PENDING:
+            index = self.__dict__.get("pending_index")
+            if index is not None:
+                index[self.spec.name] = self
 
 
 @dataclass
 class Sup:
     spec: SupervisorSpec
     parent: str | None
-    children: list[str] = field(default_factory=list)
+    # Its children's names in start order. A dict (values unused) keeps insertion order,
+    # which rest_for_one needs, and adds or removes one name in O(1): a dynamic supervisor
+    # holds every spawned agent, and a list's remove() walked them all on each stop.
+    children: dict[str, None] = field(default_factory=dict)
     history: tuple[float, ...] = ()
     failed: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)

@@ -72,3 +72,31 @@ async def test_a_spawn_writes_its_record_and_its_placement_at_once(tmp_path):
         assert child.spec.kind == "counter" and child.holders == [(child.home, *child.replicas)]
         assert len(child.replicas) == 1
     await c.close()
+
+
+async def test_a_stop_during_a_spawns_start_is_final_and_the_spawns_retry_brings_nothing_back(tmp_path):
+    """A stop that lands while the spawn's START is under way is answered stopped. The
+    spawn's own answer must be final too: a retryable one made the client send the spawn
+    again with its id, and the stopped name ran again (issue 22: kept and undone, both)."""
+    from mesh.errors import NoSuchAgent
+    from mesh.tree import ChildStatus
+    c = Cluster(make_config(tmp_path), tmp_path)
+    await c.start()
+    m = c.client()
+    spawn = asyncio.ensure_future(m.spawn("x", "counter"))  # retries retryable answers by itself
+    for _ in range(5000):  # until its START is on its way
+        child = c.role.children.get("x")
+        if child is not None and child.status == ChildStatus.STARTING:
+            break
+        await asyncio.sleep(0)
+    assert c.role.children["x"].status == ChildStatus.STARTING
+    stop = asyncio.ensure_future(m.stop("x"))
+    spawned, stopped = await asyncio.gather(c.run(spawn), c.run(stop), return_exceptions=True)
+    assert stopped == {"name": "x", "stopped": True}
+    assert isinstance(spawned, NoSuchAgent) and spawned.data.get("stopped"), spawned
+    await c.advance(1.0)
+    assert "x" not in c.role.children and incarnations(c, "x") == []
+    assert c.role.table.lookup("x") is None
+    # the answer is kept for the spawn's id: a later copy of it gets it, and acts not
+    assert any(not ok and isinstance(answer, NoSuchAgent) for _, _, ok, answer in c.role.control._done.values())
+    await c.close()
