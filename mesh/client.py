@@ -181,7 +181,10 @@ class Client:
         `rollback`, the code it ran before. Stops at the first node where an agent could
         not be migrated (it runs on, on its old code with its old state). Returns
         {kind, from_vsn, to_vsn, nodes, agents, migrated, failed}: `nodes` are the nodes
-        done, `failed` lists {node, agent, error} (agent None for a node-wide failure)."""
+        done, `failed` lists {node, agent, error} (agent None for a node-wide failure).
+        Every node first checks the new code against its agents' states, changing
+        nothing: a module that does not import, or a code_change that raises, stops the
+        upgrade before any node moved."""
         body: dict[str, Any] = {"kind": kind}
         if to is not None:
             body["to"] = to
@@ -192,21 +195,25 @@ class Client:
         timeout = max(self.timeout, self.config.timing.handler_timeout_s + 5.0) if timeout is None else timeout
         result: dict[str, Any] = {"kind": kind, "from_vsn": None, "to_vsn": None, "nodes": [], "agents": 0,
                                   "migrated": 0, "failed": []}
-        for node in self.config.nodes:
-            try:
-                answer = await self.caller.request(node, Kind.UPGRADE, None, body, timeout)
-            except CallError as err:
-                result["failed"].append({"node": node, "agent": None, "error": f"{type(err).__name__}: {err}"})
-                break
-            if result["from_vsn"] is None:
-                result["from_vsn"] = answer.get("from_vsn")
-            result["to_vsn"] = answer.get("to_vsn")
-            result["agents"] += answer.get("agents", 0)
-            result["migrated"] += answer.get("migrated", 0)
-            if answer.get("failed"):
-                result["failed"].extend(answer["failed"])
-                break
-            result["nodes"].append(node)
+        # first every node checks (the code loads, code_change takes every state), then the roll
+        for check in (True, False):
+            for node in self.config.nodes:
+                try:
+                    answer = await self.caller.request(node, Kind.UPGRADE, None, {**body, "check": check}, timeout)
+                except CallError as err:
+                    result["failed"].append({"node": node, "agent": None, "error": f"{type(err).__name__}: {err}"})
+                    return result
+                if result["from_vsn"] is None:
+                    result["from_vsn"] = answer.get("from_vsn")
+                result["to_vsn"] = answer.get("to_vsn")
+                if not check:
+                    result["agents"] += answer.get("agents", 0)
+                    result["migrated"] += answer.get("migrated", 0)
+                if answer.get("failed"):
+                    result["failed"].extend(answer["failed"])
+                    return result
+                if not check:
+                    result["nodes"].append(node)
         return result
 
 

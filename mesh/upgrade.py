@@ -177,14 +177,18 @@ class Upgrades:
         async def go():
             try:
                 self.node.respond(origin, msg.id, await self.upgrade(
-                    msg.body["kind"], msg.body.get("to"), msg.body.get("extra"), bool(msg.body.get("rollback"))))
+                    msg.body["kind"], msg.body.get("to"), msg.body.get("extra"), bool(msg.body.get("rollback")),
+                    bool(msg.body.get("check"))))
             except CallError as err:
                 self.node.respond_error(origin, msg.id, err)
         self.node._spawn(go())
 
-    async def upgrade(self, kind: str, to: str | None = None, extra: Any = None, rollback: bool = False) -> dict:
+    async def upgrade(self, kind: str, to: str | None = None, extra: Any = None, rollback: bool = False,
+                      check: bool = False) -> dict:
         """Move every agent of `kind` on this node to new code (or, with `rollback`, to
-        the previous code); returns {node, kind, from_vsn, to_vsn, agents, migrated, failed}."""
+        the previous code); returns {node, kind, from_vsn, to_vsn, agents, migrated, failed}.
+        With `check`, only load the code and run its code_change on a copy of each
+        agent's state: nothing changes, and `failed` says what the upgrade would meet."""
         canon = self.canonical(kind)
         if canon is None:
             raise NotAllowed(f"kind {kind!r} is not in the config's allow-list")
@@ -194,11 +198,11 @@ class Upgrades:
             raise Unavailable(f"node {self.node.name} is upgrading {canon} already")
         self._busy.add(canon)
         try:
-            return await self._upgrade(canon, to, extra, rollback)
+            return await self._upgrade(canon, to, extra, rollback, check)
         finally:
             self._busy.discard(canon)
 
-    async def _upgrade(self, kind: str, to: str | None, extra: Any, rollback: bool) -> dict:
+    async def _upgrade(self, kind: str, to: str | None, extra: Any, rollback: bool, check: bool) -> dict:
         old_cls = self.kind_class(kind)
         old_path = self._paths[kind]
         if rollback:
@@ -215,6 +219,8 @@ class Upgrades:
         if not rollback and to_vsn < from_vsn:
             raise BadRequest(f"{new_path} is version {to_vsn}, older than the {from_vsn} running: "
                              f"use --rollback to go back")
+        if check:
+            return self._check(kind, old_cls, new_cls, extra)
         log.info("node %s: %s %s from version %d (%s) to %d (%s)", self.node.name,
                  "rolling back" if rollback else "upgrading", kind, from_vsn, old_path, to_vsn, new_path)
         migrated = 0
@@ -235,6 +241,22 @@ class Upgrades:
             if failed:
                 return self._result(kind, old_cls, new_cls, len(seen), migrated, failed)
         return self._result(kind, old_cls, new_cls, len(seen), migrated, [])
+
+    def _check(self, kind: str, old_cls, new_cls, extra: Any) -> dict:
+        runners = [r for r in self.node.runners.values() if self.canonical(r.kind) == kind
+                   and r.status == AgentStatus.RUNNING and r.agent is not None and r.last_state is not None]
+        for r in runners:
+            if r.vsn == kind_vsn(new_cls):
+                continue
+            agent = new_cls()
+            agent.__dict__.update(r.agent.__dict__)
+            try:
+                code_changed(agent, r.vsn, unpack_state(r.last_state), extra)
+            except Exception as exc:
+                why = f"code_change from version {r.vsn} raised {type(exc).__name__}: {exc}"[:500]
+                return self._result(kind, old_cls, new_cls, len(runners), 0,
+                                    [{"node": self.node.name, "agent": r.name, "error": why}])
+        return self._result(kind, old_cls, new_cls, len(runners), 0, [])
 
     def _previous_code(self, kind: str) -> tuple[type[Agent], str]:
         previous = self._previous.get(kind)

@@ -59,7 +59,7 @@ class Kind(IntEnum):
     STOP = 11       # id, target: the agent to stop
     STATUS = 12     # id; body: nil -> cluster status (from the supervisor)
     WHEREIS = 13    # id, target; body: {after?: incarnation, wait_ms?: int}
-    UPGRADE = 14    # id; body: {kind, to?, extra?, rollback?} -> this node's agents of kind on new code
+    UPGRADE = 14    # id; body: {kind, to?, extra?, rollback?, check?} -> this node's agents of kind on new code
     HELLO = 20      # id; node -> supervisor: {node, boot, pid, agents (its inventory), previous?, drops?, store_full?}
     HEARTBEAT = 21  # id; node -> supervisor: lease renewal {node, boot, seq, health, store_full?} -> {known}
     START = 22      # id, target; supervisor -> node: {kind, args, incarnation}
@@ -288,7 +288,7 @@ def _spawn_body(body: Any) -> str | None:
 
 
 def _upgrade_body(body: Any) -> str | None:
-    problem = _fields({"kind": str}, {"to": str, "extra": object, "rollback": bool})(body)
+    problem = _fields({"kind": str}, {"to": str, "extra": object, "rollback": bool, "check": bool})(body)
     if problem:
         return problem
     to = body.get("to")

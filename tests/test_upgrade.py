@@ -258,16 +258,21 @@ async def test_a_failing_code_change_leaves_every_agent_of_the_node_on_its_old_c
     assert [f["agent"] for f in result["failed"]] == ["bad"]
     assert result["failed"][0]["node"] == bad["node"]
     assert "cannot be migrated" in result["failed"][0]["error"]
-    # the roll stopped at bad's node: the nodes before it are done, it and those after are not
-    order = list(c.cfg.nodes)
-    assert result["nodes"] == order[:order.index(bad["node"])]
-    assert await m.call("bad", "add") == ["v1", 2]
+    # every node checked first: no node moved, nothing was written
+    assert result["nodes"] == [] and result["migrated"] == 0
+    assert await m.call("bad", "add") == ["v1", 2] and await m.call("good", "add") == ["v1", 2]
     assert stored(c, "bad").vsn == 1 and msgpack.unpackb(stored(c, "bad").state)["count"] == 2
+    assert all(node.upgrades.vsn_of("box") in (1, None) for node in c.nodes.values())
+    # the node's own step is all or none too: asked directly, it migrates neither
     node = c.nodes[bad["node"]]
-    assert node.upgrades.vsn_of("box") == 1  # the node's code for new starts is the old too
     good_node, _ = runner_of(c, "good")
-    if good_node.name == bad["node"]:  # on the same node: not migrated either (all or none)
-        assert stored(c, "good") == before["good"]
+    result = await node.upgrades.upgrade("box")
+    assert [f["agent"] for f in result["failed"]] == ["bad"] and result["migrated"] == 0
+    assert node.upgrades.vsn_of("box") == 1
+    if good_node is node:
+        assert stored(c, "good").vsn == 1 and runner_of(c, "good")[1].vsn == 1
+    assert await m.call("bad", "get") == ["v1", 2]
+    assert before["bad"].vsn == 1
     await c.close()
 
 
