@@ -566,7 +566,7 @@ class Node:
     def _on_inventory(self, msg: wire.Msg, origin: Origin) -> None:
         self.respond(origin, msg.id, {
             "node": self.name, "boot": self.boot, "pid": os.getpid(), "agents": self._inventory(),
-            "stats": dict(self.stats),
+            "stats": dict(self.stats), "kinds": self.upgrades.loaded(),
         })
 
     def _forward_to_supervisor(self, msg: wire.Msg, origin: Origin) -> None:

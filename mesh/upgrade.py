@@ -166,6 +166,10 @@ class Upgrades:
         self._classes[canon], self._paths[canon] = cls, path
         return cls
 
+    def loaded(self) -> dict[str, int]:
+        """kind -> the version of the code this node runs for it (the kinds it loaded)."""
+        return {kind: kind_vsn(cls) for kind, cls in sorted(self._classes.items())}
+
     def vsn_of(self, kind: str) -> int | None:
         canon = self.canonical(kind)
         cls = self._classes.get(canon) if canon else None

@@ -213,6 +213,7 @@ async def test_upgrade_migrates_a_renamed_field_under_continuous_calls(box_clust
         assert record.vsn == 2 and msgpack.unpackb(record.state) == {"total": len(seen) + 100, "poison": False}
     st = await m.status()
     assert {a["vsn"] for a in st["agents"]} == {2}
+    assert [n["kinds"]["box"] for n in st["nodes"]] == [2, 2, 2]  # which code each node runs
     # a new spawn, and a restart, run the new code
     await m.spawn("fresh", "box")
     assert await m.call("fresh", "add") == ["v2", 1]
