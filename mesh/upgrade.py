@@ -230,11 +230,16 @@ class Upgrades:
         migrated = 0
         seen: set[str] = set()
         for _ in range(ROUNDS):
-            runners = [r for r in self.node.runners.values()
-                       if self.canonical(r.kind) == kind and r.status == AgentStatus.RUNNING and r.agent is not None
-                       and (type(r.agent) is not new_cls)]
-            if not runners:
+            stale = [r for r in self.node.runners.values()
+                     if self.canonical(r.kind) == kind and r.agent is not None and type(r.agent) is not new_cls
+                     and r.status in (AgentStatus.RUNNING, AgentStatus.STARTING)]
+            if not stale:
                 break
+            if any(r.status == AgentStatus.STARTING for r in stale):
+                await self.node.commits.drain()  # started on the old code just before: once it runs, it moves too
+            runners = [r for r in stale if r.status == AgentStatus.RUNNING and r.agent is not None]
+            if not runners:
+                continue
             seen.update(r.name for r in runners)
             done, failed = await self._migrate(kind, runners, old_cls, new_cls, new_path, extra, rollback)
             migrated += done
@@ -303,10 +308,11 @@ class Upgrades:
         for r in runners:
             r.paused = True
         try:
-            try:
-                await asyncio.wait_for(asyncio.gather(*(r.until_idle() for r in runners)),
-                                       node.timing.handler_timeout_s + 1.0)
-            except asyncio.TimeoutError:
+            waits = [asyncio.ensure_future(r.until_idle()) for r in runners]
+            _, pending = await asyncio.wait(waits, timeout=node.timing.handler_timeout_s + 1.0)
+            for wait in pending:
+                wait.cancel()
+            if pending:
                 busy = [r.name for r in runners if r.task is not None]
                 return 0, [{"node": node.name, "agent": busy[0] if busy else None,
                             "error": "a handler did not finish in time to pause the agent"}]

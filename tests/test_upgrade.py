@@ -415,3 +415,38 @@ async def test_a_commit_that_fails_puts_the_old_code_back(box_cluster, kind):
     assert node.upgrades.vsn_of("box") == 1
     assert await m.call("b1", "add") == ["v1", 2] and stored(c, "b1").vsn == 1
     await c.close()
+
+
+@pytest.mark.async_timeout(60)
+async def test_a_node_killed_mid_roll_leaves_every_agent_on_a_consistent_version(box_cluster, kind):
+    c = await box_cluster()
+    m = c.client()
+    b, home = await spawn_off_supervisor(c, m)
+    module = sys.modules[kind[0]]
+    others = [(await m.spawn(f"o{i}", "box"))["name"] for i in range(3)]
+    held = asyncio.ensure_future(m.call(b, "hold"))
+    await c.settle()
+    kind[1](V2)
+    upgrading = asyncio.ensure_future(m.upgrade("box"))
+    await c.settle()
+    _, r = runner_of(c, b)
+    assert r.paused and not upgrading.done()  # the roll reached b's node, and waits for its handler
+    previous = c.kill(home)
+    module.GATES.setdefault("hold", asyncio.Event()).set()  # a retry of the held call is not held again
+    result = await c.run(upgrading, limit_s=60)
+    assert result["failed"] and result["failed"][0]["node"] == home
+    assert home not in result["nodes"]
+    await asyncio.gather(held, return_exceptions=True)  # retried elsewhere: answered or failed
+    # wherever each agent runs now, its code, its record and its node's code agree
+    for name in [b, *others]:
+        reply = await c.run(m.call(name, "get"), limit_s=20)
+        node, r = runner_of(c, name)
+        assert r.vsn == type(r.agent).vsn == node.upgrades.vsn_of("box") == stored(c, name).vsn
+        assert reply[0] == f"v{r.vsn}"
+    # once the node is back (its launcher forks it again), the upgrade run again finishes the roll
+    await c.start_node(home, previous)
+    again = await c.run(m.upgrade("box"), limit_s=30)
+    assert again["failed"] == [] and again["nodes"] == list(c.cfg.nodes)
+    for name in [b, *others]:
+        assert (await c.run(m.call(name, "get"), limit_s=20))[0] == "v2" and stored(c, name).vsn == 2
+    await c.close()
