@@ -19,7 +19,7 @@ import msgpack
 
 from . import wire
 from .agent import Agent
-from .errors import (AgentCrashed, AgentDown, AlreadyExists, BadRequest, CallError, NoSuchAgent, NotAllowed,
+from .errors import (AgentCrashed, AgentDown, AlreadyExists, BadRequest, CallError, NoSuchAgent,
                      SnapshotCorrupt, Unavailable)
 from .runner import AgentStatus, Runner
 from .store import Outcome, Record, commit_failure, replies_from_wire, unpack_state

@@ -383,7 +383,6 @@ async def test_an_upgrade_waits_out_a_crash_and_an_agent_crashed_meanwhile_start
     m = c.client()
     placed = await m.spawn("b1", "box")
     node = c.nodes[placed["node"]]
-    module = sys.modules[kind[0]]
     held = asyncio.ensure_future(m.call("b1", "hold"))
     await c.settle()
     kind[1](V2)
