@@ -37,8 +37,8 @@ from .names import Names, NodeResolver
 from .replication import Replication
 from .runner import AgentStatus, Envelope, Runner
 from .served import ServedLog
-from .upgrade import Upgrades
 from .store import Committer, Store
+from .upgrade import Upgrades
 from .wire import Kind
 
 log = logging.getLogger("mesh.node")

@@ -241,7 +241,7 @@ class Upgrades:
             if not runners:
                 continue
             seen.update(r.name for r in runners)
-            done, failed = await self._migrate(kind, runners, old_cls, new_cls, new_path, extra, rollback)
+            done, failed = await self._migrate(kind, runners, old_cls, old_path, new_cls, new_path, extra, rollback)
             migrated += done
             if failed:
                 return self._result(kind, old_cls, new_cls, len(seen), migrated, failed)
@@ -271,10 +271,12 @@ class Upgrades:
         previous = self._previous.get(kind)
         if previous is not None:
             return previous
+        # The host's note: its code is another node's of this host that rolled back
+        # already, else the code it replaced is the one to return to.
         installed = self._installed(kind) or {}
-        path = installed.get("previous")
-        if isinstance(path, str) and path != self._paths.get(kind):
-            return load_class(path, fresh=True), path
+        for path in (installed.get("path"), installed.get("previous")):
+            if isinstance(path, str) and path != self._paths.get(kind):
+                return load_class(path, fresh=True), path
         raise NotAllowed(f"node {self.node.name} has no previous code of {kind} to return to (it was not "
                          f"upgraded since this process started, and the upgrade named no other MODULE:CLASS)")
 
@@ -283,7 +285,12 @@ class Upgrades:
                 "agents": agents, "migrated": migrated, "failed": failed}
 
     def _meta(self, kind: str, new_cls: type, new_path: str, old_path: str) -> bytes:
-        return msgpack.packb({"path": new_path, "vsn": kind_vsn(new_cls), "previous": old_path})
+        """The store's note of the kind's code. The previous MODULE:CLASS is kept across a
+        re-read of the same module (another node of the host, say, that loaded the note)."""
+        previous = old_path
+        if old_path == new_path:
+            previous = (self._installed(kind) or {}).get("previous")
+        return msgpack.packb({"path": new_path, "vsn": kind_vsn(new_cls), "previous": previous})
 
     async def _install(self, kind: str, old_cls, old_path: str, new_cls, new_path: str, rollback: bool) -> list:
         """The new code with no agent to migrate here: recorded, then used by what starts."""
@@ -297,14 +304,16 @@ class Upgrades:
         self._classes[kind], self._paths[kind] = new_cls, new_path
         if rollback:
             self._previous.pop(kind, None)
-        else:
+        elif old_path != new_path or kind_vsn(old_cls) != kind_vsn(new_cls):
             self._previous[kind] = (old_cls, old_path)
+        # else the same module and version read again (a fix, or a node that loaded the
+        # store's note first): what it replaced is no version to roll back to
 
-    async def _migrate(self, kind: str, runners: list[Runner], old_cls, new_cls, new_path: str, extra: Any,
-                       rollback: bool) -> tuple[int, list]:
-        """Pause, migrate, commit and resume these runners, all or none."""
+    async def _migrate(self, kind: str, runners: list[Runner], old_cls, old_path: str, new_cls, new_path: str,
+                       extra: Any, rollback: bool) -> tuple[int, list]:
+        """Pause, migrate, commit and resume these runners, all or none (and install the
+        new code for the kind, unless an earlier pass of this upgrade did)."""
         node = self.node
-        old_path = self._paths[kind]
         for r in runners:
             r.paused = True
         try:
@@ -340,8 +349,10 @@ class Upgrades:
                     r.seq += 1
                     r.last_state = packed
                 node.commits.mark_dirty(r)  # its record says the new version even where the state is alike
-            group.batch.meta_puts[META_PREFIX + kind] = self._meta(kind, new_cls, new_path, old_path)
-            self._swap_code(kind, old_cls, old_path, new_cls, new_path, rollback)
+            installs = self._classes.get(kind) is not new_cls
+            if installs:
+                group.batch.meta_puts[META_PREFIX + kind] = self._meta(kind, new_cls, new_path, old_path)
+                self._swap_code(kind, old_cls, old_path, new_cls, new_path, rollback)
             done = asyncio.get_running_loop().create_future()
 
             def committed(outcome) -> None:
@@ -353,7 +364,7 @@ class Upgrades:
                         bad[r.name] = str(why)
                         if r.agent is not None:
                             r.agent, r.vsn = old_agent, old_vsn  # the store rolls its state back (commits.py)
-                if outcome.error is not None:
+                if outcome.error is not None and installs:
                     self._classes[kind], self._paths[kind] = old_cls, old_path
                     if rollback:
                         self._previous[kind] = (new_cls, new_path)

@@ -449,3 +449,28 @@ async def test_a_node_killed_mid_roll_leaves_every_agent_on_a_consistent_version
     for name in [b, *others]:
         assert (await c.run(m.call(name, "get"), limit_s=20))[0] == "v2" and stored(c, name).vsn == 2
     await c.close()
+
+
+async def test_upgrade_to_another_module_and_roll_back_after_a_node_restarted(box_cluster, kind, tmp_path):
+    name, write = kind
+    write(V1_DOWNGRADES)
+    (tmp_path / "mods" / f"{name}_v2.py").write_text(textwrap.dedent(V2))
+    try:
+        c = await box_cluster()
+        m = c.client()
+        b, home = await spawn_off_supervisor(c, m)
+        await m.call(b, "add")
+        result = await m.upgrade("box", to=f"{name}_v2:Box")
+        assert result["failed"] == [] and result["to_vsn"] == 2
+        assert await m.call(b, "add") == ["v2", 2]
+        # the node restarts: it runs what the store says (the --to module), and remembers
+        # which code that replaced, so a rollback still finds the previous code
+        await c.restart(home)
+        assert c.nodes[home].upgrades.kind_class("box").__module__ == f"{name}_v2"
+        back = await c.run(m.upgrade("box", rollback=True), limit_s=30)
+        assert back["failed"] == [] and back["to_vsn"] == 1
+        assert await c.run(m.call(b, "add"), limit_s=20) == ["v1", 3]
+        assert stored(c, b).vsn == 1 and all(n.upgrades.vsn_of("box") in (1, None) for n in c.nodes.values())
+        await c.close()
+    finally:
+        sys.modules.pop(f"{name}_v2", None)
