@@ -474,3 +474,22 @@ async def test_upgrade_to_another_module_and_roll_back_after_a_node_restarted(bo
         await c.close()
     finally:
         sys.modules.pop(f"{name}_v2", None)
+
+
+async def test_only_an_admin_may_upgrade(box_cluster, kind):
+    c = await box_cluster()
+    m = c.client()
+    await m.spawn("b1", "box")
+    for node in c.nodes.values():
+        node.secure = True
+    for name in c.cfg.nodes:
+        c.net.identities[m._link(name).route] = "client:alice"  # connected first, if not yet
+    kind[1](V2)
+    refused = await m.upgrade("box")
+    assert refused["nodes"] == [] and "client:alice may not send UPGRADE" in refused["failed"][0]["error"]
+    assert await m.call("b1", "get") == ["v1", 0]
+    for name in c.cfg.nodes:
+        c.net.identities[m.links[name].route] = "admin:ops"
+    assert (await m.upgrade("box"))["failed"] == []
+    assert await m.call("b1", "get") == ["v2", 0]
+    await c.close()
