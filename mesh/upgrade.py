@@ -317,8 +317,10 @@ class Upgrades:
         for r in runners:
             r.paused = True
         try:
-            waits = [asyncio.ensure_future(r.until_idle()) for r in runners]
-            _, pending = await asyncio.wait(waits, timeout=node.timing.handler_timeout_s + 1.0)
+            waits = [asyncio.ensure_future(r.until_idle()) for r in runners if r.task is not None]
+            pending = ()
+            if waits:  # handlers under way finish first (a paused agent starts no other)
+                _, pending = await asyncio.wait(waits, timeout=node.timing.handler_timeout_s + 1.0)
             for wait in pending:
                 wait.cancel()
             if pending:
