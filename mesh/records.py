@@ -51,6 +51,7 @@ class LocalRecords:
 
     def __init__(self, node: "Node"):
         self.node = node
+        self.writes = 0  # writes asked for (for tests and benchmarks)
 
     async def load(self) -> None:
         pass  # read straight from the store
@@ -71,6 +72,7 @@ class LocalRecords:
         return epoch
 
     async def write(self, puts: dict[str, bytes], deletes=()):
+        self.writes += 1
         return await self.node.commits.commit_meta(puts, deletes)
 
 

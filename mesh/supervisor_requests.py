@@ -55,7 +55,10 @@ class Requests:
         if sup is None or not sup.spec.dynamic:
             raise BadRequest(f"{parent!r} is not a dynamic supervisor")
         spec = ChildSpec(name, kind, body.get("args") or {}, body.get("restart") or "permanent")
-        child = Child(spec, parent, dynamic=True, born=self._new_incarnation(), spawn_rid=msg.id)
+        child = Child(spec, parent, dynamic=True, born=self._new_incarnation(), spawn_rid=msg.id, busy=True)
+        child.unrecorded[DYNAMIC_PREFIX + name] = msgpack.packb(
+            {"name": name, "kind": spec.kind, "args": spec.args, "restart": spec.restart, "parent": parent,
+             "born": child.born, "rid": msg.id})
         self.children[name] = child
         sup.children.append(name)
         self._spawn(self._spawn_child(child, msg.id))
@@ -78,20 +81,12 @@ class Requests:
         forgetting = self._forgetting.get(spec.name)
         if forgetting is not None:  # an earlier agent of this name exited for good: its state goes first
             await asyncio.shield(forgetting)
-        key = DYNAMIC_PREFIX + spec.name
-        record = {"name": spec.name, "kind": spec.kind, "args": spec.args, "restart": spec.restart, "parent": child.parent,
-                  "born": child.born, "rid": rid}
-        # Its own start follows the commit: nothing else (a placement pass, a node's hello)
-        # may start it meanwhile, or this start would find one under way, call itself
-        # failed and forget a child whose incarnation runs on (issue 21).
-        child.busy = True
-        try:
-            outcome = await self.records.write({key: msgpack.packb(record)})
-        finally:
-            child.busy = False
-        err: CallError | None = Unavailable(str(outcome.error)) if outcome.error else None
-        if err is None:
-            err = await self._start_child(child)
+        # Its own start is the first: the child was made busy when it was made, so nothing
+        # else (a placement pass, a node's hello) started it meanwhile, or this start would
+        # find one under way, call itself failed and forget a child whose incarnation runs
+        # on (issue 21). Its record goes to the store in the same write as its placement.
+        child.busy = False
+        err = await self._start_child(child)
         if err is None and child.status != ChildStatus.RUNNING:
             err = Unavailable(f"no live node may run {spec.name!r} now")
         if err is not None:

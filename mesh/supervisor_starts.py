@@ -248,18 +248,28 @@ class Starts:
     async def _note_holders(self, child: Child, hosts: tuple[str, ...]) -> bool:
         """Record, before a START leaves, that the incarnation about to start will keep its
         state on `hosts`: whether it acknowledges anything is known only later, perhaps
-        never to this supervisor (a lost answer, a restart)."""
-        if not self._add_holders(child, hosts):
+        never to this supervisor (a lost answer, a restart). A set whose write failed is
+        forgotten here too, so that the next start records it again."""
+        added = self._add_holders(child, hosts)
+        if not added and not child.unrecorded:
             return True
-        outcome = await self.records.write({PLACE_PREFIX + child.spec.name: self._placement(child)})
+        puts = {**child.unrecorded, PLACE_PREFIX + child.spec.name: self._placement(child)}
+        outcome = await self.records.write(puts)
         if outcome.error is not None:
             log.error("supervisor: cannot record where %s keeps its state: %s", child.spec.name, outcome.error)
+            if added:
+                child.holders.remove(hosts)
             return False
+        for key in puts:
+            child.unrecorded.pop(key, None)
         return True
 
     def _placement(self, child: Child) -> bytes:
-        return msgpack.packb({"home": child.home or child.holders[-1][0],
-                              "replicas": list(child.replicas), "holders": [list(h) for h in child.holders]})
+        """Its record of where its state lives; before its first start is confirmed, the
+        set it is being started on (so the confirmation changes nothing to write)."""
+        home, replicas = ((child.home, child.replicas) if child.home is not None
+                          else (child.holders[-1][0], child.holders[-1][1:]))
+        return msgpack.packb({"home": home, "replicas": list(replicas), "holders": [list(h) for h in child.holders]})
 
     def _placed(self, child: Child, host: str, replicas: tuple[str, ...]) -> None:
         """It started: its state lives on `host` and `replicas` now, and only there (it read
@@ -267,9 +277,11 @@ class Starts:
         current = [(host, *replicas)]
         if (child.home, child.replicas, child.holders) == (host, replicas, current):
             return
+        recorded = self._placement(child)
         child.home, child.holders = host, current
         self._set_replicas(child, replicas)
-        self._spawn(self.records.write({PLACE_PREFIX + child.spec.name: self._placement(child)}))
+        if self._placement(child) != recorded:  # a first start recorded just this already
+            self._spawn(self.records.write({PLACE_PREFIX + child.spec.name: self._placement(child)}))
 
     async def _terminate_instance(self, node: str, name: str, inc: int, reason: str, forget: bool = False,
                                   replicas: tuple[str, ...] = ()) -> None:

@@ -64,6 +64,9 @@ class Child:
     # The request id of the spawn that made a dynamic child (kept with its record): a
     # repeat of that spawn after a supervisor restart is answered with where it runs.
     spawn_rid: str | None = None
+    # Records that must reach the store with its first placement, in the same write: a
+    # spawned child's own record (one consensus write per spawn, not two in a row).
+    unrecorded: dict[str, bytes] = field(default_factory=dict)
 
 
 @dataclass

@@ -108,3 +108,23 @@ async def test_an_older_incarnation_acknowledges_nothing_once_a_newer_one_read_i
     assert "x" not in c.nodes["n2"].runners
     assert await get(c, "n1", "x") == 1
     await c.close()
+
+
+async def test_a_host_set_whose_record_failed_is_recorded_by_the_next_start(tmp_path):
+    c = await three_hosts(tmp_path)
+    m = c.client()
+    await m.spawn("x", "counter")
+    child = c.role.children["x"]
+    first = (child.home, *child.replicas)
+    other = next(h for h in c.cfg.hosts if h not in first)
+    sup_host = c.cfg.nodes[c.cfg.supervisor_node].host
+    c.fill_disk(sup_host)  # the supervisor's records cannot be written
+    assert not await c.role.note_holders(child, (other, first[1]))
+    assert child.holders == [first]  # not recorded: not counted as recorded either
+    c.free_disk(sup_host)
+    assert await c.role.note_holders(child, (other, first[1]))  # so this start records it
+
+    await c.restart(c.cfg.supervisor_node)
+    await c.role.ready_event.wait()
+    assert c.role.children["x"].holders == [first, (other, first[1])]
+    await c.close()

@@ -13,6 +13,7 @@ Deterministic: three nodes of one host on the in-memory network, with a fake clo
 import asyncio
 
 from harness import Cluster, make_config
+from test_replication import three_hosts
 from mesh.runner import AgentStatus
 from mesh.wire import Kind
 
@@ -52,4 +53,22 @@ async def test_a_placement_pass_during_a_spawn_starts_no_second_incarnation(tmp_
         where = await c.run(m.caller.request(node, Kind.WHEREIS, "x", {"after": -1}, 5))
         assert (where["node"], where["incarnation"]) == now
     assert len(incarnations(c, "x")) == 1
+    await c.close()
+
+
+async def test_a_spawn_writes_its_record_and_its_placement_at_once(tmp_path):
+    """One write of the supervisor's records per spawn (with [control], one etcd
+    transaction, shared with the spawns made at the same moment), not two in a row."""
+    c = await three_hosts(tmp_path)  # replicas = 1: each start names a home and a replica
+    m = c.client()
+    before = c.role.records.writes
+    for i in range(5):
+        await c.run(m.spawn(f"s{i}", "counter"))
+    assert c.role.records.writes - before == 5
+    await c.restart(c.cfg.supervisor_node)  # and both reached the store
+    await c.role.ready_event.wait()
+    for i in range(5):
+        child = c.role.children[f"s{i}"]
+        assert child.spec.kind == "counter" and child.holders == [(child.home, *child.replicas)]
+        assert len(child.replicas) == 1
     await c.close()
