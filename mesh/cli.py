@@ -258,7 +258,8 @@ def status(config_path, key, as_json):
     click.echo(_table(["NODE", "ADDRESS", "ALIVE", "PID", "AGENTS", ""],
                       [[n["name"], n["address"], "yes" if n["alive"] else "no", n["pid"] or "-",
                         n["agents"], ", ".join(w for w, on in (("supervisor", n["supervisor"]),
-                                                               ("disk full", n.get("store_full"))) if on)]
+                                                               ("disk full", n.get("store_full")),
+                                                               ("draining", n.get("draining"))) if on)]
                        for n in st["nodes"]]))
     click.echo()
     click.echo(_table(["AGENT", "KIND", "NODE", "INCARNATION", "VSN", "RESTARTS", "MAILBOX", "STATUS"],
@@ -291,6 +292,31 @@ def upgrade(config_path, key, kind, to, extra_json, rollback):
     result = _run(lambda c: c.upgrade(kind, to, extra, rollback), cfg)
     click.echo(_to_json(result))
     sys.exit(1 if result["failed"] else 0)
+
+
+@main.command()
+@config_option
+@click.argument("node")
+def drain(config_path, key, node):
+    """Move every agent off NODE, each with its state, and place nothing there until undrain;
+    prints {"node", "draining", "moved", "failed"}, exits 1 unless every agent moved."""
+    cfg = _load(config_path)
+    if node not in cfg.nodes:
+        raise click.BadParameter(f"no node {node!r} in {cfg.path}")
+    result = _run(lambda c: c.drain(node), cfg)
+    click.echo(_to_json(result))
+    sys.exit(1 if result.get("failed") else 0)
+
+
+@main.command()
+@config_option
+@click.argument("node")
+def undrain(config_path, key, node):
+    """NODE takes placements again (agents moved off it stay where they are)."""
+    cfg = _load(config_path)
+    if node not in cfg.nodes:
+        raise click.BadParameter(f"no node {node!r} in {cfg.path}")
+    click.echo(_to_json(_run(lambda c: c.undrain(node), cfg)))
 
 
 @main.command()

@@ -174,6 +174,16 @@ class Client:
     async def status(self, timeout: float | None = None) -> dict:
         return await self._control(Kind.STATUS, None, None, timeout)
 
+    async def drain(self, node: str, timeout: float | None = None) -> dict:
+        """Move every agent off `node`, and place nothing there until undrain; returns
+        {node, draining, moved: [names], failed: [{agent, error}]}."""
+        timeout = max(self.timeout, 4 * self.config.timing.call_timeout_s) if timeout is None else timeout
+        return await self._control(Kind.DRAIN, None, {"node": node}, timeout)
+
+    async def undrain(self, node: str, timeout: float | None = None) -> dict:
+        """`node` takes placements again (its agents do not move back by themselves)."""
+        return await self._control(Kind.DRAIN, None, {"node": node, "undrain": True}, timeout)
+
     async def upgrade(self, kind: str, to: str | None = None, extra: Any = None, rollback: bool = False,
                       timeout: float | None = None) -> dict:
         """New code for every agent of `kind`, one node at a time (see mesh/upgrade.py):
@@ -262,6 +272,12 @@ class SyncClient:
 
     def status(self) -> dict:
         return self._run(self._client.status())
+
+    def drain(self, node: str) -> dict:
+        return self._run(self._client.drain(node))
+
+    def undrain(self, node: str) -> dict:
+        return self._run(self._client.undrain(node))
 
     def upgrade(self, kind: str, to: str | None = None, extra: Any = None, rollback: bool = False) -> dict:
         return self._run(self._client.upgrade(kind, to, extra, rollback))

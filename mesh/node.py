@@ -85,6 +85,7 @@ class Node:
             Kind.REPLICATE: self.replication.on_replicate,
             Kind.SPAWN: self._forward_to_supervisor, Kind.STOP: self._forward_to_supervisor,
             Kind.STATUS: self._forward_to_supervisor, Kind.UPGRADE: self.upgrades.on_upgrade,
+            Kind.DRAIN: self._forward_to_supervisor,
         }
         self.secure = config.secure
         self._unsafe = config.timing.unsafe_reply_before_commit

@@ -240,7 +240,8 @@ class Requests:
                           "alive": view.alive and inv is not None, "pid": view.pid,
                           "agents": len(inv["agents"]) if inv else 0,
                           "supervisor": name == self.node.name, "store_full": view.store_full,
-                          "stats": (inv or {}).get("stats", {}), "kinds": (inv or {}).get("kinds", {})})
+                          "stats": (inv or {}).get("stats", {}), "kinds": (inv or {}).get("kinds", {}),
+                          "draining": name in self.draining})
         now = self.clock.now()
         agents = [{"name": n, "kind": c.spec.kind, "node": c.node if c.status == ChildStatus.RUNNING else None,
                    "status": c.status, "incarnation": c.incarnation, "restarts": c.restarts,

@@ -60,6 +60,7 @@ class Kind(IntEnum):
     STATUS = 12     # id; body: nil -> cluster status (from the supervisor)
     WHEREIS = 13    # id, target; body: {after?: incarnation, wait_ms?: int}
     UPGRADE = 14    # id; body: {kind, to?, extra?, rollback?, check?} -> this node's agents of kind on new code
+    DRAIN = 15      # id; body: {node, undrain?} -> (the supervisor) its agents moved off, no placements there
     HELLO = 20      # id; node -> supervisor: {node, boot, pid, agents (its inventory), previous?, drops?, store_full?}
     HEARTBEAT = 21  # id; node -> supervisor: lease renewal {node, boot, seq, health, store_full?} -> {known}
     START = 22      # id, target; supervisor -> node: {kind, args, incarnation}
@@ -311,6 +312,7 @@ _SPECS: dict[Kind, tuple[bool, bool, Callable[[Any], str | None] | None]] = {
     Kind.STATUS: (True, False, None),
     Kind.WHEREIS: (True, True, _fields({}, {"after": int, "wait_ms": int})),
     Kind.UPGRADE: (True, False, _upgrade_body),
+    Kind.DRAIN: (True, False, _fields({"node": str}, {"undrain": bool})),
     Kind.HELLO: (True, False, _fields(
         {"node": str, "boot": str, "pid": int, "agents": list},
         {"previous": dict, "address": str, "drops": int, "store_full": bool},
