@@ -111,3 +111,41 @@ async def test_mesh_upgrade_under_calls_then_a_forked_node_runs_the_new_code(box
         assert "no way to version 3" in result["failed"][0]["error"]
         for name in names:
             assert (await m.call(name, "get"))[0] == "v2"
+
+
+@pytest.mark.async_timeout(90)
+async def test_mesh_drain_and_undrain_under_calls(box_mesh):
+    cfg, _write, run = box_mesh
+    async with mesh.connect(cfg) as m:
+        names = [f"d{i}" for i in range(6)]
+        placed = {n: (await m.spawn(n, "box"))["node"] for n in names}
+        victim = next(node for node in ("n2", "n3", "n1") if node in placed.values())
+        failures, replies = [], {n: [] for n in names}
+        stop = asyncio.Event()
+
+        async def caller(name):
+            i = 0
+            while not stop.is_set():
+                i += 1
+                try:
+                    replies[name].append(await m.call(name, "add", timeout=10, request_id=f"{name}-{i}"))
+                except Exception as exc:
+                    failures.append((name, repr(exc)))
+        callers = [asyncio.ensure_future(caller(n)) for n in names]
+        drained = await asyncio.to_thread(cli, cfg, "drain", victim)
+        stop.set()
+        await asyncio.gather(*callers)
+        assert drained.returncode == 0, drained.stdout + drained.stderr
+        result = json.loads(drained.stdout)
+        assert result["draining"] is True and result["failed"] == []
+        assert {n for n in names if placed[n] == victim} <= set(result["moved"])  # and the config's agents there
+        assert failures == []
+        for name in names:  # each call ran once
+            assert [n for _, n in replies[name]] == list(range(1, len(replies[name]) + 1))
+        st = json.loads(cli(cfg, "status", "--json").stdout)
+        assert all(a["node"] != victim for a in st["agents"])
+        assert [n["draining"] for n in st["nodes"] if n["name"] == victim] == [True]
+        assert "draining" in cli(cfg, "status").stdout
+        undrained = cli(cfg, "undrain", victim)
+        assert undrained.returncode == 0 and json.loads(undrained.stdout) == {"node": victim, "draining": False}
+    assert run.proc.poll() is None  # the mesh runs on
