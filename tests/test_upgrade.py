@@ -493,3 +493,36 @@ async def test_only_an_admin_may_upgrade(box_cluster, kind):
     assert (await m.upgrade("box"))["failed"] == []
     assert await m.call("b1", "get") == ["v2", 0]
     await c.close()
+
+
+async def test_with_replicas_a_live_upgrade_reaches_the_copies_and_a_promoted_copy_is_migrated(tmp_path, kind):
+    from test_replication import HOSTS
+    path = tmp_path / "hosts.toml"
+    path.write_text(textwrap.dedent(HOSTS.format(replicas=1)).replace("[kinds]\n", f'[kinds]\nbox = "{kind[0]}:Box"\n'))
+    c = Cluster(config_mod.load(path), tmp_path)
+    await c.start()
+    m = c.client()
+    b, home = await spawn_off_supervisor(c, m)
+    await m.call(b, "add")
+    copies = [h for h in c.cfg.hosts if h != c.cfg.nodes[home].host and c.stores[h].get(b) is not None]
+    assert copies and c.stores[copies[0]].get(b).vsn == 1
+    kind[1](V2)
+    for name, node in c.nodes.items():  # every node but its home
+        if name != home:
+            assert (await node.upgrades.upgrade("box"))["failed"] == []
+    c.kill(home)  # its host is gone: the agent is promoted from its copy
+    assert await c.run(m.call(b, "add"), limit_s=20) == ["v2", 2]  # code_change ran on the copy
+    assert all(c.stores[h].get(b).vsn == 2 for h in c.cfg.hosts if h != c.cfg.nodes[home].host)
+    for other in [n for node in c.nodes.values() for n in node.runners if n != b]:
+        # an agent whose copy was on the lost host gets another replica host at its next commit
+        await c.run(m.call(other, "add"), limit_s=20)
+    # a live upgrade's commit reaches the replica hosts too, version and all
+    v = "v-live"
+    await m.spawn(v, "box")
+    kind[1](V2.replace("vsn = 2", "vsn = 3"))
+    for node in c.nodes.values():
+        assert (await node.upgrades.upgrade("box"))["failed"] == []
+    assert await m.call(v, "add") == ["v2", 1]  # version 3 answers as version 2 did
+    holders = [h for h, store in c.stores.items() if h != c.cfg.nodes[home].host and store.get(v) is not None]
+    assert len(holders) == 2 and all(c.stores[h].get(v).vsn == 3 for h in holders)
+    await c.close()
