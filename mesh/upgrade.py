@@ -10,14 +10,20 @@ An UPGRADE (`mesh upgrade KIND`, one node at a time, see Client.upgrade) makes t
 1. load the new code: the kind's module read again from disk, or the `to` MODULE:CLASS,
    as a fresh module (the one in sys.modules is replaced only once the new one ran to
    its end: a module that fails to import changes nothing);
-2. pause every running agent of the kind between two messages (a handler under way
-   finishes first; calls that arrive wait in the mailbox) and wait until what they
-   changed before is committed;
+2. pause the running agents of the kind, a slice of up to SLICE at a time, between two
+   messages (a handler under way finishes first; calls that arrive wait in the mailbox)
+   and wait until what they changed before is committed;
 3. run the new code's `code_change` on a copy of each one's state. One failure, and
-   every agent here resumes on its old code with its old state: nothing was written;
+   every agent of the slice resumes on its old code with its old state (nothing of it
+   was written), and the upgrade stops there;
 4. swap each agent's code and state, record the kind's new code in the host's store
-   (`kind/KIND`), commit it all in one group, and only then resume them. A commit that
-   fails puts the old code back (the store's failure rolls the state back as usual).
+   (`kind/KIND`, with the first slice), commit it all in one group, and only then resume
+   them. A commit that fails puts the old code back (the store's failure rolls the state
+   back as usual).
+
+Before any of this, `Client.upgrade` asks every node to check (steps 1 and 3 on copies,
+nothing paused or written), so a module that fails or a code_change that raises stops
+the upgrade before any node moved.
 
 A rollback is the same with the previous code (kept in memory since the upgrade, or
 the previous MODULE:CLASS recorded in the store), whose `code_change` is called with the
@@ -55,6 +61,7 @@ log = logging.getLogger("mesh.upgrade")
 
 META_PREFIX = "kind/"  # + kind: msgpack {path, vsn, previous}: the code an upgrade installed
 ROUNDS = 3             # passes over the kind's agents (one that started meanwhile is caught by the next)
+SLICE = 128            # agents paused, migrated and committed together: each waits for its slice only
 
 
 def kind_vsn(cls: type) -> int:
@@ -241,10 +248,12 @@ class Upgrades:
             if not runners:
                 continue
             seen.update(r.name for r in runners)
-            done, failed = await self._migrate(kind, runners, old_cls, old_path, new_cls, new_path, extra, rollback)
-            migrated += done
-            if failed:
-                return self._result(kind, old_cls, new_cls, len(seen), migrated, failed)
+            for i in range(0, len(runners), SLICE):
+                done, failed = await self._migrate(kind, runners[i:i + SLICE], old_cls, old_path, new_cls, new_path,
+                                                   extra, rollback)
+                migrated += done
+                if failed:
+                    return self._result(kind, old_cls, new_cls, len(seen), migrated, failed)
         if self._classes.get(kind) is not new_cls:  # no agent of the kind here: the code alone
             failed = await self._install(kind, old_cls, old_path, new_cls, new_path, rollback)
             if failed:
@@ -311,8 +320,8 @@ class Upgrades:
 
     async def _migrate(self, kind: str, runners: list[Runner], old_cls, old_path: str, new_cls, new_path: str,
                        extra: Any, rollback: bool) -> tuple[int, list]:
-        """Pause, migrate, commit and resume these runners, all or none (and install the
-        new code for the kind, unless an earlier pass of this upgrade did)."""
+        """Pause, migrate, commit and resume these runners (a slice of the kind's agents
+        here), all or none; the first slice installs the new code for the kind."""
         node = self.node
         for r in runners:
             r.paused = True

@@ -264,7 +264,7 @@ async def test_a_failing_code_change_leaves_every_agent_of_the_node_on_its_old_c
     assert await m.call("bad", "add") == ["v1", 2] and await m.call("good", "add") == ["v1", 2]
     assert stored(c, "bad").vsn == 1 and msgpack.unpackb(stored(c, "bad").state)["count"] == 2
     assert all(node.upgrades.vsn_of("box") in (1, None) for node in c.nodes.values())
-    # the node's own step is all or none too: asked directly, it migrates neither
+    # the node's own step is all or none too (per slice of agents): asked directly, it migrates neither
     node = c.nodes[bad["node"]]
     good_node, _ = runner_of(c, "good")
     result = await node.upgrades.upgrade("box")
@@ -525,4 +525,23 @@ async def test_with_replicas_a_live_upgrade_reaches_the_copies_and_a_promoted_co
     assert await m.call(v, "add") == ["v2", 1]  # version 3 answers as version 2 did
     holders = [h for h, store in c.stores.items() if h != c.cfg.nodes[home].host and store.get(v) is not None]
     assert len(holders) == 2 and all(c.stores[h].get(v).vsn == 3 for h in holders)
+    await c.close()
+
+
+async def test_slices_before_a_failing_one_keep_the_new_code(box_cluster, kind, monkeypatch):
+    import mesh.upgrade
+    monkeypatch.setattr(mesh.upgrade, "SLICE", 1)
+    c = await box_cluster()
+    m = c.client()
+    for i in range(3):
+        await m.spawn(f"g{i}", "box")
+    bad = await m.spawn("bad", "box", {"poison": True})
+    node = c.nodes[bad["node"]]
+    good = [name for name in node.runners if name != "bad"]
+    assert good and list(node.runners).index("bad") > list(node.runners).index(good[0])
+    kind[1](V2)
+    result = await node.upgrades.upgrade("box")
+    assert [f["agent"] for f in result["failed"]] == ["bad"] and result["migrated"] == len(good)
+    assert all(stored(c, name).vsn == 2 for name in good) and stored(c, "bad").vsn == 1
+    assert await m.call(good[0], "get") == ["v2", 0] and await m.call("bad", "get") == ["v1", 0]
     await c.close()
