@@ -50,7 +50,7 @@ import msgpack
 
 from . import wire
 from .agent import Agent
-from .errors import BadRequest, CallError, NotAllowed, Unavailable
+from .errors import BadRequest, CallError, NotAllowed, StoreError, Unavailable
 from .runner import AgentStatus, Runner
 from .store import unpack_state
 
@@ -145,7 +145,11 @@ class Upgrades:
         return None
 
     def _installed(self, kind: str) -> dict | None:
-        raw = self.node.store.get_meta(META_PREFIX + kind)
+        """The host's note of the code an upgrade installed for `kind`, if any."""
+        try:
+            raw = self.node.store.get_meta(META_PREFIX + kind)
+        except StoreError as err:  # never guess: the config's code may be the one replaced
+            raise Unavailable(f"node {self.node.name} cannot read which code runs {kind}: {err}") from None
         if raw is None:
             return None
         try:
