@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from .errors import BadRequest
+from .errors import BadRequest, NotAllowed
 
 if TYPE_CHECKING:  # the node implements the services; the behaviour does not import it
     from .runner import Runner
@@ -89,6 +89,11 @@ class Agent:
     max_batch: int = 0
     """Set above 1 to have calls handled in batches by handle_call_batch (see there)."""
 
+    vsn: int = 1
+    """The version of this kind's code, a positive int. Every commit records the version
+    that wrote the state; raise it whenever the state's shape changes, and say in
+    `code_change` how an older state becomes this version's."""
+
     # --- callbacks ------------------------------------------------------------------------
 
     def init(self, args: dict, state: Any) -> Any:
@@ -117,6 +122,21 @@ class Agent:
 
     def handle_info(self, msg: Any) -> None:
         """Handles anything else: timers from send_after, and INFO messages. May be async."""
+
+    def code_change(self, old_vsn: int, state: Any, extra: Any) -> Any:
+        """Returns `state`, written by version `old_vsn` of this kind, as this version's.
+
+        Runs on an instance of the new code, between two messages (never during a
+        handler): in a live upgrade (`mesh upgrade`, with its `extra`), and when an
+        incarnation starts from a snapshot an older version wrote (`extra` None, before
+        `init`). `old_vsn` greater than `self.vsn` is a downgrade (`mesh upgrade
+        --rollback`, the previous code asked to read the newer state). Must not be async;
+        raising leaves the agent on its old code with its old state. The default keeps
+        the state as it is and refuses downgrades."""
+        if old_vsn > self.vsn:
+            raise NotAllowed(f"{type(self).__name__} (version {self.vsn}) cannot read the state of "
+                             f"version {old_vsn}: it defines no downgrade in code_change")
+        return state
 
     def terminate(self, reason: str) -> None:
         """Runs when the incarnation ends in order (stop, node shutdown, supervisor

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import sys
 from typing import Any
 
@@ -248,7 +249,7 @@ def stop(config_path, key, name):
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of tables")
 def status(config_path, key, as_json):
-    """Nodes (name, address, alive, agents) and agents (name, kind, node, incarnation, restarts, mailbox)."""
+    """Nodes (name, address, alive, agents) and agents (name, kind, node, incarnation, code version, restarts, mailbox)."""
     cfg = _load(config_path)
     st = _run(lambda c: c.status(), cfg)
     if as_json:
@@ -257,14 +258,65 @@ def status(config_path, key, as_json):
     click.echo(_table(["NODE", "ADDRESS", "ALIVE", "PID", "AGENTS", ""],
                       [[n["name"], n["address"], "yes" if n["alive"] else "no", n["pid"] or "-",
                         n["agents"], ", ".join(w for w, on in (("supervisor", n["supervisor"]),
-                                                               ("disk full", n.get("store_full"))) if on)]
+                                                               ("disk full", n.get("store_full")),
+                                                               ("draining", n.get("draining"))) if on)]
                        for n in st["nodes"]]))
     click.echo()
-    click.echo(_table(["AGENT", "KIND", "NODE", "INCARNATION", "RESTARTS", "MAILBOX", "STATUS"],
-                      [[a["name"], a["kind"], a["node"] or "-", a["incarnation"], a["restarts"],
+    click.echo(_table(["AGENT", "KIND", "NODE", "INCARNATION", "VSN", "RESTARTS", "MAILBOX", "STATUS"],
+                      [[a["name"], a["kind"], a["node"] or "-", a["incarnation"], a.get("vsn") or "-", a["restarts"],
                         a["mailbox"], _agent_status(a)] for a in st["agents"]]))
     if st.get("failed"):
         click.echo(f"\nTHE TREE FAILED: {st.get('failure') or 'the root supervisor gave up'}")
+
+
+@main.command()
+@config_option
+@click.argument("kind")
+@click.option("--to", "to", default=None, help="MODULE:CLASS to run KIND from now on (default: KIND's module, read again)")
+@click.option("--extra", "extra_json", default=None, help="JSON value passed to code_change")
+@click.option("--rollback", is_flag=True, help="return KIND's agents to the code they ran before the last upgrade")
+def upgrade(config_path, key, kind, to, extra_json, rollback):
+    """Load KIND's new code on every node, one node at a time, and migrate its agents
+    between two messages (code_change); prints one JSON object, exits 1 unless all migrated."""
+    extra = _json_arg(extra_json, "--extra") if extra_json is not None else None
+    if to is not None and rollback:
+        raise click.UsageError("--to and --rollback do not go together")
+    if to is not None and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", to):
+        raise click.BadParameter("--to must be MODULE:CLASS")
+    cfg = _load(config_path)
+    if cfg.resolve_kind(kind) is None:
+        allowed = ", ".join(sorted(cfg.kinds)) or "none"
+        click.echo(f"mesh: NotAllowed: kind {kind!r} is not in the config's allow-list ({allowed}) {_see('NotAllowed')}",
+                   err=True)
+        sys.exit(1)
+    result = _run(lambda c: c.upgrade(kind, to, extra, rollback), cfg)
+    click.echo(_to_json(result))
+    sys.exit(1 if result["failed"] else 0)
+
+
+@main.command()
+@config_option
+@click.argument("node")
+def drain(config_path, key, node):
+    """Move every agent off NODE, each with its state, and place nothing there until undrain;
+    prints {"node", "draining", "moved", "failed"}, exits 1 unless every agent moved."""
+    cfg = _load(config_path)
+    if node not in cfg.nodes:
+        raise click.BadParameter(f"no node {node!r} in {cfg.path}")
+    result = _run(lambda c: c.drain(node), cfg)
+    click.echo(_to_json(result))
+    sys.exit(1 if result.get("failed") else 0)
+
+
+@main.command()
+@config_option
+@click.argument("node")
+def undrain(config_path, key, node):
+    """NODE takes placements again (agents moved off it stay where they are)."""
+    cfg = _load(config_path)
+    if node not in cfg.nodes:
+        raise click.BadParameter(f"no node {node!r} in {cfg.path}")
+    click.echo(_to_json(_run(lambda c: c.undrain(node), cfg)))
 
 
 @main.command()

@@ -174,6 +174,58 @@ class Client:
     async def status(self, timeout: float | None = None) -> dict:
         return await self._control(Kind.STATUS, None, None, timeout)
 
+    async def drain(self, node: str, timeout: float | None = None) -> dict:
+        """Move every agent off `node`, and place nothing there until undrain; returns
+        {node, draining, moved: [names], failed: [{agent, error}]}."""
+        timeout = max(self.timeout, 4 * self.config.timing.call_timeout_s) if timeout is None else timeout
+        return await self._control(Kind.DRAIN, None, {"node": node}, timeout)
+
+    async def undrain(self, node: str, timeout: float | None = None) -> dict:
+        """`node` takes placements again (its agents do not move back by themselves)."""
+        return await self._control(Kind.DRAIN, None, {"node": node, "undrain": True}, timeout)
+
+    async def upgrade(self, kind: str, to: str | None = None, extra: Any = None, rollback: bool = False,
+                      timeout: float | None = None) -> dict:
+        """New code for every agent of `kind`, one node at a time (see mesh/upgrade.py):
+        the kind's module read again from disk, or `to` ("MODULE:CLASS"); with
+        `rollback`, the code it ran before. Stops at the first node where an agent could
+        not be migrated (it runs on, on its old code with its old state). Returns
+        {kind, from_vsn, to_vsn, nodes, agents, migrated, failed}: `nodes` are the nodes
+        done, `failed` lists {node, agent, error} (agent None for a node-wide failure).
+        Every node first checks the new code against its agents' states, changing
+        nothing: a module that does not import, or a code_change that raises, stops the
+        upgrade before any node moved."""
+        body: dict[str, Any] = {"kind": kind}
+        if to is not None:
+            body["to"] = to
+        if extra is not None:
+            body["extra"] = extra
+        if rollback:
+            body["rollback"] = True
+        timeout = max(self.timeout, self.config.timing.handler_timeout_s + 5.0) if timeout is None else timeout
+        result: dict[str, Any] = {"kind": kind, "from_vsn": None, "to_vsn": None, "nodes": [], "agents": 0,
+                                  "migrated": 0, "failed": []}
+        # first every node checks (the code loads, code_change takes every state), then the roll
+        for check in (True, False):
+            for node in self.config.nodes:
+                try:
+                    answer = await self.caller.request(node, Kind.UPGRADE, None, {**body, "check": check}, timeout)
+                except CallError as err:
+                    result["failed"].append({"node": node, "agent": None, "error": f"{type(err).__name__}: {err}"})
+                    return result
+                if result["from_vsn"] is None:
+                    result["from_vsn"] = answer.get("from_vsn")
+                result["to_vsn"] = answer.get("to_vsn")
+                if not check:
+                    result["agents"] += answer.get("agents", 0)
+                    result["migrated"] += answer.get("migrated", 0)
+                if answer.get("failed"):
+                    result["failed"].extend(answer["failed"])
+                    return result
+                if not check:
+                    result["nodes"].append(node)
+        return result
+
 
 def connect(config: Config | str | os.PathLike | None = None, **kw) -> Client:
     """An async client for the mesh described by `config` (a Config or a path)."""
@@ -220,6 +272,15 @@ class SyncClient:
 
     def status(self) -> dict:
         return self._run(self._client.status())
+
+    def drain(self, node: str) -> dict:
+        return self._run(self._client.drain(node))
+
+    def undrain(self, node: str) -> dict:
+        return self._run(self._client.undrain(node))
+
+    def upgrade(self, kind: str, to: str | None = None, extra: Any = None, rollback: bool = False) -> dict:
+        return self._run(self._client.upgrade(kind, to, extra, rollback))
 
     def close(self) -> None:
         if self._loop.is_running():

@@ -139,7 +139,7 @@ class Commits:
             if runner.last_state is None:  # crashed since: what it did after its last commit is void
                 group.void.add(runner.name)
                 continue
-            batch.add_put(runner.name, Record(runner.incarnation, runner.seq, runner.last_state))
+            batch.add_put(runner.name, Record(runner.incarnation, runner.seq, runner.last_state, runner.vsn))
             batch.add_replies(runner.name, *runner.take_replies())
             if runner.replicas:
                 group.replicas[runner.name] = runner.replicas

@@ -11,7 +11,6 @@ older than it that is still under way fails (`stopped_after`).
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Callable
@@ -20,10 +19,11 @@ import msgpack
 
 from . import wire
 from .agent import Agent
-from .errors import (AgentCrashed, AgentDown, AlreadyExists, BadRequest, CallError, NoSuchAgent, NotAllowed,
+from .errors import (AgentCrashed, AgentDown, AlreadyExists, BadRequest, CallError, NoSuchAgent,
                      SnapshotCorrupt, Unavailable)
 from .runner import AgentStatus, Runner
 from .store import Outcome, Record, commit_failure, replies_from_wire, unpack_state
+from .upgrade import code_changed, kind_vsn
 from .wire import Kind
 
 if TYPE_CHECKING:
@@ -37,25 +37,11 @@ class Incarnations:
 
     def __init__(self, node: "Node"):
         self.node = node
-        self._kinds: dict[str, type[Agent]] = {}  # kind -> its class, once loaded
         self._stops: OrderedDict[str, int] = OrderedDict()  # name -> the incarnation its latest stop took
 
     def kind_class(self, kind: str) -> type[Agent]:
-        cls = self._kinds.get(kind)
-        if cls is not None:
-            return cls
-        path = self.node.config.resolve_kind(kind)
-        if path is None:
-            raise NotAllowed(f"kind {kind!r} is not in the config's allow-list")
-        module_name, _, class_name = path.partition(":")
-        try:
-            cls = getattr(importlib.import_module(module_name), class_name)
-        except Exception as exc:
-            raise BadRequest(f"kind {kind!r} ({path}) cannot be loaded: {type(exc).__name__}: {exc}") from None
-        if not (isinstance(cls, type) and issubclass(cls, Agent)):
-            raise NotAllowed(f"{path} is not an Agent")
-        self._kinds[kind] = cls
-        return cls
+        """The class this node runs for `kind` (upgrade.py keeps it, and changes it)."""
+        return self.node.upgrades.kind_class(kind)
 
     def on_start(self, msg: wire.Msg, origin: Origin) -> None:
         name, body = msg.target, msg.body
@@ -167,6 +153,7 @@ class Incarnations:
         cls = self.kind_class(body["kind"])
         if old is not None and old.last_state is not None:
             seq, state, window, mailbox, inflight = old.seq, old.last_state, old.window, old.mailbox, old.inflight
+            state_vsn = old.vsn
             waiting = old.waiting
             restarts = old.restarts + 1
             log.info("node %s: %s incarnation %d starts from incarnation %d's last state (seq %d)",
@@ -181,10 +168,19 @@ class Incarnations:
                 raise AlreadyExists(f"{name!r}: the store holds incarnation {record.incarnation}",
                                     {"incarnation": record.incarnation})
             seq, state = (record.seq, record.state) if record else (0, msgpack.packb(None))
+            state_vsn = record.vsn if record else kind_vsn(cls)
             window = OrderedDict((reply[0], reply[1:]) for reply in replies)
             mailbox, inflight, waiting = (old.mailbox, old.inflight, old.waiting) if old is not None else (None, {}, {})
             restarts = old.restarts + 1 if old is not None else 0
+        code_vsn = kind_vsn(cls)
+        if state_vsn > code_vsn:  # never read by code that does not know its shape
+            log.warning("node %s: %s not started here: its state was written by version %d of %s, and this "
+                        "node runs version %d", self.node.name, name, state_vsn, body["kind"], code_vsn)
+            raise Unavailable(f"{name!r}: its state was written by version {state_vsn} of kind {body['kind']!r}, "
+                              f"newer than the code on node {self.node.name} (version {code_vsn})",
+                              {"vsn": state_vsn, "node_vsn": code_vsn})
         runner = Runner(self.node, name, body["kind"], body.get("args") or {}, inc)
+        runner.vsn = code_vsn
         runner.seq, runner.mailbox, runner.inflight, runner.restarts = seq, mailbox, inflight, restarts
         runner.waiting = waiting
         runner.supervisor = body.get("supervisor")
@@ -202,6 +198,15 @@ class Incarnations:
         except Exception as exc:
             raise AgentCrashed(str(SnapshotCorrupt(name, str(exc)))) from None
         try:
+            if restored is not None and state_vsn < code_vsn:  # a snapshot of older code: migrated first
+                restored = unpack_state(code_changed(agent, state_vsn, restored, None))
+                log.info("node %s: %s migrated from version %d to %d by code_change", self.node.name, name,
+                         state_vsn, code_vsn)
+        except Exception as exc:
+            self.node.stats["init_failures"] += 1
+            raise AgentCrashed(f"{name}: code_change from version {state_vsn} failed: {type(exc).__name__}: {exc}"[:500],
+                               {"exception": type(exc).__name__}) from None
+        try:
             agent.state = agent.init(runner.args, restored)
             if asyncio.iscoroutine(agent.state):
                 agent.state.close()
@@ -214,7 +219,7 @@ class Incarnations:
         runner.begin(agent, packed)
         self.node.runners[name] = runner
         group = self.node.commits.open
-        group.batch.add_claim(name, Record(inc, seq, packed))
+        group.batch.add_claim(name, Record(inc, seq, packed, code_vsn))
         # the replies that go with this state, and only those, to this host and its replicas
         group.batch.add_replies(name, [(rid, *entry) for rid, entry in runner.window.items()], [])
         group.replicas[name] = runner.replicas

@@ -8,6 +8,7 @@ hands each concern to the part made for it:
     commits.py       one commit group per loop turn; replies leave after it (G1)
     replication.py   copies on the replica hosts before replies leave (G6); FETCH
     incarnations.py  START and TERMINATE: an incarnation's first and last moments
+    upgrade.py       the code each kind runs here, and UPGRADE: new code for running agents
     names.py         the registry replica, WHEREIS, waiting for a name to be placed
 
 What stays here: the lease (a node serves only while the supervisor renews it, G3), the
@@ -37,6 +38,7 @@ from .replication import Replication
 from .runner import AgentStatus, Envelope, Runner
 from .served import ServedLog
 from .store import Committer, Store
+from .upgrade import Upgrades
 from .wire import Kind
 
 log = logging.getLogger("mesh.node")
@@ -69,6 +71,7 @@ class Node:
         self.commits = Commits(self)
         self.replication = Replication(self)
         self.incarnations = Incarnations(self)
+        self.upgrades = Upgrades(self)
         self.stats: Counter = Counter()
         self.links: dict[str, Any] = {}
         self.link_up: dict[str, bool] = {}
@@ -81,7 +84,8 @@ class Node:
             Kind.INVENTORY: self._on_inventory, Kind.FETCH: self.replication.on_fetch,
             Kind.REPLICATE: self.replication.on_replicate,
             Kind.SPAWN: self._forward_to_supervisor, Kind.STOP: self._forward_to_supervisor,
-            Kind.STATUS: self._forward_to_supervisor,
+            Kind.STATUS: self._forward_to_supervisor, Kind.UPGRADE: self.upgrades.on_upgrade,
+            Kind.DRAIN: self._forward_to_supervisor,
         }
         self.secure = config.secure
         self._unsafe = config.timing.unsafe_reply_before_commit
@@ -558,13 +562,13 @@ class Node:
 
     def _inventory(self) -> list:
         """What runs here, as HELLO and INVENTORY report it."""
-        return [[r.name, r.kind, r.incarnation, r.status, r.depth(), r.handled, list(r.replicas)]
+        return [[r.name, r.kind, r.incarnation, r.status, r.depth(), r.handled, list(r.replicas), r.vsn]
                 for r in self.runners.values()]
 
     def _on_inventory(self, msg: wire.Msg, origin: Origin) -> None:
         self.respond(origin, msg.id, {
             "node": self.name, "boot": self.boot, "pid": os.getpid(), "agents": self._inventory(),
-            "stats": dict(self.stats),
+            "stats": dict(self.stats), "kinds": self.upgrades.loaded(),
         })
 
     def _forward_to_supervisor(self, msg: wire.Msg, origin: Origin) -> None:

@@ -95,7 +95,7 @@ class Runner(Replies):
         "inflight", "last_state", "pending_group", "effects", "stop_reason",
         "task", "started_at", "handled", "restarts", "_current_rid", "_parent", "_nested", "supervisor",
         "interrupted", "replicas", "superseded", "durable", "_rollback_error",
-        "_running", "since",
+        "_running", "since", "vsn", "paused", "_idle",
     )
 
     def __init__(self, node: Host, name: str, kind: str, args: dict, incarnation: int):
@@ -123,6 +123,9 @@ class Runner(Replies):
         self._nested = 0
         self.supervisor: str | None = None
         self.since = 0  # the first incarnation of its life (since its spawn): calls to earlier ones are not its
+        self.vsn = 1  # the version of its kind's code that runs it, and that wrote its state
+        self.paused = False  # held between two messages by an upgrade (upgrade.py): later ones wait
+        self._idle: list[asyncio.Future] = []  # waiting for its handler in hand to finish (see until_idle)
         self.interrupted = False
         self.replicas: tuple[str, ...] = ()  # hosts that hold a copy of every commit
         # dropped, or replaced by an incarnation that did not take over its memory: nothing
@@ -135,7 +138,7 @@ class Runner(Replies):
 
     @property
     def busy(self) -> bool:
-        return self.task is not None or self.status != AgentStatus.RUNNING
+        return self.task is not None or self.status != AgentStatus.RUNNING or self.paused
 
     def depth(self) -> int:
         return len(self.mailbox) if self.mailbox else 0
@@ -304,6 +307,17 @@ class Runner(Replies):
         self.task = None
         self._running = []
         self.node.busy_runners.discard(self)
+        idle, self._idle = self._idle, []
+        for future in idle:
+            if not future.done():
+                future.set_result(None)
+
+    async def until_idle(self) -> None:
+        """Return once no handler of this agent is under way (a paused agent starts no other)."""
+        while self.task is not None:
+            future = asyncio.get_running_loop().create_future()
+            self._idle.append(future)
+            await future
 
     def _finish_batch(self, envs: list[Envelope], results: Any) -> None:
         if not isinstance(results, list) or len(results) != len(envs):

@@ -1,10 +1,12 @@
 """LMDB snapshots: one environment per host directory, group commit, fencing.
 
-Every agent has one record, name -> [format, incarnation, seq, state]:
+Every agent has one record, name -> [format, incarnation, seq, state, vsn]:
 
     incarnation  the incarnation that wrote it; a write from an older one is refused
     seq          grows with every change the agent commits
     state        the agent's state, msgpack-packed once by the node
+    vsn          the version of the kind's code that wrote the state (`Agent.vsn`);
+                 records of format 2 have none and read as version 1
 
 a fence per agent, name -> incarnation: the incarnation about to start read the record
 under it, so no older one may write after that read (its write would be lost under the
@@ -45,7 +47,8 @@ from .errors import SnapshotCorrupt, StoreError, Unavailable
 
 log = logging.getLogger("mesh.store")
 
-FORMAT = 2
+FORMAT = 3
+_FORMAT_WITHOUT_VSN = 2  # [2, incarnation, seq, state]: written before kinds had versions (vsn 1)
 _AGENTS = b"agents"
 _META = b"meta"
 _REPLIES = b"replies"
@@ -58,22 +61,26 @@ class Record:
     incarnation: int
     seq: int
     state: bytes
+    vsn: int = 1  # the version of the kind's code that wrote `state`
 
     def encode(self) -> bytes:
-        return msgpack.packb([FORMAT, self.incarnation, self.seq, self.state])
+        return msgpack.packb([FORMAT, self.incarnation, self.seq, self.state, self.vsn])
 
     def to_wire(self, name: str) -> list:
-        return [name, self.incarnation, self.seq, self.state]
+        return [name, self.incarnation, self.seq, self.state, self.vsn]
 
     @classmethod
     def from_wire(cls, item: Any) -> tuple[str, "Record"]:
-        """A record sent by another node; ValueError if it is not one."""
-        if not (isinstance(item, list) and len(item) == 4):
-            raise ValueError("a record is [name, incarnation, seq, state]")
-        name, inc, seq, state = item
-        if not (isinstance(name, str) and type(inc) is int and type(seq) is int and isinstance(state, bytes)):
+        """A record sent by another node ([name, incarnation, seq, state, vsn?]; a record
+        without vsn is version 1's); ValueError if it is not one."""
+        if not (isinstance(item, list) and len(item) in (4, 5)):
+            raise ValueError("a record is [name, incarnation, seq, state, vsn?]")
+        name, inc, seq, state = item[:4]
+        vsn = item[4] if len(item) == 5 else 1
+        if not (isinstance(name, str) and type(inc) is int and type(seq) is int and isinstance(state, bytes)
+                and type(vsn) is int and vsn >= 1):
             raise ValueError(f"bad record for {name!r:.60}")
-        return name, cls(inc, seq, state)
+        return name, cls(inc, seq, state, vsn)
 
     def newer_than(self, other: "Record | None") -> bool:
         return other is None or (self.incarnation, self.seq) > (other.incarnation, other.seq)
@@ -88,12 +95,18 @@ def unpack_state(packed: bytes) -> Any:
 def decode_record(name: str, raw: bytes) -> Record:
     try:
         value = msgpack.unpackb(raw, raw=False)
-        fmt, inc, seq, state = value
+        fmt, inc, seq, state, *rest = value
     except Exception as exc:  # any decoding failure means the same: unreadable
         raise SnapshotCorrupt(name, f"{type(exc).__name__}: {exc}"[:200]) from None
-    if fmt != FORMAT or type(inc) is not int or type(seq) is not int or type(state) is not bytes:
+    if fmt == _FORMAT_WITHOUT_VSN and not rest:
+        vsn = 1
+    elif fmt == FORMAT and len(rest) == 1:
+        vsn = rest[0]
+    else:
         raise SnapshotCorrupt(name, f"unknown record layout (format {fmt!r})")
-    return Record(inc, seq, state)
+    if type(inc) is not int or type(seq) is not int or type(state) is not bytes or type(vsn) is not int or vsn < 1:
+        raise SnapshotCorrupt(name, f"unknown record layout (format {fmt!r})")
+    return Record(inc, seq, state, vsn)
 
 
 # request id, tagged packed response, agent time recorded, agent time it is kept at least

@@ -43,6 +43,7 @@ from .control import ControlReplies
 from .node import Node
 from .registry import Table
 from .supervision import ChildSpec
+from .supervisor_drains import Drains
 from .supervisor_exits import Exits
 from .supervisor_nodes import Membership
 from .supervisor_requests import Requests
@@ -55,7 +56,7 @@ log = logging.getLogger("mesh.supervisor")
 
 
 
-class SupervisorRole(Starts, Exits, Membership, Requests):
+class SupervisorRole(Starts, Exits, Membership, Requests, Drains):
     def __init__(self, node: Node, records=None, control=None):
         self.node, self.config, self.clock = node, node.config, node.clock
         self.records = records if records is not None else LocalRecords(node)  # or EtcdRecords (G8)
@@ -89,10 +90,11 @@ class SupervisorRole(Starts, Exits, Membership, Requests):
         self.failure: str | None = None  # why the tree failed: names the supervisors that gave up
         self._forgetting: dict[str, asyncio.Future] = {}  # name -> done once its state is deleted
         self._unstopped: dict[str, "Child"] = {}  # stopped names whose node could not carry the stop out
-        self._leaving: set[str] = set()  # names being moved off a host whose disk is full
+        self._leaving: set[str] = set()  # names being moved off a host whose disk is full, or a drained node
+        self.draining: set[str] = set()  # nodes that take no placements (mesh drain), in memory only
         node.add_role(self, {Kind.SPAWN: self._on_spawn, Kind.STOP: self._on_stop, Kind.STATUS: self._on_status,
                              Kind.HELLO: self._on_hello, Kind.HEARTBEAT: self._on_renew, Kind.EXIT: self._on_exit,
-                             Kind.GOODBYE: self._on_goodbye})
+                             Kind.GOODBYE: self._on_goodbye, Kind.DRAIN: self._on_drain})
 
     # --- boot ------------------------------------------------------------------------------------
 

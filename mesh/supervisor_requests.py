@@ -233,21 +233,25 @@ class Requests:
         live = [v.name for v in self.nodes.values() if v.alive]
         answers = dict(zip(live, await asyncio.gather(*(inventory(n) for n in live))))
         mailbox: dict[str, int] = {}
+        vsn: dict[str, int] = {}  # the version of its kind's code each agent runs
         nodes = []
         for name, view in self.nodes.items():
             inv = answers.get(name)
             spec = self.config.nodes[name]
             for item in (inv or {}).get("agents", ()):
                 mailbox[item[0]] = item[4]
+                if len(item) > 7 and item[3] in ("running", "starting"):
+                    vsn[item[0]] = item[7]
             nodes.append({"name": name, "host": spec.host, "address": f"{spec.address}:{spec.port}",
                           "alive": view.alive and inv is not None, "pid": view.pid,
                           "agents": len(inv["agents"]) if inv else 0,
                           "supervisor": name == self.node.name, "store_full": view.store_full,
-                          "stats": (inv or {}).get("stats", {})})
+                          "stats": (inv or {}).get("stats", {}), "kinds": (inv or {}).get("kinds", {}),
+                          "draining": name in self.draining})
         now = self.clock.now()
         agents = [{"name": n, "kind": c.spec.kind, "node": c.node if c.status == ChildStatus.RUNNING else None,
                    "status": c.status, "incarnation": c.incarnation, "restarts": c.restarts,
-                   "mailbox": mailbox.get(n, 0), "supervisor": c.parent,
+                   "mailbox": mailbox.get(n, 0), "supervisor": c.parent, "vsn": vsn.get(n),
                    **({"restart_in_s": round(max(0.0, c.restart_at - now), 3), "streak": c.streak}
                       if c.status == ChildStatus.BACKOFF else {})}
                   for n, c in sorted(self.children.items())]

@@ -27,7 +27,7 @@ class Starts:
         return inc
 
     def _candidates(self, spec: ChildSpec) -> list[str]:
-        live = [name for name, view in self.nodes.items() if view.alive]
+        live = [name for name, view in self.nodes.items() if view.alive and name not in self.draining]
         return placement.candidates(self.config, spec, live, self._full_hosts())
 
     def _choose_node(self, child: Child, prefer: str | None = None, avoid: str | None = None) -> str | None:

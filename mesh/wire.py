@@ -59,6 +59,8 @@ class Kind(IntEnum):
     STOP = 11       # id, target: the agent to stop
     STATUS = 12     # id; body: nil -> cluster status (from the supervisor)
     WHEREIS = 13    # id, target; body: {after?: incarnation, wait_ms?: int}
+    UPGRADE = 14    # id; body: {kind, to?, extra?, rollback?, check?} -> this node's agents of kind on new code
+    DRAIN = 15      # id; body: {node, undrain?} -> (the supervisor) its agents moved off, no placements there
     HELLO = 20      # id; node -> supervisor: {node, boot, pid, agents (its inventory), previous?, drops?, store_full?}
     HEARTBEAT = 21  # id; node -> supervisor: lease renewal {node, boot, seq, health, store_full?} -> {known}
     START = 22      # id, target; supervisor -> node: {kind, args, incarnation}
@@ -286,6 +288,16 @@ def _spawn_body(body: Any) -> str | None:
     return None
 
 
+def _upgrade_body(body: Any) -> str | None:
+    problem = _fields({"kind": str}, {"to": str, "extra": object, "rollback": bool, "check": bool})(body)
+    if problem:
+        return problem
+    to = body.get("to")
+    if to is not None and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", to):
+        return f"to must be MODULE:CLASS, not {to!r:.80}"
+    return None
+
+
 _SPECS: dict[Kind, tuple[bool, bool, Callable[[Any], str | None] | None]] = {
     Kind.CALL: (True, True, None),
     Kind.CAST: (False, True, None),
@@ -299,6 +311,8 @@ _SPECS: dict[Kind, tuple[bool, bool, Callable[[Any], str | None] | None]] = {
     Kind.STOP: (True, True, lambda body: None if body is None else _fields({}, {"incarnation": int})(body)),
     Kind.STATUS: (True, False, None),
     Kind.WHEREIS: (True, True, _fields({}, {"after": int, "wait_ms": int})),
+    Kind.UPGRADE: (True, False, _upgrade_body),
+    Kind.DRAIN: (True, False, _fields({"node": str}, {"undrain": bool})),
     Kind.HELLO: (True, False, _fields(
         {"node": str, "boot": str, "pid": int, "agents": list},
         {"previous": dict, "address": str, "drops": int, "store_full": bool},

@@ -75,7 +75,7 @@ def _data_dir(config) -> str:
 
 
 def dump_stores(data_dir: str) -> str:
-    """Every store under `data_dir` as text: each record (incarnation, seq, state), each
+    """Every store under `data_dir` as text: each record (incarnation, seq, vsn, state), each
     fence, and the supervisor's records (placements, epoch). Read-only; the mesh must be stopped."""
     import lmdb
     import msgpack
@@ -93,9 +93,10 @@ def dump_stores(data_dir: str) -> str:
                     for key, value in txn.cursor():
                         try:
                             shown = msgpack.unpackb(value, raw=False)
-                            if db_name == b"agents" and isinstance(shown, list) and len(shown) == 4:
-                                fmt, inc, seq, state = shown
-                                shown = f"incarnation {inc} seq {seq} state {msgpack.unpackb(state, raw=False)!r}"
+                            if db_name == b"agents" and isinstance(shown, list) and len(shown) in (4, 5):
+                                fmt, inc, seq, state, *vsn = shown  # format 3 adds the kind's code version
+                                shown = (f"incarnation {inc} seq {seq} vsn {vsn[0] if vsn else 1} "
+                                         f"state {msgpack.unpackb(state, raw=False)!r}")
                         except Exception:
                             shown = bytes(value)[:80]
                         out.append(f"{db_name.decode()} {bytes(key).decode(errors='replace')}: {shown}")
