@@ -5,7 +5,11 @@
     call {"op": "reset"}                           -> {"cleared": n}   (keeps the system prompt)
     call {"op": "system", "text": "..."}           -> {"system": "..."}
 
-args: {"system": "You are ...", "window": 40, "max_chars": 32000}
+args: {"system": "You are ...", "window": 40, "max_chars": 32000, "max_tokens": N}
+
+An answer the model cut short (at `max_tokens`, or its own limit) is kept, and its
+reply says so: {"reply": "...", "turn": n, "finish_reason": "length"}. A reply says
+nothing of a finish_reason that is a plain stop.
 
 The history is the agent's durable state: a turn is committed (the user's words and the
 model's answer together) before its reply leaves, so it survives kill -9 and moves to
@@ -32,6 +36,7 @@ class ConversationAgent(Agent):
         self.window = int(args.get("window", 40))
         self.max_chars = int(args.get("max_chars", 32000))
         self.keep = max(int(args.get("keep", 200)), self.window)
+        self.params = {"max_tokens": int(args["max_tokens"])} if args.get("max_tokens") else {}
         return state
 
     async def handle_call(self, msg, ctx):
@@ -57,7 +62,8 @@ class ConversationAgent(Agent):
             raise BadRequest("conversation: say needs a non-empty text")
         user = {"role": "user", "content": text}
         prompt = [{"role": "system", "content": self.state["system"]}] + self._window() + [user]
-        result = await self.llm.chat(prompt, deadline=ctx.deadline, on_delta=ctx.stream if ctx.streaming else None)
+        result = await self.llm.chat(prompt, deadline=ctx.deadline, on_delta=ctx.stream if ctx.streaming else None,
+                                     **self.params)
         history = self.state["history"]
         history += [user, {"role": "assistant", "content": result.text}]
         self.state["turns"] += 1
@@ -66,7 +72,10 @@ class ConversationAgent(Agent):
             excess += excess % 2  # whole turns
             del history[:excess]
             self.state["dropped"] += excess
-        return {"reply": result.text, "turn": self.state["turns"]}
+        reply = {"reply": result.text, "turn": self.state["turns"]}
+        if result.finish_reason not in (None, "stop"):
+            reply["finish_reason"] = result.finish_reason
+        return reply
 
     def _window(self) -> list:
         """The newest messages within both limits, starting at a user turn."""

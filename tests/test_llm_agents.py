@@ -23,7 +23,8 @@ def standin():
 
 @pytest.fixture
 def quiet(standin):
-    standin.faults(latency_ms=0, hang_next=0, status_next=0, drop_next=0, garbage_next=0, cut_next=0, error_rate=0)
+    standin.faults(latency_ms=0, hang_next=0, status_next=0, drop_next=0, garbage_next=0, cut_next=0, error_rate=0,
+                   stream_error_next=0)
     return standin
 
 
@@ -111,6 +112,33 @@ async def test_streamed_reply_through_the_mesh(mesh_up):
         pieces = []
         reply = await m.call("dee", {"op": "say", "text": "What is my name?"}, stream=pieces.append)
         assert len(pieces) > 1 and "".join(pieces) == reply["reply"] == "Your name is Dee."
+
+
+async def test_an_error_inside_the_stream_commits_nothing(mesh_up, quiet):
+    cfg, run = mesh_up(nodes=1)
+    async with mesh.connect(cfg) as m:
+        await m.spawn("eve", "conversation")
+        await m.call("eve", {"op": "say", "text": "My name is Eve."})
+        quiet.faults(stream_error_next=1)
+        pieces = []
+        with pytest.raises(LLMError, match="inside its streamed reply"):
+            await m.call("eve", {"op": "say", "text": "What is my name?"}, stream=pieces.append)
+        assert pieces == ["Your "]  # the caller saw the start of an answer that never was
+        history = await m.call("eve", {"op": "history"})
+        assert len(history) == 2 and history[0]["content"] == "My name is Eve."  # the first turn only
+        reply = await m.call("eve", {"op": "say", "text": "What is my name?"}, stream=[].append)
+        assert reply == {"reply": "Your name is Eve.", "turn": 2}
+
+
+async def test_an_answer_cut_at_max_tokens_says_so(mesh_up):
+    cfg, run = mesh_up(nodes=1)
+    async with mesh.connect(cfg) as m:
+        await m.spawn("fay", "conversation", {"max_tokens": 3})
+        await m.call("fay", {"op": "say", "text": "My name is Fay."})
+        reply = await m.call("fay", {"op": "say", "text": "What is my name?"})
+        assert reply == {"reply": "Your name is", "turn": 2, "finish_reason": "length"}
+        streamed = await m.call("fay", {"op": "say", "text": "What is my name?"}, stream=[].append)
+        assert streamed["finish_reason"] == "length"
 
 
 async def test_embedder_batches_concurrent_callers(mesh_up, quiet):
