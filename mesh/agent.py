@@ -40,12 +40,13 @@ class CallContext:
     the caller wrote about itself ("agent:NAME", "client:HOST:PID"): a claim, for logs,
     never for decisions."""
 
-    __slots__ = ("request_id", "sender", "claimed_sender", "deadline", "_runner", "_stream_to")
+    __slots__ = ("request_id", "sender", "claimed_sender", "deadline", "received", "_runner", "_stream_to")
 
     def __init__(self, request_id: str | None, sender: str | None, deadline: float, runner: "Runner", stream_to=None,
-                 claimed_sender: str | None = None):
+                 claimed_sender: str | None = None, received: float = 0.0):
         self.request_id, self.sender, self.deadline = request_id, sender, deadline
         self.claimed_sender = claimed_sender
+        self.received = received  # when the agent's node took the call (the node's clock)
         self._runner, self._stream_to = runner, stream_to
 
     def remaining(self) -> float:
@@ -88,6 +89,14 @@ class Agent:
 
     max_batch: int = 0
     """Set above 1 to have calls handled in batches by handle_call_batch (see there)."""
+
+    batch_wait_s: float = 0.0
+    """With max_batch > 1: how long a call that finds the agent idle waits for others to
+    join its batch (fewer than max_batch calls queued), as Nx.Serving's batch_timeout."""
+
+    mailbox_limit: int = 0
+    """Calls that may wait for this agent; beyond, callers get Busy at once. 0: the
+    node's limits.mailbox (never more than that)."""
 
     # --- callbacks ------------------------------------------------------------------------
 

@@ -82,11 +82,12 @@ class AgentStatus(StrEnum):
 class Envelope:
     """A message waiting for or being handled by an agent."""
 
-    __slots__ = ("msg", "origin", "deadline", "peer")
+    __slots__ = ("msg", "origin", "deadline", "peer", "arrived")
 
     def __init__(self, msg: wire.Msg, origin: "Origin", deadline: float, peer: str | None = None):
         self.msg, self.origin, self.deadline = msg, origin, deadline
         self.peer = peer  # the authenticated identity that delivered it (see Node.peer)
+        self.arrived = 0.0  # when its runner took it (its clock): the start of its queue time
 
 
 class Runner(Replies):
@@ -95,7 +96,7 @@ class Runner(Replies):
         "inflight", "last_state", "pending_group", "effects", "stop_reason",
         "task", "started_at", "handled", "restarts", "_current_rid", "_parent", "_nested", "supervisor",
         "interrupted", "replicas", "superseded", "durable", "_rollback_error",
-        "_running", "since",
+        "_running", "since", "_gathering",
     )
 
     def __init__(self, node: Host, name: str, kind: str, args: dict, incarnation: int):
@@ -128,6 +129,7 @@ class Runner(Replies):
         # dropped, or replaced by an incarnation that did not take over its memory: nothing
         # it did after its last commit may be acknowledged any more, whatever lands later
         self.superseded = False
+        self._gathering = None  # the timer of a batch being gathered (Agent.batch_wait_s)
 
     @property
     def clock(self):
@@ -135,7 +137,7 @@ class Runner(Replies):
 
     @property
     def busy(self) -> bool:
-        return self.task is not None or self.status != AgentStatus.RUNNING
+        return self.task is not None or self.status != AgentStatus.RUNNING or self._gathering is not None
 
     def depth(self) -> int:
         return len(self.mailbox) if self.mailbox else 0
@@ -144,6 +146,7 @@ class Runner(Replies):
 
     def deliver(self, env: Envelope) -> None:
         msg = env.msg
+        env.arrived = self.clock.now()
         rid = msg.id if msg.kind == Kind.CALL else None
         if rid is not None:
             # only a running incarnation answers from its window: a crashed one may hold the
@@ -162,19 +165,35 @@ class Runner(Replies):
         if self.busy or self.mailbox:
             if self.mailbox is None:
                 self.mailbox = deque()
-            if len(self.mailbox) >= self.node.limits.mailbox:
+            limit = min(self.node.limits.mailbox, getattr(self.agent, "mailbox_limit", 0) or self.node.limits.mailbox)
+            if len(self.mailbox) >= limit:
                 self.node.stats["mailbox_full"] += 1
                 if rid is not None:
-                    err = Busy(f"mailbox of {self.name!r} is full ({self.node.limits.mailbox})")
+                    err = Busy(f"mailbox of {self.name!r} is full ({limit})")
                     self.node.commits.send_response(self, [env.origin], rid, error_response(err))
                 return
             self.mailbox.append(env)
             if rid is not None:
                 self.inflight[rid] = [env.origin]
+            if self._gathering is not None and self.agent is not None and len(self.mailbox) >= self.agent.max_batch:
+                self._gathered()  # a whole batch is here: no reason to wait longer
             return
         if rid is not None:
             self.inflight[rid] = [env.origin]
+        if msg.kind == Kind.CALL and self.agent.max_batch > 1 and self.agent.batch_wait_s > 0:
+            # as Nx.Serving's batch_timeout: a call that finds the agent idle waits a moment
+            # for others to join its batch (they queue in the mailbox meanwhile)
+            self.mailbox = deque([env])
+            self._gathering = self.clock.call_after(self.agent.batch_wait_s, self._gathered)
+            return
         self._handle(env)
+
+    def _gathered(self) -> None:
+        """The batch being gathered is complete (its wait ran out, or max_batch calls came)."""
+        if self._gathering is not None:
+            self._gathering.cancel()
+            self._gathering = None
+            self.run_mailbox()
 
     def run_mailbox(self) -> None:
         while self.mailbox and not self.busy:
@@ -207,7 +226,7 @@ class Runner(Replies):
             if msg.kind == Kind.CALL:
                 stream = self.node.streamer(env) if msg.meta and msg.meta.get("stream") else None
                 result = agent.handle_call(msg.body, CallContext(msg.id, env.peer, env.deadline, self, stream,
-                                                                  msg.sender))
+                                                                  msg.sender, env.arrived))
             elif msg.kind == Kind.CAST:
                 result = agent.handle_cast(msg.body)
             else:
@@ -243,7 +262,7 @@ class Runner(Replies):
         self._nested = 0
         self.effects = []
         self.handled += len(envs)
-        ctxs = [CallContext(e.msg.id, e.peer, e.deadline, self, None, e.msg.sender) for e in envs]
+        ctxs = [CallContext(e.msg.id, e.peer, e.deadline, self, None, e.msg.sender, e.arrived) for e in envs]
         try:
             results = self.agent.handle_call_batch([e.msg.body for e in envs], ctxs)
         except CallError as err:

@@ -1,9 +1,11 @@
 """Agent kinds used only by the tests (allowed by the test configs as kinds:Name)."""
 
 import asyncio
+import threading
 import time
 
 from mesh import Agent, BadRequest
+from mesh.serving import Serving
 
 # In-process tests release waiting handlers through these events, by key.
 GATES: dict[str, asyncio.Event] = {}
@@ -160,3 +162,30 @@ class IntKeys(Agent):
 
     def init(self, args, state):
         return state if state is not None else {1: "one"}
+
+
+# Serving tests hold the worker thread on these (threading, not asyncio: it is another thread).
+HOLD: dict[str, threading.Event] = {}
+ENTERED: dict[str, threading.Event] = {}  # set when a batch holding on k has begun
+BATCHES: list[list] = []   # every batch predict_batch ran, in order
+LOADS: list[str] = []      # every load, by agent name
+
+
+class Doubler(Serving):
+    """A model that doubles numbers. args {"hold_load": k} makes load wait for HOLD[k]; an
+    input "hold:k" makes its batch wait for HOLD[k]; an input "boom" raises."""
+
+    def load(self, args):
+        if args.get("hold_load"):
+            HOLD.setdefault(args["hold_load"], threading.Event()).wait(30)
+        LOADS.append(self.name)
+
+    def predict_batch(self, inputs):
+        BATCHES.append(list(inputs))
+        for x in inputs:
+            if isinstance(x, str) and x.startswith("hold:"):
+                ENTERED.setdefault(x[5:], threading.Event()).set()
+                HOLD.setdefault(x[5:], threading.Event()).wait(30)
+        if "boom" in inputs:
+            raise ValueError("the model cannot take 'boom'")
+        return [x * 2 if isinstance(x, (int, float)) else x for x in inputs]
