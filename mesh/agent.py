@@ -163,6 +163,14 @@ class Agent:
         Timers live in memory like OTP's: they do not survive a restart (re-arm them in init)."""
         return self._runner.send_after(delay_s, msg)
 
+    async def checkpoint(self) -> None:
+        """Make the state as it is now durable, in the middle of an async handler, and
+        wait until it is. For handlers whose steps must not run twice (a tool call with
+        an effect): a crash or a move after the checkpoint starts the next incarnation
+        from it, and the caller's retry (same request id) finds the step done. Casts and
+        timers the handler asked for still leave only when it ends; so does its reply."""
+        await self._runner.checkpoint()
+
     def stop(self, reason: str | tuple = "normal") -> None:
         """End this incarnation after the current message; `terminate` gets `reason`.
         Whether it is restarted depends on its restart type. As in OTP, "normal",

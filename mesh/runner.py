@@ -96,7 +96,7 @@ class Runner(Replies):
         "inflight", "last_state", "pending_group", "effects", "stop_reason",
         "task", "started_at", "handled", "restarts", "_current_rid", "_parent", "_nested", "supervisor",
         "interrupted", "replicas", "superseded", "durable", "_rollback_error",
-        "_running", "since", "_gathering",
+        "_running", "since", "_gathering", "_checkpointed",
     )
 
     def __init__(self, node: Host, name: str, kind: str, args: dict, incarnation: int):
@@ -130,6 +130,7 @@ class Runner(Replies):
         # it did after its last commit may be acknowledged any more, whatever lands later
         self.superseded = False
         self._gathering = None  # the timer of a batch being gathered (Agent.batch_wait_s)
+        self._checkpointed = False  # the handler in hand made its state durable midway
 
     @property
     def clock(self):
@@ -220,6 +221,7 @@ class Runner(Replies):
         self._parent = [env]
         self._nested = 0
         self.effects = []
+        self._checkpointed = False
         self.handled += 1
         envs = [env]
         try:
@@ -261,6 +263,7 @@ class Runner(Replies):
         self._parent = envs
         self._nested = 0
         self.effects = []
+        self._checkpointed = False
         self.handled += len(envs)
         ctxs = [CallContext(e.msg.id, e.peer, e.deadline, self, None, e.msg.sender, e.arrived) for e in envs]
         try:
@@ -359,7 +362,8 @@ class Runner(Replies):
                         f"(limits.max_message_bytes)"))
                 responses.append(response)
         effects, self.effects = self.effects, None
-        if packed != self.last_state or effects:
+        checkpointed, self._checkpointed = self._checkpointed, False
+        if packed != self.last_state or effects or checkpointed:
             self.seq += 1
             self.last_state = packed
             for env, response in zip(envs, responses):
@@ -525,6 +529,29 @@ class Runner(Replies):
         else:
             self.node.commits.arm_timer(self, delay_s, msg, ref)
         return ref
+
+    async def checkpoint(self) -> None:
+        """Commit the agent's state as it is now, from inside an async handler, and return
+        once it is durable (with its replicas). The handler's reply, casts and timers still
+        leave at its end; the message counts as an effect, so its reply is recorded."""
+        if self.agent is None or self.task is None:
+            raise RuntimeError("checkpoint() is for async handlers, while they run")
+        packed = msgpack.packb(self.agent.state)
+        self._checkpointed = True
+        if packed != self.last_state:
+            self.seq += 1
+            self.last_state = packed
+            self.node.commits.mark_dirty(self)
+        group = self.pending_group
+        if group is None:
+            return  # nothing changed since the last commit
+        done = asyncio.get_running_loop().create_future()
+        group.callbacks.append(lambda outcome: done.done() or done.set_result(outcome))
+        outcome = await done
+        # a commit that failed, was fenced or lost its replicas ends this handler: the
+        # node rolls the agent back or drops it, and cancels the task in the same turn
+        if outcome.error is not None or self.name in outcome.failed or self.name in outcome.unreplicated:
+            raise AgentDown(f"{self.name!r}: its checkpoint was not kept")
 
     def request_stop(self, reason: str) -> None:
         self.stop_reason = reason

@@ -9,7 +9,7 @@ import time
 import pytest
 
 import mesh
-from mesh.errors import CallTimeout, LLMError
+from mesh.errors import AgentCrashed, CallTimeout, LLMError
 from procs import MeshRun, mesh_cmd, write_config
 from standin import StandIn
 
@@ -139,6 +139,23 @@ async def test_an_answer_cut_at_max_tokens_says_so(mesh_up):
         assert reply == {"reply": "Your name is", "turn": 2, "finish_reason": "length"}
         streamed = await m.call("fay", {"op": "say", "text": "What is my name?"}, stream=[].append)
         assert streamed["finish_reason"] == "length"
+
+
+async def test_a_tool_loop_resumes_after_a_crash_without_running_a_done_tool_again(mesh_up):
+    cfg, run = mesh_up(nodes=1)
+    async with mesh.connect(cfg) as m:
+        await m.spawn("calc", "calculator", {"crash_after_tool": True})
+        ask = {"op": "say", "text": "Please add 2 and 40."}
+        with pytest.raises(AgentCrashed, match="after the tool step's checkpoint"):
+            await m.call("calc", ask, request_id="t1")
+        reply = await m.call("calc", ask, request_id="t1")  # the retry resumes the turn
+        assert reply == {"reply": "The tool said: 42.", "turn": 1}
+        assert await m.call("calc", {"op": "adds"}) == 1  # add ran once, not again
+        history = await m.call("calc", {"op": "history"})
+        assert [h["role"] for h in history] == ["user", "assistant", "tool", "assistant"]
+        assert history[1]["content"] is None and history[1]["tool_calls"][0]["function"]["name"] == "add"
+        assert history[2]["content"] == "42"
+        assert (await m.call("calc", ask))["turn"] == 2 and await m.call("calc", {"op": "adds"}) == 2
 
 
 async def test_embedder_batches_concurrent_callers(mesh_up, quiet):
