@@ -40,12 +40,13 @@ class CallContext:
     the caller wrote about itself ("agent:NAME", "client:HOST:PID"): a claim, for logs,
     never for decisions."""
 
-    __slots__ = ("request_id", "sender", "claimed_sender", "deadline", "_runner", "_stream_to")
+    __slots__ = ("request_id", "sender", "claimed_sender", "deadline", "received", "_runner", "_stream_to")
 
     def __init__(self, request_id: str | None, sender: str | None, deadline: float, runner: "Runner", stream_to=None,
-                 claimed_sender: str | None = None):
+                 claimed_sender: str | None = None, received: float = 0.0):
         self.request_id, self.sender, self.deadline = request_id, sender, deadline
         self.claimed_sender = claimed_sender
+        self.received = received  # when the agent's node took the call (the node's clock)
         self._runner, self._stream_to = runner, stream_to
 
     def remaining(self) -> float:
@@ -93,6 +94,14 @@ class Agent:
     """The version of this kind's code, a positive int. Every commit records the version
     that wrote the state; raise it whenever the state's shape changes, and say in
     `code_change` how an older state becomes this version's."""
+
+    batch_wait_s: float = 0.0
+    """With max_batch > 1: how long a call that finds the agent idle waits for others to
+    join its batch (fewer than max_batch calls queued), as Nx.Serving's batch_timeout."""
+
+    mailbox_limit: int = 0
+    """Calls that may wait for this agent; beyond, callers get Busy at once. 0: the
+    node's limits.mailbox (never more than that)."""
 
     # --- callbacks ------------------------------------------------------------------------
 
@@ -173,6 +182,14 @@ class Agent:
 
         Timers live in memory like OTP's: they do not survive a restart (re-arm them in init)."""
         return self._runner.send_after(delay_s, msg)
+
+    async def checkpoint(self) -> None:
+        """Make the state as it is now durable, in the middle of an async handler, and
+        wait until it is. For handlers whose steps must not run twice (a tool call with
+        an effect): a crash or a move after the checkpoint starts the next incarnation
+        from it, and the caller's retry (same request id) finds the step done. Casts and
+        timers the handler asked for still leave only when it ends; so does its reply."""
+        await self._runner.checkpoint()
 
     def stop(self, reason: str | tuple = "normal") -> None:
         """End this incarnation after the current message; `terminate` gets `reason`.

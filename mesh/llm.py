@@ -15,6 +15,13 @@ breaker per upstream fails fast after repeated failures, so a dead API is not ha
 by every agent, and lets one request through to probe after a pause. The deadline
 cancels the upstream request itself (its connection is closed). Every failure becomes
 an LLMError with the status and a short reason; httpx's exceptions end here.
+
+Only upstream outcomes move the breaker: a caller whose deadline passes while it waits
+for one of this client's own connection slots says nothing about the API. An error
+event inside a stream (`data: {"error": ...}`) fails the call, however much text came
+before it. The configured key never appears in an error's text or in a log line,
+whatever the upstream echoes. A reply with `tool_calls` (and `content: null`) is a
+result: ChatResult.tool_calls holds them in the API's own form.
 """
 
 from __future__ import annotations
@@ -42,10 +49,15 @@ RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 @dataclass
 class ChatResult:
+    """One answer. `finish_reason` is the API's ("stop", "length": cut at max_tokens,
+    "tool_calls"); `tool_calls` are in the API's form, ready to go back into messages:
+    [{"id", "type": "function", "function": {"name", "arguments": JSON text}}]."""
+
     text: str
     model: str = ""
     finish_reason: str | None = None
     usage: dict = field(default_factory=dict)
+    tool_calls: list = field(default_factory=list)
 
 
 class Breaker:
@@ -118,6 +130,7 @@ class LLMClient:
         self.settings = settings
         self.clock = clock or Clock()
         key = settings.api_key()
+        self._secrets = [k for k in (key,) if k]  # scrubbed from every error text
         self._http = httpx.AsyncClient(
             base_url=settings.base_url.rstrip("/") + "/",
             timeout=httpx.Timeout(connect=settings.connect_timeout_s, read=settings.read_timeout_s,
@@ -188,16 +201,24 @@ class LLMClient:
                 raise LLMError("the caller's deadline passed before the model answered")
             if not self.breaker.allow():
                 raise LLMError(f"model API unavailable (circuit open; next try in {self.breaker.retry_in():.1f}s)", status=503)
+            sent = False  # whether this attempt got a slot (its outcome is the upstream's)
             try:
                 async with asyncio.timeout(remaining):
                     async with self._slots:
+                        sent = True
                         self.usage["requests"] += 1
                         result = await attempt_fn(streamed)
             except TimeoutError:
                 self.usage["deadline_exceeded"] += 1
-                self.breaker.failure()
+                if sent:
+                    self.breaker.failure()
+                else:  # our own pool was full: the API was never asked
+                    self.usage["slot_timeouts"] += 1
+                    raise LLMError("the caller's deadline passed while waiting for a free connection "
+                                   f"to the model API ({s.max_connections} in use)") from None
                 raise LLMError("the caller's deadline passed before the model answered") from None
             except _Retryable as r:
+                r.err = self._scrub(r.err)
                 if r.counts:
                     self.breaker.failure()
                 if streamed[0] or attempt >= s.max_retries:
@@ -218,9 +239,19 @@ class LLMClient:
                     self.breaker.success()  # it answered: the API is up, the request was wrong
                 else:
                     self.breaker.failure()
-                raise
+                raise self._scrub(err) from None
             self.breaker.success()
             return result
+
+    def _scrub(self, err: LLMError) -> LLMError:
+        """The error with the configured key cut out of its text (an upstream or a proxy
+        may echo the Authorization header in its error body)."""
+        text = str(err)
+        if not any(k in text for k in self._secrets):
+            return err
+        for k in self._secrets:
+            text = text.replace(k, "[key]")
+        return LLMError(text, err.data)
 
     def _json_or_raise(self, response: httpx.Response) -> dict:
         if response.status_code != 200:
@@ -242,6 +273,7 @@ class LLMClient:
 
     async def _stream_chat(self, body: dict, on_delta, streamed: list) -> ChatResult:
         pieces: list[str] = []
+        calls: dict[int, dict] = {}  # tool calls by index, their arguments joined piece by piece
         result = ChatResult("")
         try:
             async with self._http.stream("POST", "chat/completions", json=body) as response:
@@ -258,20 +290,27 @@ class LLMClient:
                         chunk = json.loads(data)
                     except json.JSONDecodeError:
                         raise LLMError(f"model API streamed a bad event: {data[:80]!r}") from None
+                    if not isinstance(chunk, dict):
+                        raise LLMError(f"model API streamed a bad event: {data[:80]!r}")
+                    if chunk.get("error") is not None:
+                        raise _stream_error(chunk["error"], streamed[0])
                     result.model = chunk.get("model", result.model)
                     if chunk.get("usage"):
                         result.usage = chunk["usage"]
                     for choice in chunk.get("choices") or ():
-                        delta = (choice.get("delta") or {}).get("content")
-                        if delta:
-                            pieces.append(delta)
+                        delta = choice.get("delta") or {}
+                        if delta.get("content"):
+                            pieces.append(delta["content"])
                             streamed[0] = True
-                            on_delta(delta)
+                            on_delta(delta["content"])
+                        for part in delta.get("tool_calls") or ():
+                            _add_tool_call_part(calls, part)
                         if choice.get("finish_reason"):
                             result.finish_reason = choice["finish_reason"]
         except httpx.HTTPError as exc:
             raise _translate(exc, streamed[0]) from None
         result.text = "".join(pieces)
+        result.tool_calls = [calls[i] for i in sorted(calls)]
         self._count({"usage": result.usage})
         return result
 
@@ -285,12 +324,49 @@ class LLMClient:
 def _chat_result(data: dict) -> ChatResult:
     try:
         choice = data["choices"][0]
-        text = choice["message"]["content"]
+        message = choice["message"]
+        text, calls = message.get("content"), message.get("tool_calls") or []
+        if text is None and calls:
+            text = ""  # a tool call: the API sends content null
         if not isinstance(text, str):
             raise TypeError("content is not text")
-    except (KeyError, IndexError, TypeError) as exc:
+        if not isinstance(calls, list) or not all(_is_tool_call(c) for c in calls):
+            raise TypeError("tool_calls are not a list of function calls")
+    except (KeyError, IndexError, TypeError, AttributeError) as exc:
         raise LLMError(f"malformed chat reply: {exc!r}"[:200]) from None
-    return ChatResult(text, data.get("model", ""), choice.get("finish_reason"), data.get("usage") or {})
+    return ChatResult(text, data.get("model", ""), choice.get("finish_reason"), data.get("usage") or {}, calls)
+
+
+def _is_tool_call(call) -> bool:
+    fn = call.get("function") if isinstance(call, dict) else None
+    return isinstance(fn, dict) and isinstance(fn.get("name"), str) and isinstance(fn.get("arguments", ""), str)
+
+
+def _add_tool_call_part(calls: dict[int, dict], part) -> None:
+    """Join one streamed piece of a tool call into `calls`: the first piece of an index
+    carries its id and name, later ones more of its arguments."""
+    if not isinstance(part, dict) or not isinstance(part.get("index", 0), int):
+        raise LLMError("model API streamed a malformed tool call")
+    call = calls.setdefault(part.get("index", 0), {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+    fn = part.get("function") or {}
+    if part.get("id"):
+        call["id"] = str(part["id"])
+    if isinstance(fn.get("name"), str):
+        call["function"]["name"] += fn["name"]
+    if isinstance(fn.get("arguments"), str):
+        call["function"]["arguments"] += fn["arguments"]
+
+
+def _stream_error(error, streamed: bool) -> Exception:
+    """An error event inside a stream: the answer so far is not an answer. Retried like
+    an error status while nothing reached the caller (a 4xx code never is)."""
+    message = error.get("message") if isinstance(error, dict) else error
+    code = error.get("code") if isinstance(error, dict) else None
+    status = code if isinstance(code, int) and 400 <= code < 600 else 500
+    err = LLMError(f"model API failed inside its streamed reply: {str(message)[:200]}", status=status)
+    if 400 <= status < 500 and status != 429:
+        return err
+    return _Retryable(err, counts=status != 429)
 
 
 def _error_reason(text: str) -> str:

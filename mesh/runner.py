@@ -82,11 +82,12 @@ class AgentStatus(StrEnum):
 class Envelope:
     """A message waiting for or being handled by an agent."""
 
-    __slots__ = ("msg", "origin", "deadline", "peer")
+    __slots__ = ("msg", "origin", "deadline", "peer", "arrived")
 
     def __init__(self, msg: wire.Msg, origin: "Origin", deadline: float, peer: str | None = None):
         self.msg, self.origin, self.deadline = msg, origin, deadline
         self.peer = peer  # the authenticated identity that delivered it (see Node.peer)
+        self.arrived = 0.0  # when its runner took it (its clock): the start of its queue time
 
 
 class Runner(Replies):
@@ -95,7 +96,7 @@ class Runner(Replies):
         "inflight", "last_state", "pending_group", "effects", "stop_reason",
         "task", "started_at", "handled", "restarts", "_current_rid", "_parent", "_nested", "supervisor",
         "interrupted", "replicas", "superseded", "durable", "_rollback_error",
-        "_running", "since", "vsn", "paused", "_idle",
+        "_running", "since", "vsn", "paused", "_idle", "_gathering", "_checkpointed",
     )
 
     def __init__(self, node: Host, name: str, kind: str, args: dict, incarnation: int):
@@ -131,6 +132,8 @@ class Runner(Replies):
         # dropped, or replaced by an incarnation that did not take over its memory: nothing
         # it did after its last commit may be acknowledged any more, whatever lands later
         self.superseded = False
+        self._gathering = None  # the timer of a batch being gathered (Agent.batch_wait_s)
+        self._checkpointed = False  # the handler in hand made its state durable midway
 
     @property
     def clock(self):
@@ -138,7 +141,8 @@ class Runner(Replies):
 
     @property
     def busy(self) -> bool:
-        return self.task is not None or self.status != AgentStatus.RUNNING or self.paused
+        return (self.task is not None or self.status != AgentStatus.RUNNING or self.paused
+                or self._gathering is not None)
 
     def depth(self) -> int:
         return len(self.mailbox) if self.mailbox else 0
@@ -147,6 +151,7 @@ class Runner(Replies):
 
     def deliver(self, env: Envelope) -> None:
         msg = env.msg
+        env.arrived = self.clock.now()
         rid = msg.id if msg.kind == Kind.CALL else None
         if rid is not None:
             # only a running incarnation answers from its window: a crashed one may hold the
@@ -165,19 +170,35 @@ class Runner(Replies):
         if self.busy or self.mailbox:
             if self.mailbox is None:
                 self.mailbox = deque()
-            if len(self.mailbox) >= self.node.limits.mailbox:
+            limit = min(self.node.limits.mailbox, getattr(self.agent, "mailbox_limit", 0) or self.node.limits.mailbox)
+            if len(self.mailbox) >= limit:
                 self.node.stats["mailbox_full"] += 1
                 if rid is not None:
-                    err = Busy(f"mailbox of {self.name!r} is full ({self.node.limits.mailbox})")
+                    err = Busy(f"mailbox of {self.name!r} is full ({limit})")
                     self.node.commits.send_response(self, [env.origin], rid, error_response(err))
                 return
             self.mailbox.append(env)
             if rid is not None:
                 self.inflight[rid] = [env.origin]
+            if self._gathering is not None and self.agent is not None and len(self.mailbox) >= self.agent.max_batch:
+                self._gathered()  # a whole batch is here: no reason to wait longer
             return
         if rid is not None:
             self.inflight[rid] = [env.origin]
+        if msg.kind == Kind.CALL and self.agent.max_batch > 1 and self.agent.batch_wait_s > 0:
+            # as Nx.Serving's batch_timeout: a call that finds the agent idle waits a moment
+            # for others to join its batch (they queue in the mailbox meanwhile)
+            self.mailbox = deque([env])
+            self._gathering = self.clock.call_after(self.agent.batch_wait_s, self._gathered)
+            return
         self._handle(env)
+
+    def _gathered(self) -> None:
+        """The batch being gathered is complete (its wait ran out, or max_batch calls came)."""
+        if self._gathering is not None:
+            self._gathering.cancel()
+            self._gathering = None
+            self.run_mailbox()
 
     def run_mailbox(self) -> None:
         while self.mailbox and not self.busy:
@@ -204,13 +225,14 @@ class Runner(Replies):
         self._parent = [env]
         self._nested = 0
         self.effects = []
+        self._checkpointed = False
         self.handled += 1
         envs = [env]
         try:
             if msg.kind == Kind.CALL:
                 stream = self.node.streamer(env) if msg.meta and msg.meta.get("stream") else None
                 result = agent.handle_call(msg.body, CallContext(msg.id, env.peer, env.deadline, self, stream,
-                                                                  msg.sender))
+                                                                  msg.sender, env.arrived))
             elif msg.kind == Kind.CAST:
                 result = agent.handle_cast(msg.body)
             else:
@@ -245,8 +267,9 @@ class Runner(Replies):
         self._parent = envs
         self._nested = 0
         self.effects = []
+        self._checkpointed = False
         self.handled += len(envs)
-        ctxs = [CallContext(e.msg.id, e.peer, e.deadline, self, None, e.msg.sender) for e in envs]
+        ctxs = [CallContext(e.msg.id, e.peer, e.deadline, self, None, e.msg.sender, e.arrived) for e in envs]
         try:
             results = self.agent.handle_call_batch([e.msg.body for e in envs], ctxs)
         except CallError as err:
@@ -354,7 +377,8 @@ class Runner(Replies):
                         f"(limits.max_message_bytes)"))
                 responses.append(response)
         effects, self.effects = self.effects, None
-        if packed != self.last_state or effects:
+        checkpointed, self._checkpointed = self._checkpointed, False
+        if packed != self.last_state or effects or checkpointed:
             self.seq += 1
             self.last_state = packed
             for env, response in zip(envs, responses):
@@ -520,6 +544,29 @@ class Runner(Replies):
         else:
             self.node.commits.arm_timer(self, delay_s, msg, ref)
         return ref
+
+    async def checkpoint(self) -> None:
+        """Commit the agent's state as it is now, from inside an async handler, and return
+        once it is durable (with its replicas). The handler's reply, casts and timers still
+        leave at its end; the message counts as an effect, so its reply is recorded."""
+        if self.agent is None or self.task is None:
+            raise RuntimeError("checkpoint() is for async handlers, while they run")
+        packed = msgpack.packb(self.agent.state)
+        self._checkpointed = True
+        if packed != self.last_state:
+            self.seq += 1
+            self.last_state = packed
+            self.node.commits.mark_dirty(self)
+        group = self.pending_group
+        if group is None:
+            return  # nothing changed since the last commit
+        done = asyncio.get_running_loop().create_future()
+        group.callbacks.append(lambda outcome: done.done() or done.set_result(outcome))
+        outcome = await done
+        # a commit that failed, was fenced or lost its replicas ends this handler: the
+        # node rolls the agent back or drops it, and cancels the task in the same turn
+        if outcome.error is not None or self.name in outcome.failed or self.name in outcome.unreplicated:
+            raise AgentDown(f"{self.name!r}: its checkpoint was not kept")
 
     def request_stop(self, reason: str) -> None:
         self.stop_reason = reason

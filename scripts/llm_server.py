@@ -22,6 +22,15 @@ Faults, from flags or switched at run time with POST /admin/faults {...}:
   drop_next N       the next N requests get their connection closed without an answer
   garbage_next N    the next N requests get a 200 whose body is not JSON
   cut_next N        the next N streamed replies stop after their first piece
+  stream_error_next N  the next N streamed replies send their first piece, then an
+                    error event (`data: {"error": {...}}`, as vLLM and OpenAI do)
+  echo_auth 1       error bodies echo the request's Authorization header (as some
+                    proxies do), to show that a client keeps its key out of errors
+
+Chat honours `max_tokens` (a longer answer is cut, finish_reason "length"), and
+`tools`: when the user's last message names a tool, the answer is a tool call
+(content null, the tool's parameters filled in order from the numbers in the message);
+after a tool's result, the answer repeats it ("The tool said: ...").
 It prints "listening on http://HOST:PORT/v1" once it accepts connections.
 """
 
@@ -50,6 +59,7 @@ class Faults:
         self.rng = random.Random(seed)
         self.latency_ms = 0
         self.hang_next = self.status_next = self.drop_next = self.garbage_next = self.cut_next = 0
+        self.stream_error_next = self.echo_auth = 0
         self.status, self.retry_after, self.error_rate = 500, 1, 0.0
         self.update(settings)
 
@@ -57,7 +67,8 @@ class Faults:
         with self.lock:
             for key, value in settings.items():
                 if key not in ("latency_ms", "hang_next", "status_next", "drop_next", "garbage_next",
-                               "cut_next", "status", "retry_after", "error_rate"):
+                               "cut_next", "status", "retry_after", "error_rate", "stream_error_next",
+                               "echo_auth"):
                     raise ValueError(f"unknown fault {key!r}")
                 if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                     raise ValueError(f"fault {key!r} must be a non-negative number")
@@ -65,9 +76,13 @@ class Faults:
 
     def cut(self) -> bool:
         """Whether the next streamed reply is cut after its first piece."""
+        return self.take("cut_next")
+
+    def take(self, key: str) -> bool:
+        """Whether a counted fault (`key`, e.g. "cut_next") applies now; counts it down."""
         with self.lock:
-            if self.cut_next:
-                self.cut_next -= 1
+            if getattr(self, key):
+                setattr(self, key, getattr(self, key) - 1)
                 return True
         return False
 
@@ -114,6 +129,8 @@ FACTS = [
 
 
 def answer(messages: list[dict]) -> str:
+    if messages and messages[-1].get("role") == "tool":
+        return f"The tool said: {messages[-1].get('content')}."
     said = [m.get("content", "") for m in messages if m.get("role") == "user" and isinstance(m.get("content"), str)]
     if not said:
         return "Hello. What would you like to talk about?"
@@ -131,6 +148,25 @@ def answer(messages: list[dict]) -> str:
     if "remember" in last and "what" in last:
         return f"You asked me to remember: {'; '.join(facts['notes'])}." if facts["notes"] else "Nothing yet."
     return f"Noted. This is turn {len(said)} of our conversation; you first said: {said[0]!r}."
+
+
+def tool_calls(messages: list[dict], tools) -> list[dict]:
+    """The tool calls the stand-in answers with: one, when the user's last message names
+    an offered tool; its parameters are filled in order from the numbers in that message."""
+    if not isinstance(tools, list) or not messages or messages[-1].get("role") != "user":
+        return []
+    said = str(messages[-1].get("content", ""))
+    for tool in tools:
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if isinstance(name, str) and re.search(rf"\b{re.escape(name)}\b", said):
+            params = list(((fn.get("parameters") or {}).get("properties") or {}))
+            numbers = [float(n) if "." in n else int(n) for n in re.findall(r"-?\d+(?:\.\d+)?", said)]
+            args = dict(zip(params, numbers))
+            turn = sum(1 for m in messages if m.get("role") == "user")
+            return [{"id": f"call_{turn}_{name}", "type": "function",
+                     "function": {"name": name, "arguments": json.dumps(args)}}]
+    return []
 
 
 def embedding(text: str) -> list[float]:
@@ -238,11 +274,17 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(payload)
         elif kind == "status" and faults.status == 429:
-            self._json(429, {"error": {"message": "rate limited"}}, {"Retry-After": str(faults.retry_after)})
+            self._json(429, {"error": {"message": "rate limited" + self._echo()}}, {"Retry-After": str(faults.retry_after)})
         else:
             status = faults.status if kind == "status" else 500
-            self._json(status, {"error": {"message": "the stand-in failed on purpose"}})
+            self._json(status, {"error": {"message": "the stand-in failed on purpose" + self._echo()}})
         return True
+
+    def _echo(self) -> str:
+        """The request's Authorization header, for an error body, with faults.echo_auth."""
+        if not self.server.faults.echo_auth:
+            return ""
+        return f" (request had Authorization: {self.headers.get('Authorization', '')})"
 
     def _wait_for_client_to_leave(self) -> bool:
         deadline = time.monotonic() + HANG_LIMIT_S
@@ -257,21 +299,51 @@ class Handler(BaseHTTPRequestHandler):
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             return self._json(400, {"error": {"message": "messages must be a list of objects"}})
         self.server.stats.add("chat")
-        text = answer(messages)
-        usage = {"prompt_tokens": words(messages), "completion_tokens": len(text.split())}
+        calls = tool_calls(messages, body.get("tools"))
+        text = "" if calls else answer(messages)
+        finish = "tool_calls" if calls else "stop"
+        limit = body.get("max_tokens")
+        if isinstance(limit, int) and limit > 0 and len(text.split()) > limit:
+            text, finish = " ".join(text.split()[:limit]), "length"
+        usage = {"prompt_tokens": words(messages), "completion_tokens": len(text.split()) + len(calls)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         model = body.get("model") or "stand-in"
         if not body.get("stream"):
+            message = {"role": "assistant", "content": text or None}
+            if calls:
+                message["tool_calls"] = calls
             return self._json(200, {
                 "id": "chatcmpl-stand-in", "object": "chat.completion", "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                "choices": [{"index": 0, "message": message, "finish_reason": finish}],
                 "usage": usage,
             })
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
+        if calls:  # streamed as OpenAI does: the name first, then the arguments in pieces
+            for i, call in enumerate(calls):
+                args = call["function"]["arguments"]
+                self._event({"model": model, "choices": [{"index": 0, "delta": {"content": None, "tool_calls": [
+                    {"index": i, "id": call["id"], "type": "function",
+                     "function": {"name": call["function"]["name"], "arguments": ""}}]}, "finish_reason": None}]})
+                for j in range(0, len(args), 4):
+                    self._event({"model": model, "choices": [{"index": 0, "delta": {"tool_calls": [
+                        {"index": i, "function": {"arguments": args[j:j + 4]}}]}, "finish_reason": None}]})
+            self._event({"model": model, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+            self._event({"model": model, "choices": [], "usage": usage})
+            self._chunk(b"data: [DONE]\n\n")
+            self._chunk(b"")
+            return
         pieces = re.findall(r"\S+\s*", text)
+        if self.server.faults.take("stream_error_next"):
+            self.server.stats.add("fault_stream_error")
+            self._event({"model": model, "choices": [{"index": 0, "delta": {"content": pieces[0]}, "finish_reason": None}]})
+            self._event({"error": {"message": "the stand-in failed mid-stream on purpose" + self._echo(),
+                                   "type": "server_error", "code": 500}})
+            self._chunk(b"data: [DONE]\n\n")
+            self._chunk(b"")
+            return
         if self.server.faults.cut():
             self.server.stats.add("fault_cut")
             pieces = pieces[:1]
@@ -283,7 +355,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             for i, piece in enumerate(pieces):
                 self._event({"model": model, "choices": [{"index": 0, "delta": {"content": piece},
-                                                          "finish_reason": "stop" if i == len(pieces) - 1 else None}]})
+                                                          "finish_reason": finish if i == len(pieces) - 1 else None}]})
                 if self.server.faults.latency_ms:
                     time.sleep(self.server.faults.latency_ms / 1000 / max(1, len(pieces)))
             self._event({"model": model, "choices": [], "usage": usage})

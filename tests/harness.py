@@ -46,6 +46,8 @@ notagent = "kinds:NotAnAgent"
 missing = "kinds_that_do_not_exist:Nothing"
 spawner = "kinds:Spawner"
 flaky = "kinds:Flaky"
+doubler = "kinds:Doubler"
+stepper = "kinds:Stepper"
 
 [hosts.h1]
 address = "127.0.0.1"

@@ -1,9 +1,12 @@
 """Agent kinds used only by the tests (allowed by the test configs as kinds:Name)."""
 
 import asyncio
+import threading
 import time
 
 from mesh import Agent, BadRequest
+from mesh.serving import Serving
+from nodes.conversation import ConversationAgent
 
 # In-process tests release waiting handlers through these events, by key.
 GATES: dict[str, asyncio.Event] = {}
@@ -160,3 +163,78 @@ class IntKeys(Agent):
 
     def init(self, args, state):
         return state if state is not None else {1: "one"}
+
+
+# Serving tests hold the worker thread on these (threading, not asyncio: it is another thread).
+HOLD: dict[str, threading.Event] = {}
+ENTERED: dict[str, threading.Event] = {}  # set when a batch holding on k has begun
+BATCHES: list[list] = []   # every batch predict_batch ran, in order
+LOADS: list[str] = []      # every load, by agent name
+
+
+class Doubler(Serving):
+    """A model that doubles numbers. args {"hold_load": k} makes load wait for HOLD[k]; an
+    input "hold:k" makes its batch wait for HOLD[k]; an input "boom" raises."""
+
+    def load(self, args):
+        if args.get("hold_load"):
+            HOLD.setdefault(args["hold_load"], threading.Event()).wait(30)
+        LOADS.append(self.name)
+
+    def predict_batch(self, inputs):
+        BATCHES.append(list(inputs))
+        for x in inputs:
+            if isinstance(x, str) and x.startswith("hold:"):
+                ENTERED.setdefault(x[5:], threading.Event()).set()
+                HOLD.setdefault(x[5:], threading.Event()).wait(30)
+        if "boom" in inputs:
+            raise ValueError("the model cannot take 'boom'")
+        return [x * 2 if isinstance(x, (int, float)) else x for x in inputs]
+
+
+class Calculator(ConversationAgent):
+    """A conversation with one tool, add(a, b), which counts its runs in the state. With
+    args {"crash_after_tool": true}, the first tool step crashes the agent right after its
+    checkpoint (once: the crash is marked in the checkpointed state)."""
+
+    tools = {"add": {"description": "adds two numbers", "parameters": {
+        "type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}}}
+
+    def init(self, args, state):
+        state = super().init(args, state)
+        state.setdefault("adds", 0)
+        self.crash_after_tool = bool(args.get("crash_after_tool"))
+        self._crash_next = False
+        return state
+
+    async def handle_call(self, msg, ctx):
+        if msg.get("op") == "adds":
+            return self.state["adds"]
+        return await super().handle_call(msg, ctx)
+
+    def tool_add(self, a, b):
+        self.state["adds"] += 1
+        if self.crash_after_tool and not self.state.get("crashed"):
+            self.state["crashed"] = self._crash_next = True
+        return a + b
+
+    async def checkpoint(self):
+        await super().checkpoint()
+        if self._crash_next:
+            self._crash_next = False
+            raise RuntimeError("crashed after the tool step's checkpoint")
+
+
+class Stepper(Agent):
+    """{"op": "step"} adds 1, checkpoints, then (with "crash") raises; counts finished steps
+    in RUNS["steps"]. {"op": "get"} reads the state."""
+
+    async def handle_call(self, msg, ctx):
+        if msg["op"] == "step":
+            self.state = (self.state or 0) + 1
+            await self.checkpoint()
+            if msg.get("crash"):
+                raise RuntimeError("crashed after the checkpoint")
+            RUNS["steps"] = RUNS.get("steps", 0) + 1
+            return self.state
+        return self.state

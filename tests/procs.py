@@ -50,6 +50,7 @@ waiter = "kinds:Waiter"
 lifecycle = "kinds:Lifecycle"
 recorder = "kinds:Recorder"
 failsinit = "kinds:FailsInit"
+calculator = "kinds:Calculator"
 
 [llm]
 base_url = "{llm_url}"

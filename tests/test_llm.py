@@ -1,6 +1,8 @@
 """The model client against the stand-in server, under each of its faults."""
 
 import asyncio
+import json
+import logging
 import time
 
 import pytest
@@ -25,7 +27,7 @@ def server():
 @pytest.fixture(autouse=True)
 def no_faults(server):
     server.faults(latency_ms=0, hang_next=0, status_next=0, drop_next=0, garbage_next=0, cut_next=0,
-                  error_rate=0, status=500, retry_after=1)
+                  error_rate=0, status=500, retry_after=1, stream_error_next=0, echo_auth=0)
 
 
 def client(server, **kw) -> LLMClient:
@@ -160,6 +162,74 @@ async def test_unreachable_api(server):
     c = LLMClient(LLMSettings(base_url="http://127.0.0.1:9/v1", max_retries=1, backoff_base_s=0.01, connect_timeout_s=0.5))
     with pytest.raises(LLMError, match="cannot connect"):
         await c.chat(CHAT)
+    await c.aclose()
+
+
+async def test_an_error_event_inside_a_stream_fails_the_call(server):
+    c = client(server, max_retries=0)
+    server.faults(stream_error_next=1)
+    pieces = []
+    with pytest.raises(LLMError, match="inside its streamed reply: the stand-in failed mid-stream") as err:
+        await c.chat(CHAT, on_delta=pieces.append)
+    assert pieces == ["Your "] and err.value.status == 500 and c.usage["retries"] == 0
+    assert (await c.chat(CHAT, on_delta=pieces.append)).text == "Your name is Ada."  # the next one is whole
+    await c.aclose()
+
+
+async def test_waiting_for_our_own_pool_does_not_open_the_breaker(server):
+    c = client(server, max_connections=1, max_keepalive=1, breaker_failures=1)
+    server.faults(hang_next=1)
+    holder = asyncio.ensure_future(c.chat(CHAT))  # takes the only slot, and the server hangs
+    while not c._slots.locked():
+        await asyncio.sleep(0)
+    with pytest.raises(LLMError, match="waiting for a free connection"):
+        await c.chat(CHAT, deadline=c.clock.now() + 0.2)
+    assert c.breaker.state == Breaker.CLOSED and c.usage["slot_timeouts"] == 1
+    holder.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await holder
+    assert (await c.chat(CHAT)).text == "Your name is Ada."
+    await c.aclose()
+
+
+TOOLS = [{"type": "function", "function": {"name": "add", "description": "adds two numbers", "parameters": {
+    "type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}}}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_tool_calls_with_null_content_are_carried_through(server, stream):
+    c = client(server)
+    ask = [{"role": "user", "content": "Please add 2 and 40."}]
+    result = await c.chat(ask, tools=TOOLS, on_delta=[].append if stream else None)
+    assert result.text == "" and result.finish_reason == "tool_calls"
+    [call] = result.tool_calls
+    assert call["function"]["name"] == "add" and json.loads(call["function"]["arguments"]) == {"a": 2, "b": 40}
+    answer = ask + [{"role": "assistant", "content": None, "tool_calls": result.tool_calls},
+                    {"role": "tool", "tool_call_id": call["id"], "content": "42"}]
+    assert (await c.chat(answer, tools=TOOLS)).text == "The tool said: 42."
+    await c.aclose()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_answer_cut_at_max_tokens_says_length(server, stream):
+    c = client(server)
+    result = await c.chat(CHAT, max_tokens=2, on_delta=[].append if stream else None)
+    assert result.text.split() == ["Your", "name"] and result.finish_reason == "length"
+    await c.aclose()
+
+
+@pytest.mark.parametrize("fault", [{"status_next": 1, "status": 401}, {"status_next": 3, "status": 500},
+                                   {"stream_error_next": 1}])
+async def test_the_api_key_never_reaches_an_error_or_a_log(server, fault, monkeypatch, caplog):
+    key = "sk-test-0123456789abcdef"
+    monkeypatch.setenv("MESH_TEST_LLM_KEY", key)
+    c = client(server, api_key_env="MESH_TEST_LLM_KEY", max_retries=2)
+    server.faults(echo_auth=1, **fault)
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(LLMError) as err:
+        await c.chat(CHAT, on_delta=[].append if "stream_error_next" in fault else None)
+    assert "Authorization: Bearer [key]" in str(err.value)  # the upstream did echo it
+    assert key not in str(err.value) and key not in repr(err.value.data) and key not in caplog.text
     await c.aclose()
 
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 import mesh
-from mesh.errors import CallTimeout, LLMError
+from mesh.errors import AgentCrashed, CallTimeout, LLMError
 from procs import MeshRun, mesh_cmd, write_config
 from standin import StandIn
 
@@ -23,7 +23,8 @@ def standin():
 
 @pytest.fixture
 def quiet(standin):
-    standin.faults(latency_ms=0, hang_next=0, status_next=0, drop_next=0, garbage_next=0, cut_next=0, error_rate=0)
+    standin.faults(latency_ms=0, hang_next=0, status_next=0, drop_next=0, garbage_next=0, cut_next=0, error_rate=0,
+                   stream_error_next=0)
     return standin
 
 
@@ -111,6 +112,50 @@ async def test_streamed_reply_through_the_mesh(mesh_up):
         pieces = []
         reply = await m.call("dee", {"op": "say", "text": "What is my name?"}, stream=pieces.append)
         assert len(pieces) > 1 and "".join(pieces) == reply["reply"] == "Your name is Dee."
+
+
+async def test_an_error_inside_the_stream_commits_nothing(mesh_up, quiet):
+    cfg, run = mesh_up(nodes=1)
+    async with mesh.connect(cfg) as m:
+        await m.spawn("eve", "conversation")
+        await m.call("eve", {"op": "say", "text": "My name is Eve."})
+        quiet.faults(stream_error_next=1)
+        pieces = []
+        with pytest.raises(LLMError, match="inside its streamed reply"):
+            await m.call("eve", {"op": "say", "text": "What is my name?"}, stream=pieces.append)
+        assert pieces == ["Your "]  # the caller saw the start of an answer that never was
+        history = await m.call("eve", {"op": "history"})
+        assert len(history) == 2 and history[0]["content"] == "My name is Eve."  # the first turn only
+        reply = await m.call("eve", {"op": "say", "text": "What is my name?"}, stream=[].append)
+        assert reply == {"reply": "Your name is Eve.", "turn": 2}
+
+
+async def test_an_answer_cut_at_max_tokens_says_so(mesh_up):
+    cfg, run = mesh_up(nodes=1)
+    async with mesh.connect(cfg) as m:
+        await m.spawn("fay", "conversation", {"max_tokens": 3})
+        await m.call("fay", {"op": "say", "text": "My name is Fay."})
+        reply = await m.call("fay", {"op": "say", "text": "What is my name?"})
+        assert reply == {"reply": "Your name is", "turn": 2, "finish_reason": "length"}
+        streamed = await m.call("fay", {"op": "say", "text": "What is my name?"}, stream=[].append)
+        assert streamed["finish_reason"] == "length"
+
+
+async def test_a_tool_loop_resumes_after_a_crash_without_running_a_done_tool_again(mesh_up):
+    cfg, run = mesh_up(nodes=1)
+    async with mesh.connect(cfg) as m:
+        await m.spawn("calc", "calculator", {"crash_after_tool": True})
+        ask = {"op": "say", "text": "Please add 2 and 40."}
+        with pytest.raises(AgentCrashed, match="after the tool step's checkpoint"):
+            await m.call("calc", ask, request_id="t1")
+        reply = await m.call("calc", ask, request_id="t1")  # the retry resumes the turn
+        assert reply == {"reply": "The tool said: 42.", "turn": 1}
+        assert await m.call("calc", {"op": "adds"}) == 1  # add ran once, not again
+        history = await m.call("calc", {"op": "history"})
+        assert [h["role"] for h in history] == ["user", "assistant", "tool", "assistant"]
+        assert history[1]["content"] is None and history[1]["tool_calls"][0]["function"]["name"] == "add"
+        assert history[2]["content"] == "42"
+        assert (await m.call("calc", ask))["turn"] == 2 and await m.call("calc", {"op": "adds"}) == 2
 
 
 async def test_embedder_batches_concurrent_callers(mesh_up, quiet):

@@ -1,0 +1,156 @@
+"""The local embedding model served by an agent, against calling onnxruntime directly.
+
+    python3 scripts/bench/serving.py            # 3 runs of each figure
+    python3 scripts/bench/serving.py --quick    # 1 run, fewer texts
+
+Builds the shipped model (scripts/make_model.py) in a temp dir, starts a one-node mesh
+(`mesh up`, through core.py's Mesh: every pid it showed is ended on exit), spawns a
+`local_embedder` and a `counter` on that node, and measures, in one run:
+
+- direct: `Model.embed` in this process, batches of 64 texts: the floor;
+- texts/s through the mesh with 1, 8 and 64 concurrent callers, one text per call;
+- the batching gain (64 callers against 1) and the mean batch the agent reports;
+- `get` calls to the counter on the same node while 64 callers keep the model busy:
+  p50 and p99 (the goal: p99 <= 2 ms);
+- 64 callers each sending 16 texts per call;
+- for scale, the rate of plain `get` calls with 64 callers: one text per call can go
+  no faster than the mesh's calls.
+
+Needs the `serving` extra. The machine is small and shared: read the figures as the
+medians of what this run saw, not as constants.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))
+
+import core  # noqa: E402  (its Mesh starts and ends a real mesh)
+
+import mesh  # noqa: E402
+
+WORDS = ("cat dog rain snow server code bread cheese football tennis guitar piano storm wind laptop soup "
+         "the a with and in on of my our").split()
+
+
+def texts(n: int) -> list[str]:
+    """n different texts of 6 to 12 words, the same ones every run."""
+    return [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(6 + i % 7)) for i in range(n)]
+
+
+def direct(model_dir: Path, items: list[str]) -> float:
+    from nodes.local_embedder import Model
+
+    model = Model(model_dir)
+    model.embed(items[:64])  # warm
+    t0 = time.perf_counter()
+    for i in range(0, len(items), 64):
+        model.embed(items[i:i + 64])
+    return len(items) / (time.perf_counter() - t0)
+
+
+async def through_mesh(m, items: list[str], callers: int, name: str = "emb") -> float:
+    queue = list(items)
+    msg = (lambda t: {"text": t}) if name == "emb" else (lambda t: {"op": "get"})
+
+    async def caller():
+        while queue:
+            await m.call(name, msg(queue.pop()), timeout=30)
+    t0 = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(callers)))
+    return len(items) / (time.perf_counter() - t0)
+
+
+async def many_per_call(m, items: list[str], callers: int, per_call: int) -> float:
+    chunks = [items[i:i + per_call] for i in range(0, len(items), per_call)]
+
+    async def caller():
+        while chunks:
+            await m.call("emb", {"texts": chunks.pop()}, timeout=30)
+    t0 = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(callers)))
+    return len(items) / (time.perf_counter() - t0)
+
+
+async def gets_under_load(m, items: list[str], n_gets: int) -> list[float]:
+    done = asyncio.Event()
+    queue = list(items) * 20
+
+    async def loader():
+        while queue and not done.is_set():
+            await m.call("emb", {"text": queue.pop()}, timeout=30)
+    load = [asyncio.ensure_future(loader()) for _ in range(64)]
+    await asyncio.sleep(0.2)  # the load is under way
+    lat = []
+    for _ in range(n_gets):
+        t0 = time.perf_counter()
+        await m.call("c1", {"op": "get"})
+        lat.append((time.perf_counter() - t0) * 1000)
+    done.set()
+    await asyncio.gather(*load)
+    return lat
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--batch-timeout-ms", type=float, default=2.0)
+    a = p.parse_args(argv)
+    runs, n = (1, 1000) if a.quick else (3, 3000)
+    items = texts(n)
+    with tempfile.TemporaryDirectory(prefix="mesh-model-") as tmp:
+        model_dir = Path(tmp) / "model"
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_model.py"), str(model_dir)], check=True,
+                       capture_output=True, timeout=120)
+        figures: dict[str, list[float]] = {"direct": [], "1": [], "8": [], "64": [], "gets": [], "many": []}
+        gets: list[float] = []
+        with core.Mesh(1, {"local_embedder": "nodes.local_embedder:LocalEmbedder"}) as mh:
+            async def go():
+                async with mesh.connect(mh.config) as m:
+                    await m.spawn("c1", "counter")
+                    await m.spawn("emb", "local_embedder", {"model_dir": str(model_dir), "batch_size": 64,
+                                                            "batch_timeout_ms": a.batch_timeout_ms, "queue": 1024})
+                    await m.call("emb", {"text": "warm"}, timeout=30)
+                    for _ in range(runs):
+                        figures["direct"].append(direct(model_dir, items))
+                        for callers in (1, 8, 64):
+                            before = await m.call("emb", {"op": "stats"})
+                            figures[str(callers)].append(await through_mesh(m, items, callers))
+                            after = await m.call("emb", {"op": "stats"})
+                            figures.setdefault(f"batch{callers}", []).append(
+                                (after["inputs"] - before["inputs"]) / max(1, after["batches"] - before["batches"]))
+                        figures["gets"].append(await through_mesh(m, items, 64, "c1"))
+                        figures["many"].append(await many_per_call(m, items * 4, 64, 16))
+                        gets.extend(await gets_under_load(m, items, 500))
+                    figures["stats"] = [await m.call("emb", {"op": "stats"})]
+            asyncio.run(go())
+    stats = figures.pop("stats")[0]
+    med = {k: statistics.median(v) for k, v in figures.items()}
+    gets.sort()
+    print(f"runs {runs}, {n} texts each; medians; batch_timeout_ms {a.batch_timeout_ms:g}")
+    print(f"direct onnxruntime, batches of 64     {med['direct']:9.0f} texts/s")
+    for callers in (1, 8, 64):
+        print(f"through the mesh, {callers:2d} callers           {med[str(callers)]:9.0f} texts/s"
+              f"   mesh/direct {med[str(callers)] / med['direct']:.2f}   mean batch {med[f'batch{callers}']:.1f}")
+    print(f"64 callers, 16 texts per call          {med['many']:9.0f} texts/s   mesh/direct {med['many'] / med['direct']:.2f}")
+    print(f"for scale: counter gets, 64 callers    {med['gets']:9.0f} calls/s (the mesh's call rate here)")
+    print(f"batching gain, 64 callers / 1          {med['64'] / med['1']:9.1f}x")
+    print(f"get on the same node under that load   p50 {gets[len(gets) // 2]:.2f} ms, "
+          f"p99 {gets[int(len(gets) * 0.99)]:.2f} ms ({len(gets)} calls)")
+    print(f"the agent's stats at the end: queue_ms {stats['queue_ms']}, inference_ms {stats['inference_ms']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
