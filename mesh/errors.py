@@ -179,7 +179,11 @@ _CALL_ERRORS = {
 
 
 def error_to_wire(exc: CallError) -> list[Any]:
-    return [type(exc).__name__, str(exc), exc.data or None]
+    """An error as it crosses the wire, named by its nearest class the other side knows
+    (a LinkDown that a node's own caller raised goes as the retryable AgentDown it is)."""
+    name = next((cls.__name__ for cls in type(exc).__mro__ if cls.__name__ in _CALL_ERRORS),
+                type(exc).__name__)
+    return [name, str(exc), exc.data or None]
 
 
 def error_from_wire(body: Any) -> CallError:

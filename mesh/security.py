@@ -35,7 +35,6 @@ from .wire import Kind
 
 log = logging.getLogger("mesh.security")
 
-from .transport import ANONYMOUS  # who a peer is when the cluster is not secure (loopback only)
 
 _CLIENT = frozenset({Kind.CALL, Kind.CAST, Kind.INFO, Kind.WHEREIS, Kind.BATCH})
 _ADMIN = _CLIENT | {Kind.SPAWN, Kind.STOP, Kind.STATUS, Kind.UPGRADE, Kind.DRAIN}

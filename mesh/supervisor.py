@@ -255,7 +255,7 @@ class SupervisorRole(Starts, Exits, Membership, Requests, Drains):
         replicas_seen: dict[tuple[str, str], tuple[str, ...]] = {}
         for node, agents in inventories.items():
             for item in agents:
-                name, _kind, inc, status = item[0], item[1], item[2], item[3]
+                name, inc, status = item[0], item[2], item[3]
                 seen.setdefault(name, []).append((inc, node, status))
                 if len(item) > 6:
                     replicas_seen[(name, node)] = tuple(h for h in item[6] if h in self.config.hosts)

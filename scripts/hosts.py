@@ -32,7 +32,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 STATE = Path("var/hosts.json")

@@ -1,7 +1,6 @@
 """Conversation and embedding agents on a real mesh, talking to the real stand-in server."""
 
 import asyncio
-import json
 import re
 import shutil
 import time

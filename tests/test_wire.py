@@ -106,3 +106,13 @@ def test_retry_decisions_ask_one_question():
     full = error_from_wire(error_to_wire(Unavailable("disk full", {"retry": False})))
     assert isinstance(full, Retryable) and not full.retryable   # trying again would fail the same way
     assert not BadRequest("x").retryable and not CallTimeout("x").retryable
+
+
+def test_an_error_only_a_caller_raises_crosses_the_wire_as_what_it_is_a_kind_of():
+    """A node that passes a client's request on (a spawn to the supervisor's node) and
+    loses that link answers with the LinkDown its own caller raised: the client must see
+    a retryable AgentDown, not a plain CallError that ends its retries."""
+    from mesh.errors import AgentDown, LinkDown, error_from_wire, error_to_wire
+    err = error_from_wire(error_to_wire(LinkDown("no connection to node n1")))
+    assert type(err) is AgentDown and err.retryable
+    assert "no connection to node n1" in str(err)
