@@ -61,9 +61,13 @@ class KeptLease:
     async def keep(self) -> None:
         """Renew until the lease is lost, and return the moment it is: its holder must
         stop acting then, also while a keepalive is still on its way."""
-        interval = wait = self.ttl_s / 3
+        keep_ahead = self.ttl_s * 2 / 3  # renew once a third of the lease is spent
+        failed = False
         while True:
-            await asyncio.sleep(min(wait, max(0.0, self.remaining())))
+            # due when a third is spent since the last send; at once if a slow grant or
+            # win already spent more (waiting a full interval would let it run out)
+            due = max(0.0, self.remaining() - keep_ahead)
+            await asyncio.sleep(min(RETRY_S, max(0.0, self.remaining())) if failed else due)
             if not self.valid():
                 return
             before = self.until
@@ -72,7 +76,7 @@ class KeptLease:
                     return
             except asyncio.TimeoutError:
                 return
-            wait = interval if self.until > before else RETRY_S  # a failed keepalive is tried again soon
+            failed = self.until <= before  # a failed keepalive is tried again soon
 
     async def revoke(self) -> None:
         """Give the lease up now (an orderly stop): others need not wait for its TTL."""

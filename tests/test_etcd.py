@@ -63,6 +63,27 @@ async def test_leases_keep_keys_and_take_them_with_them(etcd_factory):
         await etcd.close()
 
 
+async def test_a_lease_whose_grant_was_slow_is_renewed_before_it_runs_out(etcd_factory):
+    """A grant (or a campaign's win) that took most of the TTL leaves little of the lease
+    here: the keeper must renew at once, not sleep a full interval past its end (the first
+    leader of a cluster whose etcd was slow right after forming lost its term that way)."""
+    from mesh.clock import Clock
+    from mesh.etcd_lease import KeptLease
+    etcd = await _client(etcd_factory())
+    try:
+        lease = KeptLease(etcd, 1, Clock())
+        await lease.grant()
+        lease.until = lease.clock.now() + 0.2   # as if its answer came 0.8 s after it was sent
+        keeping = asyncio.ensure_future(lease.keep())
+        done, _ = await asyncio.wait([keeping], timeout=1.5)
+        assert not done, "the keeper gave the lease up instead of renewing it"
+        assert lease.valid() and await etcd.keepalive(lease.id) > 0
+        keeping.cancel()
+        await lease.revoke()
+    finally:
+        await etcd.close()
+
+
 async def test_a_short_lease_expires_and_a_watch_sees_it_go(etcd_factory):
     etcd = await _client(etcd_factory())
     try:
