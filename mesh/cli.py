@@ -320,6 +320,23 @@ def undrain(config_path, key, node):
 
 
 @main.command()
+@config_option
+@click.argument("node")
+@click.option("--timeout", type=click.FloatRange(1, 3600), default=120.0, show_default=True,
+              help="seconds for the whole restart")
+def restart(config_path, key, node, timeout):
+    """Drain NODE, have its launcher start it again as a new process running the code on
+    disk, undrain it; prints {"node", "restarted", "moved", "failed", "old_pid", "pid"},
+    exits 1 unless it restarted. Run it node after node for a rolling restart."""
+    cfg = _load(config_path)
+    if node not in cfg.nodes:
+        raise click.BadParameter(f"no node {node!r} in {cfg.path}")
+    result = _run(lambda c: c.restart(node, timeout), cfg)
+    click.echo(_to_json(result))
+    sys.exit(0 if result["restarted"] else 1)
+
+
+@main.command()
 @click.option("--users", type=click.IntRange(1, 200), default=6, help="simulated users, one conversation agent each")
 @click.option("--turns", type=click.IntRange(1, 100), default=8, help="turns per conversation")
 @click.option("--llm-url", default=None, help="an OpenAI-compatible API instead of the stand-in (e.g. http://host:8000/v1)")

@@ -184,6 +184,63 @@ class Client:
         """`node` takes placements again (its agents do not move back by themselves)."""
         return await self._control(Kind.DRAIN, None, {"node": node, "undrain": True}, timeout)
 
+    async def restart(self, node: str, timeout: float = 120.0) -> dict:
+        """Restart `node` with the code on disk, losing no call: drain it (its agents move
+        with their state), have its launcher start it again as a new interpreter, wait
+        until it is back, undrain it. A rolling restart runs this node after node. Returns
+        {node, restarted, moved, failed, old_pid, pid}; when an agent could not be moved
+        (`failed`) the node is not restarted and takes placements again."""
+        deadline = self.clock.now() + timeout
+        drained = await self.drain(node)
+        result = {"node": node, "restarted": False, "moved": drained["moved"], "failed": drained["failed"],
+                  "old_pid": None, "pid": None}
+        try:
+            while not result["failed"]:
+                try:
+                    answer = await self.caller.request(node, Kind.RESTART, None, None, self._left(deadline))
+                except Unavailable as err:  # an agent placed there before the drain began is still starting
+                    if not err.retryable or self._left(deadline) < 1:
+                        raise
+                    again = await self.drain(node)
+                    result["moved"] += again["moved"]
+                    result["failed"] = again["failed"]
+                    continue
+                result["old_pid"] = answer["pid"]
+                result["pid"] = await self._back(node, answer["pid"], deadline)
+                result["restarted"] = True
+                break
+        finally:
+            await self._undrain_again(node, deadline)
+        return result
+
+    async def _undrain_again(self, node: str, deadline: float) -> None:
+        while True:  # a restarted supervisor has forgotten the drain: undraining is then a no-op
+            try:
+                await self.undrain(node, timeout=max(1.0, self._left(deadline)))
+                return
+            except Retryable as err:
+                if not err.retryable or self._left(deadline) < 1:
+                    raise
+
+    async def _back(self, node: str, old_pid: int, deadline: float) -> int:
+        """Wait until the supervisor sees `node` alive in a process other than `old_pid`."""
+        backoff = Backoff(self.clock, cap_s=0.5)
+        while True:
+            try:
+                st = await self.status(timeout=min(5.0, self._left(deadline)))
+                view = next(n for n in st["nodes"] if n["name"] == node)
+                if view["alive"] and view["pid"] not in (None, old_pid):
+                    return view["pid"]
+            except Retryable as err:  # the supervisor's own node is the one restarting
+                if not err.retryable:
+                    raise
+            if self._left(deadline) < 0.2:
+                raise CallTimeout(f"node {node} did not come back in a new process in time")
+            await backoff.wait(deadline)
+
+    def _left(self, deadline: float) -> float:
+        return max(0.0, deadline - self.clock.now())
+
     async def upgrade(self, kind: str, to: str | None = None, extra: Any = None, rollback: bool = False,
                       timeout: float | None = None) -> dict:
         """New code for every agent of `kind`, one node at a time (see mesh/upgrade.py):
@@ -278,6 +335,9 @@ class SyncClient:
 
     def undrain(self, node: str) -> dict:
         return self._run(self._client.undrain(node))
+
+    def restart(self, node: str, timeout: float = 120.0) -> dict:
+        return self._run(self._client.restart(node, timeout))
 
     def upgrade(self, kind: str, to: str | None = None, extra: Any = None, rollback: bool = False) -> dict:
         return self._run(self._client.upgrade(kind, to, extra, rollback))

@@ -21,11 +21,13 @@ it and stops in order when it reads EOF, which is how it learns the launcher is 
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import select
 import signal
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -53,6 +55,7 @@ class Child:
     given_up: bool = False
     restarts: int = 0
     why: str = ""  # what the node said when it could not start
+    fresh: bool = False  # restarted on request (mesh restart): a new interpreter each time from then on
 
 
 @dataclass
@@ -200,6 +203,10 @@ class Launcher:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
                     signal.signal(sig, signal.SIG_DFL)
                 signal.set_wakeup_fd(-1)
+                if child.fresh:  # the code on disk, not the code this launcher imported when it began
+                    os.set_inheritable(child_end.fileno(), True)
+                    os.execv(sys.executable, [sys.executable, "-m", "mesh.fresh", str(self.config.path), child.node,
+                                              child.boot, json.dumps(child.previous), str(child_end.fileno())])
                 from .serve import configure_logging, run_node
                 configure_logging()
                 code = run_node(self.config, child.node, child.boot, child.previous, child_end)
@@ -281,7 +288,12 @@ class Launcher:
             child.control.close()
             child.control = None
         how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        from .serve import EXIT_CANNOT_START  # imported already, by preimport
+        from .serve import EXIT_CANNOT_START, EXIT_FRESH  # imported already, by preimport
+        if code == EXIT_FRESH:  # asked for (mesh restart), so not counted against max_restarts
+            child.previous, child.fresh = {"boot": child.boot, "exit": code}, True
+            self._fork(child)
+            self.say(f"node {child.node} restarted as a new process, as asked (pid {child.pid})")
+            return
         if code == EXIT_CANNOT_START:
             child.given_up = self.cannot_start = True
             self.say(f"node {child.node} cannot start{': ' + child.why if child.why else ''}; not restarting it")

@@ -35,6 +35,7 @@ from .controlplane import ControlPlane
 from .lease import Lease
 from .names import Names, NodeResolver
 from .replication import Replication
+from .restarts import on_restart
 from .runner import AgentStatus, Envelope, Runner
 from .served import ServedLog
 from .store import Committer, Store
@@ -85,7 +86,7 @@ class Node:
             Kind.REPLICATE: self.replication.on_replicate,
             Kind.SPAWN: self._forward_to_supervisor, Kind.STOP: self._forward_to_supervisor,
             Kind.STATUS: self._forward_to_supervisor, Kind.UPGRADE: self.upgrades.on_upgrade,
-            Kind.DRAIN: self._forward_to_supervisor,
+            Kind.DRAIN: self._forward_to_supervisor, Kind.RESTART: lambda m, o: on_restart(self, m, o),
         }
         self.secure = config.secure
         self._unsafe = config.timing.unsafe_reply_before_commit
@@ -101,6 +102,7 @@ class Node:
         self.control = ControlPlane(self, config.control) if config.control is not None else None
         self.lease = self.control.lease if self.control is not None else Lease(self.clock, config.timing.lease_s)
         self.on_elected: Callable[[Any], None] | None = None  # hosts the supervisor role once elected (serve.py)
+        self.on_restart: Callable[[], None] | None = None  # stops to start again as a new process (serve.py)
         if self.control is not None:
             for kind in (Kind.START, Kind.TERMINATE, Kind.INVENTORY, Kind.REGISTRY):
                 self.handlers[kind] = self._fenced(self.handlers[kind])

@@ -39,6 +39,7 @@ log = logging.getLogger("mesh.serve")
 
 WATCHDOG_S = 30.0
 STOP_TREE_S = 6.0  # an orderly stop of the whole tree, within the launcher's grace (10 s)
+RESTART_LINGER_S = 0.1  # a node asked to restart lets its answer leave before it stops (sockets close with linger 0)
 MMAP_THRESHOLD = 1 << 20
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
@@ -133,6 +134,7 @@ def report_gone(config: Config, name: str, boot: str, timeout_s: float = 2.0) ->
 
 
 EXIT_CANNOT_START = 78  # EX_CONFIG: this node cannot start here as configured; restarting will not help
+EXIT_FRESH = 76  # asked to restart (mesh restart): its launcher starts a new interpreter, not a fork
 
 
 class CannotStart(Exception):
@@ -145,7 +147,7 @@ def run_node(config: Config, name: str, boot: str, previous: dict | None, contro
     fix_mmap_threshold()
     raise_file_limit()
     try:
-        asyncio.run(_serve(config, name, boot, previous, control))
+        return asyncio.run(_serve(config, name, boot, previous, control))
     except CannotStart as exc:
         try:  # the launcher says it, once; without one, the log does
             control.sendall(f"cannot-start {exc}\n".encode())
@@ -155,10 +157,9 @@ def run_node(config: Config, name: str, boot: str, previous: dict | None, contro
     except Exception:
         log.exception("node %s failed", name)
         return 70
-    return 0
 
 
-async def _serve(config: Config, name: str, boot: str, previous: dict | None, control: socket.socket | None) -> None:
+async def _serve(config: Config, name: str, boot: str, previous: dict | None, control: socket.socket | None) -> int:
     loop = asyncio.get_running_loop()
     network = node_network(config, name)
 
@@ -179,6 +180,9 @@ async def _serve(config: Config, name: str, boot: str, previous: dict | None, co
         raise CannotStart(str(exc)) from None
     stop = asyncio.Event()
     whole_mesh = []  # the launcher said the whole mesh stops: the supervisor stops the tree first
+    fresh = []       # asked to restart: stop in order, exit so that the launcher execs a new node
+    if control is not None:
+        node.on_restart = lambda: (fresh.append(True), loop.call_later(RESTART_LINGER_S, stop.set))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if control is not None:
@@ -217,6 +221,7 @@ async def _serve(config: Config, name: str, boot: str, previous: dict | None, co
             await node.supervisor.stop_tree(STOP_TREE_S)
         await node.shutdown(whole_mesh=bool(whole_mesh))
         network.close()
+    return EXIT_FRESH if fresh else 0
 
 
 class _Watchdog:

@@ -61,6 +61,7 @@ class Kind(IntEnum):
     WHEREIS = 13    # id, target; body: {after?: incarnation, wait_ms?: int}
     UPGRADE = 14    # id; body: {kind, to?, extra?, rollback?, check?} -> this node's agents of kind on new code
     DRAIN = 15      # id; body: {node, undrain?} -> (the supervisor) its agents moved off, no placements there
+    RESTART = 16    # id; body: nil -> (a drained node) {node, pid}; it stops, its launcher starts a new interpreter
     HELLO = 20      # id; node -> supervisor: {node, boot, pid, agents (its inventory), previous?, drops?, store_full?}
     HEARTBEAT = 21  # id; node -> supervisor: lease renewal {node, boot, seq, health, store_full?} -> {known}
     START = 22      # id, target; supervisor -> node: {kind, args, incarnation}
@@ -313,6 +314,7 @@ _SPECS: dict[Kind, tuple[bool, bool, Callable[[Any], str | None] | None]] = {
     Kind.WHEREIS: (True, True, _fields({}, {"after": int, "wait_ms": int})),
     Kind.UPGRADE: (True, False, _upgrade_body),
     Kind.DRAIN: (True, False, _fields({"node": str}, {"undrain": bool})),
+    Kind.RESTART: (True, False, None),
     Kind.HELLO: (True, False, _fields(
         {"node": str, "boot": str, "pid": int, "agents": list},
         {"previous": dict, "address": str, "drops": int, "store_full": bool},

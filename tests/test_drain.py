@@ -46,3 +46,32 @@ async def test_drain_moves_every_agent_off_a_node_under_calls_and_undrain_takes_
     for n in names:  # the moved agents kept their state
         assert await m.call(n, {"op": "get"}) == counts[n]
     await c.close()
+
+
+async def test_restart_asks_a_drained_node_only_and_undoes_the_drain_when_it_cannot(tmp_path):
+    """`mesh restart NODE` (mesh/restarts.py) here stops short of the restart itself: these
+    nodes have no launcher. A node still running agents refuses (drain first); one that no
+    launcher started refuses for good; either way the node takes placements again."""
+    import pytest
+
+    from mesh.errors import Unavailable
+    from mesh.wire import Kind
+    c = Cluster(make_config(tmp_path), tmp_path)
+    await c.start()
+    m = c.client()
+    placed = {n: (await m.spawn(n, "counter"))["node"] for n in (f"c{i}" for i in range(6))}
+    victim = next(node for node in c.cfg.nodes if node != c.cfg.supervisor_node and node in placed.values())
+    asked = []
+    c.nodes[victim].on_restart = lambda: asked.append(True)
+    with pytest.raises(Unavailable) as err:
+        await m.caller.request(victim, Kind.RESTART, None, None, 5)
+    assert "drain it first" in str(err.value) and err.value.retryable and asked == []
+    c.nodes[victim].on_restart = None
+    with pytest.raises(Unavailable) as err:
+        await c.run(m.restart(victim), limit_s=60)
+    assert "not started by a launcher" in str(err.value) and not err.value.retryable
+    st = await m.status()
+    assert [bool(n.get("draining")) for n in st["nodes"] if n["name"] == victim] == [False]
+    for name in placed:  # moved off by the drain, with their state
+        assert await m.call(name, {"op": "get"}) == 0
+    await c.close()
