@@ -6,7 +6,8 @@
 One benchmark at a time, so that none measures another's load: core.py (latency,
 throughput, kill -9, memory), beam.py (Erlang/OTP side by side; needs erl), rayside.py
 (Ray side by side; needs `pip install ray`), failover.py (detection and recovery
-across namespaced hosts; needs root) and scaling.py (how cost grows, with plots when
+across namespaced hosts; needs root), upgrades.py (a rolling restart under calls, a kind's
+new code for 10,000 agents) and scaling.py (how cost grows, with plots when
 matplotlib is installed). A benchmark whose tools are missing is skipped, saying why;
 one that fails is reported at the end, and the exit status is 1.
 """
@@ -27,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 LIMIT_S = 3600  # for any one benchmark (a full scaling.py takes about 10 minutes)
 # (script, takes --quick, needs root)
 BENCHES = [("core.py", True, False), ("beam.py", True, False), ("rayside.py", True, False),
-           ("failover.py", False, True), ("scaling.py", True, False)]
+           ("failover.py", False, True), ("scaling.py", True, False), ("upgrades.py", False, False)]
 
 
 def missing(script: str, needs_root: bool) -> str | None:
