@@ -97,3 +97,30 @@ def test_stopping_the_whole_mesh_elects_nobody_else_and_ends_the_etcd_member(tmp
         assert wait_gone([etcd_pid]) == []
     finally:
         run.stop()
+
+
+@pytest.mark.timeout(180)
+def test_restarting_the_leaders_node_moves_leadership_and_loses_nothing(tmp_path):
+    """`mesh restart` of the elected leader's node: it drains itself, resigns, comes back
+    as a new interpreter; another candidate leads meanwhile; every agent keeps its state."""
+    cfg = control_config(tmp_path)
+    run = MeshRun("up", "-c", str(cfg)).start(timeout=60)
+    try:
+        for i in range(6):
+            cli(cfg, "spawn", f"c{i}", "counter")
+            cli(cfg, "call", f"c{i}", '{"op": "add", "n": 5}')
+        leader = _leader(run)
+        mark = run.mark()
+        result = cli(cfg, "restart", leader, timeout=120)
+        assert result["node"] == leader and result["restarted"] is True and result["failed"] == []
+        assert result["pid"] != result["old_pid"]
+        with open(f"/proc/{result['pid']}/cmdline", "rb") as f:
+            assert b"mesh.fresh" in f.read()  # a new interpreter, not a fork of the launcher's code
+        run.wait_for(r"leadership: (\S+) leads, term", start=mark, timeout=30)
+        for i in range(6):
+            assert cli(cfg, "call", f"c{i}", '{"op": "add", "n": 1}', timeout=60) == 6
+        st = cli(cfg, "status", "--json")
+        assert {n["name"]: (n["alive"], bool(n.get("draining"))) for n in st["nodes"]} == {
+            "n1": (True, False), "n2": (True, False), "n3": (True, False)}
+    finally:
+        run.stop()
