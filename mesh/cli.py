@@ -17,6 +17,7 @@ import click
 
 from . import config as config_mod
 from .errors import CallError, ConfigError
+from .tree import ChildStatus
 
 CONFIG_HELP = "cluster config file (default: $MESH_CONFIG, then configs/local.toml)"
 TROUBLESHOOTING = "docs/troubleshooting.md"
@@ -245,13 +246,34 @@ def stop(config_path, key, name):
     click.echo(_to_json(_run(lambda c: c.stop(name), cfg)))
 
 
+STATUS_LISTS_UP_TO = 200  # agents `mesh status` lists unasked; past that, counts (--agents lists)
+
+
 @main.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of tables")
-def status(config_path, key, as_json):
-    """Nodes (name, address, alive, agents) and agents (name, kind, node, incarnation, code version, restarts, mailbox)."""
+@click.option("--agents", "list_agents", is_flag=True,
+              help=f"list agents even past {STATUS_LISTS_UP_TO} (a page of --limit, default 1000)")
+@click.option("--kind", default=None, help="list only agents of this kind")
+@click.option("--node", default=None, help="list only agents running on this node")
+@click.option("--status", "status_", default=None,
+              type=click.Choice([s.value for s in ChildStatus]),
+              help="list only agents in this state")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=None, help="agents per page (default 1000)")
+@click.option("--after", default=None, help="the page after this agent name (a page's last line says it)")
+def status(config_path, key, as_json, list_agents, kind, node, status_, limit, after):
+    """Nodes (name, address, alive, agents) and agents (name, kind, node, incarnation, code
+    version, restarts, mailbox); past 200 agents, counts by kind and state unless --agents
+    or a filter asks for a list."""
     cfg = _load(config_path)
-    st = _run(lambda c: c.status(), cfg)
+    view = {k: v for k, v in (("kind", kind), ("node", node), ("status", status_), ("after", after)) if v is not None}
+
+    async def ask(c):
+        if list_agents or view or limit:
+            return await c.status(agents=True, limit=limit or 1000, **view)
+        st = await c.status(agents=False)
+        return await c.status() if st["total"] <= STATUS_LISTS_UP_TO else st
+    st = _run(ask, cfg)
     if as_json:
         click.echo(_to_json(st))
         return
@@ -262,9 +284,17 @@ def status(config_path, key, as_json):
                                                                ("draining", n.get("draining"))) if on)]
                        for n in st["nodes"]]))
     click.echo()
-    click.echo(_table(["AGENT", "KIND", "NODE", "INCARNATION", "VSN", "RESTARTS", "MAILBOX", "STATUS"],
-                      [[a["name"], a["kind"], a["node"] or "-", a["incarnation"], a.get("vsn") or "-", a["restarts"],
-                        a["mailbox"], _agent_status(a)] for a in st["agents"]]))
+    if "agents" not in st:
+        click.echo(_table(["KIND", "AGENTS"], [[k, n] for k, n in sorted(st["kinds"].items())]))
+        click.echo()
+        click.echo(_table(["STATUS", "AGENTS"], [[s, n] for s, n in sorted(st["statuses"].items())]))
+        click.echo(f"\n{st['total']:,} agents: list them with --agents (and --kind, --node, --status, --limit)")
+    else:
+        click.echo(_table(["AGENT", "KIND", "NODE", "INCARNATION", "VSN", "RESTARTS", "MAILBOX", "STATUS"],
+                          [[a["name"], a["kind"], a["node"] or "-", a["incarnation"], a.get("vsn") or "-",
+                            a["restarts"], a["mailbox"], _agent_status(a)] for a in st["agents"]]))
+        if st.get("next"):
+            click.echo(f"\nmore: mesh status --agents --after {st['next']} (same filters)")
     if st.get("failed"):
         click.echo(f"\nTHE TREE FAILED: {st.get('failure') or 'the root supervisor gave up'}")
 

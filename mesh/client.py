@@ -171,8 +171,18 @@ class Client:
                     raise
                 # the node asked first had an older view of the name: ask again
 
-    async def status(self, timeout: float | None = None) -> dict:
-        return await self._control(Kind.STATUS, None, None, timeout)
+    async def status(self, timeout: float | None = None, agents: bool = True, kind: str | None = None,
+                     node: str | None = None, status: str | None = None, limit: int | None = None,
+                     after: str | None = None) -> dict:
+        """The cluster as the supervisor sees it: {nodes, ready, failed, epoch, total} and
+        either `agents` (listed: filtered by kind, node, status; sorted by name; `limit`
+        per page, `next` naming where the following page starts, passed as `after`), or
+        with agents=False counts only (`kinds`, `statuses`), whose size and cost do not
+        grow with the agents on each node."""
+        view = {k: v for k, v in (("kind", kind), ("node", node), ("status", status), ("limit", limit),
+                                  ("after", after)) if v is not None}
+        body = {"agents": agents, **view} if view or not agents else None
+        return await self._control(Kind.STATUS, None, body, timeout)
 
     async def drain(self, node: str, timeout: float | None = None) -> dict:
         """Move every agent off `node`, and place nothing there until undrain; returns
@@ -327,8 +337,8 @@ class SyncClient:
     def stop(self, name: str) -> dict:
         return self._run(self._client.stop(name))
 
-    def status(self) -> dict:
-        return self._run(self._client.status())
+    def status(self, **view) -> dict:
+        return self._run(self._client.status(**view))
 
     def drain(self, node: str) -> dict:
         return self._run(self._client.drain(node))

@@ -568,10 +568,9 @@ class Node:
                 for r in self.runners.values()]
 
     def _on_inventory(self, msg: wire.Msg, origin: Origin) -> None:
-        self.respond(origin, msg.id, {
-            "node": self.name, "boot": self.boot, "pid": os.getpid(), "agents": self._inventory(),
-            "stats": dict(self.stats), "kinds": self.upgrades.loaded(),
-        })
+        listed = {"count": len(self.runners)} if msg.body == {"summary": True} else {"agents": self._inventory()}
+        self.respond(origin, msg.id, {"node": self.name, "boot": self.boot, "pid": os.getpid(), **listed,
+                                      "stats": dict(self.stats), "kinds": self.upgrades.loaded()})
 
     def _forward_to_supervisor(self, msg: wire.Msg, origin: Origin) -> None:
         """Pass a client's SPAWN, STOP or STATUS on to the supervisor's node, under the

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 
 import msgpack
 
@@ -18,6 +19,8 @@ from .wire import Kind
 
 log = logging.getLogger("mesh.supervisor")
 
+
+MAX_STATUS_PAGE = 10_000  # agents one status answer may list, about 1 MB (a page; `after` for the next)
 
 class Requests:
     """The part of SupervisorRole that answers spawns, stops and status (a mixin)."""
@@ -222,12 +225,33 @@ class Requests:
         return self.node.name
 
     def _on_status(self, msg: wire.Msg, origin: Origin) -> None:
-        self._spawn(self._status(origin, msg.id))
+        view = msg.body or {"agents": True}  # nil: every agent, as before views existed
+        limit = view.get("limit")
+        if limit is not None and not 0 < limit <= MAX_STATUS_PAGE:
+            self.node.respond_error(origin, msg.id, BadRequest(f"limit must be 1..{MAX_STATUS_PAGE}, not {limit}"))
+            return
+        self._spawn(self._status(origin, msg.id, view))
 
-    async def _status(self, origin: Origin, rid: str) -> None:
+    def _listed(self, view: dict) -> tuple[list[str], str | None]:
+        """The names a status view lists, in order, and where the next page starts."""
+        kind, node, status, after = view.get("kind"), view.get("node"), view.get("status"), view.get("after")
+        names = sorted(n for n, c in self.children.items()
+                       if (kind is None or c.spec.kind == kind) and (status is None or c.status == status)
+                       and (node is None or (c.node == node and c.status == ChildStatus.RUNNING))
+                       and (after is None or n > after))
+        limit = view.get("limit")
+        if limit is not None and len(names) > limit:
+            return names[:limit], names[limit - 1]
+        return names, None
+
+    async def _status(self, origin: Origin, rid: str, view: dict) -> None:
+        listing = bool(view.get("agents"))
+        names, next_after = self._listed(view) if listing else ([], None)
+        ask = None if listing else {"summary": True}  # counts only: a node's reply does not grow with its agents
+
         async def inventory(name: str):
             try:
-                return await self.command(name, Kind.INVENTORY, None, None, self.config.timing.dead_after_s)
+                return await self.command(name, Kind.INVENTORY, None, ask, self.config.timing.dead_after_s)
             except CallError:
                 return None
         live = [v.name for v in self.nodes.values() if v.alive]
@@ -235,7 +259,7 @@ class Requests:
         mailbox: dict[str, int] = {}
         vsn: dict[str, int] = {}  # the version of its kind's code each agent runs
         nodes = []
-        for name, view in self.nodes.items():
+        for name, node_view in self.nodes.items():
             inv = answers.get(name)
             spec = self.config.nodes[name]
             for item in (inv or {}).get("agents", ()):
@@ -243,17 +267,31 @@ class Requests:
                 if len(item) > 7 and item[3] in ("running", "starting"):
                     vsn[item[0]] = item[7]
             nodes.append({"name": name, "host": spec.host, "address": f"{spec.address}:{spec.port}",
-                          "alive": view.alive and inv is not None, "pid": view.pid,
-                          "agents": len(inv["agents"]) if inv else 0,
-                          "supervisor": name == self.node.name, "store_full": view.store_full,
+                          "alive": node_view.alive and inv is not None, "pid": node_view.pid,
+                          "agents": (len(inv["agents"]) if "agents" in inv else inv.get("count", 0)) if inv else 0,
+                          "supervisor": name == self.node.name, "store_full": node_view.store_full,
                           "stats": (inv or {}).get("stats", {}), "kinds": (inv or {}).get("kinds", {}),
                           "draining": name in self.draining})
         now = self.clock.now()
-        agents = [{"name": n, "kind": c.spec.kind, "node": c.node if c.status == ChildStatus.RUNNING else None,
-                   "status": c.status, "incarnation": c.incarnation, "restarts": c.restarts,
-                   "mailbox": mailbox.get(n, 0), "supervisor": c.parent, "vsn": vsn.get(n),
-                   **({"restart_in_s": round(max(0.0, c.restart_at - now), 3), "streak": c.streak}
-                      if c.status == ChildStatus.BACKOFF else {})}
-                  for n, c in sorted(self.children.items())]
-        self.node.respond(origin, rid, {"nodes": nodes, "agents": agents, "ready": self.ready,
-                                        "failed": self.tree_failed, "failure": self.failure, "epoch": self.epoch})
+        answer = {"nodes": nodes, "ready": self.ready, "failed": self.tree_failed, "failure": self.failure,
+                  "epoch": self.epoch, "total": len(self.children)}
+        if listing:
+            answer["agents"] = [self._agent_status(n, self.children[n], mailbox, vsn, now)
+                                for n in names if n in self.children]
+            if next_after is not None:
+                answer["next"] = next_after  # ask again with after=next for the page that follows
+        else:
+            kinds, statuses = Counter(), Counter()
+            for child in self.children.values():
+                kinds[child.spec.kind] += 1
+                statuses[child.status] += 1
+            answer["kinds"], answer["statuses"] = dict(kinds), dict(statuses)
+        self.node.respond(origin, rid, answer)
+
+    @staticmethod
+    def _agent_status(name: str, c, mailbox: dict, vsn: dict, now: float) -> dict:
+        return {"name": name, "kind": c.spec.kind, "node": c.node if c.status == ChildStatus.RUNNING else None,
+                "status": c.status, "incarnation": c.incarnation, "restarts": c.restarts,
+                "mailbox": mailbox.get(name, 0), "supervisor": c.parent, "vsn": vsn.get(name),
+                **({"restart_in_s": round(max(0.0, c.restart_at - now), 3), "streak": c.streak}
+                   if c.status == ChildStatus.BACKOFF else {})}

@@ -299,6 +299,11 @@ def _upgrade_body(body: Any) -> str | None:
     return None
 
 
+# STATUS: nil (every agent listed) or a view: counts only, or agents filtered and paged
+_status_body = _fields({}, {"agents": bool, "kind": str, "node": str, "status": str, "limit": int, "after": str})
+_inventory_body = _fields({}, {"summary": bool})  # summary: the node's counts, not its agents
+
+
 _SPECS: dict[Kind, tuple[bool, bool, Callable[[Any], str | None] | None]] = {
     Kind.CALL: (True, True, None),
     Kind.CAST: (False, True, None),
@@ -310,7 +315,7 @@ _SPECS: dict[Kind, tuple[bool, bool, Callable[[Any], str | None] | None]] = {
                  else f"body must be a list of 1..{MAX_BATCH} envelopes"),
     Kind.SPAWN: (True, False, _spawn_body),
     Kind.STOP: (True, True, lambda body: None if body is None else _fields({}, {"incarnation": int})(body)),
-    Kind.STATUS: (True, False, None),
+    Kind.STATUS: (True, False, lambda body: None if body is None else _status_body(body)),
     Kind.WHEREIS: (True, True, _fields({}, {"after": int, "wait_ms": int})),
     Kind.UPGRADE: (True, False, _upgrade_body),
     Kind.DRAIN: (True, False, _fields({"node": str}, {"undrain": bool})),
@@ -335,7 +340,7 @@ _SPECS: dict[Kind, tuple[bool, bool, Callable[[Any], str | None] | None]] = {
         {"updates": list, "snapshot": list, "last": bool, "epoch": str, "failed": str},
     )),
     Kind.GOODBYE: (True, False, _fields({"node": str, "boot": str})),
-    Kind.INVENTORY: (True, False, None),
+    Kind.INVENTORY: (True, False, lambda body: None if body is None else _inventory_body(body)),
     Kind.REPLICATE: (True, False, _fields({}, {"puts": list, "claims": list, "deletes": list, "replies": list,
                                                "forgotten": list})),
     Kind.FETCH: (True, True, _fields({"incarnation": int})),

@@ -323,3 +323,21 @@ def test_mesh_up_leaves_a_model_server_that_answers_alone(runs, tmp_path):
         assert not any(line.startswith("llm:") for line in run.lines)
     finally:
         server.stop()
+
+
+async def test_mesh_status_past_200_agents_counts_them_and_lists_a_page_on_request(runs, cfg):
+    import mesh
+    runs("up", "-c", str(cfg))
+    async with mesh.connect(cfg) as m:
+        for i in range(205):
+            await m.spawn(f"a{i:03d}", "counter")
+    out = cli(cfg, "status").stdout
+    assert "KIND" in out and "AGENT " not in out and "list them with --agents" in out
+    total = json.loads(cli(cfg, "status", "--json").stdout)["total"]
+    assert total >= 205  # and the config's own children
+    page = cli(cfg, "status", "--agents", "--limit", "3", "--kind", "counter")
+    assert page.returncode == 0, page.stderr
+    rows = [line.split()[0] for line in page.stdout.splitlines() if line.startswith("a")]
+    assert rows == ["a000", "a001", "a002"] and "--after a002" in page.stdout
+    bad = cli(cfg, "status", "--limit", "0")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
