@@ -131,7 +131,7 @@ async def check_counts(m, counts: Counter, sample: int = 50) -> None:
 
 async def node_stats(m) -> dict[str, Counter]:
     """Each node's counters (commits, lease_lapses, crashes, ...), as the mesh reports them."""
-    st = await m.status(timeout=CALL_TIMEOUT)
+    st = await m.status(timeout=CALL_TIMEOUT, agents=False)  # counts only: bounded at any population
     return {n["name"]: Counter(n.get("stats") or {}) for n in st["nodes"]}
 
 
@@ -223,7 +223,11 @@ def bench_agents(size: dict, points: tuple[int, ...]) -> dict:
                                     f"{size['spawn_budget']:g} s spawning budget, measured there, larger K skipped")
             await asyncio.sleep(0.5)
             rss = proc_status(pid)["VmRSS"]
-            row = {"x": len(names), "asked": k, "spawn_s": spawn_s, "rss_mb": rss / 1024, "p50": [], "p99": [], "rate": []}
+            t = time.perf_counter()
+            await m.status(agents=False, timeout=CALL_TIMEOUT)  # `mesh status`'s default view past 200 agents
+            status_s = time.perf_counter() - t
+            row = {"x": len(names), "asked": k, "spawn_s": spawn_s, "rss_mb": rss / 1024, "status_s": status_s,
+                   "p50": [], "p99": [], "rate": []}
             for run in range(size["runs"]):
                 times = await timed_calls(m, lambda: random.choice(names), GET, size["calls"], size["call_cap_s"])
                 rate, _ = await load(size["seconds"], LOAD_OUTSTANDING, random_adds(m, names, counts))
@@ -472,11 +476,12 @@ DIMS: dict[str, Dim] = {
         "Agents in one node",
         f"One node; K counters spawned ({SPAWN_OUTSTANDING} outstanding), K growing in the same mesh. "
         f"Sequential `get` to a random one of them; durable `add` to random ones, {LOAD_OUTSTANDING} "
-        "outstanding, for a fixed time per run; node RSS after spawning.",
+        "outstanding, for a fixed time per run; node RSS after spawning; the time of one `mesh status` in its default view (counts) at K.",
         bench_agents,
         (("agents", lambda r: f"{r['x']:,}" + ("" if r["x"] == r["asked"] else f" (of {r['asked']:,})")),
          ("spawning them", lambda r: f"{r['spawn_s']:.1f} s"),
          ("node RSS", lambda r: f"{r['rss_mb']:,.0f} MB"),
+         ("`mesh status` (counts)", lambda r: f"{r.get('status_s', 0) * 1000:,.0f} ms"),
          ("`get` p50", lambda r: us_or_ms(r["p50"])),
          ("`get` p99", lambda r: us_or_ms(r["p99"])),
          (f"durable `add`, {LOAD_OUTSTANDING} outstanding", lambda r: med(r["rate"], " calls/s"))),
