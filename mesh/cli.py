@@ -301,6 +301,47 @@ def status(config_path, key, as_json, list_agents, kind, node, status_, limit, a
 
 @main.command()
 @config_option
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of lines")
+@click.option("--max-bytes", type=click.IntRange(100, 1_000_000), default=2000, show_default=True,
+              help="show at most this much of the state (and a quarter of it per message)")
+def inspect(config_path, key, name, as_json, max_bytes):
+    """Agent NAME as its node and supervisor see it: kind, code version, node, incarnation,
+    state, mailbox and its first waiting messages, the message in hand and for how long,
+    commits, recorded replies, restarts and latest exits."""
+    cfg = _load(config_path)
+    seen = _run(lambda c: c.inspect(name, max_bytes), cfg)
+    if as_json:
+        click.echo(_to_json(seen))
+        return
+    sup = seen["supervision"]
+    lines = [("agent", f"{seen['name']} ({sup['kind']}, version {seen.get('vsn') or sup.get('vsn') or '-'})"),
+             ("node", f"{seen['node'] or '-'}, incarnation {sup['incarnation']}, {sup['status']}"
+                      f"{', paused' if seen.get('paused') else ''}"),
+             ("restarts", f"{sup['restarts']}" + "".join(f"\n  {_when(t)} {why}" for t, why in sup.get("exits", ())))]
+    if seen["node"]:
+        lines += [("state", seen["state"]),
+                  ("mailbox", f"{seen['mailbox']}" + "".join(
+                      f"\n  {m['kind']} {m['id'] or ''} waited {m['waited_ms']} ms: {m['body']}" for m in seen["waiting"])),
+                  ("handling", "nothing" if seen["handling_for_ms"] is None else
+                   f"for {seen['handling_for_ms']:,.0f} ms:" + "".join(
+                       f"\n  {m['kind']} {m['id'] or ''}: {m['body']}" for m in seen["handling"])),
+                  ("handled", f"{seen['handled']:,} messages; state seq {seen['seq']}, committed "
+                              f"{seen['committed_seq'] if seen['committed_seq'] is not None else '-'}"),
+                  ("replies kept", f"{seen['replies_kept']:,}"),
+                  ("replicas", ", ".join(seen["replicas"]) or "none")]
+    width = max(len(k) for k, _ in lines)
+    for k, v in lines:
+        click.echo(f"{k.ljust(width)}  {v}")
+
+
+def _when(t: float) -> str:
+    import datetime
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+@main.command()
+@config_option
 @click.argument("kind")
 @click.option("--to", "to", default=None, help="MODULE:CLASS to run KIND from now on (default: KIND's module, read again)")
 @click.option("--extra", "extra_json", default=None, help="JSON value passed to code_change")

@@ -173,16 +173,40 @@ class Client:
 
     async def status(self, timeout: float | None = None, agents: bool = True, kind: str | None = None,
                      node: str | None = None, status: str | None = None, limit: int | None = None,
-                     after: str | None = None) -> dict:
+                     after: str | None = None, name: str | None = None) -> dict:
         """The cluster as the supervisor sees it: {nodes, ready, failed, epoch, total} and
         either `agents` (listed: filtered by kind, node, status; sorted by name; `limit`
         per page, `next` naming where the following page starts, passed as `after`), or
         with agents=False counts only (`kinds`, `statuses`), whose size and cost do not
         grow with the agents on each node."""
-        view = {k: v for k, v in (("kind", kind), ("node", node), ("status", status), ("limit", limit),
-                                  ("after", after)) if v is not None}
+        view = {k: v for k, v in (("name", name), ("kind", kind), ("node", node), ("status", status),
+                                  ("limit", limit), ("after", after)) if v is not None}
         body = {"agents": agents, **view} if view or not agents else None
         return await self._control(Kind.STATUS, None, body, timeout)
+
+    async def inspect(self, name: str, max_bytes: int = 2000, timeout: float | None = None) -> dict:
+        """One agent as its node and its supervisor see it (OTP's sys:get_status): kind,
+        code version, node, incarnation, status; its state (as JSON, cut past `max_bytes`);
+        its mailbox depth and first waiting messages; the message in hand and for how
+        long; commits and recorded replies kept; and, from its supervisor, its restarts
+        and latest exits (`supervision`). Read-only: a busy agent is not waited for."""
+        timeout = self.timeout if timeout is None else timeout
+        deadline = self.clock.now() + timeout
+        seen = await self.status(name=name, timeout=timeout)
+        if not seen["agents"]:
+            raise NoSuchAgent(f"no agent named {name!r}")
+        supervision = seen["agents"][0]
+        for attempt in range(3):  # it may move between asking where and asking it
+            where = await self.whereis(name, timeout=self._left(deadline))
+            if not where.get("node"):
+                return {"name": name, "node": None, "status": supervision["status"], "supervision": supervision}
+            try:
+                found = await self.caller.request(where["node"], Kind.INSPECT, name, {"max_bytes": max_bytes},
+                                                  self._left(deadline))
+                return {**found, "supervision": supervision}
+            except NoSuchAgent:
+                if attempt == 2:
+                    raise
 
     async def drain(self, node: str, timeout: float | None = None) -> dict:
         """Move every agent off `node`, and place nothing there until undrain; returns
@@ -345,6 +369,9 @@ class SyncClient:
 
     def undrain(self, node: str) -> dict:
         return self._run(self._client.undrain(node))
+
+    def inspect(self, name: str, max_bytes: int = 2000) -> dict:
+        return self._run(self._client.inspect(name, max_bytes))
 
     def restart(self, node: str, timeout: float = 120.0) -> dict:
         return self._run(self._client.restart(node, timeout))

@@ -35,6 +35,7 @@ from .controlplane import ControlPlane
 from .lease import Lease
 from .names import Names, NodeResolver
 from .replication import Replication
+from .introspect import on_inspect
 from .restarts import on_restart
 from .runner import AgentStatus, Envelope, Runner
 from .served import ServedLog
@@ -87,6 +88,7 @@ class Node:
             Kind.SPAWN: self._forward_to_supervisor, Kind.STOP: self._forward_to_supervisor,
             Kind.STATUS: self._forward_to_supervisor, Kind.UPGRADE: self.upgrades.on_upgrade,
             Kind.DRAIN: self._forward_to_supervisor, Kind.RESTART: lambda m, o: on_restart(self, m, o),
+            Kind.INSPECT: lambda m, o: on_inspect(self, m, o),
         }
         self.secure = config.secure
         self._unsafe = config.timing.unsafe_reply_before_commit

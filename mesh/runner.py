@@ -99,6 +99,10 @@ class Runner(Replies):
         "_running", "since", "vsn", "paused", "_idle", "_gathering", "_checkpointed",
     )
 
+    def in_hand(self) -> list[Envelope]:
+        """The messages its handler under way was given (none between two messages)."""
+        return list(self._running) if self.task is not None else []
+
     def __init__(self, node: Host, name: str, kind: str, args: dict, incarnation: int):
         super().__init__(node.clock)
         self.node, self.name, self.kind, self.args = node, name, kind, args

@@ -37,7 +37,7 @@ log = logging.getLogger("mesh.security")
 
 
 _CLIENT = frozenset({Kind.CALL, Kind.CAST, Kind.INFO, Kind.WHEREIS, Kind.BATCH})
-_ADMIN = _CLIENT | {Kind.SPAWN, Kind.STOP, Kind.STATUS, Kind.UPGRADE, Kind.DRAIN, Kind.RESTART}
+_ADMIN = _CLIENT | {Kind.SPAWN, Kind.STOP, Kind.STATUS, Kind.UPGRADE, Kind.DRAIN, Kind.RESTART, Kind.INSPECT}
 PERMISSIONS = {"client": _CLIENT, "admin": _ADMIN, "node": frozenset(Kind)}
 
 

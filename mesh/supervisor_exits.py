@@ -11,7 +11,7 @@ import logging
 from . import wire
 from . import supervision as sv
 from .node import Origin
-from .tree import Child, ChildStatus, Sup
+from .tree import RECENT_EXITS, Child, ChildStatus, Sup
 
 log = logging.getLogger("mesh.supervisor")
 
@@ -31,6 +31,7 @@ class Exits:
             return  # an exit of an incarnation that is no longer the current one
         how, reason = body["how"], body.get("reason", "")
         child.last_exit = f"{how}: {reason}"
+        child.exits = (*child.exits, (round(self.clock.wall(), 3), child.last_exit))[-RECENT_EXITS:]
         log.info("supervisor: %s exited (%s: %s)", child.spec.name, how, reason)
         if how == sv.LOST:  # its state could not be kept where it was: move it, no fault of its own
             self._spawn(self._move(child, prefer=child.node))

@@ -235,6 +235,8 @@ class Requests:
     def _listed(self, view: dict) -> tuple[list[str], str | None]:
         """The names a status view lists, in order, and where the next page starts."""
         kind, node, status, after = view.get("kind"), view.get("node"), view.get("status"), view.get("after")
+        if "name" in view:  # one agent (mesh inspect): no walk of the children
+            return ([view["name"]] if view["name"] in self.children else []), None
         names = sorted(n for n, c in self.children.items()
                        if (kind is None or c.spec.kind == kind) and (status is None or c.status == status)
                        and (node is None or (c.node == node and c.status == ChildStatus.RUNNING))
@@ -278,6 +280,8 @@ class Requests:
         if listing:
             answer["agents"] = [self._agent_status(n, self.children[n], mailbox, vsn, now)
                                 for n in names if n in self.children]
+            if "name" in view and answer["agents"]:  # its latest exits: when, how, why
+                answer["agents"][0]["exits"] = [list(e) for e in self.children[view["name"]].exits]
             if next_after is not None:
                 answer["next"] = next_after  # ask again with after=next for the page that follows
         else:

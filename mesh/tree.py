@@ -18,6 +18,7 @@ EPOCH_KEY = "sup/epoch"         # the supervisor's starts so far (incarnation nu
 
 MAX_START_BACKOFF_S = 5.0       # the longest wait before a start the environment refused is tried again
 START_CONCURRENCY = 512         # starts under way at once
+RECENT_EXITS = 5                # exits of a child kept for `mesh inspect` (memory only)
 MIN_LIVENESS_WAIT_S = 0.001     # a deadline that float rounding left a hair in the future
 
 
@@ -45,6 +46,7 @@ class Child:
     restarts: int = 0
     busy: bool = False  # a start or terminate is under way
     last_exit: str = ""
+    exits: tuple = ()  # its latest exits, (wall time, how: reason), up to RECENT_EXITS (mesh inspect)
     next_try: float = 0.0   # when a start that the environment refused is tried again
     backoff: float = 0.0
     started_at: float = float("-inf")  # when its latest START was sent

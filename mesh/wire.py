@@ -62,6 +62,7 @@ class Kind(IntEnum):
     UPGRADE = 14    # id; body: {kind, to?, extra?, rollback?, check?} -> this node's agents of kind on new code
     DRAIN = 15      # id; body: {node, undrain?} -> (the supervisor) its agents moved off, no placements there
     RESTART = 16    # id; body: nil -> (a drained node) {node, pid}; it stops, its launcher starts a new interpreter
+    INSPECT = 17    # id, target; body: {max_bytes?} -> the agent as its node sees it (mesh inspect)
     HELLO = 20      # id; node -> supervisor: {node, boot, pid, agents (its inventory), previous?, drops?, store_full?}
     HEARTBEAT = 21  # id; node -> supervisor: lease renewal {node, boot, seq, health, store_full?} -> {known}
     START = 22      # id, target; supervisor -> node: {kind, args, incarnation}
@@ -300,8 +301,10 @@ def _upgrade_body(body: Any) -> str | None:
 
 
 # STATUS: nil (every agent listed) or a view: counts only, or agents filtered and paged
-_status_body = _fields({}, {"agents": bool, "kind": str, "node": str, "status": str, "limit": int, "after": str})
+_status_body = _fields({}, {"agents": bool, "name": str, "kind": str, "node": str, "status": str, "limit": int,
+                            "after": str})
 _inventory_body = _fields({}, {"summary": bool})  # summary: the node's counts, not its agents
+_inspect_body = _fields({}, {"max_bytes": int})
 
 
 _SPECS: dict[Kind, tuple[bool, bool, Callable[[Any], str | None] | None]] = {
@@ -320,6 +323,7 @@ _SPECS: dict[Kind, tuple[bool, bool, Callable[[Any], str | None] | None]] = {
     Kind.UPGRADE: (True, False, _upgrade_body),
     Kind.DRAIN: (True, False, _fields({"node": str}, {"undrain": bool})),
     Kind.RESTART: (True, False, None),
+    Kind.INSPECT: (True, True, lambda body: None if body is None else _inspect_body(body)),
     Kind.HELLO: (True, False, _fields(
         {"node": str, "boot": str, "pid": int, "agents": list},
         {"previous": dict, "address": str, "drops": int, "store_full": bool},

@@ -341,3 +341,14 @@ async def test_mesh_status_past_200_agents_counts_them_and_lists_a_page_on_reque
     assert rows == ["a000", "a001", "a002"] and "--after a002" in page.stdout
     bad = cli(cfg, "status", "--limit", "0")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    # mesh inspect: one agent as its node and supervisor see it
+    assert cli(cfg, "call", "a007", '{"op": "add", "n": 5}').returncode == 0
+    shown = cli(cfg, "inspect", "a007")
+    assert shown.returncode == 0, shown.stderr
+    fields = dict(line.split(None, 1) for line in shown.stdout.splitlines() if not line.startswith(" "))
+    assert fields["agent"].startswith("a007 (counter") and fields["state"] == '{"value": 5}'
+    assert fields["mailbox"] == "0" and fields["handling"] == "nothing" and fields["restarts"] == "0"
+    seen = json.loads(cli(cfg, "inspect", "a007", "--json").stdout)
+    assert seen["name"] == "a007" and seen["supervision"]["kind"] == "counter"
+    missing = cli(cfg, "inspect", "nobody")
+    assert missing.returncode == 1 and "NoSuchAgent" in missing.stderr and "Traceback" not in missing.stderr

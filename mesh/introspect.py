@@ -1,0 +1,65 @@
+"""INSPECT: one agent as its node sees it, for `mesh inspect NAME` (OTP's sys:get_status).
+
+What an operator needs when an agent is slow or stuck: its state (shown, cut past a
+size the caller sets), its mailbox and the first messages waiting there, the message in
+hand and for how long, its commits and recorded replies. Read-only: nothing here
+touches the agent, so inspecting a busy agent never waits for it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from .errors import NoSuchAgent
+from .runner import AgentStatus
+
+if TYPE_CHECKING:
+    from . import wire
+    from .node import Node, Origin
+    from .runner import Envelope
+
+DEFAULT_MAX_BYTES = 2000
+MAX_BYTES = 1_000_000  # of the state shown: the answer stays far below a message's limit
+WAITING_SHOWN = 5  # messages of the mailbox shown, from its head
+
+
+def preview(value: Any, max_bytes: int) -> str:
+    """`value` as JSON (bytes and other non-JSON values by repr), cut at `max_bytes`."""
+    text = json.dumps(value, default=repr, ensure_ascii=False, sort_keys=True)
+    data = text.encode()
+    if len(data) <= max_bytes:
+        return text
+    return data[:max_bytes].decode(errors="ignore") + f"... ({len(data) - max_bytes:,} bytes more)"
+
+
+def _message(env: "Envelope", now: float, max_bytes: int) -> dict:
+    msg = env.msg
+    return {"kind": msg.kind.name.lower(), "id": msg.id, "from": env.peer,
+            "waited_ms": round((now - env.arrived) * 1000, 1) if env.arrived else None,
+            "body": preview(msg.body, max_bytes)}
+
+
+def on_inspect(node: "Node", msg: "wire.Msg", origin: "Origin") -> None:
+    runner = node.runners.get(msg.target)
+    if runner is None or runner.status not in (AgentStatus.RUNNING, AgentStatus.STARTING):
+        node.respond_error(origin, msg.id, NoSuchAgent(f"{msg.target} does not run on node {node.name}",
+                                                       {"node": node.name}))
+        return
+    max_bytes = min(max((msg.body or {}).get("max_bytes") or DEFAULT_MAX_BYTES, 100), MAX_BYTES)
+    now = node.clock.now()
+    agent = runner.agent
+    mailbox = list(runner.mailbox or ())
+    handling = runner.task is not None
+    node.respond(origin, msg.id, {
+        "name": runner.name, "node": node.name, "kind": runner.kind, "vsn": runner.vsn,
+        "incarnation": runner.incarnation, "status": runner.status, "paused": runner.paused,
+        "state": preview(agent.state, max_bytes) if agent is not None else None,
+        "mailbox": len(mailbox),
+        "waiting": [_message(env, now, max_bytes // 4) for env in mailbox[:WAITING_SHOWN]],
+        "handling": [_message(env, now, max_bytes // 4) for env in runner.in_hand()],
+        "handling_for_ms": round((now - runner.started_at) * 1000, 1) if handling else None,
+        "handled": runner.handled, "seq": runner.seq,
+        "committed_seq": runner.durable[0] if runner.durable else None,
+        "replies_kept": len(runner.window), "replicas": list(runner.replicas),
+    })
