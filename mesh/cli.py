@@ -272,7 +272,9 @@ def status(config_path, key, as_json, list_agents, kind, node, status_, limit, a
         if list_agents or view or limit:
             return await c.status(agents=True, limit=limit or 1000, **view)
         st = await c.status(agents=False)
-        return await c.status() if st["total"] <= STATUS_LISTS_UP_TO else st
+        if "agents" in st or st["total"] > STATUS_LISTS_UP_TO:  # a supervisor of the release before lists all
+            return st
+        return await c.status()
     st = _run(ask, cfg)
     if as_json:
         click.echo(_to_json(st))

@@ -64,9 +64,15 @@ class Record:
     vsn: int = 1  # the version of the kind's code that wrote `state`
 
     def encode(self) -> bytes:
+        """Version 1's state in the layout without vsn, which the previous release reads
+        too: nodes of both can share a store until a kind is upgraded (docs/protocol.md)."""
+        if self.vsn == 1:
+            return msgpack.packb([_FORMAT_WITHOUT_VSN, self.incarnation, self.seq, self.state])
         return msgpack.packb([FORMAT, self.incarnation, self.seq, self.state, self.vsn])
 
     def to_wire(self, name: str) -> list:
+        if self.vsn == 1:  # as the previous release sends and reads it
+            return [name, self.incarnation, self.seq, self.state]
         return [name, self.incarnation, self.seq, self.state, self.vsn]
 
     @classmethod

@@ -43,8 +43,9 @@ class MeshRun:
     STARTED = re.compile(r"\b(?:started|restarted)\b.*\(.*\bpid (\d+)\)")  # sidecars: etcd, the stand-in model
     started: list["MeshRun"] | None = None  # when a list: every run started since (tests set it)
 
-    def __init__(self, *args: str, prefix: list[str] | None = None, env: dict | None = None):
-        self.args, self.prefix, self.env = args, prefix or [], env
+    def __init__(self, *args: str, prefix: list[str] | None = None, env: dict | None = None,
+                 cwd: str | os.PathLike | None = None):
+        self.args, self.prefix, self.env, self.cwd = args, prefix or [], env, cwd or ROOT
         self.lines: list[str] = []
         self.pids: dict[str, int] = {}
         self.seen: set[int] = set()
@@ -58,7 +59,7 @@ class MeshRun:
         if MeshRun.started is not None:
             MeshRun.started.append(self)
         self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "mesh.cli", *self.args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, env=self.env or env(), cwd=ROOT,
+                                     stderr=subprocess.STDOUT, text=True, env=self.env or env(), cwd=self.cwd,
                                      start_new_session=True)
         self.seen.add(self.proc.pid)
         threading.Thread(target=self._read, daemon=True).start()

@@ -154,8 +154,15 @@ def test_a_record_keeps_its_version_and_an_old_record_reads_as_version_1(tmp_pat
     with store.env.begin(write=True) as txn:
         txn.put(b"old", msgpack.packb([2, 5, 7, msgpack.packb({"count": 2})]), db=store.agents)
     assert store.get("old") == Record(5, 7, msgpack.packb({"count": 2}), 1)
+    # version 1's state is written as before versions: the previous release reads it too
+    batch = Batch()
+    batch.add_claim("v1", Record(1, 1, msgpack.packb({"total": 1})))
+    assert not store.write(batch).fenced
+    assert msgpack.unpackb(store.env.begin().get(b"v1", db=store.agents)) == [2, 1, 1, msgpack.packb({"total": 1})]
+    assert store.get("v1") == Record(1, 1, msgpack.packb({"total": 1}), 1)
     store.close()
     # and the same on the wire: four fields are version 1, five carry it
+    assert Record(1, 2, b"x").to_wire("a") == ["a", 1, 2, b"x"] and Record(1, 2, b"x", 4).to_wire("a")[4] == 4
     assert Record.from_wire(["a", 1, 2, b"x"]) == ("a", Record(1, 2, b"x", 1))
     assert Record.from_wire(["a", 1, 2, b"x", 4]) == ("a", Record(1, 2, b"x", 4))
     for bad in (["a", 1, 2, b"x", 0], ["a", 1, 2, b"x", "2"], ["a", 1, 2, b"x", 2, 3]):
