@@ -6,7 +6,8 @@ Every agent has one record, name -> [format, incarnation, seq, state, vsn]:
     seq          grows with every change the agent commits
     state        the agent's state, msgpack-packed once by the node
     vsn          the version of the kind's code that wrote the state (`Agent.vsn`);
-                 records of format 2 have none and read as version 1
+                 a state of version 1 is written as format 2, [2, incarnation, seq,
+                 state], without it, which the release before versions reads too
 
 a fence per agent, name -> incarnation: the incarnation about to start read the record
 under it, so no older one may write after that read (its write would be lost under the
