@@ -133,6 +133,7 @@ class Upgrades:
         self._paths: dict[str, str] = {}                    # kind -> the path that class came from
         self._previous: dict[str, tuple[type[Agent], str]] = {}  # kind -> the code an upgrade replaced
         self._busy: set[str] = set()                        # kinds being upgraded here
+        self._pauses: list[tuple[float, int]] = []          # this upgrade's slices: (seconds paused, agents)
 
     def canonical(self, kind: str) -> str | None:
         """The allow-list's name for `kind` (its short name, or its path), None if not allowed."""
@@ -212,6 +213,7 @@ class Upgrades:
         if canon in self._busy:
             raise Unavailable(f"node {self.node.name} is upgrading {canon} already")
         self._busy.add(canon)
+        self._pauses = []
         try:
             return await self._upgrade(canon, to, extra, rollback, check)
         finally:
@@ -295,7 +297,15 @@ class Upgrades:
 
     def _result(self, kind: str, old_cls: type, new_cls: type, agents: int, migrated: int, failed: list) -> dict:
         return {"node": self.node.name, "kind": kind, "from_vsn": kind_vsn(old_cls), "to_vsn": kind_vsn(new_cls),
-                "agents": agents, "migrated": migrated, "failed": failed}
+                "agents": agents, "migrated": migrated, "failed": failed, "pause_ms": self._pause_ms()}
+
+    def _pause_ms(self) -> dict | None:
+        """How long this node's agents were paused, per agent (each for its slice's time)."""
+        each = sorted(s for s, n in self._pauses for _ in range(n))
+        if not each:
+            return None
+        at = lambda q: round(each[min(len(each) - 1, int(q * len(each)))] * 1000, 2)  # noqa: E731
+        return {"p50": at(0.5), "p99": at(0.99), "max": round(each[-1] * 1000, 2)}
 
     def _meta(self, kind: str, new_cls: type, new_path: str, old_path: str) -> bytes:
         """The store's note of the kind's code. The previous MODULE:CLASS is kept across a
@@ -327,6 +337,7 @@ class Upgrades:
         """Pause, migrate, commit and resume these runners (a slice of the kind's agents
         here), all or none; the first slice installs the new code for the kind."""
         node = self.node
+        paused_at = node.clock.now()
         for r in runners:
             r.paused = True
         try:
@@ -394,6 +405,7 @@ class Upgrades:
                 log.error("node %s: upgrade of %s: agent %s: not committed: %s", node.name, kind, name, why)
             return len(new_agents) - len(bad), failed
         finally:
+            self._pauses.append((node.clock.now() - paused_at, len(runners)))
             for r in runners:
                 r.paused = False
                 if node.runners.get(r.name) is r:

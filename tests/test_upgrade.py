@@ -20,6 +20,7 @@ from mesh import config as config_mod
 from mesh.errors import AgentDown, CallTimeout, Unavailable
 from mesh.runner import AgentStatus
 from mesh.store import FORMAT, Batch, Record, Store, decode_record
+from mesh.wire import Kind
 
 V1 = '''
 import asyncio
@@ -224,6 +225,13 @@ async def test_upgrade_migrates_a_renamed_field_under_continuous_calls(box_clust
     # a new spawn, and a restart, run the new code
     await m.spawn("fresh", "box")
     assert await m.call("fresh", "add") == ["v2", 1]
+    # a node says how long it paused its agents (each for its slice's time); one with none, nil
+    kind[1](V2.replace("vsn = 2", "vsn = 3"))
+    answers = [await m.caller.request(node, Kind.UPGRADE, None, {"kind": "box"}, 10) for node in c.cfg.nodes]
+    for answer in answers:
+        pause = answer["pause_ms"]
+        assert answer["failed"] == [] and (pause is None) == (answer["agents"] == 0)
+        assert pause is None or 0 <= pause["p50"] <= pause["p99"] <= pause["max"]
     await c.close()
 
 
