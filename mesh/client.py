@@ -23,7 +23,7 @@ from typing import Any, Callable
 from .caller import Caller, ClientResolver
 from .clock import Backoff, Clock
 from .config import Config, load
-from .errors import CallError, CallTimeout, NoSuchAgent, Retryable, Unavailable
+from .errors import Busy, CallError, CallTimeout, NoSuchAgent, Retryable, Unavailable
 from .network import ZmqNetwork
 from .security import Security, client_keypair
 from .wire import Kind
@@ -139,6 +139,11 @@ class Client:
                 raise CallTimeout(f"{kind.name.lower()} got no answer within {timeout:g}s")
             try:
                 return await self.caller.request(node, kind, target, body, remaining, rid=rid)
+            except Busy as err:  # a burst of spawns: the supervisor says when to send it again
+                hint = err.data.get("retry_after_ms", 0) / 1000
+                if not err.retryable or hint >= remaining - 0.1:
+                    raise
+                await self.clock.sleep(hint)
             except Retryable as err:
                 if remaining < 0.2 or not err.retryable:
                     raise err

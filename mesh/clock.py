@@ -73,6 +73,15 @@ class Clock:
     def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
         return self.call_after(when - self.now(), callback)
 
+    async def sleep(self, delay: float) -> None:
+        """Wait `delay` seconds of this clock (of a fake clock too, as its timers do)."""
+        done = asyncio.get_running_loop().create_future()
+        timer = self.call_after(delay, lambda: done.done() or done.set_result(None))
+        try:
+            await done
+        finally:
+            timer.cancel()
+
 
 class Backoff:
     """Exponential waits with jitter for one retry loop, capped, never past a deadline.

@@ -113,7 +113,13 @@ class CallTimeout(CallError):
 
 
 class Busy(CallError):
-    pass
+    """Too much to do now. With `retry_after_ms` in its data (a spawn refused for a burst)
+    the same request sent again after that long may succeed; without (a full mailbox or
+    queue), it is the caller's to decide."""
+
+    @property
+    def retryable(self) -> bool:
+        return "retry_after_ms" in self.data
 
 
 class NotAllowed(CallError):

@@ -49,6 +49,7 @@ from .supervisor_nodes import Membership
 from .supervisor_requests import Requests
 from .supervisor_starts import Starts
 from .records import LocalRecords
+from .admission import SpawnQueue
 from .tree import DYNAMIC_PREFIX, PLACE_PREFIX, START_CONCURRENCY, Child, ChildStatus, NodeView, Sup
 from .wire import Kind
 
@@ -81,6 +82,7 @@ class SupervisorRole(Starts, Exits, Membership, Requests, Drains):
         self._inventories: dict[str, list] = {}  # what nodes said runs on them, before ready
         self._early_exits: list[wire.Msg] = []
         self._start_slots = asyncio.Semaphore(START_CONCURRENCY)
+        self.spawns = SpawnQueue(self.clock, START_CONCURRENCY)  # refuses a burst early (admission.py)
         self.placing: Counter = Counter()      # node -> starts under way there
         self.replica_use: Counter = Counter()  # host -> children it holds copies for
         self._registry_scheduled = False

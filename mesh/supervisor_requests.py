@@ -57,6 +57,10 @@ class Requests:
         sup = self.sups.get(parent)
         if sup is None or not sup.spec.dynamic:
             raise BadRequest(f"{parent!r} is not a dynamic supervisor")
+        ttl_s = msg.ttl_ms / 1000 if msg.ttl_ms else None
+        refusal = self.spawns.refusal(ttl_s)
+        if refusal is not None:
+            raise refusal
         spec = ChildSpec(name, kind, body.get("args") or {}, body.get("restart") or "permanent")
         child = Child(spec, parent, dynamic=True, born=self._new_incarnation(), spawn_rid=msg.id, busy=True)
         child.unrecorded[DYNAMIC_PREFIX + name] = msgpack.packb(
@@ -64,7 +68,8 @@ class Requests:
              "born": child.born, "rid": msg.id})
         self._add_child(child)
         sup.children[name] = None
-        self._spawn(self._spawn_child(child, msg.id))
+        self.spawns.begin()
+        self._spawn(self._spawn_child(child, msg.id, self.clock.now() + ttl_s if ttl_s else None))
 
     def _spawn_again(self, child: Child, body: dict, parent: str, rid: str) -> None:
         """A repeat of the spawn that made `child` that the control replies no longer know
@@ -79,7 +84,13 @@ class Requests:
         else:
             raise Unavailable(f"{child.spec.name!r} was spawned and is (re)starting now")
 
-    async def _spawn_child(self, child: Child, rid: str) -> None:
+    async def _spawn_child(self, child: Child, rid: str, deadline: float | None) -> None:
+        try:
+            await self._spawn_child_once(child, rid, deadline)
+        finally:
+            self.spawns.end()
+
+    async def _spawn_child_once(self, child: Child, rid: str, deadline: float | None) -> None:
         spec = child.spec
         forgetting = self._forgetting.get(spec.name)
         if forgetting is not None:  # an earlier agent of this name exited for good: its state goes first
@@ -89,7 +100,7 @@ class Requests:
         # find one under way, call itself failed and forget a child whose incarnation runs
         # on (issue 21). Its record goes to the store in the same write as its placement.
         child.busy = False
-        err = await self._start_child(child)
+        err = await self._start_child(child, deadline=deadline)
         if self.children.get(spec.name) is not child or child.status == ChildStatus.STOPPED:
             # A stop came while it started, and was answered: the stop forgot it (and a
             # spawn of the name since is another agent's). The answer is final, kept for

@@ -10,6 +10,7 @@ import msgpack
 
 from . import placement
 from . import supervision as sv
+from .admission import busy
 from .errors import AlreadyExists, CallError, CallTimeout, Retryable, Unavailable
 from .supervision import ChildSpec
 from .tree import MAX_START_BACKOFF_S, PLACE_PREFIX, Child, ChildStatus
@@ -133,13 +134,20 @@ class Starts:
             return False
         return True
 
-    async def _start_child(self, child: Child, prefer: str | None = None, avoid: str | None = None) -> CallError | None:
-        """Start one incarnation of `child`; returns the error if it could not be started."""
+    async def _start_child(self, child: Child, prefer: str | None = None, avoid: str | None = None,
+                           deadline: float | None = None) -> CallError | None:
+        """Start one incarnation of `child`; returns the error if it could not be started.
+        `deadline`: when its spawn's caller stops waiting; a start whose turn comes after
+        that does nothing and says Busy (the caller may send the spawn again)."""
         if child.busy or self.tree_failed:
             return None  # a start is under way already; or nothing starts in a failed tree
         child.busy = True
         try:
             async with self._start_slots:
+                late = self.clock.now() - deadline if deadline is not None else 0.0
+                if late > 0:
+                    return busy(f"{child.spec.name!r} waited for a start slot {late:.1f}s past its caller's "
+                                f"deadline: not started", 2 * late)
                 return await self._start_once(child, prefer, avoid)
         finally:
             child.busy = False
