@@ -196,6 +196,26 @@ async def test_a_heal_that_fails_leaves_the_fault_in_force():
     assert "heal failed" in fault.error and nem.history.of("heal_failed")
 
 
+async def test_restart_is_in_force_until_the_restart_returns_and_a_failed_one_says_why():
+    env = FakeEnv(pids={"n1": 1, "n2": 2, "n3": 3})
+    asked, outcomes = [], ["pid 2 -> 9, 4 agents moved", RuntimeError("not restarted: [{'agent': 'c1'}]")]
+
+    async def restart_node(node):
+        asked.append(node)
+        assert nem.history.events[-1]["e"] == "fault"  # in force while the restart runs
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+    env.restart_node = restart_node
+    nem = nemesis_for(env, ["restart"])
+    first = await nem.one("restart", 0.1)
+    second = await nem.one("restart", 0.1)
+    assert first.injected and first.end is not None and first.note == "pid 2 -> 9, 4 agents moved"
+    assert second.injected and second.end is not None and second.note.startswith("restart failed: RuntimeError")
+    assert [f.target for f in (first, second)] == asked and nem.in_force() == []
+
+
 # --- the control plane's faults (--control) -------------------------------------------------------
 
 class FakeHosts:

@@ -4,6 +4,9 @@
     stop        SIGSTOP of a random node for a while, then SIGCONT
     term        SIGTERM to a random node: an orderly stop, often mid-handler (its launcher
                 restarts it; in force until it is ready again)
+    restart     `mesh restart` of a random node: drained (its agents move, with their
+                state, between two messages), a new process, undrained; in force until
+                the command returns
     supervisor  kill -9 of the supervisor's node
     llm         the model API fails half its requests and slows down
     disk        the data directory runs out of space, then gets it back
@@ -53,7 +56,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-ONE_HOST = ("kill", "stop", "term", "supervisor", "llm", "disk")
+ONE_HOST = ("kill", "stop", "term", "restart", "supervisor", "llm", "disk")
 HOSTS = ONE_HOST + ("cut", "loss", "host")
 CONTROL = ("leaderhost", "leadercut", "etcdkill", "etcdall")
 EVERY = HOSTS + CONTROL
@@ -276,6 +279,17 @@ class Nemesis:
 
     async def _term(self, fault: Fault, duration: float) -> None:
         await self._killed(fault, self.rng.choice(self.env.node_names()), signal.SIGTERM)
+
+    async def _restart(self, fault: Fault, duration: float) -> None:
+        node = self.rng.choice(self.env.node_names())
+        self._started(fault, node)
+        note = None
+        try:
+            note = await self.env.restart_node(node)
+        except Exception as exc:  # a restart that failed is a finding: its heal says so
+            note = f"restart failed: {type(exc).__name__}: {exc}"[:300]
+        finally:
+            self._healed(fault, lambda: note)
 
     async def _supervisor(self, fault: Fault, duration: float) -> None:
         await self._killed(fault, self.env.supervisor_node)

@@ -16,7 +16,7 @@ operations in flight finish, reads every agent's final state and hands the recor
 the checker (scripts/chaos/check.py), whose verdict it prints; exit status 1 on any
 violation. Everything it starts is ended, also on Ctrl-C.
 
---faults chooses among: kill stop term supervisor llm disk, and with --hosts also
+--faults chooses among: kill stop term restart supervisor llm disk, and with --hosts also
 cut loss host. The disk fault mounts a small tmpfs for the data (root only).
 
 --control (with --hosts) gives the config a [control] section: each host's `mesh up`
@@ -181,6 +181,8 @@ class StandIn:
         self.proc.kill()
         self.proc.wait(5)
 
+
+RESTART_TIMEOUT_S = 60.0  # a restart fault: drain, a new process, undrain
 
 class Env:
     """The mesh under test: its processes, its hosts (or none), its stand-in model API."""
@@ -348,6 +350,14 @@ class Env:
 
     def client(self):
         return mesh.connect(self.config, key=self.key)
+
+    async def restart_node(self, node: str) -> str:
+        """`mesh restart NODE`: drained, a new process, undrained; what happened, in a few words."""
+        async with self.client() as c:
+            done = await c.restart(node, timeout=RESTART_TIMEOUT_S)
+        if not done["restarted"]:
+            raise RuntimeError(f"not restarted: {done['failed'][:3]}")
+        return f"pid {done['old_pid']} -> {done['pid']}, {len(done['moved'])} agents moved"
 
     def stop(self) -> None:
         for run in self.runs.values() if self.control else ():  # at once: none waits on etcd's majority
