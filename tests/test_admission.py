@@ -33,16 +33,23 @@ def test_the_queue_refuses_only_what_would_not_start_in_time():
     assert q.refusal(1.0) is None
 
 
-async def test_a_burst_is_refused_early_and_a_late_turn_does_nothing(tmp_path):
+async def _slots_held(tmp_path, slots: int):
+    """A mesh whose supervisor has `slots` start slots, after 4 spawns (a rate to estimate
+    from: 4 starts in the last 2 s), with every slot then taken by the test."""
     c = Cluster(make_config(tmp_path), tmp_path)
     await c.start()
     m = c.client()
     role = c.nodes[c.cfg.supervisor_node].supervisor
-    role._start_slots, role.spawns.capacity = asyncio.Semaphore(2), 2
-    for i in range(4):  # a rate to estimate from: 4 starts in the last 2 s
+    role._start_slots, role.spawns.capacity = asyncio.Semaphore(slots), slots
+    for i in range(4):
         await m.spawn(f"warm{i}", "counter")
-    for _ in range(2):  # every start slot taken: spawns wait
+    for _ in range(slots):
         await role._start_slots.acquire()
+    return c, m, role
+
+
+async def test_a_burst_is_refused_early_and_a_late_turn_does_nothing(tmp_path):
+    c, m, role = await _slots_held(tmp_path, 2)
     node = c.cfg.supervisor_node
 
     def spawn(name: str, rid: str):
@@ -74,14 +81,7 @@ async def test_a_burst_is_refused_early_and_a_late_turn_does_nothing(tmp_path):
 
 
 async def test_the_client_waits_out_the_hint_and_spawns(tmp_path):
-    c = Cluster(make_config(tmp_path), tmp_path)
-    await c.start()
-    m = c.client()
-    role = c.nodes[c.cfg.supervisor_node].supervisor
-    role._start_slots, role.spawns.capacity = asyncio.Semaphore(1), 1
-    for i in range(4):
-        await m.spawn(f"warm{i}", "counter")
-    await role._start_slots.acquire()
+    c, m, role = await _slots_held(tmp_path, 1)
     refused = []
     refusal = role.spawns.refusal
     role.spawns.refusal = lambda ttl_s: refused.append(refusal(ttl_s)) or refused[-1]

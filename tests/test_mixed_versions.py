@@ -4,6 +4,7 @@ store; agents move both ways between them with their state, and the old node is 
 replaced by a new one, as a rolling upgrade of the runtime does."""
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -40,18 +41,29 @@ def _node(cfg, name, code_root) -> MeshRun:
     return MeshRun("node", "-c", str(cfg), name, env=env, cwd=code_root)
 
 
-@pytest.mark.timeout(180)
-def test_a_node_of_the_previous_release_serves_beside_new_ones_and_agents_move_both_ways(tmp_path):
+@contextlib.contextmanager
+def _mixed_mesh(tmp_path, old_nodes: set[str]):
+    """n1, n2, n3 each under its own `mesh node`, those in `old_nodes` on the previous
+    release's code; yields (config, {node: run}, the old code's folder). Ended by pid."""
     old = tmp_path / "previous"
     old.mkdir()
     _previous_release(old)
     cfg = procs.write_config(tmp_path)
     runs = {}
     try:
-        for name, code in (("n2", ROOT), ("n3", old), ("n1", ROOT)):  # n1, the supervisor's, last
+        for name in ("n2", "n3", "n1"):  # n1, the supervisor's, last
+            code = old if name in old_nodes else ROOT
             runs[name] = _node(cfg, name, code).start(wait_for="mesh ready" if name == "n1" else f"node {name} ready",
                                                       timeout=60)
+        yield cfg, runs, old
+    finally:
+        for run in runs.values():
+            run.stop()
 
+
+@pytest.mark.timeout(180)
+def test_a_node_of_the_previous_release_serves_beside_new_ones_and_agents_move_both_ways(tmp_path):
+    with _mixed_mesh(tmp_path, {"n3"}) as (cfg, runs, old):
         async def check(values: dict[str, int]) -> None:
             async with mesh.connect(cfg) as m:
                 for name, value in values.items():
@@ -80,9 +92,6 @@ def test_a_node_of_the_previous_release_serves_beside_new_ones_and_agents_move_b
         runs["n3"] = _node(cfg, "n3", ROOT).start(wait_for="node n3 ready", timeout=60)
         assert mesh_cmd("undrain", "-c", str(cfg), "n3").returncode == 0
         asyncio.run(check(values))
-    finally:
-        for run in runs.values():
-            run.stop()
 
 
 @pytest.mark.timeout(180)
@@ -90,16 +99,7 @@ def test_a_supervisor_of_the_previous_release_runs_nodes_of_this_one(tmp_path):
     """The supervisor's node (n1) on the old code, n2 and n3 on this release's: spawns,
     calls, a node killed and started again by its launcher, `mesh status` (this release's
     CLI asks for counts; the old supervisor lists every agent)."""
-    old = tmp_path / "previous"
-    old.mkdir()
-    _previous_release(old)
-    cfg = procs.write_config(tmp_path)
-    runs = {}
-    try:
-        for name, code in (("n2", ROOT), ("n3", ROOT), ("n1", old)):
-            runs[name] = _node(cfg, name, code).start(wait_for="mesh ready" if name == "n1" else f"node {name} ready",
-                                                      timeout=60)
-
+    with _mixed_mesh(tmp_path, {"n1"}) as (cfg, runs, _):
         async def spawn_and_add() -> dict[str, str]:
             async with mesh.connect(cfg) as m:
                 placed = {f"c{i}": (await m.spawn(f"c{i}", "counter"))["node"] for i in range(6)}
@@ -119,6 +119,3 @@ def test_a_supervisor_of_the_previous_release_runs_nodes_of_this_one(tmp_path):
         asyncio.run(read_all())
         shown = mesh_cmd("status", "-c", str(cfg))
         assert shown.returncode == 0 and all(name in shown.stdout for name in placed), shown.stdout + shown.stderr
-    finally:
-        for run in runs.values():
-            run.stop()
