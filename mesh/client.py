@@ -29,6 +29,8 @@ from .security import Security, client_keypair
 from .wire import Kind
 
 
+STATUS_PAGE = 10_000  # agents per STATUS answer when the client gathers them all
+
 class Client:
     """`key`: the secret key file to connect with when the cluster is secure (default:
     $MESH_KEY, then [security] client_key)."""
@@ -183,11 +185,22 @@ class Client:
         either `agents` (listed: filtered by kind, node, status; sorted by name; `limit`
         per page, `next` naming where the following page starts, passed as `after`), or
         with agents=False counts only (`kinds`, `statuses`), whose size and cost do not
-        grow with the agents on each node."""
+        grow with the agents on each node. Agents with no `limit`: every one that matches,
+        fetched page after page (no one answer grows past a page)."""
         view = {k: v for k, v in (("name", name), ("kind", kind), ("node", node), ("status", status),
-                                  ("limit", limit), ("after", after)) if v is not None}
-        body = {"agents": agents, **view} if view or not agents else None
-        return await self._control(Kind.STATUS, None, body, timeout)
+                                  ("after", after)) if v is not None}
+        if not agents:
+            return await self._control(Kind.STATUS, None, {"agents": False, **view}, timeout)
+        if limit is not None:
+            return await self._control(Kind.STATUS, None, {"agents": True, **view, "limit": limit}, timeout)
+        whole = await self._control(Kind.STATUS, None, {"agents": True, **view, "limit": STATUS_PAGE}, timeout)
+        while whole.get("next"):  # a supervisor of the release before lists every agent at once
+            page = await self._control(Kind.STATUS, None, {"agents": True, **view, "limit": STATUS_PAGE,
+                                                           "after": whole.pop("next")}, timeout)
+            whole["agents"] += page["agents"]
+            whole["next"] = page.get("next")
+        whole.pop("next", None)
+        return whole
 
     async def inspect(self, name: str, max_bytes: int = 2000, timeout: float | None = None) -> dict:
         """One agent as its node and its supervisor see it (OTP's sys:get_status): kind,

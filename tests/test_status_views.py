@@ -3,12 +3,14 @@ agents listed on request, filtered and paged. In-memory network, real nodes and 
 
 import pytest
 
+import mesh.client
+
 from harness import Cluster, make_config
 from mesh.errors import BadRequest
 from mesh.wire import Kind
 
 
-async def test_counts_by_default_and_agents_filtered_and_paged_on_request(tmp_path):
+async def test_counts_by_default_and_agents_filtered_and_paged_on_request(tmp_path, monkeypatch):
     c = Cluster(make_config(tmp_path), tmp_path)
     await c.start()
     m = c.client()
@@ -43,6 +45,8 @@ async def test_counts_by_default_and_agents_filtered_and_paged_on_request(tmp_pa
     assert (await m.status(status="backoff"))["agents"] == []
     everything = await m.status()  # no view: every agent, as before views existed
     assert [a["name"] for a in everything["agents"]] == sorted(placed) and "next" not in everything
+    monkeypatch.setattr(mesh.client, "STATUS_PAGE", 4)  # gathered page after page: no answer grows past one
+    assert [a["name"] for a in (await m.status())["agents"]] == sorted(placed)
     with pytest.raises(BadRequest):
         await m.status(limit=0)
     await c.close()
