@@ -28,8 +28,8 @@ from .network import ZmqNetwork
 from .security import Security, client_keypair
 from .wire import Kind
 
-
 STATUS_PAGE = 10_000  # agents per STATUS answer when the client gathers them all
+
 
 class Client:
     """`key`: the secret key file to connect with when the cluster is secure (default:

@@ -19,8 +19,8 @@ from .wire import Kind
 
 log = logging.getLogger("mesh.supervisor")
 
-
 MAX_STATUS_PAGE = 10_000  # agents one status answer may list, about 1 MB (a page; `after` for the next)
+
 
 class Requests:
     """The part of SupervisorRole that answers spawns, stops and status (a mixin)."""
