@@ -25,8 +25,12 @@ WAITING_SHOWN = 5  # messages of the mailbox shown, from its head
 
 
 def preview(value: Any, max_bytes: int) -> str:
-    """`value` as JSON (bytes and other non-JSON values by repr), cut at `max_bytes`."""
-    text = json.dumps(value, default=repr, ensure_ascii=False, sort_keys=True)
+    """`value` as JSON (bytes and other non-JSON values by repr), cut at `max_bytes`.
+    Keys keep their order: a state may mix int and str keys, which cannot be sorted."""
+    try:
+        text = json.dumps(value, default=repr, ensure_ascii=False)
+    except (TypeError, ValueError):  # keys JSON cannot take (a tuple, bytes): as Python shows it
+        text = repr(value)
     data = text.encode()
     if len(data) <= max_bytes:
         return text

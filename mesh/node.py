@@ -31,11 +31,11 @@ from .config import Config, NodeSpec
 from .errors import AgentDown, CallError, Moved, NoSuchAgent, ProtocolError, Unavailable, error_to_wire
 from .incarnations import Incarnations
 from .intake import Intake
+from .introspect import on_inspect
 from .controlplane import ControlPlane
 from .lease import Lease
 from .names import Names, NodeResolver
 from .replication import Replication
-from .introspect import on_inspect
 from .restarts import on_restart
 from .runner import AgentStatus, Envelope, Runner
 from .served import ServedLog

@@ -5,6 +5,7 @@ control.ControlReplies, so that a copy never acts twice), and the status of the 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 from collections import Counter
 
@@ -248,14 +249,15 @@ class Requests:
         kind, node, status, after = view.get("kind"), view.get("node"), view.get("status"), view.get("after")
         if "name" in view:  # one agent (mesh inspect): no walk of the children
             return ([view["name"]] if view["name"] in self.children else []), None
-        names = sorted(n for n, c in self.children.items()
-                       if (kind is None or c.spec.kind == kind) and (status is None or c.status == status)
-                       and (node is None or (c.node == node and c.status == ChildStatus.RUNNING))
-                       and (after is None or n > after))
+        matching = (n for n, c in self.children.items()
+                    if (kind is None or c.spec.kind == kind) and (status is None or c.status == status)
+                    and (node is None or (c.node == node and c.status == ChildStatus.RUNNING))
+                    and (after is None or n > after))
         limit = view.get("limit")
-        if limit is not None and len(names) > limit:
-            return names[:limit], names[limit - 1]
-        return names, None
+        if limit is None:
+            return sorted(matching), None
+        page = heapq.nsmallest(limit + 1, matching)  # a page: no sort of every agent for each one
+        return (page[:limit], page[limit - 1]) if len(page) > limit else (page, None)
 
     async def _status(self, origin: Origin, rid: str, view: dict) -> None:
         listing = bool(view.get("agents"))

@@ -52,3 +52,10 @@ async def test_inspect_shows_state_mailbox_the_message_in_hand_and_exits(tmp_pat
     with pytest.raises(NoSuchAgent):
         await m.inspect("nobody")
     await c.close()
+
+
+def test_a_state_json_cannot_sort_or_hold_is_shown_all_the_same():
+    from mesh.introspect import preview
+    assert preview({1: "a", "b": 2}, 100) == '{"1": "a", "b": 2}'  # int and str keys together
+    assert preview({(1, 2): b"x"}, 100) == "{(1, 2): b'x'}"
+    assert preview("x" * 500, 100).endswith("... (402 bytes more)")
