@@ -181,7 +181,7 @@ class Caller:
         if self.link_refused(node):
             raise NotAllowed(f"node {node} refused this process's key (not in its config?)")
         if fail_fast and self.link_down(node):
-            raise LinkDown(f"no connection to node {node}")
+            raise LinkDown(f"no connection to node {node}", {"unsent": True})
         try:
             frame = wire.encode(kind, rid, target, self.sender, int(ttl * 1000), body, meta)
         except (TypeError, ValueError, OverflowError) as exc:
@@ -234,7 +234,12 @@ class Caller:
 
     # --- calls by name, with failover ------------------------------------------------------
 
-    async def call(self, name: str, body: Any, timeout: float, rid: str | None = None, stream=None) -> Any:
+    async def call(self, name: str, body: Any, timeout: float, rid: str | None = None, stream=None,
+                   follow: bool = True) -> Any:
+        """See the module's docstring. With follow=False an agent that is down or out of
+        reach is not waited for: its AgentDown, Unavailable or LinkDown is raised at once
+        (a group call tries another member; LinkDown's data says {"unsent": True} when the
+        call never left this process)."""
         rid = rid or self.new_id()
         deadline = self.clock.now() + timeout
         known = self.resolver.where(name)
@@ -284,6 +289,8 @@ class Caller:
                     self.resolver.learn(name, node, inc)
                     fail_fast = True
                 except LinkDown as down:
+                    if not follow:
+                        raise
                     # Where is it now? Perhaps still there: the node was restarted and already
                     # hosts it again, and only this connection has yet to come back. Then send
                     # anyway; the link holds the message until it reconnects.
@@ -294,7 +301,7 @@ class Caller:
                         watch = True  # the supervisor may not know yet: watch for a move at once
                     fail_fast, node, inc = where != node, where, newer
                 except Retryable as down:
-                    if not down.retryable:
+                    if not down.retryable or not follow:
                         raise  # the agent is where it was; trying again at once would fail the same way
                     node, inc = await self._relocate(name, inc, deadline, None, down)
                     fail_fast = True

@@ -192,8 +192,11 @@ def _with_restarts(cfg: config_mod.Config, max_restarts: int | None) -> config_m
 @click.option("--args", "args_json", default="{}", help="JSON object passed to the agent's init")
 @click.option("--restart", type=click.Choice(["permanent", "transient", "temporary"]), default="permanent")
 @click.option("--supervisor", default=None, help="the dynamic supervisor to start it under (default: [supervisor] dynamic)")
-def spawn(config_path, key, name, kind, args_json, restart, supervisor):
-    """Start agent NAME of KIND under a dynamic supervisor."""
+@click.option("--members", type=click.IntRange(1, 1000), default=None,
+              help="start a process group NAME of this many members, NAME.0 .. NAME.N-1, on distinct nodes")
+def spawn(config_path, key, name, kind, args_json, restart, supervisor, members):
+    """Start agent NAME of KIND under a dynamic supervisor (or, with --members, a group
+    of agents called as one: `mesh call --group NAME ...`)."""
     args = _json_arg(args_json, "--args")
     if not isinstance(args, dict):
         raise click.BadParameter("--args must be a JSON object")
@@ -203,7 +206,10 @@ def spawn(config_path, key, name, kind, args_json, restart, supervisor):
         click.echo(f"mesh: NotAllowed: kind {kind!r} is not in the config's allow-list ({allowed}) {_see('NotAllowed')}",
                    err=True)
         sys.exit(1)
-    result = _run(lambda c: c.spawn(name, kind, args, restart, supervisor), cfg)
+    if members is not None:
+        result = _run(lambda c: c.spawn_group(name, kind, members, args, restart, supervisor=supervisor), cfg)
+    else:
+        result = _run(lambda c: c.spawn(name, kind, args, restart, supervisor), cfg)
     click.echo(_to_json(result))
 
 
@@ -213,12 +219,20 @@ def spawn(config_path, key, name, kind, args_json, restart, supervisor):
 @click.argument("message")
 @click.option("--timeout", type=float, default=None, help="seconds to wait for the reply")
 @click.option("--request-id", default=None, help="make the call idempotent: a repeat returns the recorded reply")
-def call(config_path, key, name, message, timeout, request_id):
+@click.option("--group", is_flag=True, help="NAME is a process group: call its least loaded member")
+@click.option("--idempotent", is_flag=True,
+              help="with --group: the call may run again on another member if the one that had it dies")
+def call(config_path, key, name, message, timeout, request_id, group, idempotent):
     """Call agent NAME with the JSON MESSAGE; prints the reply as JSON."""
     msg = _json_arg(message, "MESSAGE")
     if request_id is not None and not (0 < len(request_id) <= 128):
         raise click.BadParameter("--request-id must be 1..128 characters")
+    if group and request_id is not None:
+        raise click.BadParameter("--request-id names a call to one agent; a group call has one per member tried")
     cfg = _load(config_path)
+    if group:
+        click.echo(_to_json(_run(lambda c: c.call_group(name, msg, timeout, idempotent), cfg)))
+        return
     click.echo(_to_json(_run(lambda c: c.call(name, msg, timeout, request_id), cfg)))
 
 

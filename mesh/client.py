@@ -24,6 +24,7 @@ from .caller import Caller, ClientResolver
 from .clock import Backoff, Clock
 from .config import Config, load
 from .errors import Busy, CallError, CallTimeout, NoSuchAgent, Retryable, Unavailable
+from .groups import Groups
 from .network import ZmqNetwork
 from .security import Security, client_keypair
 from .wire import Kind
@@ -51,6 +52,7 @@ class Client:
                              link_refused=lambda n: n in self.links and self.links[n].refused,
                              reconnect=self._reconnect)
         self.timeout = config.timing.call_timeout_s
+        self.groups = Groups(self)
 
     async def __aenter__(self) -> "Client":
         return self
@@ -86,6 +88,27 @@ class Client:
             if held:
                 self._link(node).hold(held)
 
+    async def connected(self, node: str, wait: float) -> bool:
+        """Whether this client's connection to `node` is up, or comes up within `wait`
+        seconds (it is made now if there is none); False at once if it is known down."""
+        self._link(node)
+        end = self.clock.now() + wait
+        while self.up.get(node) is None:
+            left = end - self.clock.now()
+            if left <= 0:
+                return False
+            woken = asyncio.get_running_loop().create_future()
+            wake = (lambda _=None: woken.done() or woken.set_result(None))
+            timer = self.clock.call_after(left, wake)
+            came = self.caller.link_up()
+            came.add_done_callback(wake)
+            try:
+                await woken
+            finally:
+                timer.cancel()
+                came.remove_done_callback(wake)
+        return bool(self.up.get(node))
+
     def _on_state(self, node: str, up: bool | None) -> None:
         self.up[node] = bool(up)
         self.caller.on_link_state(node, up)
@@ -119,6 +142,29 @@ class Client:
             except CallError:
                 pass  # the node it lands on passes it on, or counts it as undeliverable
         self.caller.cast(name, msg)
+
+    # --- groups (mesh.groups) ----------------------------------------------------------------
+
+    async def spawn_group(self, group: str, kind: str, size: int, args: dict | None = None,
+                          restart: str = "permanent", supervisor: str | None = None,
+                          timeout: float | None = None) -> list[dict]:
+        """Spawn members GROUP.0 .. GROUP.size-1 (those missing), on distinct nodes while
+        there are enough; returns each member's {name, node, incarnation}."""
+        return await self.groups.spawn(group, kind, size, args, restart, supervisor, timeout)
+
+    async def call_group(self, group: str, msg: Any, timeout: float | None = None, idempotent: bool = False) -> Any:
+        """Call the least loaded member of `group` (as this client sees it); a member
+        that cannot take it is passed over at once. `idempotent`: the call may run again on
+        another member when the one that had it died (see mesh.groups)."""
+        return await self.groups.call(group, msg, self.timeout if timeout is None else timeout, idempotent)
+
+    async def members(self, group: str, timeout: float | None = None) -> list[dict]:
+        """The members of `group`: {name, kind, status, node, incarnation, restarts}."""
+        return await self.groups.members(group, timeout)
+
+    async def stop_group(self, group: str, timeout: float | None = None) -> list[str]:
+        """Stop every member of `group`; returns their names."""
+        return await self.groups.stop(group, timeout)
 
     async def whereis(self, name: str, timeout: float | None = None) -> dict:
         node = self.resolver.any_node()
@@ -375,6 +421,19 @@ class SyncClient:
     def spawn(self, name: str, kind: str, args: dict | None = None, restart: str = "permanent",
               supervisor: str | None = None) -> dict:
         return self._run(self._client.spawn(name, kind, args, restart, supervisor))
+
+    def spawn_group(self, group: str, kind: str, size: int, args: dict | None = None,
+                    restart: str = "permanent", supervisor: str | None = None) -> list[dict]:
+        return self._run(self._client.spawn_group(group, kind, size, args, restart, supervisor))
+
+    def call_group(self, group: str, msg: Any, timeout: float | None = None, idempotent: bool = False) -> Any:
+        return self._run(self._client.call_group(group, msg, timeout, idempotent))
+
+    def members(self, group: str) -> list[dict]:
+        return self._run(self._client.members(group))
+
+    def stop_group(self, group: str) -> list[str]:
+        return self._run(self._client.stop_group(group))
 
     def stop(self, name: str) -> dict:
         return self._run(self._client.stop(name))

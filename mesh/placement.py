@@ -45,16 +45,18 @@ def candidates(config: Config, spec: ChildSpec, live: Iterable[str], full_hosts:
 
 
 def choose_node(config: Config, allowed: list[str], load: Callable[[str], int],
-                prefer: str | None = None, avoid: str | None = None) -> str | None:
+                prefer: str | None = None, avoid: str | None = None,
+                crowd: Callable[[str], int] = lambda n: 0) -> str | None:
     """One of the `allowed` nodes: `prefer` if allowed; never `avoid` unless it is the only
-    one; nodes on other hosts than avoid's first, then the least loaded."""
+    one; those with the fewest members of the agent's group (`crowd`) first, then nodes
+    on other hosts than avoid's, then the least loaded."""
     nodes = [n for n in allowed if n != avoid] or allowed
     if not nodes:
         return None
     if prefer in nodes:
         return prefer
     avoid_host = config.nodes[avoid].host if avoid else None
-    return min(nodes, key=lambda n: (config.nodes[n].host == avoid_host, load(n), n))
+    return min(nodes, key=lambda n: (crowd(n), config.nodes[n].host == avoid_host, load(n), n))
 
 
 def choose_replicas(n: int, live_hosts: set[str], home: str, full_hosts: set[str],

@@ -63,6 +63,7 @@ class ChildSpec:
     args: dict = field(default_factory=dict, hash=False, compare=False)
     restart: str = "permanent"
     placement: Placement = Placement()
+    group: str = ""  # a process group (OTP's pg): its members are placed on distinct nodes
 
 
 @dataclass(frozen=True)

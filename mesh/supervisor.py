@@ -76,6 +76,7 @@ class SupervisorRole(Starts, Exits, Membership, Requests, Drains):
         me.boot, me.pid, me.alive = node.boot, os.getpid(), True
         self.children: dict[str, Child] = {}
         self.pending: dict[str, Child] = {}  # children that may wait for a start (see Child.pending_index)
+        self.groups: dict[str, dict[str, None]] = {}  # group -> its members' names, in spawn order
         self.sups: dict[str, Sup] = {}
         self.ready = False
         self.ready_event = asyncio.Event()
@@ -109,7 +110,8 @@ class SupervisorRole(Starts, Exits, Membership, Requests, Drains):
         for key, raw in self.records.items(DYNAMIC_PREFIX):
             try:
                 d = msgpack.unpackb(raw, raw=False)
-                spec = ChildSpec(d["name"], d["kind"], d.get("args") or {}, d.get("restart", "permanent"))
+                spec = ChildSpec(d["name"], d["kind"], d.get("args") or {}, d.get("restart", "permanent"),
+                                 group=d.get("group") or "")
                 parent = d.get("parent", self.config.dynamic_supervisor)
                 born = int(d.get("born", 0))
                 rid = d.get("rid")
@@ -158,6 +160,8 @@ class SupervisorRole(Starts, Exits, Membership, Requests, Drains):
         """Take `child` into the records; a pending one is placed by the next pass."""
         child.pending_index = self.pending
         self.children[child.spec.name] = child
+        if child.spec.group:
+            self.groups.setdefault(child.spec.group, {})[child.spec.name] = None
         if child.status == ChildStatus.PENDING:
             self.pending[child.spec.name] = child
 

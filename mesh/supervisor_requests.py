@@ -62,11 +62,14 @@ class Requests:
         refusal = self.spawns.refusal(ttl_s)
         if refusal is not None:
             raise refusal
-        spec = ChildSpec(name, kind, body.get("args") or {}, body.get("restart") or "permanent")
+        spec = ChildSpec(name, kind, body.get("args") or {}, body.get("restart") or "permanent",
+                         group=body.get("group") or "")
         child = Child(spec, parent, dynamic=True, born=self._new_incarnation(), spawn_rid=msg.id, busy=True)
-        child.unrecorded[DYNAMIC_PREFIX + name] = msgpack.packb(
-            {"name": name, "kind": spec.kind, "args": spec.args, "restart": spec.restart, "parent": parent,
-             "born": child.born, "rid": msg.id})
+        record = {"name": name, "kind": spec.kind, "args": spec.args, "restart": spec.restart, "parent": parent,
+                  "born": child.born, "rid": msg.id}
+        if spec.group:  # only then: a record without one reads the same to the release before
+            record["group"] = spec.group
+        child.unrecorded[DYNAMIC_PREFIX + name] = msgpack.packb(record)
         self._add_child(child)
         sup.children[name] = None
         self.spawns.begin()
@@ -77,8 +80,8 @@ class Requests:
         (the supervisor restarted since): it gets where the child runs; a reused id is
         refused."""
         spec = child.spec
-        if (body["kind"], body.get("args") or {}, body.get("restart") or "permanent", parent) != (
-                spec.kind, spec.args, spec.restart, child.parent):
+        if (body["kind"], body.get("args") or {}, body.get("restart") or "permanent", parent,
+                body.get("group") or "") != (spec.kind, spec.args, spec.restart, child.parent, spec.group):
             raise reused_id(rid)
         if child.status == ChildStatus.RUNNING and child.node is not None:
             self.control.answer(rid, placed(child))
@@ -127,6 +130,11 @@ class Requests:
             self._set_replicas(child, ())
             del self.children[child.spec.name]
             self.sups[child.parent].children.pop(child.spec.name, None)
+            members = self.groups.get(child.spec.group)
+            if members is not None:
+                members.pop(child.spec.name, None)
+                if not members:
+                    del self.groups[child.spec.group]
         return asyncio.ensure_future(self.records.write(
             {}, [DYNAMIC_PREFIX + child.spec.name, PLACE_PREFIX + child.spec.name]))
 
@@ -242,7 +250,19 @@ class Requests:
         if limit is not None and not 0 < limit <= MAX_STATUS_PAGE:
             self.node.respond_error(origin, msg.id, BadRequest(f"limit must be 1..{MAX_STATUS_PAGE}, not {limit}"))
             return
+        if "group" in view:  # a group's members: from the records alone, nothing asked of the nodes
+            self.node.respond(origin, msg.id, self._group_status(view["group"]))
+            return
         self._spawn(self._status(origin, msg.id, view))
+
+    def _group_status(self, group: str) -> dict:
+        members = []
+        for name in self.groups.get(group, ()):
+            c = self.children[name]
+            running = c.status == ChildStatus.RUNNING
+            members.append({"name": name, "kind": c.spec.kind, "status": c.status, "restarts": c.restarts,
+                            "node": c.node if running else None, "incarnation": c.incarnation})
+        return {"group": group, "members": members, "ready": self.ready, "epoch": self.epoch}
 
     def _listed(self, view: dict) -> tuple[list[str], str | None]:
         """The names a status view lists, in order, and where the next page starts."""

@@ -5,6 +5,8 @@ be, sending START until one node takes it, and moving agents off hosts whose dis
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from typing import Callable
 
 import msgpack
 
@@ -32,8 +34,24 @@ class Starts:
         return placement.candidates(self.config, spec, live, self._full_hosts())
 
     def _choose_node(self, child: Child, prefer: str | None = None, avoid: str | None = None) -> str | None:
-        return placement.choose_node(self.config, self._candidates(child.spec),
-                                     lambda n: self.table.running[n] + self.placing[n], prefer, avoid)
+        crowd = self._group_crowd(child) if child.spec.group else (lambda n: 0)
+        child.aim = placement.choose_node(self.config, self._candidates(child.spec),
+                                          lambda n: self.table.running[n] + self.placing[n], prefer, avoid, crowd)
+        return child.aim
+
+    def _group_crowd(self, child: Child) -> Callable[[str], int]:
+        """How many other members of `child`'s group each node runs or is starting: a
+        group's members go to distinct nodes while there are enough (OTP's pg, spread)."""
+        where: Counter = Counter()
+        for name in self.groups.get(child.spec.group, ()):
+            other = self.children.get(name)
+            if other is None or other is child:
+                continue
+            if other.status in (ChildStatus.RUNNING, ChildStatus.STARTING):
+                where[other.node] += 1
+            elif other.busy and other.aim is not None:
+                where[other.aim] += 1
+        return lambda n: where[n]
 
     def _place_pending(self) -> None:
         """Start every child that should run and is not (after boot, when a node returns,

@@ -45,6 +45,7 @@ class Child:
     incarnation: int = -1
     restarts: int = 0
     busy: bool = False  # a start or terminate is under way
+    aim: str | None = None  # the node a start under way chose (spreads a group's members)
     last_exit: str = ""
     exits: tuple = ()  # its latest exits, (wall time, how: reason), up to RECENT_EXITS (mesh inspect)
     next_try: float = 0.0   # when a start that the environment refused is tried again

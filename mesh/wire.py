@@ -55,7 +55,7 @@ class Kind(IntEnum):
     CHUNK = 5       # id; body: one piece of a streamed reply
     INFO = 6        # target; body: delivered to handle_info
     BATCH = 7       # body: up to MAX_BATCH envelopes (not batches) sent in one loop turn
-    SPAWN = 10      # id; body: {name, kind, args?, restart?, supervisor?}
+    SPAWN = 10      # id; body: {name, kind, args?, restart?, supervisor?, group?}
     STOP = 11       # id, target: the agent to stop
     STATUS = 12     # id; body: nil -> cluster status (from the supervisor)
     WHEREIS = 13    # id, target; body: {after?: incarnation, wait_ms?: int}
@@ -279,12 +279,14 @@ def _error_body(body: Any) -> str | None:
 def _spawn_body(body: Any) -> str | None:
     problem = _fields(
         {"name": str, "kind": str},
-        {"args": dict, "restart": str, "supervisor": str},
+        {"args": dict, "restart": str, "supervisor": str, "group": str},
     )(body)
     if problem:
         return problem
     if not valid_name(body["name"]):
         return f"invalid agent name {body['name']!r:.80}"
+    if body.get("group") is not None and not valid_name(body["group"]):
+        return f"invalid group name {body['group']!r:.80}"
     if body.get("restart") not in (None, "permanent", "transient", "temporary"):
         return "restart must be permanent, transient or temporary"
     return None
@@ -300,9 +302,10 @@ def _upgrade_body(body: Any) -> str | None:
     return None
 
 
-# STATUS: nil (every agent listed) or a view: counts only, or agents filtered and paged
+# STATUS: nil (every agent listed) or a view: counts only, agents filtered and paged, or
+# a group's members
 _status_body = _fields({}, {"agents": bool, "name": str, "kind": str, "node": str, "status": str, "limit": int,
-                            "after": str})
+                            "after": str, "group": str})
 _inventory_body = _fields({}, {"summary": bool})  # summary: the node's counts, not its agents
 _inspect_body = _fields({}, {"max_bytes": int})
 

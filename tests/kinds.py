@@ -31,6 +31,8 @@ class Waiter(Agent):
             await asyncio.Event().wait()
         if op == "get":
             return self.state
+        if op == "name":
+            return self.name
         raise BadRequest(f"unknown op {op!r}")
 
 

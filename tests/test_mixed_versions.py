@@ -16,6 +16,7 @@ import pytest
 
 import mesh
 import procs
+from mesh.errors import NotAllowed
 from procs import ROOT, mesh_cmd
 from meshrun import MeshRun
 
@@ -105,6 +106,9 @@ def test_a_supervisor_of_the_previous_release_runs_nodes_of_this_one(tmp_path):
                 placed = {f"c{i}": (await m.spawn(f"c{i}", "counter"))["node"] for i in range(6)}
                 for name in placed:
                     assert await m.call(name, {"op": "add", "n": 5}, request_id=f"{name}-a") == 5
+                for later in (m.call_group("pool", {"op": "get"}), m.spawn_group("pool", "counter", 2)):
+                    with pytest.raises(NotAllowed, match="without process groups"):  # a later release's
+                        await later
             return placed
         placed = asyncio.run(spawn_and_add())
         victim = next(node for node in ("n2", "n3") if node in placed.values())
