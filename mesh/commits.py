@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import supervision, wire
@@ -38,7 +39,7 @@ _PROBE_VALUE = bytes(4096)     # a page's worth (a full disk may still take it: 
 class Group:
     """Everything that becomes durable in one transaction, and what waits for it."""
 
-    __slots__ = ("batch", "dirty", "replies", "effects", "callbacks", "replicas", "void")
+    __slots__ = ("batch", "dirty", "replies", "effects", "callbacks", "replicas", "void", "submitted")
 
     def __init__(self):
         self.batch = Batch()
@@ -145,11 +146,14 @@ class Commits:
                 group.replicas[runner.name] = runner.replicas
         self._in_flight = group
         self.node.stats["commits"] += 1
+        group.submitted = time.perf_counter()
         self.node.committer.submit(batch, lambda outcome: self._committed_here(group, outcome))
 
     def _committed_here(self, group: Group, outcome: Outcome) -> None:
         """The local commit is done; with replicas, the copies must land before anything
         that depends on them leaves (G6)."""
+        if self.node.metrics is not None:
+            self.node.metrics.commit(len(group.batch.puts), time.perf_counter() - group.submitted)
         self.note_store(group.batch, outcome)
         if outcome.error is None and any(group.replicas.values()):
             self.node._spawn(self.node.replication.replicate(group, outcome))

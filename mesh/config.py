@@ -173,6 +173,7 @@ class NodeSpec:
     port: int
     tags: tuple[str, ...] = ()
     public_key: str = ""  # CURVE public key (z85), when the cluster is secure
+    metrics_port: int = 0  # where it serves Prometheus metrics over HTTP; 0: it does not
 
     @property
     def endpoint(self) -> str:
@@ -376,7 +377,16 @@ def _nodes(path: str, top: Reader, hosts: dict[str, Host], secure: bool) -> dict
             raise ConfigError(path, f"nodes.{nname}.port", f"port {port} on {key[0]} is also used by node {seen_ports[key]!r}")
         seen_ports[key] = nname
         public_key = r.get("public_key", str, "", z85_key if secure else None)
-        nodes[nname] = NodeSpec(nname, host, hosts[host].address, port, r.strings("tags"), public_key)
+        metrics_port = r.get("metrics_port", int, 0,
+                             check=lambda p: None if 0 < p < 65536 else "must be a TCP port 1..65535")
+        if metrics_port:
+            key = (hosts[host].address, metrics_port)
+            if key in seen_ports:
+                raise ConfigError(path, f"nodes.{nname}.metrics_port",
+                                  f"port {metrics_port} on {key[0]} is also used by node {seen_ports[key]!r}")
+            seen_ports[key] = nname
+        nodes[nname] = NodeSpec(nname, host, hosts[host].address, port, r.strings("tags"), public_key,
+                                metrics_port)
         r.done()
     top.used.add("nodes")
     if not nodes:

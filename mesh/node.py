@@ -117,7 +117,7 @@ class Node:
         self.stopped = asyncio.Event()
         self.listener = None
         self.supervisor = None  # the supervisor role, when this node hosts it (see add_role)
-        self._llm = None
+        self._llm, self.metrics = None, None  # the model client; what metrics add (metrics.Recorder)
         self._served = ServedLog(config.host_dir(self.spec.host), name, self.clock.wall) if config.timing.served_log else None
 
     # --- lifecycle ---------------------------------------------------------------------------

@@ -431,6 +431,8 @@ class Runner(Replies):
 
     def _answer(self, env: Envelope, response: bytes) -> None:
         rid = env.msg.id
+        if self.node.metrics is not None:
+            self.node.metrics.call(self.kind, response.startswith(wire.ERROR_TAG), self.clock.now() - env.arrived)
         origins = self.inflight.pop(rid, None) or [env.origin]
         self.node.commits.send_response(self, origins, rid, response)
         if self.waiting:

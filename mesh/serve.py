@@ -203,6 +203,7 @@ async def _serve(config: Config, name: str, boot: str, previous: dict | None, co
                 stop.set()
         loop.add_reader(control.fileno(), on_control)
     watchdog = _Watchdog(loop, WATCHDOG_S, name)
+    exporter = None
     try:
         try:
             await node.start()
@@ -210,6 +211,8 @@ async def _serve(config: Config, name: str, boot: str, previous: dict | None, co
             raise CannotStart(f"cannot listen on {node.endpoint}: {exc.strerror}"
                               f"{' (another process holds the port)' if exc.errno == errno.EADDRINUSE else ''}"
                               ) from None
+        if node.spec.metrics_port:
+            exporter = _metrics(node, loop)
         if config.control is not None:  # elected in etcd: the role comes with a term
             node.on_elected = lambda records: SupervisorRole(node, records, control=node.control)
         elif name == config.supervisor_node:
@@ -217,11 +220,24 @@ async def _serve(config: Config, name: str, boot: str, previous: dict | None, co
         await stop.wait()
     finally:
         watchdog.stop()
+        if exporter is not None:
+            exporter[0].shutdown()
         if node.supervisor is not None and whole_mesh:
             await node.supervisor.stop_tree(STOP_TREE_S)
         await node.shutdown(whole_mesh=bool(whole_mesh))
         network.close()
     return EXIT_FRESH if fresh else 0
+
+
+def _metrics(node: Node, loop: asyncio.AbstractEventLoop):
+    from . import metrics  # prometheus-client is imported only by nodes that serve metrics
+    try:
+        return metrics.serve(node, loop)
+    except OSError as exc:
+        raise CannotStart(f"cannot serve metrics on {node.spec.address}:{node.spec.metrics_port}: {exc.strerror}"
+                          f"{' (another process holds the port)' if exc.errno == errno.EADDRINUSE else ''}") from None
+    except ConfigError as exc:
+        raise CannotStart(str(exc)) from None
 
 
 class _Watchdog:

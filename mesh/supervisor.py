@@ -85,6 +85,7 @@ class SupervisorRole(Starts, Exits, Membership, Requests, Drains):
         self._start_slots = asyncio.Semaphore(START_CONCURRENCY)
         self.spawns = SpawnQueue(self.clock, START_CONCURRENCY)  # refuses a burst early (admission.py)
         self.placing: Counter = Counter()      # node -> starts under way there
+        self.exit_counts: Counter = Counter()  # how -> agents' exits handled (metrics)
         self.replica_use: Counter = Counter()  # host -> children it holds copies for
         self._registry_scheduled = False
         self.tree_failed = False

@@ -30,6 +30,7 @@ class Exits:
         if child is None or child.incarnation != body["incarnation"] or child.status not in (ChildStatus.RUNNING, ChildStatus.STARTING):
             return  # an exit of an incarnation that is no longer the current one
         how, reason = body["how"], body.get("reason", "")
+        self.exit_counts[how] += 1
         child.last_exit = f"{how}: {reason}"
         child.exits = (*child.exits, (round(self.clock.wall(), 3), child.last_exit))[-RECENT_EXITS:]
         log.info("supervisor: %s exited (%s: %s)", child.spec.name, how, reason)

@@ -91,9 +91,12 @@ kind = "counter"
 
 
 def write_config(tmp_path: Path, nodes: int = 3, max_restarts: int = 5, name: str = "test",
-                 llm_url: str = "http://127.0.0.1:9/v1", llm_connections: int = 64) -> Path:
-    ports = free_ports(nodes)
-    node_tables = "\n".join(f'[nodes.n{i + 1}]\nhost = "local"\nport = {p}\n' for i, p in enumerate(ports))
+                 llm_url: str = "http://127.0.0.1:9/v1", llm_connections: int = 64,
+                 metrics: bool = False) -> Path:
+    """With `metrics`, each node serves Prometheus metrics on a port of its own."""
+    ports = free_ports(2 * nodes if metrics else nodes)
+    node_tables = "\n".join(f'[nodes.n{i + 1}]\nhost = "local"\nport = {ports[i]}\n'
+                             + (f"metrics_port = {ports[nodes + i]}\n" if metrics else "") for i in range(nodes))
     path = tmp_path / f"{name}.toml"
     path.write_text(CONFIG.format(name=name, data=tmp_path / "data", nodes=node_tables, max_restarts=max_restarts,
                                   llm_url=llm_url, llm_connections=llm_connections))

@@ -159,6 +159,7 @@ class Mesh:
     READY = re.compile(r"node (\S+) ready \(pid (\d+)")
 
     limits = ""  # extra [limits] of every mesh of this run (--dedup-window)
+    metrics = False  # every node serves Prometheus metrics (--metrics)
 
     def __init__(self, nodes: int, kinds: dict[str, str] | None = None, log: str | None = None, label: str = "bench"):
         """`kinds`: kinds to allow besides the counter, short name -> "module:Class";
@@ -166,8 +167,10 @@ class Mesh:
         self.log, self.label = log, label
         self.kept: Path | None = None
         self.tmp = Path(tempfile.mkdtemp(prefix="mesh-bench-"))
-        ports = free_ports(nodes)
-        tables = "".join(f'[nodes.n{i + 1}]\nhost = "local"\nport = {p}\n\n' for i, p in enumerate(ports))
+        ports = free_ports(2 * nodes if self.metrics else nodes)
+        tables = "".join(f'[nodes.n{i + 1}]\nhost = "local"\nport = {ports[i]}\n'
+                         + (f"metrics_port = {ports[nodes + i]}\n" if self.metrics else "") + "\n"
+                         for i in range(nodes))
         kinds_text = "".join(f'{k} = "{v}"\n' for k, v in (kinds or {}).items())
         self.config = self.tmp / "bench.toml"
         self.config.write_text(CONFIG.format(data=self.tmp / "data", nodes=tables, limits=self.limits, kinds=kinds_text))
@@ -778,7 +781,8 @@ def side_by_side(args, baseline: Path) -> int:
                 say(f"--- {bench} on {side} ({runtime})")
                 out = Path(tmp) / f"{side}-{bench}.json"
                 env = dict(os.environ, MESH_BENCH_RUNTIME=str(runtime))
-                proc = subprocess.run([sys.executable, __file__, "--only", bench, *flags, "--json", str(out)],
+                extra = ["--metrics"] if args.metrics and side == "this" else []
+                proc = subprocess.run([sys.executable, __file__, "--only", bench, *flags, *extra, "--json", str(out)],
                                       env=env, cwd=ROOT)
                 got = json.loads(out.read_text()).get(bench) if out.exists() else f"exited {proc.returncode}"
                 results[side][bench] = got
@@ -834,6 +838,9 @@ def main() -> int:
                     help="seconds of spawning at most (default 120, or 30 with --quick; 0: no limit)")
     ap.add_argument("--dedup-window", type=int, metavar="N",
                     help="set [limits] dedup_window in every mesh (default: the mesh's own default)")
+    ap.add_argument("--metrics", action="store_true",
+                    help="every node serves Prometheus metrics (with --baseline: this side only, so that "
+                         "--baseline . measures their cost)")
     ap.add_argument("--write", action="store_true", help="rewrite the core section of docs/benchmarks.md")
     ap.add_argument("--baseline", metavar="DIR",
                     help="also measure the runtime of another checkout (say, the previous commit's), each "
@@ -844,12 +851,14 @@ def main() -> int:
     if args.raw_server:
         raw_server(args.raw_server)
         return 0
-    if args.write and (args.only or args.dedup_window is not None):
-        ap.error("--write is for a run of every benchmark with the default config: leave out --only and --dedup-window")
+    if args.write and (args.only or args.dedup_window is not None or args.metrics):
+        ap.error("--write is for a run of every benchmark with the default config: leave out --only, "
+                 "--dedup-window and --metrics")
     if args.write and args.baseline:
         ap.error("--write records this checkout alone: leave out --baseline")
     if args.baseline:
         return side_by_side(args, Path(args.baseline))
+    Mesh.metrics = args.metrics
     if args.dedup_window is not None:
         Mesh.limits = f"[limits]\ndedup_window = {args.dedup_window}\n"
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally blocks end what we started
