@@ -6,18 +6,19 @@ Exit codes: 0 success; 1 the mesh answered with an error (stderr names it); 2 ba
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
+import os
 import re
 import sys
+import time
 from typing import Any
 
 import click
 
 from . import config as config_mod
 from .errors import CallError, ConfigError
-from .tree import ChildStatus
+from .supervision import ChildStatus
 
 CONFIG_HELP = "cluster config file (default: $MESH_CONFIG, then configs/local.toml)"
 TROUBLESHOOTING = "docs/troubleshooting.md"
@@ -93,12 +94,35 @@ def _run(coro_fn, cfg: config_mod.Config):
     async def go():
         async with client:
             return await coro_fn(client)
+    import asyncio  # here, not above: the quick path (mesh.quick) does without it
     try:
         return asyncio.run(go())
     except CallError as err:
-        name = type(err).__name__
-        click.echo(f"mesh: {name}: {err} {_see(name)}", err=True)
-        sys.exit(1)
+        _call_error(err)
+
+
+def _call_error(err: CallError) -> None:
+    name = type(err).__name__
+    click.echo(f"mesh: {name}: {err} {_see(name)}", err=True)
+    sys.exit(1)
+
+
+def _quick(quick_fn, full_fn, cfg: config_mod.Config):
+    """One command's requests on the quick path (mesh.quick: no asyncio), handed to the
+    full client when they need waiting, following or retrying."""
+    from .quick import Handoff, QuickClient
+    key = click.get_current_context().params.get("key")
+    try:
+        q = QuickClient(cfg, key=key)
+    except ConfigError as exc:
+        _usage_exit(f"key error: {exc} {_see('key-errors')}")
+    try:
+        with q:
+            return quick_fn(q)
+    except Handoff:
+        return _run(full_fn, cfg)
+    except CallError as err:
+        _call_error(err)
 
 
 def _preflight(cfg: config_mod.Config, nodes: list[str]) -> None:
@@ -133,7 +157,7 @@ restarts_option = click.option("--max-restarts", type=click.IntRange(0, 1000), d
                                help="restarts of a node within [launcher] period_s before giving up (overrides the config)")
 
 
-@main.command()
+@main.command(epilog="""Example: mesh up -c configs/local.toml""")
 @config_only
 @click.option("--host", default=None, help="the host of a multi-host config whose nodes to start")
 @restarts_option
@@ -153,7 +177,7 @@ def up(config_path, host, max_restarts):
     sys.exit(Launcher(_with_restarts(cfg, max_restarts), nodes, say=lambda line: click.echo(line)).run())
 
 
-@main.command()
+@main.command(epilog="""Example: mesh node -c configs/local.toml n2""")
 @config_only
 @click.argument("node")
 @restarts_option
@@ -173,7 +197,6 @@ def node(config_path, node, max_restarts):
 def _kinds_from_cwd() -> None:
     """Kinds are imported with the current folder on the path, as `python -m` would, so a
     kind in ./greeter.py is allowed as "greeter:Greeter" (uvicorn and celery do the same)."""
-    import os
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
 
@@ -185,7 +208,7 @@ def _with_restarts(cfg: config_mod.Config, max_restarts: int | None) -> config_m
     return dataclasses.replace(cfg, launcher=dataclasses.replace(cfg.launcher, max_restarts=max_restarts))
 
 
-@main.command()
+@main.command(epilog="""Example: mesh spawn c1 counter""")
 @config_option
 @click.argument("name")
 @click.argument("kind")
@@ -213,7 +236,7 @@ def spawn(config_path, key, name, kind, args_json, restart, supervisor, members)
     click.echo(_to_json(result))
 
 
-@main.command()
+@main.command(epilog="""Example: mesh call c1 '{"op": "add", "n": 1}' --request-id add-1""")
 @config_option
 @click.argument("name")
 @click.argument("message")
@@ -233,10 +256,15 @@ def call(config_path, key, name, message, timeout, request_id, group, idempotent
     if group:
         click.echo(_to_json(_run(lambda c: c.call_group(name, msg, timeout, idempotent), cfg)))
         return
-    click.echo(_to_json(_run(lambda c: c.call(name, msg, timeout, request_id), cfg)))
+    timeout = cfg.timing.call_timeout_s if timeout is None else timeout
+    rid = request_id or base64.b32encode(os.urandom(10)).decode().lower()  # kept if the full client takes over
+    started = time.monotonic()
+    click.echo(_to_json(_quick(lambda q: q.call(name, msg, timeout, rid),
+                               lambda c: c.call(name, msg, max(0.1, timeout - (time.monotonic() - started)), rid),
+                               cfg)))
 
 
-@main.command()
+@main.command(epilog="""Example: mesh cast c1 '{"op": "add", "n": 1}'""")
 @config_option
 @click.argument("name")
 @click.argument("message")
@@ -251,7 +279,7 @@ def cast(config_path, key, name, message):
     _run(do, cfg)
 
 
-@main.command()
+@main.command(epilog="""Example: mesh stop user-42""")
 @config_option
 @click.argument("name")
 def stop(config_path, key, name):
@@ -263,7 +291,7 @@ def stop(config_path, key, name):
 STATUS_LISTS_UP_TO = 200  # agents `mesh status` lists unasked; past that, counts (--agents lists)
 
 
-@main.command()
+@main.command(epilog="""Example: mesh status --agents --status backoff --limit 50""")
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of tables")
 @click.option("--agents", "list_agents", is_flag=True,
@@ -289,7 +317,16 @@ def status(config_path, key, as_json, list_agents, kind, node, status_, limit, a
         if "agents" in st or st["total"] > STATUS_LISTS_UP_TO:  # a supervisor of the release before lists all
             return st
         return await c.status()
-    st = _run(ask, cfg)
+
+    def ask_quick(q):
+        wait = cfg.timing.call_timeout_s
+        if list_agents or view or limit:
+            return q.status({"agents": True, "limit": limit or 1000, **view}, wait)
+        st = q.status({"agents": False}, wait)
+        if "agents" in st or st["total"] > STATUS_LISTS_UP_TO:
+            return st
+        return q.status({"agents": True, "limit": STATUS_LISTS_UP_TO}, wait)
+    st = _quick(ask_quick, ask, cfg)
     if as_json:
         click.echo(_to_json(st))
         return
@@ -315,7 +352,7 @@ def status(config_path, key, as_json, list_agents, kind, node, status_, limit, a
         click.echo(f"\nTHE TREE FAILED: {st.get('failure') or 'the root supervisor gave up'}")
 
 
-@main.command()
+@main.command(epilog="""Example: mesh inspect user-42 --max-bytes 10000""")
 @config_option
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of lines")
@@ -356,7 +393,7 @@ def _when(t: float) -> str:
     return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-@main.command()
+@main.command(epilog="""Example: mesh upgrade counter --to nodes.counter:Counter""")
 @config_option
 @click.argument("kind")
 @click.option("--to", "to", default=None, help="MODULE:CLASS to run KIND from now on (default: KIND's module, read again)")
@@ -381,7 +418,7 @@ def upgrade(config_path, key, kind, to, extra_json, rollback):
     sys.exit(1 if result["failed"] else 0)
 
 
-@main.command()
+@main.command(epilog="""Example: mesh drain n2""")
 @config_option
 @click.argument("node")
 def drain(config_path, key, node):
@@ -395,7 +432,7 @@ def drain(config_path, key, node):
     sys.exit(1 if result.get("failed") else 0)
 
 
-@main.command()
+@main.command(epilog="""Example: mesh undrain n2""")
 @config_option
 @click.argument("node")
 def undrain(config_path, key, node):
@@ -406,7 +443,7 @@ def undrain(config_path, key, node):
     click.echo(_to_json(_run(lambda c: c.undrain(node), cfg)))
 
 
-@main.command()
+@main.command(epilog="""Example: mesh restart n2""")
 @config_option
 @click.argument("node")
 @click.option("--timeout", type=click.FloatRange(1, 3600), default=120.0, show_default=True,
@@ -423,7 +460,7 @@ def restart(config_path, key, node, timeout):
     sys.exit(0 if result["restarted"] else 1)
 
 
-@main.command()
+@main.command(epilog="""Example: mesh demo --users 3 --turns 4""")
 @click.option("--users", type=click.IntRange(1, 200), default=6, help="simulated users, one conversation agent each")
 @click.option("--turns", type=click.IntRange(1, 100), default=8, help="turns per conversation")
 @click.option("--llm-url", default=None, help="an OpenAI-compatible API instead of the stand-in (e.g. http://host:8000/v1)")
@@ -436,7 +473,7 @@ def demo(users, turns, llm_url, model, keep):
     sys.exit(demo_mod.run(users, turns, llm_url, model, keep, say))
 
 
-@main.command()
+@main.command(epilog="""Example: mesh keys --all -c cluster.toml""")
 @click.argument("name", required=False)
 @click.option("--dir", "directory", default="keys", show_default=True, help="where to write the key files")
 @click.option("--role", type=click.Choice(["node", "admin", "client"]), default="node", show_default=True)
@@ -445,7 +482,6 @@ def demo(users, turns, llm_url, model, keep):
 @click.option("--all", "all_", is_flag=True, help="create every key file the config needs and lacks")
 def keys(name, directory, role, config_path, all_):
     """Create a CURVE key pair NAME.key / NAME.key_secret and print the config lines for it."""
-    import os
     from .security import create_keypair
     from .wire import valid_name
     if all_:
@@ -470,7 +506,7 @@ def keys(name, directory, role, config_path, all_):
         click.echo(f"\nand connect with: mesh call --key {secret_path} NAME JSON (or MESH_KEY={secret_path})")
 
 
-@main.command()
+@main.command(epilog="""Example: mesh certs -c configs/cluster3.toml""")
 @config_only
 def certs(config_path):
     """Create the TLS files of [control] tls_dir: a CA and a certificate for each host."""
@@ -489,7 +525,6 @@ def certs(config_path):
 
 def _all_keys(config_path: str | None) -> None:
     """Create KEYS_DIR/NAME.key(_secret) for every node and client the config lists."""
-    import os
     import tomllib
     from .security import create_keypair
     path = config_path or config_mod.DEFAULT_CONFIG

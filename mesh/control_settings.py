@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    import ssl
 
 from .errors import ConfigError
 from .schema import Reader, positive
@@ -51,6 +54,7 @@ class ControlSettings:
         Raises ConfigError naming the file that is missing or unreadable."""
         if not self.tls:
             return None
+        import ssl  # here: a config without TLS (and the quick CLI) does without it
         files = self.tls_files(host)
         try:
             context = ssl.create_default_context(cafile=files["ca"])

@@ -33,6 +33,7 @@ one start per `backoff_max_s`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Collection, Iterable
 
 STRATEGIES = ("one_for_one", "one_for_all", "rest_for_one")
@@ -44,6 +45,19 @@ CRASH = "crash"          # a handler or init raised, or its state could not be s
 TIMEOUT = "timeout"      # one message ran past the handler deadline (a silent agent)
 SHUTDOWN = "shutdown"    # its node shut down in order
 LOST = "lost"            # its node died or was cut off
+
+
+class ChildStatus(StrEnum):
+    """Where a child is, as its supervisor sees it (the node's view of one incarnation is
+    another machine: runner.AgentStatus)."""
+
+    PENDING = "pending"    # to be started (its node died, or a start failed for want of one)
+    STARTING = "starting"  # a START is under way
+    RUNNING = "running"
+    STOPPING = "stopping"  # a terminate is under way
+    STOPPED = "stopped"    # ended for good (stopped, or a temporary/transient child exited)
+    FAILED = "failed"      # its supervisor gave up on it
+    BACKOFF = "backoff"    # it exited and waits out its restart backoff
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from enum import StrEnum
 
-from .supervision import ChildSpec, SupervisorSpec
+from .supervision import ChildSpec, ChildStatus, SupervisorSpec
 
 # the supervisor's records in the store (meta keys)
 DYNAMIC_PREFIX = "sup/child/"   # + name: a dynamic child's spec, its spawn's id and its birth
@@ -20,19 +19,6 @@ MAX_START_BACKOFF_S = 5.0       # the longest wait before a start the environmen
 START_CONCURRENCY = 512         # starts under way at once
 RECENT_EXITS = 5                # exits of a child kept for `mesh inspect` (memory only)
 MIN_LIVENESS_WAIT_S = 0.001     # a deadline that float rounding left a hair in the future
-
-
-class ChildStatus(StrEnum):
-    """Where a child is, as its supervisor sees it (the node's view of one incarnation is
-    another machine: runner.AgentStatus)."""
-
-    PENDING = "pending"    # to be started (its node died, or a start failed for want of one)
-    STARTING = "starting"  # a START is under way
-    RUNNING = "running"
-    STOPPING = "stopping"  # a terminate is under way
-    STOPPED = "stopped"    # ended for good (stopped, or a temporary/transient child exited)
-    FAILED = "failed"      # its supervisor gave up on it
-    BACKOFF = "backoff"    # it exited and waits out its restart backoff
 
 
 @dataclass

@@ -27,6 +27,10 @@ class Waiter(Agent):
         if op == "sleep":
             await asyncio.sleep(msg["seconds"])
             return "slept"
+        if op == "slow_add":  # a change that takes a while: the state counts the runs
+            await asyncio.sleep(msg["seconds"])
+            self.state = (self.state or 0) + 1
+            return self.state
         if op == "forever":
             await asyncio.Event().wait()
         if op == "get":
