@@ -2,6 +2,7 @@
 
     python3 scripts/bench/serving.py            # 3 runs of each figure
     python3 scripts/bench/serving.py --quick    # 1 run, fewer texts
+    python3 scripts/bench/serving.py --pool     # only the pool's kill -9 figure
 
 Builds the shipped model (scripts/make_model.py) in a temp dir, starts a one-node mesh
 (`mesh up`, through core.py's Mesh: every pid it showed is ended on exit), spawns a
@@ -14,7 +15,11 @@ Builds the shipped model (scripts/make_model.py) in a temp dir, starts a one-nod
   p50 and p99 (the goal: p99 <= 2 ms);
 - 64 callers each sending 16 texts per call;
 - for scale, the rate of plain `get` calls with 64 callers: one text per call can go
-  no faster than the mesh's calls.
+  no faster than the mesh's calls;
+- a pool: a group of three `local_embedder` members on a three-node mesh, 32 callers
+  calling the group; kill -9 of a member's node (not the supervisor's), each trial
+  once with idempotent calls and once without: errors the callers saw, the longest
+  time with no answer after the kill, and texts/s in the second before and after it.
 
 Needs the `serving` extra. The machine is small and shared: read the figures as the
 medians of what this run saw, not as constants.
@@ -24,11 +29,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -102,9 +110,71 @@ async def gets_under_load(m, items: list[str], n_gets: int) -> list[float]:
     return lat
 
 
+async def pool_kill(mh, m, items: list[str], idempotent: bool, callers: int = 32) -> dict:
+    """One kill -9 of the node of a member of group "pool" while `callers` call it."""
+    members = await m.members("pool")
+    victim = next(x["node"] for x in members if x["node"] and x["node"] != "n1")
+    stop = asyncio.Event()
+    done: list[float] = []
+    errors: Counter = Counter()
+
+    async def caller(i: int) -> None:
+        j = i
+        while not stop.is_set():
+            try:
+                await m.call_group("pool", {"text": items[j % len(items)]}, timeout=10, idempotent=idempotent)
+                done.append(time.perf_counter())
+            except mesh.CallError as exc:
+                errors[type(exc).__name__] += 1
+            j += callers
+    tasks = [asyncio.ensure_future(caller(i)) for i in range(callers)]
+    await asyncio.sleep(1.5)
+    mark = mh.mark()
+    killed = time.perf_counter()
+    os.kill(mh.pids[victim], signal.SIGKILL)
+    await asyncio.sleep(1.5)
+    stop.set()
+    await asyncio.gather(*tasks)
+    later = [killed] + sorted(t for t in done if t >= killed)
+    gap = max(b - a for a, b in zip(later, later[1:])) if len(later) > 1 else float("inf")
+    await asyncio.to_thread(mh.wait_for, rf"node {victim} ready", mark, 30)
+    for _ in range(600):  # until the killed member serves again, from wherever it was restarted
+        if all(x["status"] == "running" for x in await m.members("pool")):
+            break
+        await asyncio.sleep(0.05)
+    return {"errors": dict(errors), "gap_ms": gap * 1000,
+            "before": sum(killed - 1 <= t < killed for t in done), "after": sum(killed < t <= killed + 1 for t in done),
+            "inflight": callers}
+
+
+def pool_figures(model_dir: Path, items: list[str], trials: int) -> None:
+    out = {True: [], False: []}
+    with core.Mesh(3, {"local_embedder": "nodes.local_embedder:LocalEmbedder"}, label="bench-pool") as mh:
+        async def go():
+            async with mesh.connect(mh.config) as m:
+                await m.spawn_group("pool", "local_embedder", 3, {"model_dir": str(model_dir), "batch_size": 64,
+                                                                  "batch_timeout_ms": 2.0, "queue": 1024})
+                for x in await m.members("pool"):
+                    await m.call(x["name"], {"text": "warm"}, timeout=30)
+                for _ in range(trials):
+                    for idempotent in (True, False):
+                        out[idempotent].append(await pool_kill(mh, m, items, idempotent))
+        asyncio.run(go())
+    for idempotent, results in out.items():
+        errs = Counter()
+        for r in results:
+            errs.update(r["errors"])
+        gaps = sorted(r["gap_ms"] for r in results)
+        print(f"pool of 3, kill -9 of a member's node, {'idempotent' if idempotent else 'not idempotent':14s} "
+              f"{len(results)} trials: errors {dict(errs) or 0} (32 callers), longest gap after the kill "
+              f"p50 {statistics.median(gaps):.0f} ms max {gaps[-1]:.0f} ms, texts/s in the second before/after "
+              f"{statistics.median(r['before'] for r in results):.0f}/{statistics.median(r['after'] for r in results):.0f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--pool", action="store_true", help="only the pool's kill -9 figure")
     p.add_argument("--batch-timeout-ms", type=float, default=2.0)
     a = p.parse_args(argv)
     runs, n = (1, 1000) if a.quick else (3, 3000)
@@ -113,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = Path(tmp) / "model"
         subprocess.run([sys.executable, str(ROOT / "scripts" / "make_model.py"), str(model_dir)], check=True,
                        capture_output=True, timeout=120)
+        if a.pool:
+            pool_figures(model_dir, items, runs)
+            return 0
         figures: dict[str, list[float]] = {"direct": [], "1": [], "8": [], "64": [], "gets": [], "many": []}
         gets: list[float] = []
         with core.Mesh(1, {"local_embedder": "nodes.local_embedder:LocalEmbedder"}) as mh:
@@ -135,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                         gets.extend(await gets_under_load(m, items, 500))
                     figures["stats"] = [await m.call("emb", {"op": "stats"})]
             asyncio.run(go())
+        pool_figures(model_dir, items, runs)  # printed first: the rest is summed up below
     stats = figures.pop("stats")[0]
     med = {k: statistics.median(v) for k, v in figures.items()}
     gets.sort()
