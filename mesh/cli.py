@@ -393,6 +393,35 @@ def _when(t: float) -> str:
     return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+@main.command(epilog="Example: mesh trace user-42 --for 30")
+@config_option
+@click.argument("name")
+@click.option("--for", "seconds", type=click.FloatRange(0.1, 3600), default=10.0, show_default=True,
+              help="seconds to trace, then stop")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per event instead of lines")
+@click.option("--max-body", type=click.IntRange(0, 10_000), default=200, show_default=True,
+              help="show at most this much of each message body")
+def trace(config_path, key, name, seconds, as_json, max_body):
+    """Stream what happens to agent NAME as it happens: messages in (call, cast, info),
+    their handling, replies and errors out with their times and sizes, state commits,
+    the calls and casts it makes, crashes, exits and restarts (OTP's sys:trace)."""
+    cfg = _load(config_path)
+
+    def show(event: dict) -> None:
+        if as_json:
+            click.echo(_to_json(event))
+            return
+        import datetime
+        t = datetime.datetime.fromtimestamp(event.get("t") or 0, datetime.timezone.utc).strftime("%H:%M:%S.%f")[:-3]
+        rest = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("ev", "t", "body") and v is not None)
+        body = f"  {event['body']}" if "body" in event else ""
+        click.echo(f"{t}  {event['ev']:<9} {rest}{body}")
+    summaries = _run(lambda c: c.trace(name, seconds, show, max_body), cfg)
+    last = summaries[-1] if summaries else {"ended": "not placed again"}
+    events, dropped = sum(s.get("events", 0) for s in summaries), sum(s.get("dropped", 0) for s in summaries)
+    show({"ev": "end", "t": time.time(), "ended": last.get("ended"), "events": events, "dropped": dropped})
+
+
 @main.command(epilog="""Example: mesh upgrade counter --to nodes.counter:Counter""")
 @config_option
 @click.argument("kind")

@@ -272,6 +272,43 @@ class Client:
                 if attempt == 2:
                     raise
 
+    async def trace(self, name: str, seconds: float = 10.0, on_event: Callable[[dict], None] | None = None,
+                    max_body: int = 200) -> list[dict]:
+        """Stream what happens to agent `name` for `seconds` (OTP's sys:trace): each event
+        (a dict: ev, t, inc, ...; see mesh.tracing) to `on_event` as it happens. A trace
+        follows the agent across restarts and moves (a "restart" event says where to).
+        Returns the summary of each incarnation's trace."""
+        on_event = on_event or (lambda event: None)
+        deadline = self.clock.now() + seconds
+        summaries: list[dict] = []
+        after = -1
+        while (left := deadline - self.clock.now()) > 0.01:
+            try:
+                node, inc = await self.resolver.locate(self.caller, name, after, deadline, None)
+            except CallTimeout:
+                break  # not placed again before the end
+            except NoSuchAgent:
+                if not summaries:
+                    raise
+                break  # stopped for good
+            if after >= 0:
+                on_event({"ev": "restart", "t": self.clock.wall(), "inc": inc, "node": node})
+            left = deadline - self.clock.now()
+            try:
+                summary = await self.caller.request(node, Kind.TRACE, name, {"for_ms": max(1, int(left * 1000)),
+                                                                             "max_body": max_body},
+                                                    left + self.timeout, stream=on_event)
+            except (NoSuchAgent, Retryable) as err:  # it moved, or its node died: wait for the next one
+                if isinstance(err, Retryable):
+                    on_event({"ev": "lost", "t": self.clock.wall(), "inc": inc, "node": node, "error": str(err)})
+                after = inc
+                continue
+            summaries.append(summary)
+            if summary.get("ended") != "exit":
+                break
+            after = summary.get("incarnation", after)
+        return summaries
+
     async def drain(self, node: str, timeout: float | None = None) -> dict:
         """Move every agent off `node`, and place nothing there until undrain; returns
         {node, draining, moved: [names], failed: [{agent, error}]}."""

@@ -32,6 +32,7 @@ from .errors import AgentDown, CallError, Moved, NoSuchAgent, ProtocolError, Una
 from .incarnations import Incarnations
 from .intake import Intake
 from .introspect import on_inspect
+from .tracing import on_trace
 from .controlplane import ControlPlane
 from .lease import Lease
 from .names import Names, NodeResolver
@@ -88,7 +89,7 @@ class Node:
             Kind.SPAWN: self._forward_to_supervisor, Kind.STOP: self._forward_to_supervisor,
             Kind.STATUS: self._forward_to_supervisor, Kind.UPGRADE: self.upgrades.on_upgrade,
             Kind.DRAIN: self._forward_to_supervisor, Kind.RESTART: lambda m, o: on_restart(self, m, o),
-            Kind.INSPECT: lambda m, o: on_inspect(self, m, o),
+            Kind.INSPECT: lambda m, o: on_inspect(self, m, o), Kind.TRACE: lambda m, o: on_trace(self, m, o),
         }
         self.secure = config.secure
         self._unsafe = config.timing.unsafe_reply_before_commit
@@ -488,11 +489,11 @@ class Node:
             self.stats["casts_dropped"] += 1
 
     def streamer(self, env: Envelope) -> Callable[[Any], None]:
-        rid, origin = env.msg.id, env.origin
+        return lambda part, rid=env.msg.id, origin=env.origin: self.chunk(origin, rid, part)
 
-        def send_chunk(part: Any) -> None:
-            self._respond(origin, wire.encode(Kind.CHUNK, rid, None, None, None, part), counted=False)
-        return send_chunk
+    def chunk(self, origin: Origin, rid: str, part: Any) -> None:
+        """One piece of a streamed answer (a call's stream, a trace's events)."""
+        self._respond(origin, wire.encode(Kind.CHUNK, rid, None, None, None, part), counted=False)
 
     # --- replies, effects and commit groups ---------------------------------------------------
 

@@ -96,7 +96,7 @@ class Runner(Replies):
         "inflight", "last_state", "pending_group", "effects", "stop_reason",
         "task", "started_at", "handled", "restarts", "_current_rid", "_parent", "_nested", "supervisor",
         "interrupted", "replicas", "superseded", "durable", "_rollback_error",
-        "_running", "since", "vsn", "paused", "_idle", "_gathering", "_checkpointed",
+        "_running", "since", "vsn", "paused", "_idle", "_gathering", "_checkpointed", "tracer",
     )
 
     def in_hand(self) -> list[Envelope]:
@@ -138,6 +138,7 @@ class Runner(Replies):
         self.superseded = False
         self._gathering = None  # the timer of a batch being gathered (Agent.batch_wait_s)
         self._checkpointed = False  # the handler in hand made its state durable midway
+        self.tracer = None  # a tracing.Trace while someone traces it (mesh trace)
 
     @property
     def clock(self):
@@ -156,6 +157,8 @@ class Runner(Replies):
     def deliver(self, env: Envelope) -> None:
         msg = env.msg
         env.arrived = self.clock.now()
+        if self.tracer is not None:
+            self.tracer.arrived(env)
         rid = msg.id if msg.kind == Kind.CALL else None
         if rid is not None:
             # only a running incarnation answers from its window: a crashed one may hold the
@@ -225,6 +228,8 @@ class Runner(Replies):
         if msg.kind == Kind.CALL and agent.max_batch > 1:
             self._handle_batch(env)
             return
+        if self.tracer is not None:
+            self.tracer.handling([env])
         self._current_rid = msg.id if msg.kind == Kind.CALL else None
         self._parent = [env]
         self._nested = 0
@@ -263,6 +268,8 @@ class Runner(Replies):
                 self._answer(env, error_response(CallTimeout(f"call to {self.name!r} expired in its mailbox")))
             else:
                 envs.append(env)
+        if self.tracer is not None:
+            self.tracer.handling(envs)
         # the calls a batch handler makes get ids derived from the whole batch's: a re-run of
         # the same batch repeats none of them (a batch that forms otherwise is a new request)
         rids = sorted(e.msg.id for e in envs)
@@ -385,6 +392,8 @@ class Runner(Replies):
         if packed != self.last_state or effects or checkpointed:
             self.seq += 1
             self.last_state = packed
+            if self.tracer is not None:
+                self.tracer.committing(self.seq, len(packed))
             for env, response in zip(envs, responses):
                 if response is not None:
                     self._record(env, response)
@@ -417,6 +426,8 @@ class Runner(Replies):
         """It ended: stopped, replaced, or its node stops."""
         self.status = AgentStatus.STOPPED
         self.agent = None
+        if self.tracer is not None:
+            self.tracer.end("exit")
 
     def disown_memory(self) -> None:
         """What it holds in memory may not be what is durable (a commit of it failed, or a
@@ -433,6 +444,8 @@ class Runner(Replies):
         rid = env.msg.id
         if self.node.metrics is not None:
             self.node.metrics.call(self.kind, response.startswith(wire.ERROR_TAG), self.clock.now() - env.arrived)
+        if self.tracer is not None:
+            self.tracer.answered(env, response)
         origins = self.inflight.pop(rid, None) or [env.origin]
         self.node.commits.send_response(self, origins, rid, response)
         if self.waiting:
@@ -442,6 +455,8 @@ class Runner(Replies):
         reason = f"{type(exc).__name__}: {exc}"[:500]
         log.warning("agent %s (incarnation %d) crashed: %s", self.name, self.incarnation, reason)
         self.node.stats["crashes"] += 1
+        if self.tracer is not None:
+            self.tracer.crashed(reason)
         self.effects = None
         self.stop_reason = None
         err = AgentCrashed(f"{self.name}: {reason}", {"exception": type(exc).__name__})
@@ -535,9 +550,14 @@ class Runner(Replies):
 
     async def call_out(self, name: str, msg: Any, timeout: float | None) -> Any:
         timeout = timeout if timeout is not None else self.node.timing.call_timeout_s
-        return await self.node.caller.call(name, msg, timeout, self._next_rid())
+        call = self.node.caller.call(name, msg, timeout, self._next_rid())
+        if self.tracer is not None:
+            return await self.tracer.call_out(name, call)
+        return await call
 
     def cast_out(self, name: str, msg: Any) -> None:
+        if self.tracer is not None:
+            self.tracer.cast_out(name, msg)
         if self.effects is not None:
             self.effects.append(("cast", name, msg))
         else:

@@ -37,7 +37,8 @@ log = logging.getLogger("mesh.security")
 
 
 _CLIENT = frozenset({Kind.CALL, Kind.CAST, Kind.INFO, Kind.WHEREIS, Kind.BATCH})
-_ADMIN = _CLIENT | {Kind.SPAWN, Kind.STOP, Kind.STATUS, Kind.UPGRADE, Kind.DRAIN, Kind.RESTART, Kind.INSPECT}
+_ADMIN = _CLIENT | {Kind.SPAWN, Kind.STOP, Kind.STATUS, Kind.UPGRADE, Kind.DRAIN, Kind.RESTART, Kind.INSPECT,
+                     Kind.TRACE}
 PERMISSIONS = {"client": _CLIENT, "admin": _ADMIN, "node": frozenset(Kind)}
 
 

@@ -63,6 +63,7 @@ class Kind(IntEnum):
     DRAIN = 15      # id; body: {node, undrain?} -> (the supervisor) its agents moved off, no placements there
     RESTART = 16    # id; body: nil -> (a drained node) {node, pid}; it stops, its launcher starts a new interpreter
     INSPECT = 17    # id, target; body: {max_bytes?} -> the agent as its node sees it (mesh inspect)
+    TRACE = 18      # id, target; body: {for_ms?, max_body?} -> CHUNKs: the agent's events, then {ended, ...}
     HELLO = 20      # id; node -> supervisor: {node, boot, pid, agents (its inventory), previous?, drops?, store_full?}
     HEARTBEAT = 21  # id; node -> supervisor: lease renewal {node, boot, seq, health, store_full?} -> {known}
     START = 22      # id, target; supervisor -> node: {kind, args, incarnation}
@@ -308,6 +309,7 @@ _status_body = _fields({}, {"agents": bool, "name": str, "kind": str, "node": st
                             "after": str, "group": str})
 _inventory_body = _fields({}, {"summary": bool})  # summary: the node's counts, not its agents
 _inspect_body = _fields({}, {"max_bytes": int})
+_trace_body = _fields({}, {"for_ms": int, "max_body": int})
 
 
 _SPECS: dict[Kind, tuple[bool, bool, Callable[[Any], str | None] | None]] = {
@@ -327,6 +329,7 @@ _SPECS: dict[Kind, tuple[bool, bool, Callable[[Any], str | None] | None]] = {
     Kind.DRAIN: (True, False, _fields({"node": str}, {"undrain": bool})),
     Kind.RESTART: (True, False, None),
     Kind.INSPECT: (True, True, lambda body: None if body is None else _inspect_body(body)),
+    Kind.TRACE: (True, True, lambda body: None if body is None else _trace_body(body)),
     Kind.HELLO: (True, False, _fields(
         {"node": str, "boot": str, "pid": int, "agents": list},
         {"previous": dict, "address": str, "drops": int, "store_full": bool},
