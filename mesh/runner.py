@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import msgpack
 
-from . import supervision, wire
+from . import logs, supervision, wire
 from .agent import Agent, CallContext, TimerRef
 from .caller import derived_id
 from .store import unpack_state
@@ -224,6 +224,16 @@ class Runner(Replies):
     # --- handling ----------------------------------------------------------------------------
 
     def _handle(self, env: Envelope) -> None:
+        if not logs.tagging:
+            self._dispatch(env)
+            return
+        token = logs.AGENT.set((self.name, self.incarnation))  # its handler's log lines name it
+        try:
+            self._dispatch(env)
+        finally:
+            logs.AGENT.reset(token)
+
+    def _dispatch(self, env: Envelope) -> None:
         msg, agent = env.msg, self.agent
         if msg.kind == Kind.CALL and agent.max_batch > 1:
             self._handle_batch(env)
@@ -453,7 +463,8 @@ class Runner(Replies):
 
     def _crash(self, envs: list[Envelope], exc: BaseException, how: str) -> None:
         reason = f"{type(exc).__name__}: {exc}"[:500]
-        log.warning("agent %s (incarnation %d) crashed: %s", self.name, self.incarnation, reason)
+        log.warning("agent %s (incarnation %d) crashed: %s", self.name, self.incarnation, reason,
+                    extra={"agent": self.name, "incarnation": self.incarnation})
         self.node.stats["crashes"] += 1
         if self.tracer is not None:
             self.tracer.crashed(reason)

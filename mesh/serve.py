@@ -28,6 +28,7 @@ import time
 import zmq
 
 from .clock import wall_offset
+from . import logs
 from .config import Config
 from .errors import ConfigError, StoreError
 from .network import ZmqNetwork
@@ -71,11 +72,13 @@ def configure_logging(level: str | None = None) -> None:
             return record
         skewed.skewed = True
         logging.setLogRecordFactory(skewed)
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.WARNING),
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-        stream=sys.stderr,
-    )
+    kind = os.environ.get("MESH_LOG_FORMAT", "text").lower()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logs.formatter(kind))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.WARNING), handlers=[handler])
+    if kind not in logs.FORMATS:
+        logging.getLogger("mesh").warning("MESH_LOG_FORMAT=%s is not one of %s: logging text", kind,
+                                          ", ".join(logs.FORMATS))
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per etcd request otherwise
 
 
@@ -144,6 +147,7 @@ class CannotStart(Exception):
 
 def run_node(config: Config, name: str, boot: str, previous: dict | None, control: socket.socket | None) -> int:
     """Run one node until it stops; returns the process exit code."""
+    logs.set_node(name)
     fix_mmap_threshold()
     raise_file_limit()
     try:

@@ -37,6 +37,9 @@ class Waiter(Agent):
             return self.state
         if op == "name":
             return self.name
+        if op == "log":
+            self.log.warning("asked to log: %s", msg.get("text"))
+            return "logged"
         raise BadRequest(f"unknown op {op!r}")
 
 

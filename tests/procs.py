@@ -116,8 +116,8 @@ def mesh_cmd(*args: str, timeout: float = 30, env_extra: dict | None = None) -> 
 class MeshRun(meshrun.MeshRun):
     """A mesh process tree whose nodes can import the tests' agent kinds."""
 
-    def __init__(self, *args: str, prefix: list[str] | None = None):
-        super().__init__(*args, prefix=prefix, env=env())
+    def __init__(self, *args: str, prefix: list[str] | None = None, env_extra: dict | None = None):
+        super().__init__(*args, prefix=prefix, env={**env(), **(env_extra or {})})
 
     def wait_for(self, pattern: str, timeout: float = 30, start: int = 0):
         try:
