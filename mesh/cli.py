@@ -422,6 +422,25 @@ def trace(config_path, key, name, seconds, as_json, max_body):
     show({"ev": "end", "t": time.time(), "ended": last.get("ended"), "events": events, "dropped": dropped})
 
 
+@main.command(epilog="Example: mesh top   (or: mesh top --plain > snapshot.txt)")
+@config_option
+@click.option("--plain", is_flag=True, help="print two samples a second apart as plain tables, and exit")
+def top(config_path, key, plain):
+    """A live view of the nodes (up, agents, messages/s, commit groups/s, their size and
+    time, memory) and the busiest agents (mailbox, messages/s, time in the message in
+    hand, restarts), refreshed every second. Keys: s sorts, up/down selects, enter
+    inspects, q quits. Plain tables when stdout is not a terminal."""
+    from . import top as top_mod
+    cfg = _load(config_path)
+    if plain or not sys.stdout.isatty() or not sys.stdin.isatty():
+        click.echo(_run(lambda c: top_mod.plain(c, _table), cfg))
+        return
+    import importlib.util
+    if importlib.util.find_spec("rich") is None:
+        _usage_exit("mesh top's live view needs rich: pip install -e '.[top]' (or mesh top --plain)")
+    _run(top_mod.live, cfg)
+
+
 @main.command(epilog="""Example: mesh upgrade counter --to nodes.counter:Counter""")
 @config_option
 @click.argument("kind")

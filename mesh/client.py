@@ -226,7 +226,7 @@ class Client:
 
     async def status(self, timeout: float | None = None, agents: bool = True, kind: str | None = None,
                      node: str | None = None, status: str | None = None, limit: int | None = None,
-                     after: str | None = None, name: str | None = None) -> dict:
+                     after: str | None = None, name: str | None = None, top: int | None = None) -> dict:
         """The cluster as the supervisor sees it: {nodes, ready, failed, epoch, total} and
         either `agents` (listed: filtered by kind, node, status; sorted by name; `limit`
         per page, `next` naming where the following page starts, passed as `after`), or
@@ -235,8 +235,9 @@ class Client:
         fetched page after page (no one answer grows past a page)."""
         view = {k: v for k, v in (("name", name), ("kind", kind), ("node", node), ("status", status),
                                   ("after", after)) if v is not None}
-        if not agents:
-            return await self._control(Kind.STATUS, None, {"agents": False, **view}, timeout)
+        if not agents:  # with `top`, also the busiest agents of each node (mesh top)
+            return await self._control(Kind.STATUS, None, {"agents": False, **view, **({"top": top} if top else {})},
+                                       timeout)
         if limit is not None:
             return await self._control(Kind.STATUS, None, {"agents": True, **view, "limit": limit}, timeout)
         whole = await self._control(Kind.STATUS, None, {"agents": True, **view, "limit": STATUS_PAGE}, timeout)

@@ -8,7 +8,9 @@ touches the agent, so inspecting a busy agent never waits for it.
 
 from __future__ import annotations
 
+import heapq
 import json
+import os
 from typing import TYPE_CHECKING, Any
 
 from .errors import NoSuchAgent
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
 DEFAULT_MAX_BYTES = 2000
 MAX_BYTES = 1_000_000  # of the state shown: the answer stays far below a message's limit
 WAITING_SHOWN = 5  # messages of the mailbox shown, from its head
+MAX_TOP = 100      # busiest agents a node names for mesh top
 
 
 def preview(value: Any, max_bytes: int) -> str:
@@ -42,6 +45,35 @@ def _message(env: "Envelope", now: float, max_bytes: int) -> dict:
     return {"kind": msg.kind.name.lower(), "id": msg.id, "from": env.peer,
             "waited_ms": round((now - env.arrived) * 1000, 1) if env.arrived else None,
             "body": preview(msg.body, max_bytes)}
+
+
+def on_inventory(node: "Node", msg: "wire.Msg", origin: "Origin") -> None:
+    """What runs on the node: every agent, or with {summary} counts only; with {top: n},
+    also its n busiest agents (mesh top). Always its counters and its memory."""
+    body = msg.body or {}
+    listed = {"count": len(node.runners)} if body.get("summary") else {"agents": node._inventory()}
+    if body.get("top"):
+        listed["top"] = busiest(node, min(body["top"], MAX_TOP))
+    node.respond(origin, msg.id, {"node": node.name, "boot": node.boot, "pid": os.getpid(), **listed,
+                                  "stats": dict(node.stats), "kinds": node.upgrades.loaded(), "rss": rss_bytes()})
+
+
+def busiest(node: "Node", n: int) -> list[list]:
+    """The `n` agents with the most waiting, then the most handled in this incarnation:
+    [name, kind, mailbox, handled, ms in the message in hand or None]."""
+    now = node.clock.now()
+    top = heapq.nlargest(n, node.runners.values(), key=lambda r: (r.depth(), r.handled))
+    return [[r.name, r.kind, r.depth(), r.handled,
+             round((now - r.started_at) * 1000, 1) if r.task is not None else None] for r in top]
+
+
+def rss_bytes() -> int | None:
+    """This process's resident memory, where /proc says it."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def on_inspect(node: "Node", msg: "wire.Msg", origin: "Origin") -> None:

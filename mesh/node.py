@@ -31,7 +31,7 @@ from .config import Config, NodeSpec
 from .errors import AgentDown, CallError, Moved, NoSuchAgent, ProtocolError, Unavailable, error_to_wire
 from .incarnations import Incarnations
 from .intake import Intake
-from .introspect import on_inspect
+from .introspect import on_inspect, on_inventory
 from .tracing import on_trace
 from .controlplane import ControlPlane
 from .lease import Lease
@@ -84,7 +84,7 @@ class Node:
             Kind.CALL: self._to_agent, Kind.CAST: self._to_agent, Kind.INFO: self._to_agent,
             Kind.START: self.incarnations.on_start, Kind.TERMINATE: self.incarnations.on_terminate,
             Kind.WHEREIS: self.names.on_whereis, Kind.REGISTRY: self.names.on_registry,
-            Kind.INVENTORY: self._on_inventory, Kind.FETCH: self.replication.on_fetch,
+            Kind.INVENTORY: lambda m, o: on_inventory(self, m, o), Kind.FETCH: self.replication.on_fetch,
             Kind.REPLICATE: self.replication.on_replicate,
             Kind.SPAWN: self._forward_to_supervisor, Kind.STOP: self._forward_to_supervisor,
             Kind.STATUS: self._forward_to_supervisor, Kind.UPGRADE: self.upgrades.on_upgrade,
@@ -569,11 +569,6 @@ class Node:
         """What runs here, as HELLO and INVENTORY report it."""
         return [[r.name, r.kind, r.incarnation, r.status, r.depth(), r.handled, list(r.replicas), r.vsn]
                 for r in self.runners.values()]
-
-    def _on_inventory(self, msg: wire.Msg, origin: Origin) -> None:
-        listed = {"count": len(self.runners)} if msg.body == {"summary": True} else {"agents": self._inventory()}
-        self.respond(origin, msg.id, {"node": self.name, "boot": self.boot, "pid": os.getpid(), **listed,
-                                      "stats": dict(self.stats), "kinds": self.upgrades.loaded()})
 
     def _forward_to_supervisor(self, msg: wire.Msg, origin: Origin) -> None:
         """Pass a client's SPAWN, STOP or STATUS on to the supervisor's node, under the

@@ -13,6 +13,7 @@ import msgpack
 
 from . import wire
 from .errors import AlreadyExists, BadRequest, CallError, NoSuchAgent, NotAllowed, SupervisorDown, Unavailable, reused_id
+from .introspect import MAX_TOP
 from .node import Origin
 from .supervision import ChildSpec
 from .tree import DYNAMIC_PREFIX, PLACE_PREFIX, Child, ChildStatus, placed
@@ -283,12 +284,22 @@ class Requests:
         listing = bool(view.get("agents"))
         names, next_after = self._listed(view) if listing else ([], None)
         ask = None if listing else {"summary": True}  # counts only: a node's reply does not grow with its agents
+        top = view.get("top")
+        if top and not listing:
+            ask = {"summary": True, "top": min(top, MAX_TOP)}  # and each node's busiest agents (mesh top)
 
         async def inventory(name: str):
             try:
                 return await self.command(name, Kind.INVENTORY, None, ask, self.config.timing.dead_after_s)
             except CallError:
-                return None
+                pass
+            if ask and "top" in ask:  # a node of the release before knows no top: its counts, then
+                try:
+                    return await self.command(name, Kind.INVENTORY, None, {"summary": True},
+                                              self.config.timing.dead_after_s)
+                except CallError:
+                    pass
+            return None
         live = [v.name for v in self.nodes.values() if v.alive]
         answers = dict(zip(live, await asyncio.gather(*(inventory(n) for n in live))))
         mailbox: dict[str, int] = {}
@@ -306,7 +317,7 @@ class Requests:
                           "agents": (len(inv["agents"]) if "agents" in inv else inv.get("count", 0)) if inv else 0,
                           "supervisor": name == self.node.name, "store_full": node_view.store_full,
                           "stats": (inv or {}).get("stats", {}), "kinds": (inv or {}).get("kinds", {}),
-                          "draining": name in self.draining})
+                          "draining": name in self.draining, "rss": (inv or {}).get("rss")})
         now = self.clock.now()
         answer = {"nodes": nodes, "ready": self.ready, "failed": self.tree_failed, "failure": self.failure,
                   "epoch": self.epoch, "total": len(self.children)}
@@ -323,7 +334,20 @@ class Requests:
                 kinds[child.spec.kind] += 1
                 statuses[child.status] += 1
             answer["kinds"], answer["statuses"] = dict(kinds), dict(statuses)
+            if top:
+                answer["top"] = self._busiest(answers, min(top, MAX_TOP))
         self.node.respond(origin, rid, answer)
+
+    def _busiest(self, answers: dict, n: int) -> list[dict]:
+        """The `n` busiest agents of the nodes' answers, with their restarts from here."""
+        items = [(node, item) for node, inv in answers.items() for item in (inv or {}).get("top", ())]
+        out = []
+        for node, (name, kind, mailbox, handled, handling_ms) in heapq.nlargest(n, items, key=lambda x: (x[1][2], x[1][3])):
+            child = self.children.get(name)
+            out.append({"name": name, "kind": kind, "node": node, "mailbox": mailbox, "handled": handled,
+                        "handling_ms": handling_ms, "restarts": child.restarts if child else 0,
+                        "incarnation": child.incarnation if child else None})
+        return out
 
     @staticmethod
     def _agent_status(name: str, c, mailbox: dict, vsn: dict, now: float) -> dict:

@@ -306,8 +306,8 @@ def _upgrade_body(body: Any) -> str | None:
 # STATUS: nil (every agent listed) or a view: counts only, agents filtered and paged, or
 # a group's members
 _status_body = _fields({}, {"agents": bool, "name": str, "kind": str, "node": str, "status": str, "limit": int,
-                            "after": str, "group": str})
-_inventory_body = _fields({}, {"summary": bool})  # summary: the node's counts, not its agents
+                            "after": str, "group": str, "top": int})
+_inventory_body = _fields({}, {"summary": bool, "top": int})  # summary: counts, not agents; top: the n busiest
 _inspect_body = _fields({}, {"max_bytes": int})
 _trace_body = _fields({}, {"for_ms": int, "max_body": int})
 
