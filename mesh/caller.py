@@ -33,7 +33,7 @@ import itertools
 import os
 from typing import Any, Callable, Protocol
 
-from . import wire
+from . import otel, wire
 from .clock import Backoff, Clock
 from .errors import (BadRequest, CallError, CallTimeout, LinkDown, Moved, NoSuchAgent, NotAllowed,
                      ProtocolError, Retryable, Unavailable, error_from_wire)
@@ -239,7 +239,25 @@ class Caller:
         """See the module's docstring. With follow=False an agent that is down or out of
         reach is not waited for: its AgentDown, Unavailable or LinkDown is raised at once
         (a group call tries another member; LinkDown's data says {"unsent": True} when the
-        call never left this process)."""
+        call never left this process). While tracing (mesh.otel), the call is a span whose
+        context every attempt carries."""
+        if otel.tracer is None:
+            return await self._call(name, body, timeout, rid, stream, follow, None)
+        span = otel.start(f"call {name}", kind=otel.kinds().CLIENT,
+                          attributes={"mesh.agent": name, "mesh.sender": self.sender})
+        token = otel.current(span)
+        try:
+            result = await self._call(name, body, timeout, rid, stream, follow, otel.carrier())
+        except BaseException as exc:
+            otel.end(span, exc)
+            raise
+        finally:
+            otel.restore(token)
+        otel.end(span)
+        return result
+
+    async def _call(self, name: str, body: Any, timeout: float, rid: str | None, stream, follow: bool,
+                    traced: dict | None) -> Any:
         rid = rid or self.new_id()
         deadline = self.clock.now() + timeout
         known = self.resolver.where(name)
@@ -256,8 +274,8 @@ class Caller:
                     raise CallTimeout(f"call to {name!r} got no reply within {timeout:.3g}s")
                 try:
                     if p is None:
-                        p = self._open(node, Kind.CALL, rid, name, body, remaining, stream, _meta(stream, inc),
-                                       fail_fast)
+                        p = self._open(node, Kind.CALL, rid, name, body, remaining, stream,
+                                       _meta(stream, inc, traced), fail_fast)
                         uncertain += 1
                     wait = min(remaining, self.recheck_s) if mover is None else remaining
                     return await self._wait(p, wait, mover)
@@ -399,10 +417,13 @@ class ClientResolver:
             return body["node"], body.get("incarnation", -1)
 
 
-def _meta(stream, inc: int) -> dict | None:
-    """A call's flags: a stream of replies wanted, and the incarnation it is sent to (so
-    that a late copy is never run by a later agent of the name: see Node._to_agent)."""
+def _meta(stream, inc: int, traced: dict | None = None) -> dict | None:
+    """A call's flags: a stream of replies wanted, the incarnation it is sent to (so that
+    a late copy is never run by a later agent of the name: see Node._to_agent), and the
+    trace context it belongs to (mesh.otel)."""
     meta = {"stream": True} if stream is not None else None
     if inc >= 0:
         meta = {**(meta or {}), "inc": inc}
+    if traced:
+        meta = {**(meta or {}), **traced}
     return meta

@@ -17,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import sys
 import threading
 from typing import Any, Callable
 
+from . import otel
 from .caller import Caller, ClientResolver
 from .clock import Backoff, Clock
 from .config import Config, load
@@ -53,6 +55,8 @@ class Client:
                              reconnect=self._reconnect)
         self.timeout = config.timing.call_timeout_s
         self.groups = Groups(self)
+        if otel.tracer is None and "opentelemetry.sdk.trace" in sys.modules:
+            otel.use()  # this process traces (it set up the SDK): its calls start their traces
 
     async def __aenter__(self) -> "Client":
         return self

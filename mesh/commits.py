@@ -18,7 +18,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from . import supervision, wire
+from . import otel, supervision, wire
 from .agent import TimerRef
 from .errors import AgentDown, BadRequest, CallError, StoreError, Unavailable
 from .replies import error_response
@@ -39,7 +39,8 @@ _PROBE_VALUE = bytes(4096)     # a page's worth (a full disk may still take it: 
 class Group:
     """Everything that becomes durable in one transaction, and what waits for it."""
 
-    __slots__ = ("batch", "dirty", "replies", "effects", "callbacks", "replicas", "void", "submitted")
+    __slots__ = ("batch", "dirty", "replies", "effects", "callbacks", "replicas", "void", "submitted", "span",
+                 "copy_span")
 
     def __init__(self):
         self.batch = Batch()
@@ -49,6 +50,7 @@ class Group:
         self.callbacks: list[Callable[[Outcome], None]] = []
         self.replicas: dict[str, tuple[str, ...]] = {}  # name -> its replica hosts, for this batch
         self.void: set[str] = set()  # agents that crashed before this group: nothing of theirs is kept
+        self.span = self.copy_span = None  # its commit's and its replication's spans (mesh.otel)
 
     def __bool__(self) -> bool:
         return bool(self.batch or self.dirty or self.replies or self.effects or self.callbacks)
@@ -147,7 +149,20 @@ class Commits:
         self._in_flight = group
         self.node.stats["commits"] += 1
         group.submitted = time.perf_counter()
+        if otel.tracer is not None:
+            group.span = self._commit_span(group)
         self.node.committer.submit(batch, lambda outcome: self._committed_here(group, outcome))
+
+    def _commit_span(self, group: Group):
+        """A child of the first traced handler whose change it carries, linked to the others."""
+        changes = [r.traced_change for r in group.dirty if r.traced_change is not None]
+        for runner in group.dirty:
+            runner.traced_change = None
+        if not changes:
+            return None
+        return otel.start("commit", otel.context_of(changes[0]),
+                          attributes={"mesh.node": self.node.name, "mesh.records": len(group.batch.puts)},
+                          links=[otel.link(s) for s in changes[1:]])
 
     def _committed_here(self, group: Group, outcome: Outcome) -> None:
         """The local commit is done; with replicas, the copies must land before anything
@@ -159,6 +174,9 @@ class Commits:
             self.node.metrics.commit(records, took)
         self.note_store(group.batch, outcome)
         if outcome.error is None and any(group.replicas.values()):
+            if group.span is not None:
+                group.copy_span = otel.start("replicate", otel.context_of(group.span),
+                                             attributes={"mesh.hosts": sorted({h for hs in group.replicas.values() for h in hs})})
             self.node._spawn(self.node.replication.replicate(group, outcome))
         else:
             self._committed(group, outcome)
@@ -201,6 +219,11 @@ class Commits:
     def _committed(self, group: Group, outcome: Outcome) -> None:
         self._in_flight = None
         failed = outcome.error
+        if group.span is not None:
+            if group.copy_span is not None:
+                otel.end(group.copy_span, failed or (f"not on every replica host: {outcome.unreplicated}"
+                                                     if outcome.unreplicated else None))
+            otel.end(group.span, failed)
         if failed is not None:
             self.node.stats["commit_errors"] += 1
         fenced = outcome.fenced

@@ -38,6 +38,7 @@ from typing import Any, Callable
 
 import httpx
 
+from . import otel
 from .clock import Clock
 from .config import LLMSettings
 from .errors import LLMError
@@ -154,8 +155,34 @@ class LLMClient:
     async def chat(self, messages: list[dict], *, model: str | None = None, deadline: float | None = None,
                    on_delta: Callable[[str], None] | None = None, **params: Any) -> ChatResult:
         """One chat completion. With `on_delta`, the reply is streamed and each piece is
-        passed to it as it arrives. `deadline` is on this client's clock (monotonic)."""
-        body = {"model": model or self.settings.model, "messages": messages, **params}
+        passed to it as it arrives. `deadline` is on this client's clock (monotonic).
+        While tracing (mesh.otel), a span with the model and the tokens used."""
+        model = model or self.settings.model
+        if otel.tracer is None:
+            return await self._chat(messages, model, deadline, on_delta, params)
+        span = otel.start(f"chat {model}", kind=otel.kinds().CLIENT,
+                          attributes={"gen_ai.operation.name": "chat", "gen_ai.request.model": model,
+                                      "server.address": self.settings.base_url})
+        token = otel.current(span)
+        try:
+            result = await self._chat(messages, model, deadline, on_delta, params)
+        except BaseException as exc:
+            otel.end(span, exc)
+            raise
+        finally:
+            otel.restore(token)
+        for attribute, key in (("gen_ai.usage.input_tokens", "prompt_tokens"),
+                               ("gen_ai.usage.output_tokens", "completion_tokens")):
+            if isinstance(result.usage.get(key), int):
+                span.set_attribute(attribute, result.usage[key])
+        if result.finish_reason:
+            span.set_attribute("gen_ai.response.finish_reasons", [result.finish_reason])
+        otel.end(span)
+        return result
+
+    async def _chat(self, messages: list[dict], model: str, deadline: float | None,
+                    on_delta: Callable[[str], None] | None, params: dict) -> ChatResult:
+        body = {"model": model, "messages": messages, **params}
         if on_delta is None:
             data = await self._request("chat/completions", body, deadline)
             result = _chat_result(data)

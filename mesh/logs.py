@@ -1,6 +1,7 @@
 """Log lines: text by default; with MESH_LOG_FORMAT=json, one JSON object per line
-carrying the node, and the agent and incarnation whose handler wrote it, so that a log
-pipeline can filter by them without parsing messages.
+carrying the node, the agent and incarnation whose handler wrote it, and while tracing
+(mesh.otel) the trace id, so that a log pipeline can filter by them without parsing
+messages.
 
 The agent comes from AGENT, a context variable the runner sets around each handler (an
 async handler's task inherits it), or from a record's own `agent`/`incarnation` extras
@@ -12,6 +13,8 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+
+from . import otel
 
 FORMATS = ("text", "json")
 TEXT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
@@ -40,6 +43,10 @@ class JsonFormatter(logging.Formatter):
             current = AGENT.get()
             if current is not None:
                 out["agent"], out["incarnation"] = current
+        if otel.tracer is not None:
+            trace_id = otel.trace_id()
+            if trace_id is not None:
+                out["trace_id"] = trace_id
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=repr, ensure_ascii=False)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import msgpack
 
-from . import logs, supervision, wire
+from . import logs, otel, supervision, wire
 from .agent import Agent, CallContext, TimerRef
 from .caller import derived_id
 from .store import unpack_state
@@ -82,12 +82,13 @@ class AgentStatus(StrEnum):
 class Envelope:
     """A message waiting for or being handled by an agent."""
 
-    __slots__ = ("msg", "origin", "deadline", "peer", "arrived")
+    __slots__ = ("msg", "origin", "deadline", "peer", "arrived", "span")
 
     def __init__(self, msg: wire.Msg, origin: "Origin", deadline: float, peer: str | None = None):
         self.msg, self.origin, self.deadline = msg, origin, deadline
         self.peer = peer  # the authenticated identity that delivered it (see Node.peer)
         self.arrived = 0.0  # when its runner took it (its clock): the start of its queue time
+        self.span = None  # its handler's span, while tracing (mesh.otel)
 
 
 class Runner(Replies):
@@ -97,6 +98,7 @@ class Runner(Replies):
         "task", "started_at", "handled", "restarts", "_current_rid", "_parent", "_nested", "supervisor",
         "interrupted", "replicas", "superseded", "durable", "_rollback_error",
         "_running", "since", "vsn", "paused", "_idle", "_gathering", "_checkpointed", "tracer",
+        "traced_change",
     )
 
     def in_hand(self) -> list[Envelope]:
@@ -139,6 +141,7 @@ class Runner(Replies):
         self._gathering = None  # the timer of a batch being gathered (Agent.batch_wait_s)
         self._checkpointed = False  # the handler in hand made its state durable midway
         self.tracer = None  # a tracing.Trace while someone traces it (mesh trace)
+        self.traced_change = None  # the handler span whose change waits for a commit (mesh.otel)
 
     @property
     def clock(self):
@@ -224,14 +227,31 @@ class Runner(Replies):
     # --- handling ----------------------------------------------------------------------------
 
     def _handle(self, env: Envelope) -> None:
-        if not logs.tagging:
+        if otel.tracer is not None:
+            env.span = self._span(env)
+        if not logs.tagging and env.span is None:
             self._dispatch(env)
             return
-        token = logs.AGENT.set((self.name, self.incarnation))  # its handler's log lines name it
+        token = logs.AGENT.set((self.name, self.incarnation)) if logs.tagging else None  # its lines name it
+        current = otel.current(env.span) if env.span is not None else None  # its own spans nest under it
         try:
             self._dispatch(env)
         finally:
-            logs.AGENT.reset(token)
+            if current is not None:
+                otel.restore(current)
+            if token is not None:
+                logs.AGENT.reset(token)
+
+    def _span(self, env: Envelope, links=None):
+        kind = env.msg.kind
+        return otel.start(f"{self.kind} {kind.name.lower()}", otel.parent(env.msg.meta),
+                          otel.kinds().SERVER if kind == Kind.CALL else otel.kinds().CONSUMER,
+                          {"mesh.agent": self.name, "mesh.kind": self.kind, "mesh.incarnation": self.incarnation,
+                           "mesh.node": self.node.name, "mesh.request_id": env.msg.id or ""}, links)
+
+    def _span_ends(self, env: Envelope, error=None) -> None:
+        span, env.span = env.span, None
+        otel.end(span, error)
 
     def _dispatch(self, env: Envelope) -> None:
         msg, agent = env.msg, self.agent
@@ -280,6 +300,9 @@ class Runner(Replies):
                 envs.append(env)
         if self.tracer is not None:
             self.tracer.handling(envs)
+        if first.span is not None:  # each call of the batch has its own span, linked to the first's
+            for env in envs[1:]:
+                env.span = self._span(env, [otel.link(first.span)])
         # the calls a batch handler makes get ids derived from the whole batch's: a re-run of
         # the same batch repeats none of them (a batch that forms otherwise is a new request)
         rids = sorted(e.msg.id for e in envs)
@@ -404,6 +427,8 @@ class Runner(Replies):
             self.last_state = packed
             if self.tracer is not None:
                 self.tracer.committing(self.seq, len(packed))
+            if envs[0].span is not None:
+                self.traced_change = envs[0].span  # its commit's span is a child of this handler's
             for env, response in zip(envs, responses):
                 if response is not None:
                     self._record(env, response)
@@ -413,6 +438,8 @@ class Runner(Replies):
         for env, response in zip(envs, responses):
             if response is not None:
                 self._answer(env, response)
+            elif env.span is not None:
+                self._span_ends(env)
         if self.stop_reason is not None:
             reason, self.stop_reason = self.stop_reason, None
             self.node.incarnations.stop_runner(self, reason, supervision.stop_exit(reason))
@@ -456,6 +483,8 @@ class Runner(Replies):
             self.node.metrics.call(self.kind, response.startswith(wire.ERROR_TAG), self.clock.now() - env.arrived)
         if self.tracer is not None:
             self.tracer.answered(env, response)
+        if env.span is not None:
+            self._span_ends(env, "error" if response.startswith(wire.ERROR_TAG) else None)
         origins = self.inflight.pop(rid, None) or [env.origin]
         self.node.commits.send_response(self, origins, rid, response)
         if self.waiting:
@@ -472,6 +501,8 @@ class Runner(Replies):
         self.stop_reason = None
         err = AgentCrashed(f"{self.name}: {reason}", {"exception": type(exc).__name__})
         for env in envs:
+            if env.span is not None:
+                self._span_ends(env, exc)
             if env.msg.kind == Kind.CALL:
                 self._answer(env, error_response(err))
         self.status = AgentStatus.CRASHED

@@ -28,7 +28,7 @@ import time
 import zmq
 
 from .clock import wall_offset
-from . import logs
+from . import logs, otel
 from .config import Config
 from .errors import ConfigError, StoreError
 from .network import ZmqNetwork
@@ -148,6 +148,7 @@ class CannotStart(Exception):
 def run_node(config: Config, name: str, boot: str, previous: dict | None, control: socket.socket | None) -> int:
     """Run one node until it stops; returns the process exit code."""
     logs.set_node(name)
+    otel.configure_from_env(name)
     fix_mmap_threshold()
     raise_file_limit()
     try:
