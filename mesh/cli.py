@@ -508,16 +508,23 @@ def restart(config_path, key, node, timeout):
     sys.exit(0 if result["restarted"] else 1)
 
 
-@main.command(epilog="""Example: mesh demo --users 3 --turns 4""")
+@main.command(epilog="""Example: mesh demo --users 3 --turns 4   |   mesh demo --scene pool""")
+@click.option("--scene", type=click.Choice(["conversations", "pool"]), default="conversations", show_default=True,
+              help="conversations that survive a kill -9, or a pool of embedding models that serves through one")
 @click.option("--users", type=click.IntRange(1, 200), default=6, help="simulated users, one conversation agent each")
 @click.option("--turns", type=click.IntRange(1, 100), default=8, help="turns per conversation")
 @click.option("--llm-url", default=None, help="an OpenAI-compatible API instead of the stand-in (e.g. http://host:8000/v1)")
 @click.option("--model", default="stand-in", help="the model name to ask the API for")
 @click.option("--keep", is_flag=True, help="keep the temporary data folder")
-def demo(users, turns, llm_url, model, keep):
-    """Conversations on a three-node mesh; a node is killed midway; nothing is lost."""
-    from . import demo as demo_mod
+def demo(scene, users, turns, llm_url, model, keep):
+    """Conversations on a three-node mesh; a node is killed midway; nothing is lost.
+    With --scene pool: a pool of three local embedding models (the serving extra) keeps
+    answering while the node of one is killed."""
     say = lambda line: click.echo(line)  # noqa: E731
+    if scene == "pool":
+        from . import demo_pool
+        sys.exit(demo_pool.run(keep=keep, say=say))
+    from . import demo as demo_mod
     sys.exit(demo_mod.run(users, turns, llm_url, model, keep, say))
 
 
