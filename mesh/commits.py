@@ -40,7 +40,7 @@ class Group:
     """Everything that becomes durable in one transaction, and what waits for it."""
 
     __slots__ = ("batch", "dirty", "replies", "effects", "callbacks", "replicas", "void", "submitted", "span",
-                 "copy_span")
+                 "copy_span", "local_done")
 
     def __init__(self):
         self.batch = Batch()
@@ -51,6 +51,7 @@ class Group:
         self.replicas: dict[str, tuple[str, ...]] = {}  # name -> its replica hosts, for this batch
         self.void: set[str] = set()  # agents that crashed before this group: nothing of theirs is kept
         self.span = self.copy_span = None  # its commit's and its replication's spans (mesh.otel)
+        self.local_done = 0.0  # when its local commit ended, if it is copied to replica hosts
 
     def __bool__(self) -> bool:
         return bool(self.batch or self.dirty or self.replies or self.effects or self.callbacks)
@@ -174,6 +175,7 @@ class Commits:
             self.node.metrics.commit(records, took)
         self.note_store(group.batch, outcome)
         if outcome.error is None and any(group.replicas.values()):
+            group.local_done = time.perf_counter()
             if group.span is not None:
                 group.copy_span = otel.start("replicate", otel.context_of(group.span),
                                              attributes={"mesh.hosts": sorted({h for hs in group.replicas.values() for h in hs})})
@@ -219,6 +221,8 @@ class Commits:
     def _committed(self, group: Group, outcome: Outcome) -> None:
         self._in_flight = None
         failed = outcome.error
+        if group.local_done and self.node.metrics is not None:
+            self.node.metrics.replicated(time.perf_counter() - group.local_done)
         if group.span is not None:
             if group.copy_span is not None:
                 otel.end(group.copy_span, failed or (f"not on every replica host: {outcome.unreplicated}"

@@ -60,6 +60,7 @@ class Recorder:
         self.calls: dict[tuple[str, str], Histogram] = {}  # (kind, outcome) -> seconds
         self.commit_seconds = Histogram(SECONDS)
         self.commit_records = Histogram(RECORDS)
+        self.replication_seconds = Histogram(SECONDS)  # a group's copies, after its local commit
 
     def call(self, kind: str, error: bool, seconds: float) -> None:
         key = (kind, "error" if error else "ok")
@@ -71,6 +72,9 @@ class Recorder:
     def commit(self, records: int, seconds: float) -> None:
         self.commit_seconds.observe(seconds)
         self.commit_records.observe(records)
+
+    def replicated(self, seconds: float) -> None:
+        self.replication_seconds.observe(seconds)
 
 
 def snapshot(node: "Node") -> dict[str, Any]:
@@ -92,6 +96,8 @@ def snapshot(node: "Node") -> dict[str, Any]:
         "calls": {k: (h.buckets(), h.total) for k, h in rec.calls.items()} if rec else {},
         "commit_seconds": (rec.commit_seconds.buckets(), rec.commit_seconds.total) if rec else None,
         "commit_records": (rec.commit_records.buckets(), rec.commit_records.total) if rec else None,
+        "replication_seconds": (rec.replication_seconds.buckets(), rec.replication_seconds.total) if rec else None,
+        "renewals": node._renewals,
         "llm": dict(llm.usage) if llm is not None else {},
         "breaker": llm.breaker.state if llm is not None else None,
         "exits": dict(role.exit_counts) if role is not None else {},
@@ -143,7 +149,9 @@ class _Collector:
             calls.add_metric([node, kind, outcome], buckets, total)
         yield calls
         for name, doc, key in (("mesh_commit_seconds", "A commit group's time from submit to durable", "commit_seconds"),
-                               ("mesh_commit_records", "Agents' records per commit group", "commit_records")):
+                               ("mesh_commit_records", "Agents' records per commit group", "commit_records"),
+                               ("mesh_replication_seconds", "A commit group's time from its local commit until "
+                                "every replica host has it (the replicas' lag)", "replication_seconds")):
             if snap[key] is not None:
                 h = HistogramMetricFamily(name, doc, labels=["node"])
                 h.add_metric([node], *snap[key])
@@ -170,6 +178,10 @@ class _Collector:
         for how, n in sorted(snap["exits"].items()):
             exits.add_metric([node, how], n)
         yield exits
+        renewals = CounterMetricFamily("mesh_lease_renewals_sent", "Lease renewals the node asked for",
+                                       labels=["node"])
+        renewals.add_metric([node], snap["renewals"])
+        yield renewals
         if snap["lease_valid"] is not None:
             g = GaugeMetricFamily("mesh_lease_valid", "1 while the node holds its lease to serve", labels=["node"])
             g.add_metric([node], int(snap["lease_valid"]))

@@ -98,6 +98,8 @@ async def test_each_node_serves_its_metrics(metrics_mesh):
     assert sum(sum(_samples(t, "mesh_commit_seconds_count").values()) for t in texts.values()) >= 30
     assert all(_samples(t, "process_resident_memory_bytes") for t in texts.values())
     assert _samples(texts["n1"], "mesh_lease_valid") == {'{node="n1"}': 1.0}
+    assert _samples(texts["n2"], "mesh_lease_renewals_sent_total")['{node="n2"}'] >= 1
+    assert _samples(texts["n2"], "mesh_replication_seconds_count") == {'{node="n2"}': 0.0}  # one host: no copies
 
 
 @pytest.mark.async_timeout(90)
