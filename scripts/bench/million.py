@@ -103,6 +103,8 @@ async def run(c: NetCluster, agents: int, outstanding: int) -> None:
         say(f"spawn: {agents:,} in {took:.1f} s ({agents / took:,.0f}/s), {failed} failed; per tenth: "
             + ", ".join(f"{r:,.0f}" for r in rates) + f"; last/first {rates[-1] / rates[0]:.2f}")
         st = await m.status(agents=False)
+        say("lease lapses (each drops the node's agents): " + ", ".join(
+            f"{n['name']} {n['stats'].get('lease_lapses', 0)}" for n in st["nodes"]))
         for node in st["nodes"]:
             here = sum(1 for n in where.values() if n == node["name"])
             rss = node.get("rss") or 0
@@ -148,7 +150,7 @@ def main() -> int:
         say(line)
     say(f"run: {' '.join(sys.argv)}")
     with tempfile.TemporaryDirectory(prefix="mesh-million-") as folder:
-        c = NetCluster(Path(folder), replicas=a.replicas, heartbeat_ms=250, liveness=4,
+        c = NetCluster(Path(folder), replicas=a.replicas, heartbeat_ms=250, liveness=4, lease_ms=750,
                        env={**os.environ, "MESH_LOG": "WARNING"})
         text = c.config.read_text()  # room for a million records a host, and no served log (chaos's)
         c.config.write_text(text.replace("[store]\n", "[store]\nmap_size_mb = 16384\n", 1)
