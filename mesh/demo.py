@@ -259,6 +259,14 @@ class Demo:
             done = sum(u.done for u in users)
             self.say(f"  ... {done}/{total} turns answered")
 
+    def summary(self, rows: list[tuple[str, str]]) -> None:
+        """The closing table: one row per figure, names aligned."""
+        self.say("")
+        self.say("summary")
+        width = max(len(k) for k, _ in rows)
+        for key, value in rows:
+            self.say(f"  {key.ljust(width)}  {value}")
+
     async def _summary(self, mesh: Client, users: list[User], elapsed: float) -> int:
         lost = doubled = 0
         for user in users:
@@ -285,11 +293,7 @@ class Demo:
             ("turns lost", f"{lost}"),
             ("turns doubled", f"{doubled}"),
         ]
-        self.say("")
-        self.say("summary")
-        width = max(len(k) for k, _ in rows)
-        for key, value in rows:
-            self.say(f"  {key.ljust(width)}  {value}")
+        self.summary(rows)
         ok = lost == 0 and doubled == 0 and remembered == questions and turns == len(users) * self.turns
         self.say("\nall conversations intact" if ok else "\nSOMETHING WAS LOST: see above")
         return 0 if ok else 1

@@ -131,11 +131,7 @@ class PoolDemo(Demo):
             (f"{victim['name']} now", back),
             ("nearest to the question", f"{SENTENCES[nearest]!r}"),
         ]
-        self.say("")
-        self.say("summary")
-        width = max(len(k) for k, _ in rows)
-        for key, value in rows:
-            self.say(f"  {key.ljust(width)}  {value}")
+        self.summary(rows)
         for why in failed[:3]:
             self.say(f"  failed: {why}")
         ok = not failed and SENTENCES[nearest] == TOPIC and done

@@ -19,7 +19,7 @@ from .runner import AgentStatus
 if TYPE_CHECKING:
     from . import wire
     from .node import Node, Origin
-    from .runner import Envelope
+    from .runner import Envelope, Runner
 
 DEFAULT_MAX_BYTES = 2000
 MAX_BYTES = 1_000_000  # of the state shown: the answer stays far below a message's limit
@@ -76,11 +76,20 @@ def rss_bytes() -> int | None:
         return None
 
 
-def on_inspect(node: "Node", msg: "wire.Msg", origin: "Origin") -> None:
+def running(node: "Node", msg: "wire.Msg", origin: "Origin") -> "Runner | None":
+    """The runner of the agent a request names, if it runs here; else NoSuchAgent is
+    answered (naming this node) and None returned."""
     runner = node.runners.get(msg.target)
     if runner is None or runner.status not in (AgentStatus.RUNNING, AgentStatus.STARTING):
         node.respond_error(origin, msg.id, NoSuchAgent(f"{msg.target} does not run on node {node.name}",
                                                        {"node": node.name}))
+        return None
+    return runner
+
+
+def on_inspect(node: "Node", msg: "wire.Msg", origin: "Origin") -> None:
+    runner = running(node, msg, origin)
+    if runner is None:
         return
     max_bytes = min(max((msg.body or {}).get("max_bytes") or DEFAULT_MAX_BYTES, 100), MAX_BYTES)
     now = node.clock.now()

@@ -17,9 +17,8 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from . import wire
-from .errors import CallError, NoSuchAgent
-from .introspect import preview
-from .runner import AgentStatus
+from .errors import CallError
+from .introspect import preview, running
 
 if TYPE_CHECKING:
     from .node import Node, Origin
@@ -127,10 +126,8 @@ class Trace:
 
 
 def on_trace(node: "Node", msg: "wire.Msg", origin: "Origin") -> None:
-    runner = node.runners.get(msg.target)
-    if runner is None or runner.status not in (AgentStatus.RUNNING, AgentStatus.STARTING):
-        node.respond_error(origin, msg.id, NoSuchAgent(f"{msg.target} does not run on node {node.name}",
-                                                       {"node": node.name}))
+    runner = running(node, msg, origin)
+    if runner is None:
         return
     body = msg.body or {}
     for_s = min(max(body.get("for_ms") or DEFAULT_FOR_MS, 1), MAX_FOR_MS) / 1000

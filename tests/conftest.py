@@ -50,6 +50,20 @@ def cluster_factory(tmp_path):
     return make
 
 
+@pytest.fixture
+def local_mesh(tmp_path):
+    """A real three-node mesh on loopback (`mesh up` of tests/procs.py's config) as
+    (config path, its MeshRun); every process of it ended by pid afterwards."""
+    import procs
+    cfg = procs.write_config(tmp_path)
+    run = procs.MeshRun("up", "-c", str(cfg))
+    try:
+        run.start(wait_for="mesh ready")
+        yield cfg, run
+    finally:
+        run.stop()
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "async_timeout(seconds): bound an async test in time")
 

@@ -9,21 +9,9 @@ import time
 import pytest
 
 import mesh
-import procs
 from mesh.errors import CallError, LinkDown
 
 CALLERS = 8
-
-
-@pytest.fixture
-def local_mesh(tmp_path):
-    cfg = procs.write_config(tmp_path)
-    run = procs.MeshRun("up", "-c", str(cfg))
-    try:
-        run.start(wait_for="mesh ready")
-        yield cfg, run
-    finally:
-        run.stop()
 
 
 async def _kill_under_calls(m, run, idempotent: bool) -> tuple[list, list, float]:

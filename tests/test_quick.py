@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 
 import mesh
 import procs
@@ -23,24 +22,13 @@ finally:
 """
 
 
-@pytest.fixture
-def local_mesh(tmp_path):
-    cfg = procs.write_config(tmp_path)
-    run = procs.MeshRun("up", "-c", str(cfg))
-    try:
-        run.start(wait_for="mesh ready")
-        yield cfg
-    finally:
-        run.stop()
-
-
 def _cli_in_one_process(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", NO_ASYNCIO, *args], capture_output=True, text=True,
                           env=procs.env(), cwd=procs.ROOT, timeout=60)
 
 
 async def test_call_and_status_take_the_quick_path(local_mesh):
-    cfg = local_mesh
+    cfg, _ = local_mesh
     async with mesh.connect(cfg) as m:
         for i in range(3):  # some on the supervisor's node, some elsewhere (a redirect first)
             await m.spawn(f"q{i}", "counter")
@@ -55,7 +43,7 @@ async def test_call_and_status_take_the_quick_path(local_mesh):
 
 
 async def test_a_slow_call_is_handed_over_and_runs_once(local_mesh):
-    cfg = local_mesh
+    cfg, _ = local_mesh
     async with mesh.connect(cfg) as m:
         await m.spawn("w1", "waiter")
     seconds = QUICK_S + 0.5  # past the quick path's wait: the full client takes over

@@ -9,19 +9,7 @@ from pathlib import Path
 import pytest
 
 import mesh
-import procs
 from procs import mesh_cmd
-
-
-@pytest.fixture
-def local_mesh(tmp_path):
-    cfg = procs.write_config(tmp_path)
-    run = procs.MeshRun("up", "-c", str(cfg))
-    try:
-        run.start(wait_for="mesh ready")
-        yield cfg, run
-    finally:
-        run.stop()
 
 
 def _cmdline(pid: int) -> str:

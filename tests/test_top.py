@@ -43,17 +43,6 @@ def test_rates_come_from_two_samples():
     assert top.node_rows(None, second)[0][3] == "-"
 
 
-@pytest.fixture
-def busy_mesh(tmp_path):
-    cfg = procs.write_config(tmp_path)
-    run = procs.MeshRun("up", "-c", str(cfg))
-    try:
-        run.start(wait_for="mesh ready")
-        yield cfg
-    finally:
-        run.stop()
-
-
 async def _under_load(cfg, body):
     async with mesh.connect(cfg) as m:
         for i in range(3):
@@ -72,8 +61,8 @@ async def _under_load(cfg, body):
 
 
 @pytest.mark.async_timeout(60)
-async def test_plain_tables_when_stdout_is_not_a_terminal(busy_mesh):
-    cfg = busy_mesh
+async def test_plain_tables_when_stdout_is_not_a_terminal(local_mesh):
+    cfg, _ = local_mesh
     done = await _under_load(cfg, lambda: mesh_cmd("top", "-c", str(cfg)))
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
@@ -110,8 +99,8 @@ def _live_in_a_pty(cfg, keys: list[tuple[float, bytes]], limit_s: float = 30) ->
 
 
 @pytest.mark.async_timeout(90)
-async def test_the_live_view_fits_80x24_and_answers_keys(busy_mesh):
-    cfg = busy_mesh
+async def test_the_live_view_fits_80x24_and_answers_keys(local_mesh):
+    cfg, _ = local_mesh
     code, shown = await _under_load(cfg, lambda: _live_in_a_pty(cfg, [(2.5, b"s"), (4.0, b"q")]))
     assert code == 0, shown[-2000:]
     assert "mesh top" in shown and "sort: mailbox" in shown and "sort: msg/s" in shown

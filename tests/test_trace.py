@@ -9,7 +9,6 @@ import json
 import pytest
 
 import mesh
-import procs
 from harness import Cluster, make_config
 from mesh import tracing
 from mesh.errors import NoSuchAgent
@@ -101,20 +100,9 @@ async def test_a_flood_is_cut_to_the_budget_and_counted(tmp_path, monkeypatch):
         await c.close()
 
 
-@pytest.fixture
-def local_mesh(tmp_path):
-    cfg = procs.write_config(tmp_path)
-    run = procs.MeshRun("up", "-c", str(cfg))
-    try:
-        run.start(wait_for="mesh ready")
-        yield cfg
-    finally:
-        run.stop()
-
-
 @pytest.mark.async_timeout(60)
 async def test_mesh_trace_prints_the_events_and_stops_by_itself(local_mesh):
-    cfg = local_mesh
+    cfg, _ = local_mesh
     async with mesh.connect(cfg) as m:
         await m.spawn("t1", "counter")
         tracer = asyncio.ensure_future(asyncio.to_thread(mesh_cmd, "trace", "-c", str(cfg), "t1", "--for", "3",

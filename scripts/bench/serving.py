@@ -104,28 +104,29 @@ async def gets_under_load(m, items: list[str], n_gets: int, config: Path, apart:
         try:
             assert loader.stdout.readline().strip() == "loading"
             await asyncio.sleep(0.5)  # the load is under way
-            lat = []
-            for _ in range(n_gets):
-                t0 = time.perf_counter()
-                await m.call("c1", {"op": "get"})
-                lat.append((time.perf_counter() - t0) * 1000)
+            return await _gets(m, n_gets)
         finally:
             loader.terminate()
             loader.wait(10)
-        return lat
 
     async def loader_task():
         while queue and not done.is_set():
             await m.call("emb", {"text": queue.pop()}, timeout=30)
     load = [asyncio.ensure_future(loader_task()) for _ in range(64)]
     await asyncio.sleep(0.2)  # the load is under way
+    lat = await _gets(m, n_gets)
+    done.set()
+    await asyncio.gather(*load)
+    return lat
+
+
+async def _gets(m, n: int) -> list[float]:
+    """Latencies, in ms, of `n` sequential gets to the counter c1."""
     lat = []
-    for _ in range(n_gets):
+    for _ in range(n):
         t0 = time.perf_counter()
         await m.call("c1", {"op": "get"})
         lat.append((time.perf_counter() - t0) * 1000)
-    done.set()
-    await asyncio.gather(*load)
     return lat
 
 
