@@ -108,36 +108,42 @@ def _rich_tables(prev, cur, sort: str, selected: int, height: int):
 
 
 def _keys(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
-    """Read keys from the terminal in cbreak mode, in a thread, into `queue`."""
+    """Read keys from the terminal (in cbreak mode: see live), in a thread, into `queue`."""
+    fd = sys.stdin.fileno()
+    while True:
+        ch = os.read(fd, 3).decode(errors="ignore")
+        key = {"\x1b[A": "up", "\x1b[B": "down", "k": "up", "j": "down", "\n": "enter", "\r": "enter",
+               "i": "enter", "s": "sort", "q": "quit"}.get(ch)
+        if key:
+            loop.call_soon_threadsafe(queue.put_nowait, key)
+        if key == "quit" or not ch:
+            return
+
+
+async def live(client) -> None:
     import termios
     import tty
 
+    from rich.console import Console
+
     fd = sys.stdin.fileno()
     saved = termios.tcgetattr(fd)
-    tty.setcbreak(fd)
+    tty.setcbreak(fd)  # keys one at a time, unechoed; restored however this ends (Ctrl-C too)
     try:
-        while True:
-            ch = os.read(fd, 3).decode(errors="ignore")
-            key = {"\x1b[A": "up", "\x1b[B": "down", "k": "up", "j": "down", "\n": "enter", "\r": "enter",
-                   "i": "enter", "s": "sort", "q": "quit", "\x03": "quit"}.get(ch)
-            if key:
-                loop.call_soon_threadsafe(queue.put_nowait, key)
-            if key == "quit":
-                return
+        await _live(client, Console())
     finally:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
-async def live(client) -> None:
-    from rich.console import Console
+async def _live(client, console) -> None:
     from rich.live import Live
     from rich.panel import Panel
     from rich.text import Text
 
-    console = Console()
+    import threading
+
     loop = asyncio.get_running_loop()
     keys: asyncio.Queue = asyncio.Queue()
-    import threading
     threading.Thread(target=_keys, args=(loop, keys), daemon=True).start()
     sort, selected, showing = 0, 0, None
     prev, cur = None, await sample(client)

@@ -72,10 +72,12 @@ async def test_plain_tables_when_stdout_is_not_a_terminal(local_mesh):
     assert len(hot) == 3 and all(float(row[4].replace(",", "")) > 0 for row in hot)  # msg/s
 
 
-def _live_in_a_pty(cfg, keys: list[tuple[float, bytes]], limit_s: float = 30) -> tuple[int, str]:
-    """Run `mesh top` in an 80x24 pseudo-terminal, typing `keys` at their times."""
+def _live_in_a_pty(cfg, keys: list[tuple[float, bytes]], limit_s: float = 30) -> tuple[int, str, bool]:
+    """Run `mesh top` in an 80x24 pseudo-terminal, typing `keys` at their times; returns
+    its exit code, what it drew, and whether it left the terminal's modes as it found them."""
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    modes = termios.tcgetattr(follower)
     proc = subprocess.Popen([sys.executable, "-m", "mesh.cli", "top", "-c", str(cfg)], stdin=follower,
                             stdout=follower, stderr=follower, env={**procs.env(), "TERM": "xterm-256color"},
                             cwd=procs.ROOT, start_new_session=True)
@@ -90,7 +92,8 @@ def _live_in_a_pty(cfg, keys: list[tuple[float, bytes]], limit_s: float = 30) ->
                     out += os.read(leader, 65536)
                 except OSError:
                     break
-        return proc.wait(5), out.decode(errors="replace")
+        code = proc.wait(5)
+        return code, out.decode(errors="replace"), termios.tcgetattr(leader) == modes
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -101,7 +104,8 @@ def _live_in_a_pty(cfg, keys: list[tuple[float, bytes]], limit_s: float = 30) ->
 @pytest.mark.async_timeout(90)
 async def test_the_live_view_fits_80x24_and_answers_keys(local_mesh):
     cfg, _ = local_mesh
-    code, shown = await _under_load(cfg, lambda: _live_in_a_pty(cfg, [(2.5, b"s"), (4.0, b"q")]))
+    code, shown, restored = await _under_load(cfg, lambda: _live_in_a_pty(cfg, [(2.5, b"s"), (4.0, b"q")]))
     assert code == 0, shown[-2000:]
+    assert restored  # echo and line mode back as they were
     assert "mesh top" in shown and "sort: mailbox" in shown and "sort: msg/s" in shown
     assert "hot0" in shown and "COMMITS/S" in shown
