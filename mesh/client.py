@@ -291,6 +291,8 @@ class Client:
             try:
                 node, inc = await self.resolver.locate(self.caller, name, after, deadline, None)
             except CallTimeout:
+                if not summaries and after < 0:
+                    raise CallTimeout(f"could not find {name!r} running within {seconds:g}s") from None
                 break  # not placed again before the end
             except NoSuchAgent:
                 if not summaries:
