@@ -86,6 +86,9 @@ def test_a_node_of_the_previous_release_serves_beside_new_ones_and_agents_move_b
             assert mesh_cmd("undrain", "-c", str(cfg), victim).returncode == 0
         st = json.loads(mesh_cmd("status", "-c", str(cfg), "--json").stdout)
         assert any(a["node"] == "n3" for a in st["agents"] if a["name"] in values), st["agents"]
+        top = mesh_cmd("top", "-c", str(cfg), "--plain")  # the old node refuses INVENTORY {top}: asked again without
+        assert top.returncode == 0, top.stderr
+        assert [line.split()[:2] for line in top.stdout.splitlines()[1:4]] == [["n1", "yes"], ["n2", "yes"], ["n3", "yes"]]
 
         # the old node replaced by a new one: drained, stopped, started on this release's code
         assert mesh_cmd("drain", "-c", str(cfg), "n3", timeout=60).returncode == 0
