@@ -50,6 +50,7 @@ class Group:
         self.callbacks: list[Callable[[Outcome], None]] = []
         self.replicas: dict[str, tuple[str, ...]] = {}  # name -> its replica hosts, for this batch
         self.void: set[str] = set()  # agents that crashed before this group: nothing of theirs is kept
+        self.submitted = 0.0   # when it went to the store (perf_counter)
         self.span = self.copy_span = None  # its commit's and its replication's spans (mesh.otel)
         self.local_done = 0.0  # when its local commit ended, if it is copied to replica hosts
 

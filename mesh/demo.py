@@ -259,6 +259,16 @@ class Demo:
             done = sum(u.done for u in users)
             self.say(f"  ... {done}/{total} turns answered")
 
+    def play(self) -> int:
+        """Run the scene; its exit status. Whatever it started is stopped, Ctrl-C too."""
+        try:
+            return asyncio.run(self.run())
+        except KeyboardInterrupt:
+            self.say("interrupted")
+            return 130
+        finally:
+            self.stop()
+
     def summary(self, rows: list[tuple[str, str]]) -> None:
         """The closing table: one row per figure, names aligned."""
         self.say("")
@@ -301,11 +311,4 @@ class Demo:
 
 def run(users: int = 6, turns: int = 8, llm_url: str | None = None, model: str = "stand-in",
         keep: bool = False, say=print) -> int:
-    demo = Demo(users, turns, llm_url, model, say, keep)
-    try:
-        return asyncio.run(demo.run())
-    except KeyboardInterrupt:
-        say("interrupted")
-        return 130
-    finally:
-        demo.stop()
+    return Demo(users, turns, llm_url, model, say, keep).play()

@@ -150,11 +150,4 @@ class PoolDemo(Demo):
 
 
 def run(callers: int = 16, seconds: float = 4.0, keep: bool = False, say=print) -> int:
-    demo = PoolDemo(callers, seconds, say, keep)
-    try:
-        return asyncio.run(demo.run())
-    except KeyboardInterrupt:
-        say("interrupted")
-        return 130
-    finally:
-        demo.stop()
+    return PoolDemo(callers, seconds, say, keep).play()
