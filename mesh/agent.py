@@ -87,6 +87,14 @@ class Agent:
     state: Any = None
     _runner: "Runner"
 
+    read_ops: frozenset = frozenset()
+    """The ops (a call's `"op"` key) whose handlers only read the state, e.g.
+    `frozenset({"get"})`. After such a call the node does not pack the state to see whether
+    it changed, so a read of a large state costs what the reply costs. A handler declared
+    here that changes the state anyway is a bug: the change is not committed with it (the
+    next change commits it; a crash first loses it). Set `MESH_CHECK_READS=1` in tests to
+    have every such call checked: a change then crashes the handler, naming its op."""
+
     max_batch: int = 0
     """Set above 1 to have calls handled in batches by handle_call_batch (see there)."""
 
@@ -104,6 +112,14 @@ class Agent:
     node's limits.mailbox (never more than that)."""
 
     # --- callbacks ------------------------------------------------------------------------
+
+    def reads_only(self, msg: Any) -> bool:
+        """True when handling call `msg` leaves the state as it is (see `read_ops`);
+        override for messages that are not `{"op": ...}` dicts."""
+        if not self.read_ops or type(msg) is not dict:
+            return False
+        op = msg.get("op")
+        return type(op) is str and op in self.read_ops
 
     def init(self, args: dict, state: Any) -> Any:
         """Runs when an incarnation starts, before any message. Returns the state to run with.

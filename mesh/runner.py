@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 from collections import deque
 from enum import StrEnum
 from types import CoroutineType
@@ -48,6 +49,9 @@ if TYPE_CHECKING:
     from .node import Origin
 
 log = logging.getLogger("mesh.runner")
+
+# pack the state after calls declared read-only too, and crash the ones that changed it
+CHECK_READS = os.environ.get("MESH_CHECK_READS", "") not in ("", "0")
 
 
 class Host(Protocol):
@@ -98,7 +102,7 @@ class Runner(Replies):
         "task", "started_at", "handled", "restarts", "_current_rid", "_parent", "_nested", "supervisor",
         "interrupted", "replicas", "superseded", "durable", "_rollback_error",
         "_running", "since", "vsn", "paused", "_idle", "_gathering", "_checkpointed", "tracer",
-        "traced_change",
+        "traced_change", "_reading",
     )
 
     def in_hand(self) -> list[Envelope]:
@@ -140,6 +144,7 @@ class Runner(Replies):
         self.superseded = False
         self._gathering = None  # the timer of a batch being gathered (Agent.batch_wait_s)
         self._checkpointed = False  # the handler in hand made its state durable midway
+        self._reading = False       # the handler in hand was declared read-only (Agent.read_ops)
         self.tracer = None  # a tracing.Trace while someone traces it (mesh trace)
         self.traced_change = None  # the handler span whose change waits for a commit (mesh.otel)
 
@@ -264,11 +269,12 @@ class Runner(Replies):
         self._parent = [env]
         self._nested = 0
         self.effects = []
-        self._checkpointed = False
+        self._checkpointed = self._reading = False
         self.handled += 1
         envs = [env]
         try:
             if msg.kind == Kind.CALL:
+                self._reading = agent.reads_only(msg.body)
                 stream = self.node.streamer(env) if msg.meta and msg.meta.get("stream") else None
                 result = agent.handle_call(msg.body, CallContext(msg.id, env.peer, env.deadline, self, stream,
                                                                   msg.sender, env.arrived))
@@ -311,10 +317,11 @@ class Runner(Replies):
         self._parent = envs
         self._nested = 0
         self.effects = []
-        self._checkpointed = False
+        self._checkpointed = self._reading = False
         self.handled += len(envs)
         ctxs = [CallContext(e.msg.id, e.peer, e.deadline, self, None, e.msg.sender, e.arrived) for e in envs]
         try:
+            self._reading = all(self.agent.reads_only(e.msg.body) for e in envs)
             results = self.agent.handle_call_batch([e.msg.body for e in envs], ctxs)
         except CallError as err:
             self._finish(envs, [err] * len(envs))
@@ -395,11 +402,21 @@ class Runner(Replies):
     def _finish(self, envs: list[Envelope], results: list) -> None:
         """Commit what the handler did and answer: `results[i]` is envs[i]'s reply, or a
         CallError to answer it with."""
-        try:
-            packed = msgpack.packb(self.agent.state)
-        except Exception as exc:
-            self._crash(envs, TypeError(f"state is not serializable: {exc}"), supervision.CRASH)
-            return
+        reading, self._reading = self._reading, False
+        if reading and not CHECK_READS and self.last_state is not None and not self.effects \
+                and not self._checkpointed:
+            packed = self.last_state  # declared read-only: nothing to pack or compare
+        else:
+            try:
+                packed = msgpack.packb(self.agent.state)
+            except Exception as exc:
+                self._crash(envs, TypeError(f"state is not serializable: {exc}"), supervision.CRASH)
+                return
+            if reading and CHECK_READS and self.last_state is not None and packed != self.last_state:
+                ops = sorted({str(e.msg.body.get("op")) for e in envs if type(e.msg.body) is dict})
+                self._crash(envs, RuntimeError(f"a call declared read-only ({', '.join(ops) or '?'} in "
+                                               f"read_ops) changed the state"), supervision.CRASH)
+                return
         responses: list[bytes | None] = []
         for env, result in zip(envs, results):
             if env.msg.kind != Kind.CALL:

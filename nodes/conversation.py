@@ -43,6 +43,7 @@ DEFAULT_SYSTEM = "You are a helpful assistant."
 
 
 class ConversationAgent(Agent):
+    read_ops = frozenset({"history"})  # answered without packing the state to compare
     tools: dict = {}  # name -> {"description", "parameters"}; run by the method tool_NAME
 
     def init(self, args, state):

@@ -2,6 +2,9 @@
 
 import asyncio
 import inspect
+import os
+
+os.environ.setdefault("MESH_CHECK_READS", "1")  # every call declared read-only is checked (Agent.read_ops)
 
 import pytest
 

@@ -48,6 +48,7 @@ spawner = "kinds:Spawner"
 flaky = "kinds:Flaky"
 doubler = "kinds:Doubler"
 stepper = "kinds:Stepper"
+peeker = "kinds:Peeker"
 
 [hosts.h1]
 address = "127.0.0.1"

@@ -247,3 +247,25 @@ class Stepper(Agent):
             RUNS["steps"] = RUNS.get("steps", 0) + 1
             return self.state
         return self.state
+
+
+class Peeker(Agent):
+    """Declares `peek`, `sneak` and `tell` read-only; `sneak` breaks that promise (for
+    MESH_CHECK_READS); `add` (call or cast) is an ordinary change."""
+
+    read_ops = frozenset({"peek", "sneak", "tell"})
+
+    def init(self, args, state):
+        return state if state is not None else {"n": 0, "pad": b"x" * int(args.get("pad", 0))}
+
+    def handle_call(self, msg, ctx):
+        if msg["op"] == "add":
+            self.state["n"] += 1
+        elif msg["op"] == "sneak":
+            self.state["n"] += 100
+        elif msg["op"] == "tell":  # a read that casts: its cast waits for a commit all the same
+            self.cast(msg["to"], {"op": "add"})
+        return self.state["n"]
+
+    def handle_cast(self, msg):
+        self.state["n"] += 1

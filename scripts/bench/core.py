@@ -53,16 +53,18 @@ import evidence  # noqa: E402
 DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- core:begin (written by scripts/bench/core.py --write) -->", "<!-- core:end -->"
 SCRIPT = "python3 scripts/bench/core.py"
-BENCHES = ("raw", "call", "cast", "durable", "kill", "idle")
+BENCHES = ("raw", "call", "cast", "durable", "kill", "idle", "local", "state")
 
 GET, ADD = {"op": "get"}, {"op": "add", "n": 1}
 
 # Sizes of a full run and of a --quick one.
 SIZES = {
     False: dict(runs=5, calls=3000, adds=1000, casts=200_000, durable=30_000, kill_trials=20,
-                idle=100_000, idle_budget=120, raw_rt=5000, raw_oneway=300_000),
+                idle=100_000, idle_budget=120, raw_rt=5000, raw_oneway=300_000, state_bytes=10_000_000,
+                state_calls=400),
     True: dict(runs=3, calls=1000, adds=300, casts=50_000, durable=10_000, kill_trials=5,
-               idle=10_000, idle_budget=30, raw_rt=2000, raw_oneway=100_000),
+               idle=10_000, idle_budget=30, raw_rt=2000, raw_oneway=100_000, state_bytes=10_000_000,
+               state_calls=200),
 }
 DURABLE_AGENTS, OUTSTANDING, KILL_AGENTS = 1000, 500, 10
 
@@ -144,7 +146,8 @@ def proc_status(pid: int) -> dict[str, int]:
 def _env(log: str | None = None) -> dict:
     """The mesh's environment; its log level explains a lost write (see scripts/evidence.py)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(RUNTIME), env.get("PYTHONPATH", "")) if p)
+    paths = (str(RUNTIME), str(ROOT / "scripts" / "bench"), env.get("PYTHONPATH", ""))  # bench_kinds too
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     env.setdefault("MESH_LOG", log or evidence.LOG_LEVEL)
     return env
 
@@ -538,6 +541,60 @@ def bench_idle(size: dict) -> dict:
     return out
 
 
+# --- calls between two agents of one node; reads and changes of a large state --------------------
+
+def bench_local(size: dict) -> dict:
+    """Sequential calls from one agent to another in the same node (no socket between them),
+    timed inside the calling agent's handler."""
+    out = {"p50": [], "p99": []}
+
+    async def go(cfg):
+        async with mesh.connect(cfg) as m:
+            await m.spawn("target", "counter")
+            await m.spawn("pinger", "pinger")
+            ping = {"op": "ping", "target": "target", "n": 300}
+            await m.call("pinger", ping, timeout=60)
+            for run in range(size["runs"]):
+                times = await m.call("pinger", dict(ping, n=size["calls"]), timeout=60)
+                out["p50"].append(pct(times, 0.5))
+                out["p99"].append(pct(times, 0.99))
+                say(f"local: run {run + 1}: agent to agent in one node, p50 {out['p50'][-1]:.0f} us "
+                    f"p99 {out['p99'][-1]:.0f} us")
+
+    with Mesh(1, kinds={"pinger": "bench_kinds:Pinger"}, label="bench-local") as mh:
+        asyncio.run(go(mh.config))
+    return out
+
+
+def bench_state(size: dict) -> dict:
+    """A ledger grown to `state_bytes` of values: sequential reads (`len`, a small reply) and
+    durable appends of one small item; each a round trip from this process. The floor: the
+    same reads of a ledger holding nothing, in the same mesh, interleaved with them."""
+    out = {"read_p50": [], "small_p50": [], "append_p50": [], "bytes": size["state_bytes"]}
+
+    async def go(cfg):
+        async with mesh.connect(cfg) as m:
+            await m.spawn("big", "ledger")
+            await m.spawn("small", "ledger")
+            chunk, left = 1_000_000, size["state_bytes"]
+            while left > 0:
+                await m.call("big", {"op": "append", "value": b"x" * min(chunk, left)}, timeout=60)
+                left -= chunk
+            for run in range(size["runs"]):
+                reads = await _calls(m, "big", {"op": "len"}, size["state_calls"])
+                small = await _calls(m, "small", {"op": "len"}, size["state_calls"])
+                appends = await _calls(m, "big", {"op": "append", "value": 0}, max(5, size["state_calls"] // 4))
+                out["read_p50"].append(pct(reads, 0.5) * 1e6)
+                out["small_p50"].append(pct(small, 0.5) * 1e6)
+                out["append_p50"].append(pct(appends, 0.5) * 1e6)
+                say(f"state: run {run + 1}: {size['state_bytes'] / 1e6:g} MB state: read p50 "
+                    f"{out['read_p50'][-1]:,.0f} us (empty: {out['small_p50'][-1]:,.0f} us), durable append p50 {out['append_p50'][-1]:,.0f} us")
+
+    with Mesh(1, kinds={"ledger": "nodes.ledger:Ledger"}, label="bench-state") as mh:
+        asyncio.run(go(mh.config))
+    return out
+
+
 # --- the table -------------------------------------------------------------------------------------
 
 def fmt_range(values: list[float], unit: str = "", digits: int = 0) -> str:
@@ -759,6 +816,10 @@ KEY_FIGURES = [
     ("durable", "rate", f"durable `add` over {DURABLE_AGENTS:,} agents", "calls/s", False),
     ("kill", "all", "kill -9 until all answer (ms, median)", "ms", True),
     ("idle", "spawn_rate", "spawns into one node", "/s", False),
+    ("local", "p50", "call between two agents of one node p50", "µs", True),
+    ("state", "read_p50", "read of a 10 MB state p50", "µs", True),
+    ("state", "small_p50", "read of an empty state p50 (its floor)", "µs", True),
+    ("state", "append_p50", "durable append to a 10 MB state p50", "µs", True),
 ]
 
 
@@ -823,7 +884,7 @@ def _describe(path: Path) -> str:
 
 
 RUNNERS = {"raw": bench_raw, "call": bench_call, "cast": bench_cast, "durable": bench_durable,
-           "kill": bench_kill, "idle": bench_idle}
+           "kill": bench_kill, "idle": bench_idle, "local": bench_local, "state": bench_state}
 
 
 def main() -> int:
