@@ -60,6 +60,12 @@ class Incarnations:
             raise AlreadyExists(f"{name!r} already runs incarnation {old.incarnation} here",
                                 {"incarnation": old.incarnation})
         self.kind_class(body["kind"])  # refuse unknown kinds before anything else
+        if old is None and body.get("fresh") is True and not body.get("sources"):
+            # the first start of a name spawned now: no incarnation of it ran anywhere, so no
+            # state to read and none older to fence; its claim's commit is checked against
+            # the store's fence all the same (a stop that overtook this START refuses it)
+            self._begin(msg, origin, None, None)
+            return
         if old is not None and old.status in (AgentStatus.RUNNING, AgentStatus.STARTING):
             self._stop_quietly(old)
         self.node._spawn(self._start_from_copies(msg, origin))

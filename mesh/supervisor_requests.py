@@ -105,7 +105,7 @@ class Requests:
         # find one under way, call itself failed and forget a child whose incarnation runs
         # on (issue 21). Its record goes to the store in the same write as its placement.
         child.busy = False
-        err = await self._start_child(child, deadline=deadline)
+        err = await self._start_child(child, deadline=deadline, fresh=True)
         if self.children.get(spec.name) is not child or child.status == ChildStatus.STOPPED:
             # A stop came while it started, and was answered: the stop forgot it (and a
             # spawn of the name since is another agent's). The answer is final, kept for

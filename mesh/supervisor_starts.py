@@ -13,7 +13,7 @@ import msgpack
 from . import placement
 from . import supervision as sv
 from .admission import busy
-from .errors import AlreadyExists, CallError, CallTimeout, Retryable, Unavailable
+from .errors import AlreadyExists, BadRequest, CallError, CallTimeout, Retryable, Unavailable
 from .supervision import ChildSpec
 from .tree import MAX_START_BACKOFF_S, PLACE_PREFIX, Child, ChildStatus
 from .wire import Kind
@@ -153,10 +153,11 @@ class Starts:
         return True
 
     async def _start_child(self, child: Child, prefer: str | None = None, avoid: str | None = None,
-                           deadline: float | None = None) -> CallError | None:
+                           deadline: float | None = None, fresh: bool = False) -> CallError | None:
         """Start one incarnation of `child`; returns the error if it could not be started.
         `deadline`: when its spawn's caller stops waiting; a start whose turn comes after
-        that does nothing and says Busy (the caller may send the spawn again)."""
+        that does nothing and says Busy (the caller may send the spawn again). `fresh`: the
+        first start of a child spawned now (see _start_once)."""
         if child.busy or self.tree_failed:
             return None  # a start is under way already; or nothing starts in a failed tree
         child.busy = True
@@ -166,14 +167,19 @@ class Starts:
                 if late > 0:
                     return busy(f"{child.spec.name!r} waited for a start slot {late:.1f}s past its caller's "
                                 f"deadline: not started", 2 * late)
-                return await self._start_once(child, prefer, avoid)
+                return await self._start_once(child, prefer, avoid, fresh)
         finally:
             child.busy = False
 
-    async def _start_once(self, child: Child, prefer: str | None, avoid: str | None) -> CallError | None:
+    async def _start_once(self, child: Child, prefer: str | None, avoid: str | None,
+                          fresh: bool = False) -> CallError | None:
+        """With `fresh` (the child was spawned now and never started), the first START says
+        so: no incarnation of it ran anywhere, so its node reads and fences no state (the
+        claim's commit is still refused by a fence a stop left). A retry is never fresh:
+        the attempt before may have started it."""
         name = child.spec.name
         at_least = child.incarnation
-        for _attempt in range(5):
+        for attempt in range(5):
             if child.status in (ChildStatus.STOPPING, ChildStatus.STOPPED, ChildStatus.FAILED) or self.children.get(name) is not child:
                 return None  # stopped meanwhile: a stop outranks every start under way
             node = self._choose_node(child, prefer, avoid)
@@ -210,6 +216,8 @@ class Starts:
                     "replicas": list(replicas), "sources": sources}
             if child.born:
                 body["since"] = child.born
+            if fresh and attempt == 0 and not sources:
+                body["fresh"] = True
             try:
                 await self.command(node, Kind.START, name, body, self.config.timing.call_timeout_s)
             except AlreadyExists as err:
@@ -223,6 +231,8 @@ class Starts:
                 avoid, prefer = node, None
                 continue
             except CallError as err:  # init failed, kind missing, snapshot unreadable
+                if body.get("fresh") and isinstance(err, BadRequest) and "'fresh'" in str(err):
+                    continue  # a node of the release before: the next attempt is not fresh
                 child.status, child.node = ChildStatus.PENDING, None
                 child.last_exit = str(err)
                 self.table.set(name, None, inc)

@@ -338,7 +338,7 @@ _SPECS: dict[Kind, tuple[bool, bool, Callable[[Any], str | None] | None]] = {
                                           {"agents": int, "mailbox": int, "store_full": bool})),
     Kind.START: (True, True, _fields(
         {"kind": str, "incarnation": int},
-        {"args": dict, "supervisor": str, "replicas": list, "sources": list, "since": int},
+        {"args": dict, "supervisor": str, "replicas": list, "sources": list, "since": int, "fresh": bool},
     )),
     Kind.TERMINATE: (True, True, _fields({"incarnation": int}, {"reason": str, "forget": bool, "replicas": list})),
     Kind.EXIT: (False, False, _fields(

@@ -12,7 +12,7 @@ Deterministic: three nodes of one host on the in-memory network, with a fake clo
 
 import asyncio
 
-from harness import Cluster, make_config
+from harness import Cluster, GatedCommitter, make_config
 from test_replication import three_hosts
 from mesh.runner import AgentStatus
 from mesh.wire import Kind
@@ -90,7 +90,15 @@ async def test_a_stop_during_a_spawns_start_is_final_and_the_spawns_retry_brings
             break
         await asyncio.sleep(0)
     assert c.role.children["x"].status == ChildStatus.STARTING
+    # its START may be handled within a turn (a fresh name reads no state): hold its claim's
+    # commit, so that the stop lands while the start is under way
+    node = c.nodes[c.role.children["x"].node]
+    committer, gate = node.committer, GatedCommitter(node.store)
+    node.committer = gate
     stop = asyncio.ensure_future(m.stop("x"))
+    await c.settle()
+    node.committer = committer
+    gate.release()
     spawned, stopped = await asyncio.gather(c.run(spawn), c.run(stop), return_exceptions=True)
     assert stopped == {"name": "x", "stopped": True}
     assert isinstance(spawned, NoSuchAgent) and spawned.data.get("stopped"), spawned
@@ -99,4 +107,48 @@ async def test_a_stop_during_a_spawns_start_is_final_and_the_spawns_retry_brings
     assert c.role.table.lookup("x") is None
     # the answer is kept for the spawn's id: a later copy of it gets it, and acts not
     assert any(not ok and isinstance(answer, NoSuchAgent) for _, _, ok, answer in c.role.control._done.values())
+    await c.close()
+
+
+async def test_the_first_start_of_a_spawned_name_reads_and_fences_nothing(tmp_path, monkeypatch):
+    """A name spawned now has no incarnation anywhere: its START says `fresh` and its node
+    commits the claim without a fenced read first. A restart reads (and fences) as ever."""
+    from mesh.store import Store
+    fenced: list[str] = []
+    write = Store.write
+
+    def counting(self, batch):
+        fenced.extend(batch.fences)
+        return write(self, batch)
+    monkeypatch.setattr(Store, "write", counting)
+    c = Cluster(make_config(tmp_path), tmp_path)
+    await c.start()
+    m = c.client()
+    placed = await c.run(m.spawn("x", "counter"))
+    assert fenced == [] and await c.run(m.call("x", {"op": "add", "n": 3})) == 3
+    await c.restart(placed["node"])
+    assert await c.run(m.call("x", {"op": "get"})) == 3
+    assert "x" in fenced
+    await c.close()
+
+
+async def test_a_fresh_start_is_refused_by_a_fence_a_later_stop_left(tmp_path):
+    """A START that a stop overtook (its record deleted, the fence left at the stop's
+    incarnation) does not run, fresh or not: the claim's commit meets the fence."""
+    from mesh.errors import AlreadyExists
+    from mesh.store import Batch
+    c = Cluster(make_config(tmp_path), tmp_path)
+    await c.start()
+    node = c.nodes["n2"]
+    batch = Batch()
+    batch.add_fence("late", 50)
+    assert node.store.write(batch).error is None
+    body = {"kind": "counter", "incarnation": 40, "supervisor": c.cfg.dynamic_supervisor, "since": 40, "fresh": True}
+    try:
+        await c.run(c.role.command("n2", Kind.START, "late", body, 5))
+        raise AssertionError("a fenced START was answered as started")
+    except AlreadyExists as err:
+        assert err.data["incarnation"] == 50
+    await c.settle()
+    assert "late" not in node.runners and incarnations(c, "late") == []
     await c.close()
