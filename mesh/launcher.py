@@ -20,6 +20,7 @@ it and stops in order when it reads EOF, which is how it learns the launcher is 
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import logging
@@ -90,6 +91,8 @@ class Launcher:
                     log.info("kind %s: no module %s yet; a node imports it when the kind is first started", kind, module)
             except Exception as exc:  # the node reports it properly when the kind is used
                 log.warning("kind %s: module %s cannot be imported: %s", kind, module, exc)
+        gc.collect()
+        gc.freeze()  # never walked again by a collection: forked nodes share these pages
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT or until every node was given up; returns an exit code."""

@@ -69,15 +69,15 @@ def tune_gc() -> None:
     """Make the cyclic garbage collector's work follow what a node allocates, not what it holds.
 
     What is loaded at start (modules, code, the config: hundreds of thousands of objects)
-    is frozen, so no full collection walks it again. The youngest generation is collected
+    is frozen, so no full collection walks it again (a launcher freezes it before it
+    forks, so that its children share those pages). The youngest generation is collected
     after 50,000 allocations rather than 700: with hundreds of requests in flight, the
     default collects every few of them and promotes everything they hold (futures,
     coroutines, envelopes) into the older generations, whose collections then walk the
     whole population of agents more often. Measured in docs/benchmarks.md ("Performance,
     round two"). A cycle of garbage still goes at the next collection; memory held by
     uncollected cycles stays bounded by the threshold."""
-    gc.collect()
-    gc.freeze()
+    gc.freeze()  # no collection first: on a restart after kill -9 it would cost tens of ms
     gc.set_threshold(GC_YOUNG, GC_MIDDLE, gc.get_threshold()[2])
 
 
