@@ -164,9 +164,11 @@ class Mesh:
     limits = ""  # extra [limits] of every mesh of this run (--dedup-window)
     metrics = False  # every node serves Prometheus metrics (--metrics)
 
-    def __init__(self, nodes: int, kinds: dict[str, str] | None = None, log: str | None = None, label: str = "bench"):
+    def __init__(self, nodes: int, kinds: dict[str, str] | None = None, log: str | None = None, label: str = "bench",
+                 extra: str = ""):
         """`kinds`: kinds to allow besides the counter, short name -> "module:Class";
-        `log`: the mesh's log level unless MESH_LOG sets one; `label` names kept evidence."""
+        `log`: the mesh's log level unless MESH_LOG sets one; `label` names kept evidence;
+        `extra`: more of the config (whole tables, such as [llm])."""
         self.log, self.label = log, label
         self.kept: Path | None = None
         self.tmp = Path(tempfile.mkdtemp(prefix="mesh-bench-"))
@@ -176,7 +178,8 @@ class Mesh:
                          for i in range(nodes))
         kinds_text = "".join(f'{k} = "{v}"\n' for k, v in (kinds or {}).items())
         self.config = self.tmp / "bench.toml"
-        self.config.write_text(CONFIG.format(data=self.tmp / "data", nodes=tables, limits=self.limits, kinds=kinds_text))
+        self.config.write_text(CONFIG.format(data=self.tmp / "data", nodes=tables, limits=self.limits, kinds=kinds_text)
+                               + extra)
         self.lines: list[str] = []
         self.pids: dict[str, int] = {}
         self.seen: set[int] = set()
@@ -838,15 +841,20 @@ def side_by_side(args, baseline: Path) -> int:
     t, load = time.monotonic(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="mesh-bench-side-") as tmp:
         for bench in args.only or BENCHES:
-            for side, runtime in sides.items():
-                say(f"--- {bench} on {side} ({runtime})")
-                out = Path(tmp) / f"{side}-{bench}.json"
-                env = dict(os.environ, MESH_BENCH_RUNTIME=str(runtime))
-                extra = ["--metrics"] if args.metrics and side == "this" else []
-                proc = subprocess.run([sys.executable, __file__, "--only", bench, *flags, *extra, "--json", str(out)],
-                                      env=env, cwd=ROOT)
-                got = json.loads(out.read_text()).get(bench) if out.exists() else f"exited {proc.returncode}"
-                results[side][bench] = got
+            # Whichever side runs second in a pair runs slower (by about 10% for `get`, the
+            # same code on both sides): each side runs first in one of two rounds, and a
+            # figure's runs from both rounds are pooled.
+            for order in (list(sides), list(sides)[::-1]):
+                for side in order:
+                    runtime = sides[side]
+                    say(f"--- {bench} on {side} ({runtime})")
+                    out = Path(tmp) / f"{side}-{bench}.json"
+                    env = dict(os.environ, MESH_BENCH_RUNTIME=str(runtime))
+                    extra = ["--metrics"] if args.metrics and side == "this" else []
+                    proc = subprocess.run([sys.executable, __file__, "--only", bench, *flags, *extra,
+                                           "--json", str(out)], env=env, cwd=ROOT)
+                    got = json.loads(out.read_text()).get(bench) if out.exists() else f"exited {proc.returncode}"
+                    results[side][bench] = _pooled(results[side].get(bench), got)
     lines = [f"Run: `{' '.join([SCRIPT, *sys.argv[1:]])}`, {(time.monotonic() - t) / 60:.1f} min in all; "
              f"baseline `{_describe(sides['baseline'])}`, this `{_describe(RUNTIME)}`.", "",
              *[f"- {line}" for line in machine(load)], "",
@@ -860,6 +868,16 @@ def side_by_side(args, baseline: Path) -> int:
         lines.append(f"| {what} | {_shown(a, va, unit)} | {_shown(b, vb, unit)} | {ratio} |")
     print("\n".join(lines))
     return 1 if any(isinstance(r, str) for side in results.values() for r in side.values()) else 0
+
+
+def _pooled(first, second):
+    """Two rounds' results of one benchmark as one: lists of runs joined; a failure wins."""
+    if first is None or isinstance(first, str):
+        return second if first is None else first
+    if isinstance(second, str):
+        return second
+    return {key: first[key] + second[key] if isinstance(first.get(key), list) and isinstance(second.get(key), list)
+            else second.get(key, first.get(key)) for key in first.keys() | second.keys()}
 
 
 def _median_of(result, key: str) -> float | None:
