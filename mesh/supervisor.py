@@ -49,7 +49,7 @@ from .supervisor_nodes import Membership
 from .supervisor_requests import Requests
 from .supervisor_starts import Starts
 from .records import LocalRecords
-from .admission import SpawnQueue
+from .admission import Slots, SpawnQueue
 from .tree import DYNAMIC_PREFIX, PLACE_PREFIX, START_CONCURRENCY, Child, ChildStatus, NodeView, Sup
 from .wire import Kind
 
@@ -82,7 +82,7 @@ class SupervisorRole(Starts, Exits, Membership, Requests, Drains):
         self.ready_event = asyncio.Event()
         self._inventories: dict[str, list] = {}  # what nodes said runs on them, before ready
         self._early_exits: list[wire.Msg] = []
-        self._start_slots = asyncio.Semaphore(START_CONCURRENCY)
+        self._start_slots = Slots(START_CONCURRENCY)
         self.spawns = SpawnQueue(self.clock, START_CONCURRENCY)  # refuses a burst early (admission.py)
         self.placing: Counter = Counter()      # node -> starts under way there
         self.exit_counts: Counter = Counter()  # how -> agents' exits handled (metrics)

@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from harness import Cluster, make_config
-from mesh.admission import SpawnQueue
+from mesh.admission import Slots, SpawnQueue
 from mesh.clock import FakeClock
 from mesh.errors import Busy, CallTimeout
 from mesh.wire import Kind
@@ -98,3 +98,46 @@ async def test_the_client_waits_out_the_hint_and_spawns(tmp_path):
     assert placed["name"] == "patient" and refused[-1] is None  # taken the second time
     await c.run(asyncio.gather(*waiting), limit_s=10)  # the others were taken and started too
     await c.close()
+
+
+async def test_slots_serve_waiters_in_order_skip_those_that_gave_up_and_pass_on_a_late_handover():
+    slots, order, gates = Slots(2), [], {i: asyncio.Event() for i in range(6)}
+
+    async def hold(i: int):
+        async with slots:
+            order.append(i)
+            await gates[i].wait()
+    tasks = [asyncio.ensure_future(hold(i)) for i in range(6)]
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert order == [0, 1] and slots.free == 0 and slots.waiting() == 4
+    tasks[2].cancel()                        # gave up while waiting: skipped at its turn
+    await asyncio.sleep(0)
+    gates[0].set()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert order == [0, 1, 3]
+    gates[1].set()
+    await asyncio.sleep(0)                   # 1 leaves: its slot is handed to 4 ...
+    tasks[4].cancel()                        # ... which is cancelled before it runs: passed on to 5
+    for _ in range(4):
+        await asyncio.sleep(0)
+    assert order == [0, 1, 3, 5]
+    gates[3].set()
+    gates[5].set()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert slots.free == 2 and slots.waiting() == 0
+    async with slots:                        # free again at once, no queue left behind
+        assert slots.free == 1
+
+
+async def test_slots_serve_a_crowd_in_arrival_order():
+    """50,000 waiters (a dead node's agents waiting to start again), each served once, in order."""
+    slots, served = Slots(8), []
+
+    async def one(i: int):
+        async with slots:
+            served.append(i)
+            await asyncio.sleep(0)
+    await asyncio.gather(*(one(i) for i in range(50_000)))
+    assert served == list(range(50_000)) and slots.free == 8
