@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import signal
 import statistics
 import sys
@@ -135,6 +136,16 @@ async def run(c: NetCluster, agents: int, outstanding: int) -> None:
             + ", ".join(f"{p}% by {t:.1f} s" for p, t in at.items()) + f"; errors {dict(errors) or 0}")
 
 
+def log_summary(text: str, top: int = 8) -> list[str]:
+    """The nodes' most frequent warnings and errors, names and numbers blanked out."""
+    seen: Counter = Counter()
+    for line in text.splitlines():
+        if " WARNING " in line or " ERROR " in line:
+            shape = re.sub(r"\b[a-z]+\d+\b|\d+(\.\d+)?", "#", line.split(" WARNING ", 1)[-1].split(" ERROR ", 1)[-1])
+            seen[shape[:160]] += 1
+    return [f"log: {n:,} x {shape}" for shape, n in seen.most_common(top)] or ["log: no warnings"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--agents", type=int, default=1_000_000)
@@ -157,6 +168,8 @@ def main() -> int:
                             .replace("served_log = true\n", "served_log = false\n", 1))
         with c:
             asyncio.run(run(c, a.agents, a.outstanding))
+            for line in log_summary(c.logs()):
+                say(line)
     say(f"load average at the end: {os.getloadavg()[0]:.2f}")
     return 0
 
