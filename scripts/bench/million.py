@@ -95,7 +95,7 @@ def tenths(done: list[float], began: float) -> list[float]:
     return [(n / 10) / max(1e-9, b - a) for a, b in zip(cuts, cuts[1:])]
 
 
-async def run(c: NetCluster, agents: int, outstanding: int) -> None:
+async def run(c: NetCluster, agents: int, outstanding: int, kill: bool = True) -> None:
     async with c.client() as m:
         began = time.monotonic()
         done, where, failed = await spawn_all(m, agents, outstanding)
@@ -123,6 +123,8 @@ async def run(c: NetCluster, agents: int, outstanding: int) -> None:
         took = time.monotonic() - t0
         say(f"call: {len(answered):,} of {len(where):,} answered in {took:.1f} s ({len(where) / took:,.0f}/s); "
             f"errors {dict(errors) or 0}")
+        if not kill:
+            return
         victim = Counter(n for n in where.values() if n != "n1").most_common(1)[0][0]  # not the supervisor's
         names = [n for n, node in where.items() if node == victim]
         pid = c.pid(victim)
@@ -151,6 +153,7 @@ def main() -> int:
     ap.add_argument("--agents", type=int, default=1_000_000)
     ap.add_argument("--outstanding", type=int, default=500)
     ap.add_argument("--replicas", type=int, default=1)
+    ap.add_argument("--no-kill", action="store_true", help="leave out step 5 (kill -9 of a node)")
     a = ap.parse_args()
     why = available()
     if why:
@@ -167,7 +170,7 @@ def main() -> int:
         c.config.write_text(text.replace("[store]\n", "[store]\nmap_size_mb = 16384\n", 1)
                             .replace("served_log = true\n", "served_log = false\n", 1))
         with c:
-            asyncio.run(run(c, a.agents, a.outstanding))
+            asyncio.run(run(c, a.agents, a.outstanding, not a.no_kill))
             for line in log_summary(c.logs()):
                 say(line)
     say(f"load average at the end: {os.getloadavg()[0]:.2f}")
