@@ -487,10 +487,18 @@ def _fence_of(raw: bytes | None) -> int:
 
 
 def _stored_incarnation(raw: bytes | None) -> int:
+    """The incarnation of a stored record ([layout, incarnation, seq, state, ...]), read
+    from its first bytes: unpacking the whole record cost each write what the state weighs."""
     if raw is None:
         return -1
     try:
-        return msgpack.unpackb(raw)[1]
+        head = msgpack.Unpacker()
+        head.feed(raw[:64])
+        if head.read_array_header() < 2:
+            return -1
+        head.skip()  # the layout version
+        incarnation = head.unpack()
+        return incarnation if type(incarnation) is int else -1
     except Exception:
         return -1  # unreadable: the node refused to start from it before it came to this
 
