@@ -31,14 +31,14 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path[:0] = [str(ROOT), str(HERE)]
 
-from core import (SIZES, bench_call, bench_cast, bench_kill, cell, free_ports, guarded, machine, number,  # noqa: E402
+from core import (SIZES, bench_call, bench_cast, bench_kill, bench_local, cell, free_ports, guarded, machine, number,  # noqa: E402
                   pct, run_mesh, say, write_section)
 
 BEGIN, END = "<!-- beam:begin (written by scripts/bench/beam.py --write) -->", "<!-- beam:end -->"
 SCRIPT = "python3 scripts/bench/beam.py"
 MODULE = HERE / "beam_bench.erl"
 ERLANG_TOOLS = ("erl", "erlc", "epmd")
-MESH_BENCHES = {"call": bench_call, "cast": bench_cast, "kill": bench_kill}
+MESH_BENCHES = {"call": bench_call, "local": bench_local, "cast": bench_cast, "kill": bench_kill}
 
 
 # --- the Erlang side ------------------------------------------------------------------------------
@@ -175,8 +175,8 @@ def ratio(mesh_value: float | None, erl_value: float | None, higher_is_better: b
 
 def rows(erl: dict | str, mesh: dict) -> list[tuple[str, str, str, str]]:
     """(shape, Erlang, mesh, ratio) per row."""
-    call, cast, kill = (mesh.get(name, "not run") for name in ("call", "cast", "kill"))
-    e, calls, casts, kills = (r if isinstance(r, dict) else {} for r in (erl, call, cast, kill))
+    call, local, cast, kill = (mesh.get(name, "not run") for name in ("call", "local", "cast", "kill"))
+    e, calls, locals_, casts, kills = (r if isinstance(r, dict) else {} for r in (erl, call, local, cast, kill))
     out = []
 
     def row(shape, erl_cell, mesh_cell, higher_is_better=False):
@@ -187,6 +187,9 @@ def rows(erl: dict | str, mesh: dict) -> list[tuple[str, str, str, str]]:
         for q in ("p50", "p99"):
             row(f"call round trip, `{op}`, {q}", cell(erl, e.get(f"call_{op}_{q}"), "µs"),
                 cell(call, calls.get(f"{op}_{q}"), "µs"))
+    for q in ("p50", "p99"):
+        row(f"call from one process (agent) to another in one VM (node), `get`, {q}",
+            cell(erl, e.get(f"call_get_{q}"), "µs", " (the `get` above)"), cell(local, locals_.get(q), "µs"))
     for q in ("p50", "p99"):
         row(f"call to another OS process on loopback, `get`, {q}", cell(erl, e.get(f"remote_get_{q}"), "µs"),
             cell(call, calls.get(f"get_{q}"), "µs", " (the `get` above)"))
@@ -229,6 +232,10 @@ are alike, not equal:
   mesh, `kill -9` of a whole node, an OS process with several agents: its launcher starts
   it again, the supervisor places the agents again and each reloads its last committed
   state from disk; the figure is the first of them to answer, all of them in parentheses.
+- **in one VM (node)**: the mesh's call from an agent to another agent of the same node,
+  timed inside the calling agent's handler: no socket, the message and the reply packed
+  and unpacked once each (the copy that isolation needs), the call's deadline and its
+  request id kept as for any call.
 - **the Erlang node to node call**: a second node started with `peer`, Erlang distribution
   over TCP on loopback, its own epmd."""
 
