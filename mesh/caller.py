@@ -158,6 +158,18 @@ class Caller:
                 if p.node == node:
                     p.settle(False, err)
 
+    def link_replaced(self, node: str) -> None:
+        """The connection to `node` was closed for a new one (the node came back): what was
+        sent on it, and the replies on their way back, are lost with it, and no reply will
+        come. Each request open there ends with LinkDown, which a call answers by sending
+        again with its id (G2: a run under way is joined, a recorded reply returned)."""
+        err = LinkDown(f"the connection to node {node} was replaced: what it carried may be lost",
+                       {"maybe_sent": True})
+        for attempts in list(self._pending.values()):
+            for p in attempts:
+                if p.node == node:
+                    p.settle(False, err)
+
     # --- one request to one node -----------------------------------------------------------
 
     async def request(self, node: str, kind: Kind, target: str | None, body: Any, timeout: float,

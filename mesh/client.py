@@ -89,6 +89,7 @@ class Client:
         if link is not None:
             held = link.take_held()
             link.close()
+            self.caller.link_replaced(node)
             if held:
                 self._link(node).hold(held)
 

@@ -394,6 +394,7 @@ class Node:
         if link is not None:
             held = link.take_held()
             link.close()
+            self.caller.link_replaced(node)
             if held:
                 self._link(node).hold(held)
 

@@ -226,7 +226,7 @@ class Starts:
                 continue
             except (Retryable, CallTimeout) as err:  # that node cannot take it now
                 log.warning("supervisor: starting %s on %s: %s", name, node, err)
-                if isinstance(err, CallTimeout):  # it may have started there all the same
+                if isinstance(err, CallTimeout) or err.data.get("maybe_sent"):  # it may have started there
                     self._spawn(self._terminate_instance(node, name, inc, "its start timed out"))
                 avoid, prefer = node, None
                 continue

@@ -708,3 +708,22 @@ async def test_a_retry_after_a_failed_commit_is_not_answered_from_memory(cluster
     assert await node.caller.request(node.name, Kind.CALL, "l1", {"op": "append", "value": "v"}, 5, rid="r1", meta=named) == 0
     assert await m.call("l1", {"op": "read"}) == ["v"]
     await c.close()
+
+
+async def test_a_call_in_flight_on_a_connection_that_is_replaced_is_sent_again(cluster_factory):
+    """A client replaces its connection to a node that came back (no reconnect backoff). A
+    call already sent on the old connection is lost with it (its frames, or its reply): it
+    is sent again with its id, joins the run under way, and is answered once (G2). Before,
+    it waited for a reply that could not come until its deadline, although the agent ran."""
+    c = await cluster_factory()
+    m = c.client()
+    placed = await m.spawn("w", "waiter")
+    call = asyncio.ensure_future(m.call("w", {"op": "wait", "key": "replaced"}, timeout=5))
+    await c.settle()
+    assert kinds.RUNS["replaced"] == 1 and not call.done()
+    m._reconnect(placed["node"])   # as its LinkDown branch does when the node came back
+    await c.settle()
+    kinds.GATES["replaced"].set()
+    assert await c.run(call) == "released replaced"
+    assert kinds.RUNS["replaced"] == 1
+    await c.close()
