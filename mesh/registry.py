@@ -43,6 +43,15 @@ class Replica:
         """Apply one REGISTRY message. Returns False when a snapshot is needed."""
         epoch, seq = body.get("epoch"), body["seq"]
         if "snapshot" in body:
+            # Chunks of two snapshots can interleave (a node that came back is sent one on
+            # a new connection while an older one still arrives on the old): a chunk older
+            # than the snapshot being loaded, or than the table in place, is a straggler.
+            # Taken in, it would restart the loading, and a last chunk would then put a
+            # part of the table in place as the whole.
+            if epoch == self.epoch and (
+                    seq < self.seq or (self._loading is not None and seq < self._loading_seq)
+                    or (self._loading is None and self.synced and seq == self.seq)):
+                return True
             if self._loading is None or seq != self._loading_seq or epoch != self.epoch:
                 self._loading, self._loading_seq, self.epoch = {}, seq, epoch
             for item in body["snapshot"]:

@@ -72,3 +72,40 @@ def test_snapshot_in_chunks_only_counts_when_complete(monkeypatch):
         assert not replica.synced
     replica.apply(chunks[-1])
     assert replica.synced and len(replica.entries) == 35
+
+
+def test_chunks_of_two_snapshots_interleaved_never_make_a_partial_table(monkeypatch):
+    """A node that came back gets a snapshot on a new connection while an older one may
+    still arrive on the old connection: their chunks interleave. A chunk of an older
+    snapshot must not restart the loading, and one arriving after a newer snapshot is in
+    place must not replace it with its part of the table (the node would then answer
+    NoSuchAgent for agents that exist)."""
+    monkeypatch.setattr(registry, "SNAPSHOT_CHUNK", 10)
+    table, replica = Table("e1"), Replica()
+    for i in range(30):
+        table.set(f"a{i}", "n1", i)
+    older = list(table.snapshot())
+    table.take_updates()
+    table.set("b", "n2", 1)
+    table.take_updates()
+    newer = list(table.snapshot())
+    assert older[0]["seq"] < newer[0]["seq"]
+    for body in (older[0], newer[0], older[1], newer[1], older[2], newer[2], newer[3]):
+        replica.apply(body)
+    assert replica.synced and len(replica.entries) == 31 and replica.lookup("b") == Entry("n2", 1)
+    for body in older:  # stragglers after the newer one is in place
+        replica.apply(body)
+    assert replica.synced and len(replica.entries) == 31
+    replica.apply(newer[-1])  # a copy of the newest snapshot's last chunk alone
+    assert replica.synced and len(replica.entries) == 31
+
+    table.set("c", "n3", 1)
+    gap = table.take_updates()
+    table.set("d", "n3", 1)
+    assert not replica.apply(table.take_updates())  # a gap: it needs a snapshot again
+    assert not replica.synced and gap["seq"] == replica.seq + 1
+    replica.apply(older[-1])  # an old snapshot's last chunk, while it waits for a new one
+    assert not replica.synced and len(replica.entries) == 31
+    for body in table.snapshot():
+        replica.apply(body)
+    assert replica.synced and len(replica.entries) == 33
