@@ -19,7 +19,6 @@ from collections import Counter
 from typing import Iterable, NamedTuple
 
 SNAPSHOT_CHUNK = 5000
-MAX_KEPT_UPDATES = 10_000  # updates kept while a snapshot loads (Replica._after_loading)
 
 
 class Entry(NamedTuple):
@@ -74,12 +73,9 @@ class Replica:
             # another snapshot instead (each update that arrives while a large one loads
             # would) is a storm: a table of 100,000 names takes longer to send and load
             # than the next update takes to come.
-            if len(self._after_loading) < MAX_KEPT_UPDATES:
-                self._after_loading.append(body)
-                if not self.synced:
-                    return True
-            else:  # a load that does not end: given up, and asked for afresh if need be
-                self._loading, self._after_loading = None, []
+            self._after_loading.append(body)
+            if not self.synced:
+                return True
         return self._update(body)
 
     def _update(self, body: dict) -> bool:

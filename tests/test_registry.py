@@ -148,20 +148,3 @@ def test_a_gap_in_the_updates_kept_while_loading_asks_for_a_snapshot_again(monke
     assert replica.apply(chunks[0]) and replica.apply(table.take_updates())
     assert not replica.apply(chunks[1])  # in place, but the update after it has a gap
     assert not replica.synced
-
-
-def test_a_load_that_never_ends_keeps_a_bounded_number_of_updates(monkeypatch):
-    monkeypatch.setattr(registry, "SNAPSHOT_CHUNK", 10)
-    monkeypatch.setattr(registry, "MAX_KEPT_UPDATES", 5)
-    table, replica = Table("e1"), Replica()
-    for i in range(15):
-        table.set(f"a{i}", "n1", i)
-    table.take_updates()
-    chunks = list(table.snapshot())
-    assert replica.apply(chunks[0])  # its last chunk never comes
-    for i in range(5):
-        table.set(f"b{i}", "n1", 1)
-        assert replica.apply(table.take_updates())
-    table.set("c", "n1", 1)
-    assert not replica.apply(table.take_updates())  # given up: it asks for a snapshot
-    assert replica._loading is None and replica._after_loading == []
