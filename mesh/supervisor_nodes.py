@@ -16,12 +16,6 @@ from .wire import Kind
 log = logging.getLogger("mesh.supervisor")
 
 
-def snapshot_gap_s(names: int) -> float:
-    """The least time between two registry snapshots to one node: a second, and a second
-    more per 50,000 names (a snapshot of 300,000 took about 0.3 s of the loop here)."""
-    return 1.0 + names / 50_000
-
-
 class Membership:
     """The part of SupervisorRole that keeps its view of the nodes (a mixin)."""
 
@@ -51,31 +45,9 @@ class Membership:
             self._node_lost(name, prefer=name)
         # A hello from a node with the same boot only asks for the registry; the agents it
         # lists may predate STARTs still on their way, so they are not compared here.
-        self._snapshot_for(view, now=restarted or dropped)
+        self._send_snapshot(name)
         if not was_alive or restarted or full_before != view.store_full:
             self._place_pending()
-
-    def _snapshot_for(self, view: NodeView, now: bool) -> None:
-        """Send `view`'s node the whole registry, at most once per `snapshot_gap_s`; hellos
-        within that get one snapshot at its end. A node that keeps asking (its hello
-        unanswered in time, or behind on updates) cost a snapshot per heartbeat each: with
-        300,000 names the supervisor spent its time sending them, renewed leases late, and
-        more nodes lapsed and asked. `now`: a node that came back or dropped its agents."""
-        at = self.clock.now()
-        due = view.snapshot_at + snapshot_gap_s(len(self.table.entries))
-        if now or at >= due:
-            if view.snapshot_later is not None:
-                view.snapshot_later.cancel()
-                view.snapshot_later = None
-            view.snapshot_at = at
-            self._send_snapshot(view.name)
-        elif view.snapshot_later is None:
-            def later() -> None:
-                view.snapshot_later = None
-                if view.alive:
-                    view.snapshot_at = self.clock.now()
-                    self._send_snapshot(view.name)
-            view.snapshot_later = self.clock.call_after(due - at, later)
 
     def _note_store_full(self, view: NodeView, full: bool) -> None:
         """A node said its store cannot commit (disk full), or can again."""

@@ -95,8 +95,6 @@ class NodeView:
     drops: int = 0                     # the node's count of lease lapses, from its last hello
     store_full: bool = False           # its store cannot commit (disk full), as its last hello or renewal said
     evicted_until: float = float("-inf")  # [control]: its lease was revoked; it may serve until then
-    snapshot_at: float = float("-inf")    # when it was last sent the whole registry
-    snapshot_later: object = None         # the timer of a snapshot put off (see Membership._snapshot_for)
 
 
 def placed(child: Child) -> dict:

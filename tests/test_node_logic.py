@@ -727,30 +727,3 @@ async def test_a_call_in_flight_on_a_connection_that_is_replaced_is_sent_again(c
     assert await c.run(call) == "released replaced"
     assert kinds.RUNS["replaced"] == 1
     await c.close()
-
-
-async def test_hellos_in_a_row_from_one_node_get_one_registry_snapshot_per_gap(cluster_factory):
-    """A node that keeps saying hello (its answers late, or behind on updates) is sent the
-    whole registry once per gap: the first at once, the rest folded into one at the gap's
-    end. A node that came back gets its snapshot at once."""
-    from mesh.supervisor_nodes import snapshot_gap_s
-    c = await cluster_factory()
-    role, node = c.role, c.nodes["n2"]
-    sent: list[tuple[str, float]] = []
-    send = role._send_snapshot
-    role._send_snapshot = lambda name: (sent.append((name, c.clock.now())), send(name))
-    gap = snapshot_gap_s(len(role.table.entries))
-    await c.advance(gap)  # past the snapshot of its first hello
-    start = c.clock.now()
-    for _ in range(4):
-        node.say_hello()
-        await c.advance(node.timing.heartbeat_s)
-    to_n2 = [t - start for name, t in sent if name == "n2"]
-    assert len(to_n2) == 1 and to_n2[0] < node.timing.heartbeat_s  # the first at once
-    await c.advance(gap)
-    to_n2 = [t - start for name, t in sent if name == "n2"]
-    assert len(to_n2) == 2 and to_n2[1] >= gap - 1e-6  # the others folded into one
-    assert node.names.synced
-    await c.restart("n2")  # a new boot: at once, whatever the gap
-    assert [name for name, t in sent if t >= c.clock.now() - 1.0].count("n2") >= 1
-    await c.close()
