@@ -35,7 +35,6 @@ class Replica:
         self.failed: str | None = None  # why the supervision tree gave up, if it did
         self._loading: dict[str, Entry] | None = None
         self._loading_seq = -1
-        self._after_loading: list[dict] = []  # updates newer than the snapshot being loaded
 
     def lookup(self, name: str) -> Entry | None:
         return self.entries.get(name)
@@ -54,9 +53,6 @@ class Replica:
                     or (self._loading is None and self.synced and seq == self.seq)):
                 return True
             if self._loading is None or seq != self._loading_seq or epoch != self.epoch:
-                if epoch != self.epoch:
-                    self._after_loading = []
-                self._after_loading = [u for u in self._after_loading if u["seq"] > seq]
                 self._loading, self._loading_seq, self.epoch = {}, seq, epoch
             for item in body["snapshot"]:
                 name, node, inc = _entry(item)
@@ -65,21 +61,7 @@ class Replica:
                 self.entries, self.seq, self.synced = self._loading, seq, True
                 self.failed = body.get("failed")
                 self._loading = None
-                later, self._after_loading = self._after_loading, []
-                return all(self._update(u) for u in sorted(later, key=lambda u: u["seq"]))
             return True
-        if self._loading is not None and epoch == self.epoch and seq > self._loading_seq:
-            # Newer than the snapshot being loaded: applied once it is in place. Asking for
-            # another snapshot instead (each update that arrives while a large one loads
-            # would) is a storm: a table of 100,000 names takes longer to send and load
-            # than the next update takes to come.
-            self._after_loading.append(body)
-            if not self.synced:
-                return True
-        return self._update(body)
-
-    def _update(self, body: dict) -> bool:
-        epoch, seq = body.get("epoch"), body["seq"]
         if epoch != self.epoch or not self.synced:
             self.synced = False
             return False
