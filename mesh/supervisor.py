@@ -68,7 +68,9 @@ class SupervisorRole(Starts, Exits, Membership, Requests, Drains):
         self.control = ControlReplies(node, node.clock)  # spawns and stops, by request id
         self.epoch = 0
         self._next = 0
-        self.table = Table(node.boot)
+        # one epoch per supervisor, not per node process: a node elected again starts its
+        # table's sequence over, and replicas must not take that for stale (registry.py)
+        self.table = Table(f"{node.boot}.{os.urandom(4).hex()}")
         self.started_at = self.clock.now()
         # silence is counted from now: leases granted by an earlier supervisor lapse first
         self.nodes = {n: NodeView(n, last_heard=self.started_at) for n in self.config.nodes}

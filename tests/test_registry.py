@@ -109,3 +109,35 @@ def test_chunks_of_two_snapshots_interleaved_never_make_a_partial_table(monkeypa
     for body in table.snapshot():
         replica.apply(body)
     assert replica.synced and len(replica.entries) == 33
+
+
+def test_a_supervisor_elected_again_in_the_same_process_is_not_taken_for_a_straggler(tmp_path):
+    """Its table starts over at sequence 0: with the epoch of the node process alone, the
+    replicas would ignore its snapshots as older than what they hold."""
+    import asyncio
+    from harness import Cluster, make_config
+    from mesh.supervisor import SupervisorRole
+
+    async def go():
+        c = Cluster(make_config(tmp_path), tmp_path)
+        await c.start()
+        try:
+            node = c.nodes[c.cfg.supervisor_node]
+            first = c.role.table.epoch
+            again = SupervisorRole.__new__(SupervisorRole)
+            SupervisorRole.__init__(again, node)
+            assert again.table.epoch != first and again.table.seq == 0
+            replica = Replica()
+            table = Table(first)
+            for i in range(3):
+                table.set(f"a{i}", "n1", i)
+                replica.apply(table.take_updates()) if replica.synced else [replica.apply(b) for b in table.snapshot()]
+            assert replica.synced and replica.seq > 0
+            again.table.set("b", "n2", 1)
+            for body in again.table.snapshot():
+                assert replica.apply(body)
+            assert replica.synced and replica.lookup("b") == Entry("n2", 1)
+        finally:
+            node.supervisor = c.role
+            await c.close()
+    asyncio.run(go())
