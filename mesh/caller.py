@@ -151,20 +151,19 @@ class Caller:
             if self._link_up is not None and not self._link_up.done():
                 self._link_up.set_result(node)
             return
-        err = (NotAllowed(f"node {node} refused this process's key (not in its config?)") if up is None
-               else LinkDown(f"lost the connection to node {node}"))
-        for attempts in list(self._pending.values()):
-            for p in attempts:
-                if p.node == node:
-                    p.settle(False, err)
+        self._fail_open(node, NotAllowed(f"node {node} refused this process's key (not in its config?)")
+                        if up is None else LinkDown(f"lost the connection to node {node}"))
 
     def link_replaced(self, node: str) -> None:
         """The connection to `node` was closed for a new one (the node came back): what was
         sent on it, and the replies on their way back, are lost with it, and no reply will
         come. Each request open there ends with LinkDown, which a call answers by sending
         again with its id (G2: a run under way is joined, a recorded reply returned)."""
-        err = LinkDown(f"the connection to node {node} was replaced: what it carried may be lost",
-                       {"maybe_sent": True})
+        self._fail_open(node, LinkDown(f"the connection to node {node} was replaced: what it carried may "
+                                       f"be lost", {"maybe_sent": True}))
+
+    def _fail_open(self, node: str, err: CallError) -> None:
+        """End every request still open at `node` with `err`."""
         for attempts in list(self._pending.values()):
             for p in attempts:
                 if p.node == node:

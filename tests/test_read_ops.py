@@ -2,6 +2,7 @@
 and keep G1; MESH_CHECK_READS catches a declared read that changed the state."""
 
 import asyncio
+import contextlib
 
 import msgpack
 import pytest
@@ -28,6 +29,17 @@ class CountingPack:
         return sum(1 for size in self.sizes if size >= PAD)
 
 
+@contextlib.asynccontextmanager
+async def running(tmp_path):
+    """A started cluster on the in-memory network, closed however the test ends."""
+    c = Cluster(make_config(tmp_path), tmp_path)
+    await c.start()
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
 @pytest.fixture
 def packs(monkeypatch):
     counting = CountingPack()
@@ -47,9 +59,7 @@ def test_read_ops_is_declared_by_the_kinds_we_ship():
 
 
 async def test_a_declared_read_packs_nothing_the_size_of_the_state(tmp_path, packs):
-    c = Cluster(make_config(tmp_path), tmp_path)
-    await c.start()
-    try:
+    async with running(tmp_path) as c:
         m = c.client()
         await m.spawn("p", "peeker", {"pad": PAD})
         assert await m.call("p", {"op": "add"}) == 1
@@ -60,14 +70,10 @@ async def test_a_declared_read_packs_nothing_the_size_of_the_state(tmp_path, pac
         assert packs.big() == before                              # ... a declared read does not
         assert await m.call("p", {"op": "add"}) == 2
         assert packs.big() == before + 1
-    finally:
-        await c.close()
 
 
 async def test_a_declared_read_still_waits_for_the_agents_earlier_change(tmp_path, packs):
-    c = Cluster(make_config(tmp_path), tmp_path)
-    await c.start()
-    try:
+    async with running(tmp_path) as c:
         m = c.client()
         placed = await m.spawn("p", "peeker")
         node = c.nodes[placed["node"]]
@@ -79,14 +85,10 @@ async def test_a_declared_read_still_waits_for_the_agents_earlier_change(tmp_pat
         assert not add.done() and not peek.done()   # it saw 1, which is not durable yet (G1)
         gate.release()
         assert await add == 1 and await peek == 1
-    finally:
-        await c.close()
 
 
 async def test_a_declared_read_that_casts_commits_before_its_cast_leaves(tmp_path, packs):
-    c = Cluster(make_config(tmp_path), tmp_path)
-    await c.start()
-    try:
+    async with running(tmp_path) as c:
         m = c.client()
         await m.spawn("p", "peeker")
         await m.spawn("q", "peeker")
@@ -95,15 +97,11 @@ async def test_a_declared_read_that_casts_commits_before_its_cast_leaves(tmp_pat
         await c.settle()
         assert await m.call("q", {"op": "peek"}) == 1
         assert sum(n.stats["commits"] for n in c.nodes.values()) > commits
-    finally:
-        await c.close()
 
 
 async def test_with_check_reads_a_declared_read_that_changes_the_state_crashes(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "CHECK_READS", True)
-    c = Cluster(make_config(tmp_path), tmp_path)
-    await c.start()
-    try:
+    async with running(tmp_path) as c:
         m = c.client()
         await m.spawn("p", "peeker")
         assert await m.call("p", {"op": "add"}) == 1
@@ -112,5 +110,3 @@ async def test_with_check_reads_a_declared_read_that_changes_the_state_crashes(t
         await c.settle()
         assert await m.call("p", {"op": "peek"}) == 1      # the change was thrown away
         assert await m.call("p", {"op": "add"}) == 2
-    finally:
-        await c.close()
