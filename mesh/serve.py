@@ -25,6 +25,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 
 import zmq
 
@@ -42,6 +43,7 @@ log = logging.getLogger("mesh.serve")
 WATCHDOG_S = 30.0
 STOP_TREE_S = 6.0  # an orderly stop of the whole tree, within the launcher's grace (10 s)
 RESTART_LINGER_S = 0.1  # a node asked to restart lets its answer leave before it stops (sockets close with linger 0)
+GC_SLOW_S = 1.0  # a collection this long is logged
 MMAP_THRESHOLD = 1 << 20
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
@@ -75,10 +77,35 @@ def tune_gc() -> None:
     default collects every few of them and promotes everything they hold (futures,
     coroutines, envelopes) into the older generations, whose collections then walk the
     whole population of agents more often. Measured in docs/benchmarks.md ("Performance,
-    round two"). A cycle of garbage still goes at the next collection; memory held by
-    uncollected cycles stays bounded by the threshold."""
+    round two").
+
+    What survives a full collection is frozen too, so the next one walks only what came
+    since: a full collection of every object holds the loop about 10 s a million agents
+    on this kind of machine, longer than a lease (the nodes then drop all their agents).
+    The price: a reference cycle among objects that had survived a full collection is
+    never freed (freed by their counts of references, as almost everything is, they do go:
+    stopping thousands of agents left no such cycle, tests/test_gc.py)."""
     gc.freeze()  # no collection first: on a restart after kill -9 it would cost tens of ms
     gc.set_threshold(GC_YOUNG, GC_MIDDLE, gc.get_threshold()[2])
+    if _after_collection not in gc.callbacks:
+        gc.callbacks.append(_after_collection)
+
+
+_collection_began = [0.0]
+
+
+def _after_collection(phase: str, info: dict) -> None:
+    """Freeze what a full collection left; log one that held the loop `GC_SLOW_S` or more
+    (a node that lapses or answers late with no other cause in its log)."""
+    if phase == "start":
+        _collection_began[0] = time.monotonic()
+        return
+    took = time.monotonic() - _collection_began[0]
+    if info["generation"] == 2:
+        gc.freeze()
+    if took >= GC_SLOW_S:
+        log.warning("garbage collection of generation %d held the loop %.2fs (%d collected, %d objects frozen)",
+                    info["generation"], took, info["collected"], gc.get_freeze_count())
 
 
 def configure_logging(level: str | None = None) -> None:
@@ -286,8 +313,10 @@ class _Watchdog:
         while not self._stop.wait(self.limit / 10):
             stuck = time.monotonic() - self.beat
             if stuck > self.limit:
-                log.critical("node %s: event loop stuck for %.1fs (a handler that never returns?): killing it",
-                             self.name, stuck)
+                frame = sys._current_frames().get(threading.main_thread().ident)
+                where = "".join(traceback.format_stack(frame)[-8:]) if frame is not None else "(no stack)\n"
+                log.critical("node %s: event loop stuck for %.1fs (a handler that never returns?): killing it; "
+                             "the loop's thread is at:\n%s", self.name, stuck, where.rstrip())
                 os.kill(os.getpid(), signal.SIGKILL)
 
     def stop(self) -> None:

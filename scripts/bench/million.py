@@ -154,6 +154,7 @@ def main() -> int:
     ap.add_argument("--outstanding", type=int, default=500)
     ap.add_argument("--replicas", type=int, default=1)
     ap.add_argument("--no-kill", action="store_true", help="leave out step 5 (kill -9 of a node)")
+    ap.add_argument("--logs", type=Path, help="write the nodes' whole logs to this file at the end (also when stopped)")
     a = ap.parse_args()
     why = available()
     if why:
@@ -170,9 +171,14 @@ def main() -> int:
         c.config.write_text(text.replace("[store]\n", "[store]\nmap_size_mb = 16384\n", 1)
                             .replace("served_log = true\n", "served_log = false\n", 1))
         with c:
-            asyncio.run(run(c, a.agents, a.outstanding, not a.no_kill))
-            for line in log_summary(c.logs()):
-                say(line)
+            try:
+                asyncio.run(run(c, a.agents, a.outstanding, not a.no_kill))
+            finally:
+                text = c.logs()
+                if a.logs:
+                    a.logs.write_text(text)
+                for line in log_summary(text):
+                    say(line)
     say(f"load average at the end: {os.getloadavg()[0]:.2f}")
     return 0
 
