@@ -31,6 +31,8 @@ class Names:
         self.node = node
         self.replica = Replica()
         self._waiters: dict[str, list[_Waiter]] = {}
+        self._catchup_epoch: str | None = None  # a supervisor that answers with the changes since
+        self._asked_at = -1e9
 
     @property
     def synced(self) -> bool:
@@ -71,12 +73,33 @@ class Names:
             ok = self.replica.apply(msg.body)
         except (ValueError, TypeError, KeyError) as exc:
             raise BadRequest(f"bad registry message: {exc}") from None
-        if not ok:  # a gap or a new epoch: the hello asks for the whole table
-            self.node.say_hello()
+        if not ok:  # a gap or a new epoch: the hello asks for what is missing
+            self._ask()
             return
         names = ([u[0] for u in msg.body.get("updates") or ()]
                  if "updates" in msg.body and "failed" not in msg.body else None)  # a failed tree: every name
         self.changed(names)
+
+    def _ask(self) -> None:
+        """Say hello, once per `dead_after_s`: while the answer is on its way every update
+        is refused, and asking again for each would have the supervisor send the table
+        again for each (at a million names, faster than a node loads it)."""
+        now = self.node.clock.now()
+        if now - self._asked_at >= self.node.timing.dead_after_s:
+            self._asked_at = now
+            self.node.say_hello()
+
+    def held(self) -> list | None:
+        """[epoch, seq] of the table this replica holds, for a supervisor that can send
+        only the changes since (None: it needs the whole table, or the supervisor cannot)."""
+        replica = self.replica
+        if replica.epoch is None or replica.epoch != self._catchup_epoch:
+            return None
+        return [replica.epoch, replica.seq]
+
+    def supervisor_answered(self, answer) -> None:
+        if isinstance(answer, dict):
+            self._catchup_epoch = answer.get("epoch") if answer.get("catchup") is True else None
 
     def changed(self, names: list[str] | None) -> None:
         """Wake waiters, and let go of stopped runners whose name moved on (None: all)."""

@@ -524,18 +524,22 @@ class Node:
             body["drops"] = self._drops
         if self.commits.store_full:
             body["store_full"] = True
+        held = self.names.held()
+        if held is not None:
+            body["registry"] = held
         self._spawn(self._hello(body))
 
     async def _hello(self, body: dict) -> None:
         sent_at = self.clock.now()
         self.hello_sent()
         try:
-            await self.caller.request(self.supervisor_node, Kind.HELLO, None, body, self.timing.dead_after_s)
+            answer = await self.caller.request(self.supervisor_node, Kind.HELLO, None, body, self.timing.dead_after_s)
         except CallError as err:
             log.debug("hello to the supervisor: %s", err)
             return
         else:
             self._hello_acked = True
+            self.names.supervisor_answered(answer)
             self.previous = None
             if self.control is None:
                 self.lease.granted(sent_at)

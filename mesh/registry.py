@@ -4,8 +4,11 @@ The supervisor owns the table (`Table`) and is its only writer. Every change get
 next sequence number of the supervisor's epoch (its boot id) and is pushed to every node
 in one REGISTRY message per loop turn. Each node keeps a `Replica` and resolves names
 locally. A replica that sees a gap in the sequence, or a new epoch, stops trusting
-itself and asks for a snapshot (the zguide's Clone pattern): the snapshot comes in
-chunks stamped with the sequence it reflects, and updates after it apply on top.
+itself and asks again (the zguide's Clone pattern), saying which sequence it holds. If
+the supervisor still keeps the updates since then (the last `LOG_ITEMS` changes), it
+sends them merged into one catch-up (`since`: its size is what changed, not the table);
+otherwise a snapshot, in chunks stamped with the sequence it reflects. Updates after
+either apply on top.
 
 An entry whose node is None is a name that exists but is not running right now
 (restarting, or waiting for a node that its placement allows). Once the root
@@ -15,10 +18,11 @@ until the supervisor restarts, and nodes answer its callers so at once.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from typing import Iterable, NamedTuple
 
 SNAPSHOT_CHUNK = 5000
+LOG_ITEMS = 200_000  # changes the supervisor keeps for catch-ups (a snapshot past them)
 
 
 class Entry(NamedTuple):
@@ -42,6 +46,8 @@ class Replica:
     def apply(self, body: dict) -> bool:
         """Apply one REGISTRY message. Returns False when a snapshot is needed."""
         epoch, seq = body.get("epoch"), body["seq"]
+        if "since" in body:
+            return self._catch_up(epoch, body["since"], seq, body)
         if "snapshot" in body:
             # Chunks of two snapshots can interleave (a node that came back is sent one on
             # a new connection while an older one still arrives on the old): a chunk older
@@ -80,6 +86,25 @@ class Replica:
         self.failed = body.get("failed", self.failed)
         return True
 
+    def _catch_up(self, epoch: str | None, since: int, seq: int, body: dict) -> bool:
+        """The changes of (since, seq] merged: each name's last value. Applied on a table
+        at any sequence in [since, seq] it gives the table at seq."""
+        if epoch != self.epoch or since > self.seq:
+            self.synced = False
+            return False  # not a table this replica holds a part of
+        if seq < self.seq or (self._loading is not None and seq < self._loading_seq):
+            return True  # older than what is here or on its way
+        self._loading = None
+        for item in body.get("updates") or ():
+            name, node, inc = _entry(item)
+            if inc < 0:
+                self.entries.pop(name, None)
+            else:
+                self.entries[name] = Entry(node, inc)
+        self.seq, self.synced = seq, True
+        self.failed = body.get("failed", self.failed)
+        return True
+
 
 def _entry(item) -> tuple[str, str | None, int]:
     name, node, inc = item
@@ -97,6 +122,8 @@ class Table:
         self.seq = 0
         self.running: Counter = Counter()  # node -> names it runs, kept as entries change
         self._changes: dict[str, tuple] = {}
+        self._log: deque[tuple[int, list]] = deque()  # (seq, its updates), the last LOG_ITEMS changes
+        self._logged = 0
         self.failed: str | None = None
         self._failed_changed = False
 
@@ -131,10 +158,32 @@ class Table:
         if not self._changes and not self._failed_changed:
             return None
         self.seq += 1
-        body = {"epoch": self.epoch, "seq": self.seq, "updates": list(self._changes.values())}
+        updates = list(self._changes.values())
+        body = {"epoch": self.epoch, "seq": self.seq, "updates": updates}
         if self.failed is not None:
             body["failed"] = self.failed
         self._changes, self._failed_changed = {}, False
+        self._log.append((self.seq, updates))
+        self._logged += len(updates)
+        while self._logged > LOG_ITEMS and len(self._log) > 1:
+            self._logged -= len(self._log.popleft()[1])
+        return body
+
+    def catch_up(self, epoch: str | None, since: int) -> dict | None:
+        """The changes after `since` merged into one REGISTRY body, or None when a replica
+        at that point needs a snapshot (another epoch, or changes no longer kept).
+        Call after `take_updates`, so that nothing is left out."""
+        if epoch != self.epoch or since > self.seq or (since < self.seq and (not self._log or self._log[0][0] > since + 1)):
+            return None
+        merged: dict[str, tuple] = {}
+        for seq, updates in reversed(self._log):
+            if seq <= since:
+                break
+            for item in updates:
+                merged.setdefault(item[0], item)
+        body = {"epoch": self.epoch, "seq": self.seq, "since": since, "updates": list(merged.values())}
+        if self.failed is not None:
+            body["failed"] = self.failed
         return body
 
     def snapshot(self) -> Iterable[dict]:

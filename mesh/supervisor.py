@@ -318,6 +318,16 @@ class SupervisorRole(Starts, Exits, Membership, Requests, Drains):
         for body in self.table.snapshot():
             self._send(node, wire.encode(Kind.REGISTRY, None, None, "supervisor", None, body, self.command_meta))
 
+    def _send_registry(self, node: str, epoch: str, seq: int) -> None:
+        """Bring a replica that holds the table at (epoch, seq) up to date: the changes
+        since, when they are still kept, else the whole table."""
+        self._push_registry()
+        body = self.table.catch_up(epoch, seq)
+        if body is None:
+            self._send_snapshot(node)
+        else:
+            self._send(node, wire.encode(Kind.REGISTRY, None, None, "supervisor", None, body, self.command_meta))
+
     def _send(self, node: str, frame: bytes) -> None:
         try:
             self.node.send(node, frame)

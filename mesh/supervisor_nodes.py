@@ -25,6 +25,9 @@ class Membership:
         view = self.nodes.get(name)
         if view is None:
             raise BadRequest(f"no node named {name!r} in the config")
+        held = body.get("registry")
+        if held is not None and not (len(held) == 2 and type(held[0]) is str and type(held[1]) is int):
+            raise BadRequest(f"registry must be [epoch, seq], not {held!r:.80}")
         restarted = view.boot is not None and view.boot != body["boot"]
         drops = body.get("drops", 0)
         # a drop counts once: hellos retried while this supervisor was away repeat it
@@ -34,7 +37,8 @@ class Membership:
         full_before, view.store_full = view.store_full, bool(body.get("store_full"))
         if not self.ready:
             self._inventories[name] = body["agents"]  # a lease only with an inventory (see _learn_view)
-        self.node.respond(origin, msg.id, {"epoch": self.table.epoch})  # grants a lease, too
+        # grants a lease, too; "catchup": this supervisor answers a hello's "registry" with the changes since
+        self.node.respond(origin, msg.id, {"epoch": self.table.epoch, "catchup": True})
         if not self.ready:
             return
         if restarted or dropped:
@@ -45,7 +49,7 @@ class Membership:
             self._node_lost(name, prefer=name)
         # A hello from a node with the same boot only asks for the registry; the agents it
         # lists may predate STARTs still on their way, so they are not compared here.
-        self._send_snapshot(name)
+        self._send_registry(name, *held) if held and not restarted else self._send_snapshot(name)
         if not was_alive or restarted or full_before != view.store_full:
             self._place_pending()
 

@@ -332,7 +332,7 @@ _SPECS: dict[Kind, tuple[bool, bool, Callable[[Any], str | None] | None]] = {
     Kind.TRACE: (True, True, lambda body: None if body is None else _trace_body(body)),
     Kind.HELLO: (True, False, _fields(
         {"node": str, "boot": str, "pid": int, "agents": list},
-        {"previous": dict, "address": str, "drops": int, "store_full": bool},
+        {"previous": dict, "address": str, "drops": int, "store_full": bool, "registry": list},
     )),
     Kind.HEARTBEAT: (True, False, _fields({"node": str, "boot": str, "seq": int},
                                           {"agents": int, "mailbox": int, "store_full": bool})),
@@ -347,7 +347,7 @@ _SPECS: dict[Kind, tuple[bool, bool, Callable[[Any], str | None] | None]] = {
     )),
     Kind.REGISTRY: (False, False, _fields(
         {"seq": int},
-        {"updates": list, "snapshot": list, "last": bool, "epoch": str, "failed": str},
+        {"updates": list, "snapshot": list, "last": bool, "epoch": str, "failed": str, "since": int},
     )),
     Kind.GOODBYE: (True, False, _fields({"node": str, "boot": str})),
     Kind.INVENTORY: (True, False, lambda body: None if body is None else _inventory_body(body)),

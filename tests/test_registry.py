@@ -141,3 +141,94 @@ def test_a_supervisor_elected_again_in_the_same_process_is_not_taken_for_a_strag
             node.supervisor = c.role
             await c.close()
     asyncio.run(go())
+
+
+def test_a_gap_is_mended_by_the_changes_since_not_the_table():
+    table, replica = Table("e1"), Replica()
+    for i in range(100):
+        table.set(f"a{i}", "n1", 1)
+    table.take_updates()
+    sync(replica, table)
+    held = replica.seq
+    table.set("a1", "n2", 2)
+    table.take_updates()  # lost on the way
+    table.remove("a2")
+    table.set("a3", "n3", 3)
+    table.take_updates()  # lost too
+    table.set("b", "n1", 1)
+    assert not replica.apply(table.take_updates())
+    body = table.catch_up("e1", held)
+    assert body["since"] == held and body["seq"] == table.seq
+    assert sorted(u[0] for u in body["updates"]) == ["a1", "a2", "a3", "b"]  # the changes, not 100 names
+    assert replica.apply(body) and replica.synced and replica.seq == table.seq
+    assert replica.entries == table.entries
+
+
+def test_a_catch_up_applies_on_any_table_it_covers_and_no_other():
+    """The catch-up from an earlier hello may arrive after updates that came on time:
+    applied again they change nothing. One older than the table is ignored; one that
+    starts after the table needs what it does not carry, so the replica asks again."""
+    table, replica = Table("e1"), Replica()
+    sync(replica, table)
+    start = replica.seq
+    for i in range(5):
+        table.set("a", "n1", i)
+        table.set(f"b{i}", "n2", 1)
+        assert replica.apply(table.take_updates())
+    assert replica.apply(table.catch_up("e1", start)) and replica.entries == table.entries
+    old = table.catch_up("e1", start)
+    table.set("c", "n1", 1)
+    assert replica.apply(table.take_updates())
+    assert replica.apply(old) and replica.lookup("c") == Entry("n1", 1)  # older than the table: ignored
+    later = Table("e1")  # a table whose changes start after what the replica holds
+    later.seq = replica.seq + 1
+    later.set("d", "n1", 1)
+    later.take_updates()
+    assert not replica.apply(later.catch_up("e1", replica.seq + 1))
+    assert table.catch_up("e2", replica.seq) is None  # another epoch: the whole table
+
+
+def test_a_catch_up_past_the_kept_changes_is_a_snapshot(monkeypatch):
+    monkeypatch.setattr(registry, "LOG_ITEMS", 10)
+    table = Table("e1")
+    for i in range(30):
+        table.set(f"a{i}", "n1", 1)
+        table.take_updates()
+    assert table.catch_up("e1", 0) is None  # those 30 changes are no longer all kept
+    assert sorted(u[0] for u in table.catch_up("e1", 25)["updates"]) == ["a25", "a26", "a27", "a28", "a29"]
+    assert table.catch_up("e1", table.seq)["updates"] == []
+
+
+def test_a_node_with_a_gap_asks_once_and_gets_the_changes_since(tmp_path):
+    """On the in-memory mesh: the node's hello says which table it holds, the supervisor
+    answers with the changes since, not the table; while the answer is on its way, the
+    updates it refuses do not make it ask again."""
+    import asyncio
+    from harness import Cluster, make_config
+
+    async def go():
+        c = Cluster(make_config(tmp_path), tmp_path)
+        await c.start()
+        try:
+            m = c.client()
+            for i in range(20):
+                await c.run(m.spawn(f"a{i}", "counter"))
+            await c.settle()
+            role, n2 = c.role, c.nodes["n2"]
+            assert n2.names.synced and n2.names.held() == [role.table.epoch, role.table.seq]
+            snapshots, hellos = [], []
+            sent_snapshot, say_hello = role._send_snapshot, n2.say_hello
+            role._send_snapshot = lambda node: (snapshots.append(node), sent_snapshot(node))
+            n2.say_hello = lambda: (hellos.append(c.clock.now()), say_hello())
+            role.table.set("lost", "n3", 1)
+            role.table.take_updates()  # never sent: a gap for every node
+            for i in range(5):
+                role.table.set(f"x{i}", "n3", 1)
+                role._push_registry()  # each refused by n2
+            await c.settle()
+            await c.advance(0.5)
+            assert len(hellos) == 1 and snapshots == []
+            assert n2.names.synced and n2.names.replica.entries == role.table.entries
+        finally:
+            await c.close()
+    asyncio.run(go())
