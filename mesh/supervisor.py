@@ -78,6 +78,7 @@ class SupervisorRole(Starts, Exits, Membership, Requests, Drains):
         me.boot, me.pid, me.alive = node.boot, os.getpid(), True
         self.children: dict[str, Child] = {}
         self.pending: dict[str, Child] = {}  # children that may wait for a start (see Child.pending_index)
+        self.on_node: dict[str, dict[str, Child]] = {}  # node -> its children by name (see Child.node_index)
         self.groups: dict[str, dict[str, None]] = {}  # group -> its members' names, in spawn order
         self.sups: dict[str, Sup] = {}
         self.ready = False
@@ -162,6 +163,9 @@ class SupervisorRole(Starts, Exits, Membership, Requests, Drains):
     def _add_child(self, child: Child) -> None:
         """Take `child` into the records; a pending one is placed by the next pass."""
         child.pending_index = self.pending
+        child.node_index = self.on_node
+        if child.node is not None:
+            self.on_node.setdefault(child.node, {})[child.spec.name] = child
         self.children[child.spec.name] = child
         if child.spec.group:
             self.groups.setdefault(child.spec.group, {})[child.spec.name] = None

@@ -44,7 +44,7 @@ class Drains:
             log.warning("supervisor: draining node %s: it takes no placements, its agents move", node)
         self.draining.add(node)
         moved, failed = [], []
-        for child in [c for c in self.children.values() if c.node == node]:
+        for child in list(self.on_node.get(node, {}).values()):
             err = await self._drain_child(child, node)
             if child.node == node and child.status in (ChildStatus.RUNNING, ChildStatus.STARTING):
                 failed.append({"agent": child.spec.name, "error": str(err or "it is still there")})

@@ -95,7 +95,7 @@ class Membership:
     async def _audit(self, node: str) -> None:
         """Move every agent this supervisor believes runs on `node` but that is not there
         (and that did not change while the node was asked)."""
-        before = {c.spec.name: c.incarnation for c in self.children.values() if c.node == node and c.status == ChildStatus.RUNNING}
+        before = {c.spec.name: c.incarnation for c in self.on_node.get(node, {}).values() if c.status == ChildStatus.RUNNING}
         try:
             body = await self.command(node, Kind.INVENTORY, None, None, self.config.timing.call_timeout_s)
         except CallError as err:
@@ -170,8 +170,8 @@ class Membership:
         went silent, so its host is suspect too)."""
         if self.stopping:
             return
-        for child in self.children.values():
-            if child.node == name and child.status in (ChildStatus.RUNNING, ChildStatus.STARTING):
+        for child in list(self.on_node.get(name, {}).values()):
+            if child.status in (ChildStatus.RUNNING, ChildStatus.STARTING):
                 self._spawn(self._move(child, prefer=prefer, avoid=avoid))
 
     async def _move(self, child: Child, prefer: str | None = None, avoid: str | None = None) -> None:

@@ -130,6 +130,8 @@ class Requests:
         if self.children.get(child.spec.name) is child:
             self._set_replicas(child, ())
             del self.children[child.spec.name]
+            self.on_node.get(child.node, {}).pop(child.spec.name, None)
+            child.node_index = None  # a start still under way for it may set its node: not indexed again
             self.sups[child.parent].children.pop(child.spec.name, None)
             members = self.groups.get(child.spec.group)
             if members is not None:

@@ -63,6 +63,10 @@ class Starts:
             if self.children.get(name) is not child or child.status != ChildStatus.PENDING:
                 del self.pending[name]  # started, stopped or forgotten since; back when pending again
             elif not child.busy and child.next_try <= now and not self.sups[child.parent].failed:
+                # out of the index while its start waits for a slot (at 100,000 agents moving
+                # from a dead node, a pass over them all each tick was most of the loop's time);
+                # a start that fails sets it PENDING again, which puts it back
+                del self.pending[name]
                 self._spawn(self._start_or_crash(child))
         self._leave_full_hosts()
 

@@ -60,8 +60,19 @@ class Child:
     # a child that turns PENDING enters it, so a placement pass (every heartbeat tick)
     # visits those, not every child of the tree.
     pending_index: dict | None = field(default=None, repr=False, compare=False)
+    # ... and of children by node (SupervisorRole.on_node): a node lost, drained or
+    # audited visits its own children, not a million.
+    node_index: dict | None = field(default=None, repr=False, compare=False)
 
     def __setattr__(self, key: str, value) -> None:
+        if key == "node":
+            index = self.__dict__.get("node_index")
+            old = self.__dict__.get("node")
+            if index is not None and old != value:
+                if old is not None:
+                    index.get(old, {}).pop(self.spec.name, None)
+                if value is not None:
+                    index.setdefault(value, {})[self.spec.name] = self
         object.__setattr__(self, key, value)
         if key == "status" and value == ChildStatus.PENDING:
             index = self.__dict__.get("pending_index")
