@@ -41,6 +41,8 @@ from .supervisor import SupervisorRole
 log = logging.getLogger("mesh.serve")
 
 WATCHDOG_S = 30.0
+STALL_WARN_S = 0.5        # a loop held this long is logged with its stack ...
+STALL_LOG_EVERY_S = 10.0  # ... at most this often
 STOP_TREE_S = 6.0  # an orderly stop of the whole tree, within the launcher's grace (10 s)
 RESTART_LINGER_S = 0.1  # a node asked to restart lets its answer leave before it stops (sockets close with linger 0)
 GC_SLOW_S = 1.0  # a collection this long is logged
@@ -295,11 +297,15 @@ def _metrics(node: Node, loop: asyncio.AbstractEventLoop):
 
 
 class _Watchdog:
-    """Kills this process if the loop has not turned for `limit` seconds."""
+    """Kills this process if the loop has not turned for `limit` seconds, and logs where
+    the loop is held when it has not turned for `STALL_WARN_S` (at most once per
+    `STALL_LOG_EVERY_S`): a stall longer than a lease makes nodes drop their agents, and
+    the stack is what says which handler did it."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, limit: float, name: str):
         self.loop, self.limit, self.name = loop, limit, name
         self.beat = time.monotonic()
+        self.every = min(limit / 10, STALL_WARN_S / 5)
         self._stop = threading.Event()
         self._tick()
         threading.Thread(target=self._watch, name="mesh-watchdog", daemon=True).start()
@@ -307,17 +313,26 @@ class _Watchdog:
     def _tick(self) -> None:
         self.beat = time.monotonic()
         if not self._stop.is_set():
-            self.loop.call_later(self.limit / 10, self._tick)
+            self.loop.call_later(self.every, self._tick)
 
     def _watch(self) -> None:
-        while not self._stop.wait(self.limit / 10):
-            stuck = time.monotonic() - self.beat
+        reported_beat, reported_at = None, -1e9
+        while not self._stop.wait(self.every):
+            beat = self.beat
+            stuck = time.monotonic() - beat
             if stuck > self.limit:
-                frame = sys._current_frames().get(threading.main_thread().ident)
-                where = "".join(traceback.format_stack(frame)[-8:]) if frame is not None else "(no stack)\n"
                 log.critical("node %s: event loop stuck for %.1fs (a handler that never returns?): killing it; "
-                             "the loop's thread is at:\n%s", self.name, stuck, where.rstrip())
+                             "the loop's thread is at:\n%s", self.name, stuck, self._where())
                 os.kill(os.getpid(), signal.SIGKILL)
+            elif (stuck > STALL_WARN_S + self.every and beat != reported_beat
+                  and time.monotonic() - reported_at > STALL_LOG_EVERY_S):
+                reported_beat, reported_at = beat, time.monotonic()
+                log.warning("node %s: event loop held for %.2fs so far, at:\n%s", self.name, stuck, self._where())
+
+    @staticmethod
+    def _where() -> str:
+        frame = sys._current_frames().get(threading.main_thread().ident)
+        return "".join(traceback.format_stack(frame)[-8:]).rstrip() if frame is not None else "(no stack)"
 
     def stop(self) -> None:
         self._stop.set()
