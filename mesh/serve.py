@@ -17,7 +17,6 @@ import asyncio
 import ctypes
 import ctypes.util
 import errno
-import gc
 import logging
 import os
 import signal
@@ -30,7 +29,7 @@ import traceback
 import zmq
 
 from .clock import wall_offset
-from . import logs, otel
+from . import collector, logs, otel
 from .config import Config
 from .errors import ConfigError, StoreError
 from .network import ZmqNetwork
@@ -45,7 +44,6 @@ STALL_WARN_S = 0.5        # a loop held this long is logged with its stack ...
 STALL_LOG_EVERY_S = 10.0  # ... at most this often
 STOP_TREE_S = 6.0  # an orderly stop of the whole tree, within the launcher's grace (10 s)
 RESTART_LINGER_S = 0.1  # a node asked to restart lets its answer leave before it stops (sockets close with linger 0)
-GC_SLOW_S = 1.0  # a collection this long is logged
 MMAP_THRESHOLD = 1 << 20
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
@@ -63,51 +61,6 @@ def fix_mmap_threshold() -> None:
         libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     except (OSError, AttributeError):
         pass
-
-
-GC_YOUNG = 50_000  # allocations between two collections of the youngest generation (Python: 700)
-GC_MIDDLE = 20     # ... of those, between two of the middle one (Python: 10)
-
-
-def tune_gc() -> None:
-    """Make the cyclic garbage collector's work follow what a node allocates, not what it holds.
-
-    What is loaded at start (modules, code, the config: hundreds of thousands of objects)
-    is frozen, so no full collection walks it again (a launcher freezes it before it
-    forks, so that its children share those pages). The youngest generation is collected
-    after 50,000 allocations rather than 700: with hundreds of requests in flight, the
-    default collects every few of them and promotes everything they hold (futures,
-    coroutines, envelopes) into the older generations, whose collections then walk the
-    whole population of agents more often. Measured in docs/benchmarks.md ("Performance,
-    round two").
-
-    What survives a full collection is frozen too, so the next one walks only what came
-    since: a full collection of every object holds the loop about 10 s a million agents
-    on this kind of machine, longer than a lease (the nodes then drop all their agents).
-    The price: a reference cycle among objects that had survived a full collection is
-    never freed (freed by their counts of references, as almost everything is, they do go:
-    stopping thousands of agents left no such cycle, tests/test_gc.py)."""
-    gc.freeze()  # no collection first: on a restart after kill -9 it would cost tens of ms
-    gc.set_threshold(GC_YOUNG, GC_MIDDLE, gc.get_threshold()[2])
-    if _after_collection not in gc.callbacks:
-        gc.callbacks.append(_after_collection)
-
-
-_collection_began = [0.0]
-
-
-def _after_collection(phase: str, info: dict) -> None:
-    """Freeze what a full collection left; log one that held the loop `GC_SLOW_S` or more
-    (a node that lapses or answers late with no other cause in its log)."""
-    if phase == "start":
-        _collection_began[0] = time.monotonic()
-        return
-    took = time.monotonic() - _collection_began[0]
-    if info["generation"] == 2:
-        gc.freeze()
-    if took >= GC_SLOW_S:
-        log.warning("garbage collection of generation %d held the loop %.2fs (%d collected, %d objects frozen)",
-                    info["generation"], took, info["collected"], gc.get_freeze_count())
 
 
 def configure_logging(level: str | None = None) -> None:
@@ -201,7 +154,7 @@ def run_node(config: Config, name: str, boot: str, previous: dict | None, contro
     otel.configure_from_env(name)
     fix_mmap_threshold()
     raise_file_limit()
-    tune_gc()
+    collector.tune()
     try:
         return asyncio.run(_serve(config, name, boot, previous, control))
     except CannotStart as exc:
@@ -259,6 +212,7 @@ async def _serve(config: Config, name: str, boot: str, previous: dict | None, co
                 stop.set()
         loop.add_reader(control.fileno(), on_control)
     watchdog = _Watchdog(loop, WATCHDOG_S, name)
+    collector.watch(loop)
     exporter = None
     try:
         try:

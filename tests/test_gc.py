@@ -14,11 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_full_collection_freezes_what_survived_it():
-    """In a process of its own: tune_gc changes the collector for the whole process."""
+    """In a process of its own: collector.tune changes the collector for the whole process."""
     code = textwrap.dedent("""
         import gc
-        from mesh.serve import tune_gc
-        tune_gc()
+        from mesh import collector
+        collector.tune()
         held = [[i] for i in range(10_000)]
         gc.collect()
         assert gc.get_freeze_count() >= 10_000, gc.get_freeze_count()
@@ -29,6 +29,30 @@ def test_a_full_collection_freezes_what_survived_it():
         cycle[-1].append(cycle[0])
         del cycle, a, b
         assert gc.collect() >= 1000  # garbage born after the freeze still goes
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_a_full_collection_is_due_once_the_oldest_generation_holds_enough():
+    """Not when a quarter of everything that ever survived is new (at a million agents,
+    a walk of millions of objects), but at `FULL_AFTER` of them."""
+    code = textwrap.dedent("""
+        import gc
+        from mesh import collector
+        collector.FULL_AFTER = 3000
+        collector.tune()
+        held = [[i] for i in range(1000)]
+        gc.collect(1)  # a middle collection: its survivors go to the oldest generation
+        assert len(gc.get_objects(2)) >= 1000
+        collector.check()
+        assert len(gc.get_objects(2)) >= 1000, "not due yet"
+        held += [[i] for i in range(5000)]
+        gc.collect(1)
+        collector.check()
+        assert len(gc.get_objects(2)) < 100, len(gc.get_objects(2))
+        assert gc.get_freeze_count() >= 6000
         print("ok")
     """)
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
