@@ -10,7 +10,8 @@ hosts"). Any pause past a lease makes the nodes drop their agents (G3). So:
   one walks only what came since;
 - a full collection runs as soon as `FULL_AFTER` objects wait in the oldest generation
   (checked on the loop after each middle collection), not when they reach a quarter of
-  everything that ever survived, so each walks at most about that many;
+  everything that ever survived; so no collection walks more than a few hundred
+  thousand objects (a few tenths of a second), whatever the node holds;
 - the youngest generation is collected after 50,000 allocations rather than 700: with
   hundreds of requests in flight, the default collects every few of them and promotes
   what they hold (futures, coroutines, envelopes) into the older generations.
@@ -31,8 +32,8 @@ import time
 log = logging.getLogger("mesh.serve")
 
 YOUNG = 50_000       # allocations between two collections of the youngest generation (Python: 700)
-MIDDLE = 20          # ... of those, between two of the middle one (Python: 10)
-FULL_AFTER = 200_000  # objects in the oldest generation that make a full collection due (about 0.2 s)
+MIDDLE = 5           # ... of those, between two of the middle one (Python: 10), which walks up to 250,000
+FULL_AFTER = 100_000  # objects in the oldest generation that make a full collection due
 SLOW_S = 1.0         # a collection this long is logged
 
 _began = [0.0]

@@ -22,7 +22,7 @@ from collections import Counter, deque
 from typing import Iterable, NamedTuple
 
 SNAPSHOT_CHUNK = 5000
-LOG_ITEMS = 200_000  # changes the supervisor keeps for catch-ups (a snapshot past them)
+LOG_ITEMS = 50_000  # changes the supervisor keeps for catch-ups (a snapshot past them)
 
 
 class Entry(NamedTuple):
