@@ -79,6 +79,8 @@ class SupervisorRole(Starts, Exits, Membership, Requests, Drains):
         self.children: dict[str, Child] = {}
         self.pending: dict[str, Child] = {}  # children that may wait for a start (see Child.pending_index)
         self.on_node: dict[str, dict[str, Child]] = {}  # node -> its children by name (see Child.node_index)
+        self.by_status: Counter = Counter()  # children by status (see Child.status_counts) ...
+        self.by_kind: Counter = Counter()    # ... and by kind
         self.groups: dict[str, dict[str, None]] = {}  # group -> its members' names, in spawn order
         self.sups: dict[str, Sup] = {}
         self.ready = False
@@ -166,6 +168,9 @@ class SupervisorRole(Starts, Exits, Membership, Requests, Drains):
         child.node_index = self.on_node
         if child.node is not None:
             self.on_node.setdefault(child.node, {})[child.spec.name] = child
+        child.status_counts = self.by_status
+        self.by_status[child.status] += 1
+        self.by_kind[child.spec.kind] += 1
         self.children[child.spec.name] = child
         if child.spec.group:
             self.groups.setdefault(child.spec.group, {})[child.spec.name] = None

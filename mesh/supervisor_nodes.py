@@ -4,6 +4,7 @@ its lease), audits of what runs where, and a node declared dead moving its agent
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from . import wire
@@ -14,6 +15,8 @@ from .tree import MIN_LIVENESS_WAIT_S, Child, ChildStatus, NodeView
 from .wire import Kind
 
 log = logging.getLogger("mesh.supervisor")
+
+MOVES_PER_TURN = 2000  # a lost node's agents put on their way per turn of the loop
 
 
 class Membership:
@@ -170,8 +173,23 @@ class Membership:
         went silent, so its host is suspect too)."""
         if self.stopping:
             return
-        for child in list(self.on_node.get(name, {}).values()):
-            if child.status in (ChildStatus.RUNNING, ChildStatus.STARTING):
+        children = list(self.on_node.get(name, {}).values())
+        if len(children) <= MOVES_PER_TURN:
+            self._move_all(name, children, prefer, avoid)
+        else:  # a third of a million moves at once held the loop for seconds: leases lapsed
+            self._spawn(self._move_in_turns(name, children, prefer, avoid))
+
+    async def _move_in_turns(self, name: str, children: list[Child], prefer: str | None, avoid: str | None) -> None:
+        for i in range(0, len(children), MOVES_PER_TURN):
+            if i:
+                await asyncio.sleep(0)
+            if self.stopping:
+                return
+            self._move_all(name, children[i:i + MOVES_PER_TURN], prefer, avoid)
+
+    def _move_all(self, name: str, children: list[Child], prefer: str | None, avoid: str | None) -> None:
+        for child in children:  # each still there: one moved, stopped or restarted meanwhile is not
+            if child.node == name and child.status in (ChildStatus.RUNNING, ChildStatus.STARTING):
                 self._spawn(self._move(child, prefer=prefer, avoid=avoid))
 
     async def _move(self, child: Child, prefer: str | None = None, avoid: str | None = None) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
-from collections import Counter
 
 import msgpack
 
@@ -131,7 +130,9 @@ class Requests:
             self._set_replicas(child, ())
             del self.children[child.spec.name]
             self.on_node.get(child.node, {}).pop(child.spec.name, None)
-            child.node_index = None  # a start still under way for it may set its node: not indexed again
+            self.by_status[child.status] -= 1
+            self.by_kind[child.spec.kind] -= 1
+            child.node_index = child.status_counts = None  # a start still under way for it may set its node
             self.sups[child.parent].children.pop(child.spec.name, None)
             members = self.groups.get(child.spec.group)
             if members is not None:
@@ -331,11 +332,8 @@ class Requests:
             if next_after is not None:
                 answer["next"] = next_after  # ask again with after=next for the page that follows
         else:
-            kinds, statuses = Counter(), Counter()
-            for child in self.children.values():
-                kinds[child.spec.kind] += 1
-                statuses[child.status] += 1
-            answer["kinds"], answer["statuses"] = dict(kinds), dict(statuses)
+            answer["kinds"] = {kind: n for kind, n in self.by_kind.items() if n}
+            answer["statuses"] = {status: n for status, n in self.by_status.items() if n}
             if top:
                 answer["top"] = self._busiest(answers, min(top, MAX_TOP))
         self.node.respond(origin, rid, answer)

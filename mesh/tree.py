@@ -6,6 +6,7 @@ supervisor hears from it. The supervisor role (supervisor.py) keeps and changes 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from dataclasses import dataclass, field
 
 from .supervision import ChildSpec, ChildStatus, SupervisorSpec
@@ -63,9 +64,18 @@ class Child:
     # ... and of children by node (SupervisorRole.on_node): a node lost, drained or
     # audited visits its own children, not a million.
     node_index: dict | None = field(default=None, repr=False, compare=False)
+    # ... and its count of children by status (SupervisorRole.by_status): `mesh status`
+    # at a million agents reads counts, not every child.
+    status_counts: Counter | None = field(default=None, repr=False, compare=False)
 
     def __setattr__(self, key: str, value) -> None:
-        if key == "node":
+        if key == "status":
+            counts = self.__dict__.get("status_counts")
+            old = self.__dict__.get("status")
+            if counts is not None and old != value:
+                counts[old] -= 1
+                counts[value] += 1
+        elif key == "node":
             index = self.__dict__.get("node_index")
             old = self.__dict__.get("node")
             if index is not None and old != value:

@@ -1,15 +1,21 @@
-"""The supervisor's index of children by node: it stands in for a scan of all children
-when a node is lost, drained or audited."""
+"""The supervisor's indexes of its children: by node (a node lost, drained or audited
+visits its own children, not all of them) and counts by status and kind (`mesh status`
+at a million agents reads counts). Each must say what the children say after every
+kind of change; a lost node's agents are moved a bounded number per turn."""
 
 import asyncio
+from collections import Counter
+
+import pytest
 
 from harness import Cluster, make_config
+from mesh import supervisor_nodes
 
 
-def test_the_index_of_children_by_node_follows_every_change(tmp_path):
-    """SupervisorRole.on_node (Child.node_index) stands in for a scan of all children when
-    a node is lost, drained or audited: after spawns, a node's death, moves and stops it
-    must say exactly what the children say."""
+@pytest.mark.parametrize("per_turn", [2000, 7])
+def test_the_indexes_of_children_follow_every_change(tmp_path, monkeypatch, per_turn):
+    monkeypatch.setattr(supervisor_nodes, "MOVES_PER_TURN", per_turn)
+
     async def go():
         c = Cluster(make_config(tmp_path), tmp_path)
         await c.start()
@@ -25,8 +31,10 @@ def test_the_index_of_children_by_node_follows_every_change(tmp_path):
                     if child.node is not None:
                         want.setdefault(child.node, set()).add(name)
                 have = {node: set(kids) for node, kids in role.on_node.items() if kids}
-                return want == have
-            assert agrees() and role.on_node["n2"]
+                statuses = Counter(child.status for child in role.children.values())
+                kinds = Counter(child.spec.kind for child in role.children.values())
+                return (want == have and +role.by_status == statuses and +role.by_kind == kinds)
+            assert agrees() and len(role.on_node["n2"]) == 20
             c.kill("n2")
             await c.advance(c.cfg.timing.dead_after_s + 1)
             await c.run(asyncio.gather(*(m.call(n, {"op": "get"}) for n in names)), limit_s=30)
@@ -34,6 +42,9 @@ def test_the_index_of_children_by_node_follows_every_change(tmp_path):
             await c.run(asyncio.gather(*(m.stop(n) for n in names[:30])), limit_s=30)
             await c.settle()
             assert agrees() and sum(len(k) for k in role.on_node.values()) == len(role.children)
+            status = await c.run(m.status(agents=False))
+            assert status["statuses"] == {"running": len(role.children)}
+            assert status["kinds"] == dict(Counter(child.spec.kind for child in role.children.values()))
         finally:
             await c.close()
     asyncio.run(go())
