@@ -32,7 +32,7 @@ class Names:
         self.replica = Replica()
         self._waiters: dict[str, list[_Waiter]] = {}
         self._catchup_epoch: str | None = None  # a supervisor that answers with the changes since
-        self._asked_at = -1e9
+        self.asked_at = -1e9  # the last hello, or the last chunk of a snapshot on its way
 
     @property
     def synced(self) -> bool:
@@ -73,20 +73,21 @@ class Names:
             ok = self.replica.apply(msg.body)
         except (ValueError, TypeError, KeyError) as exc:
             raise BadRequest(f"bad registry message: {exc}") from None
+        if "snapshot" in msg.body:
+            self.asked_at = self.node.clock.now()  # the answer is arriving: no need to ask again
         if not ok:  # a gap or a new epoch: the hello asks for what is missing
-            self._ask()
+            self.ask()
             return
         names = ([u[0] for u in msg.body.get("updates") or ()]
                  if "updates" in msg.body and "failed" not in msg.body else None)  # a failed tree: every name
         self.changed(names)
 
-    def _ask(self) -> None:
-        """Say hello, once per `dead_after_s`: while the answer is on its way every update
-        is refused, and asking again for each would have the supervisor send the table
-        again for each (at a million names, faster than a node loads it)."""
-        now = self.node.clock.now()
-        if now - self._asked_at >= self.node.timing.dead_after_s:
-            self._asked_at = now
+    def ask(self) -> None:
+        """Ask for what the replica misses (say hello), unless a hello went or a snapshot's
+        chunk came within `dead_after_s`: while the answer is on its way every update is
+        refused, and asking again for each would have the supervisor send the table again
+        for each (at a million names, faster than a node loads it)."""
+        if self.node.clock.now() - self.asked_at >= self.node.timing.dead_after_s:
             self.node.say_hello()
 
     def held(self) -> list | None:

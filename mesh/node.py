@@ -260,10 +260,13 @@ class Node:
             runner.check_deadline(now)
         if self.commits.store_full and not self.commits.probing:
             self.commits.probe_store()
-        if not self._hello_acked or not self.names.synced:
+        if not self._hello_acked:
             self.say_hello()
-        elif self._renewing < MAX_RENEWALS:
-            self._spawn(self._renew())
+        else:
+            if not self.names.synced:
+                self.names.ask()  # not each tick: each hello would cost the whole table again
+            if self._renewing < MAX_RENEWALS:
+                self._spawn(self._renew())
 
     # --- the lease ---------------------------------------------------------------------------
 
@@ -517,6 +520,7 @@ class Node:
         if now - self._last_hello < self.timing.heartbeat_s:
             return
         self._last_hello = now
+        self.names.asked_at = now  # every hello asks for the registry
         body = {"node": self.name, "boot": self.boot, "pid": os.getpid(), "agents": self._inventory()}
         if self.previous:
             body["previous"] = self.previous

@@ -232,3 +232,29 @@ def test_a_node_with_a_gap_asks_once_and_gets_the_changes_since(tmp_path):
         finally:
             await c.close()
     asyncio.run(go())
+
+
+def test_a_node_waiting_for_the_registry_asks_once_per_dead_after_not_each_tick(tmp_path):
+    """A replica that is not synced asks for the registry with a hello. It asked on every
+    heartbeat tick, and each hello cost the whole table: at a million names a node needs
+    longer than a tick to load it, so the tables came faster than it loaded them."""
+    import asyncio
+    from harness import Cluster, make_config
+
+    async def go():
+        c = Cluster(make_config(tmp_path), tmp_path)
+        await c.start()
+        try:
+            n2, timing = c.nodes["n2"], c.cfg.timing
+            hellos, say_hello = [], n2.say_hello
+            await c.settle()
+            n2.names.replica.apply = lambda body: False  # no answer ever brings it up to date
+            n2.names.replica.synced = False
+            n2.say_hello = lambda: (hellos.append(c.clock.now()), say_hello())
+            await c.advance(4 * timing.dead_after_s)
+            assert timing.dead_after_s >= 3 * timing.heartbeat_s
+            assert 1 <= len(hellos) <= 5, hellos
+            assert n2.lease.valid()  # renewed meanwhile, as on any tick
+        finally:
+            await c.close()
+    asyncio.run(go())
