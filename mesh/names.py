@@ -73,8 +73,8 @@ class Names:
             ok = self.replica.apply(msg.body)
         except (ValueError, TypeError, KeyError) as exc:
             raise BadRequest(f"bad registry message: {exc}") from None
-        if "snapshot" in msg.body:
-            self.asked_at = self.node.clock.now()  # the answer is arriving: no need to ask again
+        if "snapshot" in msg.body:  # the answer is arriving: no need to ask again, until it is in
+            self.asked_at = -1e9 if self.replica.synced else self.node.clock.now()
         if not ok:  # a gap or a new epoch: the hello asks for what is missing
             self.ask()
             return

@@ -19,7 +19,8 @@ until the supervisor restarts, and nodes answer its callers so at once.
 from __future__ import annotations
 
 from collections import Counter, deque
-from typing import Iterable, NamedTuple
+from itertools import islice
+from typing import Iterator, NamedTuple
 
 SNAPSHOT_CHUNK = 5000
 LOG_ITEMS = 50_000  # changes the supervisor keeps for catch-ups (a snapshot past them)
@@ -186,14 +187,18 @@ class Table:
             body["failed"] = self.failed
         return body
 
-    def snapshot(self) -> Iterable[dict]:
-        """REGISTRY bodies carrying the whole table as of the current sequence."""
-        items = [(n, e.node, e.incarnation) for n, e in self.entries.items()]
+    def snapshot(self) -> Iterator[dict]:
+        """REGISTRY bodies carrying the whole table as of the current sequence. The table
+        is copied at the first one (a copy of a million references: milliseconds); each
+        chunk is built when it is taken, so a sender may spread them over loop turns."""
+        entries = self.entries.copy()
+        seq, epoch = self.seq, self.epoch
         failed = {"failed": self.failed} if self.failed is not None else {}
-        if not items:
-            yield {"epoch": self.epoch, "seq": self.seq, "snapshot": [], "last": True, **failed}
+        if not entries:
+            yield {"epoch": epoch, "seq": seq, "snapshot": [], "last": True, **failed}
             return
-        for i in range(0, len(items), SNAPSHOT_CHUNK):
-            chunk = items[i:i + SNAPSHOT_CHUNK]
-            last = i + SNAPSHOT_CHUNK >= len(items)
-            yield {"epoch": self.epoch, "seq": self.seq, "snapshot": chunk, "last": last, **(failed if last else {})}
+        items = iter(entries.items())
+        for i in range(0, len(entries), SNAPSHOT_CHUNK):
+            chunk = [(n, e.node, e.incarnation) for n, e in islice(items, SNAPSHOT_CHUNK)]
+            last = i + SNAPSHOT_CHUNK >= len(entries)
+            yield {"epoch": epoch, "seq": seq, "snapshot": chunk, "last": last, **(failed if last else {})}

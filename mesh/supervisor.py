@@ -78,6 +78,8 @@ class SupervisorRole(Starts, Exits, Membership, Requests, Drains):
         me.boot, me.pid, me.alive = node.boot, os.getpid(), True
         self.children: dict[str, Child] = {}
         self.pending: dict[str, Child] = {}  # children that may wait for a start (see Child.pending_index)
+        self.later: list[tuple[float, int, str, Child]] = []  # (next try, n, name, child): pending, in backoff
+        self._later_seq = 0
         self.on_node: dict[str, dict[str, Child]] = {}  # node -> its children by name (see Child.node_index)
         self.by_status: Counter = Counter()  # children by status (see Child.status_counts) ...
         self.by_kind: Counter = Counter()    # ... and by kind
@@ -93,6 +95,7 @@ class SupervisorRole(Starts, Exits, Membership, Requests, Drains):
         self.exit_counts: Counter = Counter()  # how -> agents' exits handled (metrics)
         self.replica_use: Counter = Counter()  # host -> children it holds copies for
         self._registry_scheduled = False
+        self._snapshots_under_way: set[str] = set()  # nodes a snapshot is being sent to
         self.tree_failed = False
         self.booting = False   # the tree is being started in order (see _boot)
         self.stopping = False  # the whole mesh stops in order (see stop_tree)
@@ -323,9 +326,32 @@ class SupervisorRole(Starts, Exits, Membership, Requests, Drains):
                 self._send(view.name, frame)
 
     def _send_snapshot(self, node: str) -> None:
+        """The whole table to `node`: its first chunk now, the others one a loop turn (a
+        million names built and encoded at once held the loop past the nodes' leases),
+        and one snapshot at a time per node (one asked for while another is on its way
+        is that one: the replica asks again, with what it then holds, if it needs to)."""
         self._push_registry()
-        for body in self.table.snapshot():
-            self._send(node, wire.encode(Kind.REGISTRY, None, None, "supervisor", None, body, self.command_meta))
+        if node in self._snapshots_under_way:
+            return
+        chunks, epoch, seq = self.table.snapshot(), self.table.epoch, self.table.seq
+        self._send(node, wire.encode(Kind.REGISTRY, None, None, "supervisor", None, next(chunks), self.command_meta))
+        self._snapshots_under_way.add(node)
+        self._spawn(self._send_chunks(node, chunks, epoch, seq))
+
+    async def _send_chunks(self, node: str, chunks, epoch: str, seq: int) -> None:
+        """The rest of a snapshot at `seq`, then the changes made while it was sent: the
+        replica refused the updates that came between its chunks."""
+        try:
+            for body in chunks:
+                await asyncio.sleep(0)
+                self._send(node, wire.encode(Kind.REGISTRY, None, None, "supervisor", None, body, self.command_meta))
+            await asyncio.sleep(0)
+            self._push_registry()
+            since = self.table.catch_up(epoch, seq)
+            if since is not None and since["seq"] > seq:
+                self._send(node, wire.encode(Kind.REGISTRY, None, None, "supervisor", None, since, self.command_meta))
+        finally:
+            self._snapshots_under_way.discard(node)
 
     def _send_registry(self, node: str, epoch: str, seq: int) -> None:
         """Bring a replica that holds the table at (epoch, seq) up to date: the changes

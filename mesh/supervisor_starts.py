@@ -4,6 +4,7 @@ be, sending START until one node takes it, and moving agents off hosts whose dis
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections import Counter
 from typing import Callable
@@ -58,15 +59,25 @@ class Starts:
         and on every heartbeat tick for starts the environment refused earlier)."""
         if not self.ready or self.tree_failed or self.booting or self.stopping:
             return
-        now = self.clock.now()
-        for name, child in list(self.pending.items()):  # not every child: this runs each tick
-            if self.children.get(name) is not child or child.status != ChildStatus.PENDING:
-                del self.pending[name]  # started, stopped or forgotten since; back when pending again
-            elif not child.busy and child.next_try <= now and not self.sups[child.parent].failed:
-                # out of the index while its start waits for a slot (at 100,000 agents moving
-                # from a dead node, a pass over them all each tick was most of the loop's time);
-                # a start that fails sets it PENDING again, which puts it back
-                del self.pending[name]
+        now, later = self.clock.now(), self.later
+        while later and later[0][0] <= now:  # their backoff is over: due again
+            _, _, name, child = heapq.heappop(later)
+            if self.children.get(name) is child and child.status == ChildStatus.PENDING:
+                self.pending[name] = child
+        # Each child leaves the index as it is visited, unless its tree gave up (a pass
+        # over 100,000 waiting for a slot or their backoff each tick was most of the loop's
+        # time after a node that ran them died): a start under way sets it PENDING again
+        # if it fails, which puts it back; one whose backoff runs waits in `later`.
+        for name, child in list(self.pending.items()):
+            del self.pending[name]
+            if self.children.get(name) is not child or child.status != ChildStatus.PENDING or child.busy:
+                continue
+            if self.sups[child.parent].failed:
+                self.pending[name] = child
+            elif child.next_try > now:
+                self._later_seq += 1
+                heapq.heappush(later, (child.next_try, self._later_seq, name, child))
+            else:
                 self._spawn(self._start_or_crash(child))
         self._leave_full_hosts()
 

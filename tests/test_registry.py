@@ -258,3 +258,53 @@ def test_a_node_waiting_for_the_registry_asks_once_per_dead_after_not_each_tick(
         finally:
             await c.close()
     asyncio.run(go())
+
+
+def test_a_snapshot_is_the_table_when_its_first_chunk_was_taken(monkeypatch):
+    monkeypatch.setattr(registry, "SNAPSHOT_CHUNK", 10)
+    table, replica = Table("e1"), Replica()
+    for i in range(25):
+        table.set(f"a{i}", "n1", 1)
+    table.take_updates()
+    chunks = table.snapshot()
+    first = next(chunks)
+    table.set("a24", "n2", 2)  # changes while the other chunks wait for their turn
+    table.set("late", "n3", 1)
+    table.remove("a0")
+    later = table.take_updates()
+    for body in (first, *chunks):
+        assert body["seq"] == first["seq"] and replica.apply(body)
+    assert replica.synced and replica.lookup("a24") == Entry("n1", 1) and replica.lookup("a0")
+    assert replica.apply(later) and replica.entries == table.entries
+
+
+def test_a_restarted_node_gets_one_snapshot_over_several_turns_and_the_changes_made_meanwhile(tmp_path, monkeypatch):
+    """The supervisor sends a snapshot's chunks one a loop turn (a million names at once
+    held its loop past the leases), one snapshot at a time per node, and then the
+    changes made while they went out: the replica refused the updates between them."""
+    import asyncio
+    from harness import Cluster, make_config
+    monkeypatch.setattr(registry, "SNAPSHOT_CHUNK", 4)
+
+    async def go():
+        c = Cluster(make_config(tmp_path), tmp_path)
+        await c.start()
+        try:
+            m = c.client()
+            await c.run(asyncio.gather(*(m.spawn(f"a{i}", "counter") for i in range(30))), limit_s=30)
+            role, sent = c.role, []
+            send_snapshot = role._send_snapshot
+            role._send_snapshot = lambda node: (sent.append(node), send_snapshot(node))
+            streams, send_chunks = [], role._send_chunks
+            role._send_chunks = lambda node, *rest: (streams.append(node), send_chunks(node, *rest))[1]
+            n2 = await c.restart("n2")
+            role._send_snapshot("n2")  # asked twice while the first is on its way: one snapshot
+            spawns = asyncio.gather(*(m.spawn(f"b{i}", "counter") for i in range(10)))
+            await c.run(spawns, limit_s=30)
+            await c.run(asyncio.gather(*(m.call(f"a{i}", {"op": "get"}) for i in range(30))), limit_s=30)
+            await c.settle()
+            assert sent.count("n2") >= 2 and streams.count("n2") < sent.count("n2") and not role._snapshots_under_way
+            assert n2.names.synced and n2.names.replica.entries == role.table.entries
+        finally:
+            await c.close()
+    asyncio.run(go())
