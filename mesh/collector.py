@@ -32,8 +32,8 @@ import time
 log = logging.getLogger("mesh.serve")
 
 YOUNG = 50_000       # allocations between two collections of the youngest generation (Python: 700)
-MIDDLE = 5           # ... of those, between two of the middle one (Python: 10), which walks up to 250,000
-FULL_AFTER = 100_000  # objects in the oldest generation that make a full collection due
+MIDDLE = 3           # ... of those, between two of the middle one (Python: 10), which walks up to 150,000
+FULL_AFTER = 50_000  # objects in the oldest generation that make a full collection due
 SLOW_S = 1.0         # a collection this long is logged
 
 _began = [0.0]

@@ -105,13 +105,16 @@ class Membership:
             log.debug("supervisor: audit of %s: %s", node, err)
             return
         there = {item[0]: item[2] for item in body.get("agents") or () if item[3] in ("running", "starting")}
+        gone = []
         for name, inc in before.items():
             child = self.children.get(name)
             if (child is not None and child.node == node and child.status == ChildStatus.RUNNING and child.incarnation == inc
                     and there.get(name, -1) < inc):
-                log.warning("supervisor: %s (incarnation %d) is not on %s any more: starting it again",
-                            child.spec.name, child.incarnation, node)
-                self._spawn(self._move(child, prefer=node))
+                gone.append((child, inc))
+        if gone:  # one line, not one per agent: a node that lost 100,000 made 100,000 lines
+            log.warning("supervisor: %d agent(s) are not on %s any more: starting them again (%s%s)", len(gone), node,
+                        ", ".join(f"{c.spec.name} as {inc}" for c, inc in gone[:5]), ", ..." if len(gone) > 5 else "")
+            self._move_away(node, gone, prefer=node, avoid=None)
 
     def _on_goodbye(self, msg: wire.Msg, origin: Origin) -> None:
         name = msg.body["node"]
@@ -173,13 +176,19 @@ class Membership:
         went silent, so its host is suspect too)."""
         if self.stopping:
             return
-        children = list(self.on_node.get(name, {}).values())
+        self._move_away(name, [(c, None) for c in self.on_node.get(name, {}).values()], prefer, avoid)
+
+    def _move_away(self, name: str, children: list[tuple[Child, int | None]], prefer: str | None,
+                   avoid: str | None) -> None:
+        """Move each (child, incarnation) still on `name` (as that incarnation, if given),
+        `MOVES_PER_TURN` a loop turn: a third of a million moves at once held the loop for
+        seconds, and their registry update was one message of them all."""
         if len(children) <= MOVES_PER_TURN:
             self._move_all(name, children, prefer, avoid)
-        else:  # a third of a million moves at once held the loop for seconds: leases lapsed
+        else:
             self._spawn(self._move_in_turns(name, children, prefer, avoid))
 
-    async def _move_in_turns(self, name: str, children: list[Child], prefer: str | None, avoid: str | None) -> None:
+    async def _move_in_turns(self, name: str, children: list, prefer: str | None, avoid: str | None) -> None:
         for i in range(0, len(children), MOVES_PER_TURN):
             if i:
                 await asyncio.sleep(0)
@@ -187,9 +196,10 @@ class Membership:
                 return
             self._move_all(name, children[i:i + MOVES_PER_TURN], prefer, avoid)
 
-    def _move_all(self, name: str, children: list[Child], prefer: str | None, avoid: str | None) -> None:
-        for child in children:  # each still there: one moved, stopped or restarted meanwhile is not
-            if child.node == name and child.status in (ChildStatus.RUNNING, ChildStatus.STARTING):
+    def _move_all(self, name: str, children: list, prefer: str | None, avoid: str | None) -> None:
+        for child, inc in children:  # each still there: one moved, stopped or restarted meanwhile is not
+            if (child.node == name and child.status in (ChildStatus.RUNNING, ChildStatus.STARTING)
+                    and inc in (None, child.incarnation)):
                 self._spawn(self._move(child, prefer=prefer, avoid=avoid))
 
     async def _move(self, child: Child, prefer: str | None = None, avoid: str | None = None) -> None:
