@@ -197,21 +197,31 @@ class Membership:
             self._move_all(name, children[i:i + MOVES_PER_TURN], prefer, avoid)
 
     def _move_all(self, name: str, children: list, prefer: str | None, avoid: str | None) -> None:
+        """Mark them to be started elsewhere; the placement pass starts them a bounded
+        number at a time (a task for each of 333,333 moves held gigabytes and made the
+        collector's walks long)."""
         for child, inc in children:  # each still there: one moved, stopped or restarted meanwhile is not
             if (child.node == name and child.status in (ChildStatus.RUNNING, ChildStatus.STARTING)
                     and inc in (None, child.incarnation)):
-                self._spawn(self._move(child, prefer=prefer, avoid=avoid))
+                self._mark_moved(child, prefer, avoid)
+        self._place_pending()
 
-    async def _move(self, child: Child, prefer: str | None = None, avoid: str | None = None) -> None:
+    def _mark_moved(self, child: Child, prefer: str | None, avoid: str | None) -> bool:
+        """Make `child` pending, to start with this preference; False if a start is under
+        way: its answer decides, and a failed one is tried again (marking it pending now
+        would disown an incarnation that may be running)."""
         if child.busy:
-            # A start is under way: its answer decides, and a failed one is tried again.
-            # Marking it pending now would disown an incarnation that may be running.
-            return
+            return False
         log.info("supervisor: moving %s (incarnation %d, %s on %s)", child.spec.name, child.incarnation,
                  child.status, child.node)
         child.status = ChildStatus.PENDING
+        child.hint = (prefer, avoid)
         child.restarts += 1
         self.table.set(child.spec.name, None, child.incarnation)
         self._schedule_registry()
-        if not self.sups[child.parent].failed and not self.tree_failed:
+        return True
+
+    async def _move(self, child: Child, prefer: str | None = None, avoid: str | None = None) -> None:
+        if self._mark_moved(child, prefer, avoid) and not self.sups[child.parent].failed and not self.tree_failed:
+            child.hint = None
             await self._start_or_crash(child, prefer=prefer, avoid=avoid)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+from itertools import islice
 from collections import Counter
 from typing import Callable
 
@@ -16,7 +17,7 @@ from . import supervision as sv
 from .admission import busy
 from .errors import AlreadyExists, BadRequest, CallError, CallTimeout, Retryable, Unavailable
 from .supervision import ChildSpec
-from .tree import MAX_START_BACKOFF_S, PLACE_PREFIX, Child, ChildStatus
+from .tree import LAUNCHES_PER_PASS, MAX_START_BACKOFF_S, PLACE_PREFIX, Child, ChildStatus
 from .wire import Kind
 
 log = logging.getLogger("mesh.supervisor")
@@ -68,8 +69,10 @@ class Starts:
         # over 100,000 waiting for a slot or their backoff each tick was most of the loop's
         # time after a node that ran them died): a start under way sets it PENDING again
         # if it fails, which puts it back; one whose backoff runs waits in `later`.
-        for name, child in list(self.pending.items()):
-            del self.pending[name]
+        # At most LAUNCHES_PER_PASS starts are put on their way per pass (they wait for the
+        # start slots); the others stay in the index, in order, for the next pass.
+        for name in list(islice(self.pending, LAUNCHES_PER_PASS)):
+            child = self.pending.pop(name)
             if self.children.get(name) is not child or child.status != ChildStatus.PENDING or child.busy:
                 continue
             if self.sups[child.parent].failed:
@@ -78,7 +81,9 @@ class Starts:
                 self._later_seq += 1
                 heapq.heappush(later, (child.next_try, self._later_seq, name, child))
             else:
-                self._spawn(self._start_or_crash(child))
+                prefer, avoid = child.hint or (None, None)
+                child.hint = None
+                self._spawn(self._start_or_crash(child, prefer=prefer, avoid=avoid))
         self._leave_full_hosts()
 
     def _leave_full_hosts(self) -> None:

@@ -18,6 +18,7 @@ EPOCH_KEY = "sup/epoch"         # the supervisor's starts so far (incarnation nu
 
 MAX_START_BACKOFF_S = 5.0       # the longest wait before a start the environment refused is tried again
 START_CONCURRENCY = 512         # starts under way at once
+LAUNCHES_PER_PASS = 4 * START_CONCURRENCY  # starts a placement pass puts on their way (they wait for a slot)
 RECENT_EXITS = 5                # exits of a child kept for `mesh inspect` (memory only)
 MIN_LIVENESS_WAIT_S = 0.001     # a deadline that float rounding left a hair in the future
 
@@ -33,6 +34,7 @@ class Child:
     restarts: int = 0
     busy: bool = False  # a start or terminate is under way
     aim: str | None = None  # the node a start under way chose (spreads a group's members)
+    hint: tuple | None = None  # (prefer, avoid) for its next start from the placement pass (a move)
     last_exit: str = ""
     exits: tuple = ()  # its latest exits, (wall time, how: reason), up to RECENT_EXITS (mesh inspect)
     next_try: float = 0.0   # when a start that the environment refused is tried again

@@ -4,6 +4,7 @@ at a million agents reads counts). Each must say what the children say after eve
 kind of change; a lost node's agents are moved a bounded number per turn."""
 
 import asyncio
+import sys
 from collections import Counter
 
 import pytest
@@ -45,6 +46,40 @@ def test_the_indexes_of_children_follow_every_change(tmp_path, monkeypatch, per_
             status = await c.run(m.status(agents=False))
             assert status["statuses"] == {"running": len(role.children)}
             assert status["kinds"] == dict(Counter(child.spec.kind for child in role.children.values()))
+        finally:
+            await c.close()
+    asyncio.run(go())
+
+
+def test_a_lost_nodes_agents_are_started_a_bounded_number_per_placement_pass(tmp_path, monkeypatch):
+    """Moves mark the children pending; each placement pass puts at most
+    LAUNCHES_PER_PASS starts on their way (a task for each of 333,333 moves at once held
+    gigabytes), and every one comes back."""
+    from mesh import supervisor_starts
+    monkeypatch.setattr(supervisor_starts, "LAUNCHES_PER_PASS", 5)
+
+    async def go():
+        c = Cluster(make_config(tmp_path), tmp_path)
+        await c.start()
+        try:
+            m = c.client()
+            names = [f"a{i}" for i in range(60)]
+            await c.run(asyncio.gather(*(m.spawn(n, "counter") for n in names)), limit_s=30)
+            await c.run(asyncio.gather(*(m.call(n, {"op": "add", "n": 2}) for n in names)), limit_s=30)
+            role, passes, frames = c.role, Counter(), []
+            start = role._start_or_crash
+
+            def counted(child, **kw):  # starts counted per call of the pass that launched them
+                frame = sys._getframe(1)
+                frames.append(frame)  # kept, so that no two passes share an id
+                passes[id(frame)] += frame.f_code.co_name == "_place_pending"
+                return start(child, **kw)
+            role._start_or_crash = counted
+            c.kill("n2")
+            await c.advance(c.cfg.timing.dead_after_s + 1)
+            values = await c.run(asyncio.gather(*(m.call(n, {"op": "get"}) for n in names)), limit_s=60)
+            assert values == [2] * len(names)  # each came back with its state
+            assert max(passes.values()) <= 5 and sum(passes.values()) >= 20
         finally:
             await c.close()
     asyncio.run(go())
