@@ -17,6 +17,12 @@ from .wire import Kind
 log = logging.getLogger("mesh.supervisor")
 
 MOVES_PER_TURN = 2000  # a lost node's agents put on their way per turn of the loop
+AUDIT_PER_WINDOW = 10_000  # an audit of a node with more agents waits that many more liveness windows
+AUDIT_PART = 10_000      # an audit's comparison, this many agents a loop turn
+
+
+def _parts(items: list) -> list[list]:
+    return [items[i:i + AUDIT_PART] for i in range(0, len(items), AUDIT_PART)]
 
 
 class Membership:
@@ -88,9 +94,12 @@ class Membership:
     def _audit_soon(self, view: NodeView) -> None:
         """A node hosts fewer agents than this supervisor counts there: some exit never
         reached it (sent while it was down or restarting). Ask the node, at most once a
-        liveness window."""
+        liveness window, and once per AUDIT_PER_WINDOW agents it hosts as many windows:
+        an audit's cost grows with the node's agents (at 333,333, after a kill -9 its
+        renewals came up short for minutes, and an audit each second was most of the loop)."""
         now = self.clock.now()
-        if now - view.audited_at < self.config.timing.dead_after_s:
+        every = self.config.timing.dead_after_s * max(1.0, len(self.on_node.get(view.name, ())) / AUDIT_PER_WINDOW)
+        if now - view.audited_at < every:
             return
         view.audited_at = now
         self._spawn(self._audit(view.name))
@@ -98,19 +107,27 @@ class Membership:
     async def _audit(self, node: str) -> None:
         """Move every agent this supervisor believes runs on `node` but that is not there
         (and that did not change while the node was asked)."""
-        before = {c.spec.name: c.incarnation for c in self.on_node.get(node, {}).values() if c.status == ChildStatus.RUNNING}
+        before: dict[str, int] = {}
+        for part in _parts(list(self.on_node.get(node, {}).values())):  # a part a loop turn
+            before.update((c.spec.name, c.incarnation) for c in part if c.status == ChildStatus.RUNNING)
+            await asyncio.sleep(0)
         try:
             body = await self.command(node, Kind.INVENTORY, None, None, self.config.timing.call_timeout_s)
         except CallError as err:
             log.debug("supervisor: audit of %s: %s", node, err)
             return
-        there = {item[0]: item[2] for item in body.get("agents") or () if item[3] in ("running", "starting")}
+        there: dict[str, int] = {}
+        for part in _parts(body.get("agents") or ()):
+            there.update((item[0], item[2]) for item in part if item[3] in ("running", "starting"))
+            await asyncio.sleep(0)
         gone = []
-        for name, inc in before.items():
-            child = self.children.get(name)
-            if (child is not None and child.node == node and child.status == ChildStatus.RUNNING and child.incarnation == inc
-                    and there.get(name, -1) < inc):
-                gone.append((child, inc))
+        for part in _parts(list(before.items())):
+            for name, inc in part:
+                child = self.children.get(name)
+                if (child is not None and child.node == node and child.status == ChildStatus.RUNNING
+                        and child.incarnation == inc and there.get(name, -1) < inc):
+                    gone.append((child, inc))
+            await asyncio.sleep(0)
         if gone:  # one line, not one per agent: a node that lost 100,000 made 100,000 lines
             log.warning("supervisor: %d agent(s) are not on %s any more: starting them again (%s%s)", len(gone), node,
                         ", ".join(f"{c.spec.name} as {inc}" for c, inc in gone[:5]), ", ..." if len(gone) > 5 else "")

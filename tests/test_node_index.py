@@ -83,3 +83,28 @@ def test_a_lost_nodes_agents_are_started_a_bounded_number_per_placement_pass(tmp
         finally:
             await c.close()
     asyncio.run(go())
+
+
+def test_a_node_with_more_agents_is_audited_less_often(tmp_path, monkeypatch):
+    """An audit costs in proportion to the node's agents: one per liveness window for
+    up to AUDIT_PER_WINDOW agents, one per that many windows per AUDIT_PER_WINDOW above."""
+    monkeypatch.setattr(supervisor_nodes, "AUDIT_PER_WINDOW", 5)
+
+    async def go():
+        c = Cluster(make_config(tmp_path), tmp_path)
+        await c.start()
+        try:
+            m = c.client()
+            await c.run(asyncio.gather(*(m.spawn(f"a{i}", "counter") for i in range(60))), limit_s=30)
+            role, audits = c.role, []
+            role._audit = lambda node: audits.append((node, c.clock.now())) or asyncio.sleep(0)
+            window = c.cfg.timing.dead_after_s
+            view = role.nodes["n2"]  # 20 agents: an audit per 4 windows
+            view.audited_at = c.clock.now() - 100
+            for _ in range(10):
+                role._audit_soon(view)
+                c.clock.advance(window * 1.001)
+            assert len(audits) == 3, audits  # at 0, 4 and 8 windows
+        finally:
+            await c.close()
+    asyncio.run(go())
