@@ -77,15 +77,18 @@ class Replica:
         if seq != self.seq + 1:
             self.synced = False
             return False
+        self._apply_updates(body)
+        self.seq = seq
+        self.failed = body.get("failed", self.failed)
+        return True
+
+    def _apply_updates(self, body: dict) -> None:
         for item in body.get("updates") or ():
             name, node, inc = _entry(item)
             if inc < 0:
                 self.entries.pop(name, None)
             else:
                 self.entries[name] = Entry(node, inc)
-        self.seq = seq
-        self.failed = body.get("failed", self.failed)
-        return True
 
     def _catch_up(self, epoch: str | None, since: int, seq: int, body: dict) -> bool:
         """The changes of (since, seq] merged: each name's last value. Applied on a table
@@ -96,12 +99,7 @@ class Replica:
         if seq < self.seq or (self._loading is not None and seq < self._loading_seq):
             return True  # older than what is here or on its way
         self._loading = None
-        for item in body.get("updates") or ():
-            name, node, inc = _entry(item)
-            if inc < 0:
-                self.entries.pop(name, None)
-            else:
-                self.entries[name] = Entry(node, inc)
+        self._apply_updates(body)
         self.seq, self.synced = seq, True
         self.failed = body.get("failed", self.failed)
         return True
