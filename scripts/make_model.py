@@ -2,6 +2,7 @@
 """Build a small but real sentence-embedding model into DIR, for tests, benchmarks and demos.
 
     python3 scripts/make_model.py DIR [--dim 64] [--seed 7]
+    python3 scripts/make_model.py DIR --dim 384 --layers 6 --hidden 1536   # MiniLM's cost
 
 DIR gets the layout of a sentence-transformers ONNX export, so `nodes/local_embedder.py`
 runs it exactly as it runs a real one:
@@ -20,6 +21,14 @@ one topic share sentences, so their vectors point the same way, and mean pooling
 sentence's tokens gives similar vectors to sentences on one topic. The same seed gives
 the same files, byte for byte (the vocabulary is built here, not by a trainer: trainers
 number tokens differently from run to run).
+
+`--layers L --hidden H` adds L position-wise feed-forward blocks (x + relu(x W1) W2, W1
+dim x H, W2 H x dim, small weights so the topics survive) between the embedding and the
+output: the arithmetic of a small sentence encoder (MiniLM-L6: 6 layers, 384 wide,
+1536 inside), without its attention. The tiny default runs tens of thousands of texts a
+second, faster than the mesh carries one-text calls; the layered one costs about what a
+real encoder costs per text, which is what a serving benchmark needs to measure the
+serving and not the calls.
 
 Needs numpy, onnx and tokenizers (the `serving` extra). `onnx` takes a second to import;
 only this build script uses it, never the mesh at run time.
@@ -94,9 +103,10 @@ def tokenizer(vocab: dict[str, int]):
     return tok
 
 
-def graph(table):
-    """last_hidden_state = word_embeddings[input_ids] + type_embeddings[token_type_ids].
-    attention_mask is an input, as in the exports this stands for; pooling happens outside."""
+def graph(table, layers: int = 0, hidden: int = 0, seed: int = 7):
+    """last_hidden_state = word_embeddings[input_ids] + type_embeddings[token_type_ids],
+    through `layers` feed-forward blocks. attention_mask is an input, as in the exports
+    this stands for; pooling happens outside."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -110,22 +120,36 @@ def graph(table):
         helper.make_node("Gather", ["word_embeddings", "input_ids"], ["words"], axis=0),
         helper.make_node("Gather", ["type_embeddings", "token_type_ids"], ["kinds"], axis=0),
         helper.make_node("Add", ["words", "kinds"], ["summed"]),
-        # multiply by the mask, as a transformer's attention would ignore padding
-        helper.make_node("Cast", ["attention_mask"], ["mask_f"], to=TensorProto.FLOAT),
-        helper.make_node("Unsqueeze", ["mask_f", "last_axis"], ["mask_3d"]),
-        helper.make_node("Mul", ["summed", "mask_3d"], ["last_hidden_state"]),
     ]
     inits = [numpy_helper.from_array(table, "word_embeddings"),
              numpy_helper.from_array(np.zeros((2, dim), dtype=np.float32), "type_embeddings"),
              numpy_helper.from_array(np.array([-1], dtype=np.int64), "last_axis")]
-    g = helper.make_graph(nodes, "mesh-tiny-embedder", [ids, mask, types], [out], inits)
+    rng = np.random.default_rng(seed + 1)
+    x = "summed"
+    for i in range(layers):
+        w1 = (rng.standard_normal((dim, hidden)) / np.sqrt(dim)).astype(np.float32)
+        w2 = (rng.standard_normal((hidden, dim)) * (0.1 / np.sqrt(hidden))).astype(np.float32)
+        inits += [numpy_helper.from_array(w1, f"ff{i}_in"), numpy_helper.from_array(w2, f"ff{i}_out")]
+        nodes += [helper.make_node("MatMul", [x, f"ff{i}_in"], [f"up{i}"]),
+                  helper.make_node("Relu", [f"up{i}"], [f"act{i}"]),
+                  helper.make_node("MatMul", [f"act{i}", f"ff{i}_out"], [f"down{i}"]),
+                  helper.make_node("Add", [x, f"down{i}"], [f"x{i + 1}"])]
+        x = f"x{i + 1}"
+    nodes += [
+        # multiply by the mask, as a transformer's attention would ignore padding
+        helper.make_node("Cast", ["attention_mask"], ["mask_f"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["mask_f", "last_axis"], ["mask_3d"]),
+        helper.make_node("Mul", [x, "mask_3d"], ["last_hidden_state"]),
+    ]
+    name = "mesh-tiny-embedder" if not layers else f"mesh-embedder-{layers}x{hidden}"
+    g = helper.make_graph(nodes, name, [ids, mask, types], [out], inits)
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="mesh make_model")
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model)
     return model
 
 
-def build(out: Path, dim: int = 64, seed: int = 7) -> Path:
+def build(out: Path, dim: int = 64, seed: int = 7, layers: int = 0, hidden: int = 0) -> Path:
     lines = corpus(seed)
     words = sorted({w for line in lines for w in line.split()})
     vocab = {token: i for i, token in enumerate(SPECIAL + words)}
@@ -133,9 +157,11 @@ def build(out: Path, dim: int = 64, seed: int = 7) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "corpus.txt").write_text("\n".join(lines) + "\n")
     tokenizer(vocab).save(str(out / "tokenizer.json"))
-    (out / "model.onnx").write_bytes(graph(table).SerializeToString())
-    (out / "config.json").write_text(json.dumps({"model_type": "mesh-tiny-embedder", "hidden_size": dim,
-                                                 "vocab_size": len(vocab), "pooling": "mean"}, indent=2) + "\n")
+    (out / "model.onnx").write_bytes(graph(table, layers, hidden, seed).SerializeToString())
+    config = {"model_type": "mesh-tiny-embedder", "hidden_size": dim, "vocab_size": len(vocab), "pooling": "mean"}
+    if layers:
+        config.update(model_type="mesh-embedder", num_hidden_layers=layers, intermediate_size=hidden)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
 
 
@@ -144,9 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dir", type=Path, help="where to write model.onnx and tokenizer.json")
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--layers", type=int, default=0, help="feed-forward blocks after the embedding (default none)")
+    p.add_argument("--hidden", type=int, default=0, help="their inner width (default 4 x dim)")
     a = p.parse_args(argv)
+    if a.dim < 1 or a.layers < 0 or a.hidden < 0:
+        p.error("--dim must be at least 1, --layers and --hidden not negative")
     try:
-        build(a.dir, a.dim, a.seed)
+        build(a.dir, a.dim, a.seed, a.layers, a.hidden or 4 * a.dim)
     except ImportError as exc:
         print(f"make_model: {exc.name} is missing: pip install -e '.[serving]'", file=sys.stderr)
         return 2

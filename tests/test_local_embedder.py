@@ -29,7 +29,22 @@ def model_dir(tmp_path_factory):
 
 
 def test_the_built_model_puts_similar_texts_together(model_dir):
-    m = Model(model_dir)
+    assert_topics_and_padding(Model(model_dir))
+
+
+def test_a_model_with_feed_forward_layers_keeps_the_topics(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_model.py"), str(tmp_path), "--layers", "2",
+                        "--hidden", "96"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    m = Model(tmp_path)
+    assert len(m.session.get_inputs()) == 3 and "2x96" in m.session.get_modelmeta().graph_name
+    assert_topics_and_padding(m)
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_model.py"), str(tmp_path), "--layers", "-1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "not negative" in r.stderr and "Traceback" not in r.stderr
+
+
+def assert_topics_and_padding(m):
     texts = ANIMALS + WEATHER + COMPUTERS
     topic = np.repeat(np.arange(3), 3)
     v = m.embed(texts)
