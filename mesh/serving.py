@@ -19,6 +19,14 @@ touched from the worker (pyzmq sockets are not thread-safe). Libraries that rele
 the GIL (onnxruntime, numpy) then run beside the loop; one that holds it would stall
 the loop and should run in a process instead.
 
+Why the worker runs at a lower CPU priority (`worker_nice`, 10 by default, added to the
+node's own; Linux, where a thread has a nice value of its own): on a host with fewer
+cores than busy threads, the scheduler otherwise gives the model's thread and the node's
+loop equal turns, and a `get` to another agent waits behind a slice of inference. At
+nice 10 the loop runs as soon as it has work; the model keeps every cycle the loop does
+not use. Threads the library starts from the worker (onnxruntime's, tokenizers') inherit
+it. 0 turns it off.
+
 Loading: `load(args)` starts in the worker when the incarnation starts (`init` does not
 wait for it). Calls that come meanwhile wait for it, each within its own deadline (a
 caller whose deadline passes gets CallTimeout saying the model is still loading); a
@@ -47,6 +55,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -68,6 +79,7 @@ class Serving(Agent):
     batch_timeout_ms: float = 5   # how long a lone call waits for company
     queue: int = 256              # calls that may wait; beyond, Busy at once
     max_call_inputs: int = 1024   # inputs one call may carry
+    worker_nice: int = 10         # added to the worker thread's nice value (0: the loop's own)
 
     # --- what a kind provides --------------------------------------------------------------
 
@@ -95,8 +107,11 @@ class Serving(Agent):
         self.batch_size = int(args.get("batch_size", self.batch_size))
         self.batch_timeout_ms = float(args.get("batch_timeout_ms", self.batch_timeout_ms))
         self.queue = int(args.get("queue", self.queue))
+        self.worker_nice = int(args.get("worker_nice", self.worker_nice))
         if self.batch_size < 1 or self.queue < 1 or self.batch_timeout_ms < 0:
             raise ValueError("serving: batch_size and queue must be at least 1, batch_timeout_ms not negative")
+        if not 0 <= self.worker_nice <= 19:
+            raise ValueError(f"serving: worker_nice must be 0 to 19, not {self.worker_nice}")
         # the runtime's side of it: gather up to batch_size calls, wait for them, bound the queue
         self.max_batch = max(2, self.batch_size)
         self.batch_wait_s = self.batch_timeout_ms / 1000
@@ -104,9 +119,19 @@ class Serving(Agent):
         self.figures = Figures()
         self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"serving-{self.name}")
         self.figures.load_started = time.monotonic()
-        self._loaded = asyncio.wrap_future(self._worker.submit(self.load, args))
+        self._loaded = asyncio.wrap_future(self._worker.submit(self._start_worker, args))
         self._loaded.add_done_callback(self._on_loaded)
         return state
+
+    def _start_worker(self, args: dict) -> None:
+        """In the worker thread: lower its priority, then load the model."""
+        if self.worker_nice and sys.platform == "linux":
+            thread = threading.get_native_id()
+            try:
+                os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + self.worker_nice))
+            except OSError as exc:
+                log.warning("serving %s: could not lower the worker's priority: %s", self.name, exc)
+        self.load(args)
 
     def _on_loaded(self, future: asyncio.Future) -> None:
         self.figures.load_s = time.monotonic() - self.figures.load_started

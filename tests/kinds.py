@@ -1,6 +1,7 @@
 """Agent kinds used only by the tests (allowed by the test configs as kinds:Name)."""
 
 import asyncio
+import os
 import threading
 import time
 
@@ -179,6 +180,7 @@ HOLD: dict[str, threading.Event] = {}
 ENTERED: dict[str, threading.Event] = {}  # set when a batch holding on k has begun
 BATCHES: list[list] = []   # every batch predict_batch ran, in order
 LOADS: list[str] = []      # every load, by agent name
+NICES: dict[str, int] = {}  # the nice value of each agent's worker thread, read by its load
 
 
 class Doubler(Serving):
@@ -186,6 +188,7 @@ class Doubler(Serving):
     input "hold:k" makes its batch wait for HOLD[k]; an input "boom" raises."""
 
     def load(self, args):
+        NICES[self.name] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
         if args.get("hold_load"):
             HOLD.setdefault(args["hold_load"], threading.Event()).wait(30)
         LOADS.append(self.name)

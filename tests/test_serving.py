@@ -2,6 +2,7 @@
 worker thread runs predict_batch, held and released by the test through events."""
 
 import asyncio
+import os
 import re
 import textwrap
 import threading
@@ -31,7 +32,7 @@ def one_node(test):
             for event in kinds.HOLD.values():
                 event.set()  # no worker thread is left waiting
             await c.close()
-            for table in (kinds.HOLD, kinds.ENTERED, kinds.BATCHES, kinds.LOADS):
+            for table in (kinds.HOLD, kinds.ENTERED, kinds.BATCHES, kinds.LOADS, kinds.NICES):
                 table.clear()
     run.__name__ = test.__name__
     return run
@@ -173,3 +174,16 @@ async def test_calls_wait_for_the_model_to_load(cluster):
     assert await done(call) == [42]
     stats = await m.call("d", {"op": "stats"})
     assert stats["model"] == "ready" and stats["load_s"] is not None
+
+
+@one_node
+async def test_the_model_runs_at_a_lower_priority_than_the_nodes_loop(cluster):
+    c, m = cluster, cluster.client()
+    loop_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    await ready(c, m, "default")
+    await ready(c, m, "off", {"worker_nice": 0})
+    await ready(c, m, "five", {"worker_nice": 5})
+    assert kinds.NICES == {"default": min(19, loop_nice + 10), "off": loop_nice, "five": min(19, loop_nice + 5)}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == loop_nice  # the loop's own is untouched
+    with pytest.raises(AgentCrashed, match="worker_nice must be 0 to 19, not 25"):
+        await m.spawn("bad", "doubler", {"worker_nice": 25})
