@@ -3,8 +3,10 @@
     python3 scripts/bench/serving.py            # 3 runs of each figure
     python3 scripts/bench/serving.py --quick    # 1 run, fewer texts
     python3 scripts/bench/serving.py --pool     # only the pool's kill -9 figure
+    python3 scripts/bench/serving.py --model mini   # a model of MiniLM's cost per text
 
-Builds the shipped model (scripts/make_model.py) in a temp dir, starts a one-node mesh
+Builds the shipped model (scripts/make_model.py) in a temp dir (`--model mini`: the same
+with six feed-forward blocks 384 wide, about what MiniLM-L6 costs per text), starts a one-node mesh
 (`mesh up`, through core.py's Mesh: every pid it showed is ended on exit), spawns a
 `local_embedder` and a `counter` on that node, and measures, in one run:
 
@@ -13,7 +15,9 @@ Builds the shipped model (scripts/make_model.py) in a temp dir, starts a one-nod
 - the batching gain (64 callers against 1) and the mean batch the agent reports;
 - `get` calls to the counter on the same node while 64 callers keep the model busy:
   p50 and p99 (the goal: p99 <= 2 ms), with the callers in this process and, again,
-  in a process of their own (so the gets wait for the node, not for the callers' loop);
+  in a process of their own (so the gets wait for the node, not for the callers' loop),
+  then interleaved with the same load on a second embedder whose worker thread runs at
+  the loop's priority (`worker_nice` 0), 3 x 1,000 gets each;
 - 64 callers each sending 16 texts per call;
 - for scale, the rate of plain `get` calls with 64 callers: one text per call can go
   no faster than the mesh's calls;
@@ -49,6 +53,7 @@ import core  # noqa: E402  (its Mesh starts and ends a real mesh)
 
 import mesh  # noqa: E402
 
+MODELS = {"tiny": [], "mini": ["--dim", "384", "--layers", "6", "--hidden", "1536"]}  # make_model.py's options
 WORDS = ("cat dog rain snow server code bread cheese football tennis guitar piano storm wind laptop soup "
          "the a with and in on of my our").split()
 
@@ -92,14 +97,15 @@ async def many_per_call(m, items: list[str], callers: int, per_call: int) -> flo
     return len(items) / (time.perf_counter() - t0)
 
 
-async def gets_under_load(m, items: list[str], n_gets: int, config: Path, apart: bool) -> list[float]:
-    """`get` latencies while 64 callers keep the model busy: in this process (`apart`
-    False: the callers' own loop work delays the gets too), or in a process of their own
-    (what the node does to a `get`, without the load generator's share)."""
+async def gets_under_load(m, items: list[str], n_gets: int, config: Path, apart: bool,
+                          target: str = "emb") -> list[float]:
+    """`get` latencies while 64 callers keep the model `target` busy: in this process
+    (`apart` False: the callers' own loop work delays the gets too), or in a process of
+    their own (what the node does to a `get`, without the load generator's share)."""
     done = asyncio.Event()
     queue = list(items) * 20
     if apart:
-        loader = subprocess.Popen([sys.executable, __file__, "--load", str(config)], stdout=subprocess.PIPE,
+        loader = subprocess.Popen([sys.executable, __file__, "--load", str(config), "--target", target], stdout=subprocess.PIPE,
                                   text=True, start_new_session=True)
         try:
             assert loader.stdout.readline().strip() == "loading"
@@ -111,7 +117,7 @@ async def gets_under_load(m, items: list[str], n_gets: int, config: Path, apart:
 
     async def loader_task():
         while queue and not done.is_set():
-            await m.call("emb", {"text": queue.pop()}, timeout=30)
+            await m.call(target, {"text": queue.pop()}, timeout=30)
     load = [asyncio.ensure_future(loader_task()) for _ in range(64)]
     await asyncio.sleep(0.2)  # the load is under way
     lat = await _gets(m, n_gets)
@@ -130,15 +136,15 @@ async def _gets(m, n: int) -> list[float]:
     return lat
 
 
-def load_forever(config: str) -> int:
-    """The --load process: 64 callers embed texts until terminated."""
+def load_forever(config: str, target: str) -> int:
+    """The --load process: 64 callers embed texts with `target` until terminated."""
     items = texts(1000)
 
     async def go():
         async with mesh.connect(config) as m:
             async def caller(i):
                 while True:
-                    await m.call("emb", {"text": items[i % len(items)]}, timeout=30)
+                    await m.call(target, {"text": items[i % len(items)]}, timeout=30)
                     i += 64
             print("loading", flush=True)
             await asyncio.gather(*(caller(i) for i in range(64)))
@@ -215,30 +221,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--pool", action="store_true", help="only the pool's kill -9 figure")
     p.add_argument("--batch-timeout-ms", type=float, default=2.0)
+    p.add_argument("--model", choices=sorted(MODELS), default="tiny",
+                   help="tiny: the shipped 64-wide model; mini: six feed-forward blocks, MiniLM's cost per text")
     p.add_argument("--load", metavar="CONFIG", help=argparse.SUPPRESS)  # the load process of the gets figure
+    p.add_argument("--target", default="emb", help=argparse.SUPPRESS)  # the model it loads
     a = p.parse_args(argv)
     if a.load:
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        return load_forever(a.load)
+        return load_forever(a.load, a.target)  # ended by SIGTERM's default action
     runs, n = (1, 1000) if a.quick else (3, 3000)
+    if a.model == "mini":
+        n //= 5  # about 50 times the time per text
     items = texts(n)
     with tempfile.TemporaryDirectory(prefix="mesh-model-") as tmp:
         model_dir = Path(tmp) / "model"
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_model.py"), str(model_dir)], check=True,
-                       capture_output=True, timeout=120)
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_model.py"), str(model_dir), *MODELS[a.model]],
+                       check=True, capture_output=True, timeout=300)
         if a.pool:
             pool_figures(model_dir, items, runs)
             return 0
         figures: dict[str, list[float]] = {"direct": [], "1": [], "8": [], "64": [], "gets": [], "many": []}
         gets: list[float] = []
         gets_apart: list[float] = []
+        gets_apart0: list[float] = []
         with core.Mesh(1, {"local_embedder": "nodes.local_embedder:LocalEmbedder"}) as mh:
             async def go():
                 async with mesh.connect(mh.config) as m:
                     await m.spawn("c1", "counter")
-                    await m.spawn("emb", "local_embedder", {"model_dir": str(model_dir), "batch_size": 64,
-                                                            "batch_timeout_ms": a.batch_timeout_ms, "queue": 1024})
+                    args = {"model_dir": str(model_dir), "batch_size": 64, "batch_timeout_ms": a.batch_timeout_ms,
+                            "queue": 1024}
+                    await m.spawn("emb", "local_embedder", args)
+                    await m.spawn("emb0", "local_embedder", dict(args, worker_nice=0))  # the model at the loop's priority
                     await m.call("emb", {"text": "warm"}, timeout=30)
+                    await m.call("emb0", {"text": "warm"}, timeout=30)
                     for _ in range(runs):
                         figures["direct"].append(direct(model_dir, items))
                         for callers in (1, 8, 64):
@@ -250,14 +264,16 @@ def main(argv: list[str] | None = None) -> int:
                         figures["gets"].append(await through_mesh(m, items, 64, "c1"))
                         figures["many"].append(await many_per_call(m, items * 4, 64, 16))
                         gets.extend(await gets_under_load(m, items, 500, mh.config, False))
-                        gets_apart.extend(await gets_under_load(m, items, 500, mh.config, True))
+                        for _ in range(3):  # interleaved: the worker at nice 10 (the default), then at 0
+                            gets_apart.extend(await gets_under_load(m, items, 1000, mh.config, True))
+                            gets_apart0.extend(await gets_under_load(m, items, 1000, mh.config, True, "emb0"))
                     figures["stats"] = [await m.call("emb", {"op": "stats"})]
             asyncio.run(go())
         pool_figures(model_dir, items, runs)  # printed first: the rest is summed up below
     stats = figures.pop("stats")[0]
     med = {k: statistics.median(v) for k, v in figures.items()}
     gets.sort()
-    print(f"runs {runs}, {n} texts each; medians; batch_timeout_ms {a.batch_timeout_ms:g}")
+    print(f"model {a.model}, runs {runs}, {n} texts each; medians; batch_timeout_ms {a.batch_timeout_ms:g}")
     print(f"direct onnxruntime, batches of 64     {med['direct']:9.0f} texts/s")
     for callers in (1, 8, 64):
         print(f"through the mesh, {callers:2d} callers           {med[str(callers)]:9.0f} texts/s"
@@ -267,9 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"batching gain, 64 callers / 1          {med['64'] / med['1']:9.1f}x")
     print(f"get on the same node under that load   p50 {gets[len(gets) // 2]:.2f} ms, "
           f"p99 {gets[int(len(gets) * 0.99)]:.2f} ms ({len(gets)} calls; the 64 callers in this process)")
-    gets_apart.sort()
-    print(f"  the same, the callers in their own    p50 {gets_apart[len(gets_apart) // 2]:.2f} ms, "
-          f"p99 {gets_apart[int(len(gets_apart) * 0.99)]:.2f} ms ({len(gets_apart)} calls)")
+    for label, lat in (("the callers in a process of their own", gets_apart),
+                       ("the same, the model's worker at nice 0", gets_apart0)):
+        lat.sort()
+        print(f"  {label:37s} p50 {lat[len(lat) // 2]:.2f} ms, p99 {lat[int(len(lat) * 0.99)]:.2f} ms ({len(lat)} calls)")
     print(f"the agent's stats at the end: queue_ms {stats['queue_ms']}, inference_ms {stats['inference_ms']}")
     return 0
 
