@@ -337,30 +337,25 @@ class Runner(Replies):
     def _start_task(self, envs: list[Envelope], coro, single: bool) -> None:
         self.started_at = self.clock.now()
         self._running = envs
-        self.task = asyncio.ensure_future(self._run_async(envs, coro, single))
+        task = self.task = asyncio.ensure_future(self._run_async(envs, coro, single))
+        task.add_done_callback(lambda _: self._cancelled_before_it_ran(task, envs, coro))
         self.node.busy_runners.add(self)
+
+    def _cancelled_before_it_ran(self, task: asyncio.Task, envs: list[Envelope], coro) -> None:
+        """A task cancelled in the loop turn that started it (a rollback, an interrupt)
+        ends without running a line of _run_async: Python throws the cancellation in before
+        its first step, so its `except` never runs. Still the runner's handler in hand, it
+        would keep the agent busy for good: end it here as _run_async would have."""
+        if self.task is not task:
+            return  # _run_async ran and ended it
+        coro.close()  # the handler's coroutine never started
+        self._cancelled(envs)
 
     async def _run_async(self, envs: list[Envelope], coro, single: bool) -> None:
         try:
             result = await coro
         except asyncio.CancelledError:
-            self._end_task()
-            if self._rollback_error is not None:  # what it built on was not kept: its callers retry
-                err, self._rollback_error = self._rollback_error, None
-                for env in envs:
-                    if env.msg.kind == Kind.CALL:
-                        self._answer(env, error_response(err))
-                self.run_mailbox()
-                return
-            if self.interrupted:
-                self.discard_unfinished()
-            if not self.interrupted:  # cancelled by the handler deadline
-                self._crash(envs, TimeoutError(f"handler ran past {self.node.timing.handler_timeout_s:g}s"), supervision.TIMEOUT)
-            else:  # this incarnation was stopped or replaced: its callers try the next one
-                down = error_response(AgentDown(f"{self.name!r} was restarted while handling this call"))
-                for env in envs:
-                    if env.msg.kind == Kind.CALL:
-                        self._answer(env, down)
+            self._cancelled(envs)
             return
         except CallError as err:
             self._end_task()
@@ -376,6 +371,27 @@ class Runner(Replies):
             else:
                 self._finish_batch(envs, result)
         self.run_mailbox()
+
+    def _cancelled(self, envs: list[Envelope]) -> None:
+        """The handler in hand was cancelled: by a rollback, by the end of this incarnation,
+        or by the handler deadline."""
+        self._end_task()
+        if self._rollback_error is not None:  # what it built on was not kept: its callers retry
+            err, self._rollback_error = self._rollback_error, None
+            for env in envs:
+                if env.msg.kind == Kind.CALL:
+                    self._answer(env, error_response(err))
+            self.run_mailbox()
+            return
+        if self.interrupted:
+            self.discard_unfinished()
+        if not self.interrupted:  # cancelled by the handler deadline
+            self._crash(envs, TimeoutError(f"handler ran past {self.node.timing.handler_timeout_s:g}s"), supervision.TIMEOUT)
+        else:  # this incarnation was stopped or replaced: its callers try the next one
+            down = error_response(AgentDown(f"{self.name!r} was restarted while handling this call"))
+            for env in envs:
+                if env.msg.kind == Kind.CALL:
+                    self._answer(env, down)
 
     def _end_task(self) -> None:
         self.task = None

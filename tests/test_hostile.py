@@ -133,6 +133,39 @@ async def test_a_rollback_cancels_the_handler_that_built_on_the_lost_state(clust
     await c.close()
 
 
+async def test_a_rollback_in_the_turn_a_handler_was_started_leaves_the_agent_serving(cluster_factory):
+    """A handler started and then cancelled by a rollback in the same loop turn never runs
+    a line (Python throws a cancellation into a task before its first step): the runner
+    must still end it, answer its caller and serve on. Before: the runner kept the dead
+    task as its handler in hand and answered nothing again (the chaos suite's talk-0,
+    silent for the rest of a run after a disk-full rollback)."""
+    import kinds
+    c = await cluster_factory()
+    m = c.client()
+    placed = await m.spawn("w", "waiter")
+    node = c.nodes[placed["node"]]
+    held = node.committer = GatedCommitter(node.store)
+    kinds.GATES["open"] = asyncio.Event()
+    kinds.GATES["open"].set()
+    first = asyncio.ensure_future(m.call("w", {"op": "wait", "key": "open"}, request_id="one"))
+    await c.settle()
+    assert len(held.held) == 1 and not first.done()  # its change waits for its commit
+    # one loop turn: a call that starts an async handler, then the failure of that commit
+    loop = asyncio.get_running_loop()
+    node.send(node.name, wire.encode(wire.Kind.CALL, "two", "w", "node:test", 5000, {"op": "wait", "key": "open"},
+                          {"inc": placed["incarnation"]}))
+    loop.call_soon(held.release, True)
+    with pytest.raises(Unavailable, match="disk full"):
+        await first
+    node.committer = FailingCommitter(node.store, loop)  # commits from here on
+    assert await asyncio.wait_for(m.call("w", {"op": "get"}), 5) is None  # back to its committed state
+    assert await asyncio.wait_for(m.call("w", {"op": "wait", "key": "open"}), 5) == "released open"
+    assert node.runners["w"].status == "running" and node.stats["crashes"] == 0
+    kinds.GATES.clear()
+    kinds.RUNS.clear()
+    await c.close()
+
+
 # --- identities: from the authenticated key, on every message --------------------------------
 
 async def test_an_agent_sees_the_authenticated_sender_not_the_claimed_one(cluster_factory):
